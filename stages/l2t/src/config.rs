@@ -1,0 +1,268 @@
+//! `pipeline.toml`: every knob of a run, with its default in one place.
+//!
+//! Knob names follow `l2t-spec.md`. Unknown keys are refused (a typo must not silently fall back to a
+//! default), and every value a stage uses lands in its manifest through [`Config::stage_params`].
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Root of every random draw in the run.
+    pub seed: u64,
+    /// Compute threads (0 = all cores).
+    pub threads: usize,
+    pub task: TaskConfig,
+    pub model: ModelShape,
+    pub bootstrap: BootstrapConfig,
+    pub sample: SampleConfig,
+    pub segment: SegmentConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            threads: 0,
+            task: TaskConfig::default(),
+            model: ModelShape::default(),
+            bootstrap: BootstrapConfig::default(),
+            sample: SampleConfig::default(),
+            segment: SegmentConfig::default(),
+        }
+    }
+}
+
+/// The built-in synthetic arithmetic task (the `tiny` profile's data).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TaskConfig {
+    /// Operations per problem: the main difficulty knob.
+    pub steps: usize,
+    /// Largest starting value and largest added/subtracted operand.
+    pub max_operand: u32,
+    /// Largest multiplier (multiplications use 2..=max_multiplier).
+    pub max_multiplier: u32,
+    pub n_train: usize,
+    pub n_eval: usize,
+    /// Share of worked solutions that carry redundant "Check:" episodes.
+    pub redundant_share: f64,
+    /// Most redundant episodes in one worked solution (at least 1 when present).
+    pub max_redundant: usize,
+}
+
+impl Default for TaskConfig {
+    fn default() -> Self {
+        Self {
+            steps: 3,
+            max_operand: 30,
+            max_multiplier: 5,
+            n_train: 20_000,
+            n_eval: 256,
+            redundant_share: 0.9,
+            max_redundant: 2,
+        }
+    }
+}
+
+/// Shape of the tiny Qwen2-family policy that `bootstrap` trains (config.json keys).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelShape {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub max_position_embeddings: usize,
+    pub rope_theta: f64,
+    pub tie_word_embeddings: bool,
+}
+
+impl Default for ModelShape {
+    fn default() -> Self {
+        Self {
+            vocab_size: 512,
+            hidden_size: 256,
+            intermediate_size: 1024,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            max_position_embeddings: 512,
+            rope_theta: 10_000.0,
+            tie_word_embeddings: true,
+        }
+    }
+}
+
+/// Supervised warm-up of the base policy on the task's worked solutions.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BootstrapConfig {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub warmup_frac: f64,
+    pub weight_decay: f64,
+    /// Eval-split prompts sampled once at the end to report format / accuracy / redundancy.
+    pub eval_prompts: usize,
+    pub eval_temperature: f64,
+    pub eval_max_new_tokens: usize,
+}
+
+impl Default for BootstrapConfig {
+    fn default() -> Self {
+        Self {
+            steps: 400,
+            batch_size: 32,
+            lr: 3e-3,
+            warmup_frac: 0.05,
+            weight_decay: 0.01,
+            eval_prompts: 256,
+            eval_temperature: 0.6,
+            eval_max_new_tokens: 160,
+        }
+    }
+}
+
+/// Rollout sampling (l2t-spec section 1).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SampleConfig {
+    pub prompts_per_iter: usize,
+    /// G, rollouts per prompt.
+    pub group_size: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub max_new_tokens: usize,
+    /// Rows decoded together (prompts x samples are split into batches of this many rows).
+    pub batch_rows: usize,
+}
+
+impl Default for SampleConfig {
+    fn default() -> Self {
+        Self {
+            prompts_per_iter: 16,
+            group_size: 8,
+            temperature: 1.0,
+            top_p: 1.0,
+            max_new_tokens: 160,
+            batch_rows: 64,
+        }
+    }
+}
+
+/// Episode segmentation and outcome reward (l2t-spec sections 2-3).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SegmentConfig {
+    /// `tags`, `paragraphs` or `chunks:N`.
+    pub rule: String,
+    /// Added to the outcome reward of a response with no parseable episode.
+    pub format_penalty: f64,
+}
+
+impl Default for SegmentConfig {
+    fn default() -> Self {
+        Self { rule: "tags".into(), format_penalty: -0.01 }
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read the configuration", path.display()))?;
+        Self::parse(&text).with_context(|| format!("{}: invalid configuration", path.display()))
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str) -> Result<Self> {
+        let config: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Refuses values no stage can run with, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.task;
+        let m = &self.model;
+        let b = &self.bootstrap;
+        let s = &self.sample;
+        let checks: [(bool, &str); 17] = [
+            (t.steps >= 1, "task.steps must be at least 1"),
+            (t.max_operand >= 2, "task.max_operand must be at least 2"),
+            (t.max_multiplier >= 2, "task.max_multiplier must be at least 2"),
+            (t.n_train >= 1 && t.n_eval >= 1, "task.n_train and task.n_eval must be at least 1"),
+            ((0.0..=1.0).contains(&t.redundant_share), "task.redundant_share must lie in [0, 1]"),
+            (m.hidden_size % m.num_attention_heads.max(1) == 0, "model.hidden_size must be a multiple of model.num_attention_heads"),
+            (m.num_key_value_heads >= 1 && m.num_attention_heads % m.num_key_value_heads.max(1) == 0,
+                "model.num_attention_heads must be a multiple of model.num_key_value_heads"),
+            ((m.hidden_size / m.num_attention_heads.max(1)) % 2 == 0, "model head dimension must be even (rotary embedding)"),
+            (m.vocab_size >= 300, "model.vocab_size must be at least 300 (256 bytes + special and tag tokens)"),
+            (m.num_hidden_layers >= 1 && m.intermediate_size >= 1, "model.num_hidden_layers and model.intermediate_size must be at least 1"),
+            (b.steps >= 1 && b.batch_size >= 1, "bootstrap.steps and bootstrap.batch_size must be at least 1"),
+            (b.lr > 0.0 && b.lr.is_finite(), "bootstrap.lr must be positive"),
+            (b.eval_temperature >= 0.0, "bootstrap.eval_temperature must be >= 0"),
+            (s.prompts_per_iter >= 1 && s.group_size >= 1, "sample.prompts_per_iter and sample.group_size must be at least 1"),
+            (s.temperature >= 0.0 && s.temperature.is_finite(), "sample.temperature must be >= 0"),
+            (s.top_p > 0.0 && s.top_p <= 1.0, "sample.top_p must lie in (0, 1]"),
+            (s.max_new_tokens >= 1 && s.batch_rows >= 1 && b.eval_max_new_tokens >= 1,
+                "sample.max_new_tokens, sample.batch_rows and bootstrap.eval_max_new_tokens must be at least 1"),
+        ];
+        for (ok, message) in checks {
+            if !ok {
+                bail!("{message}");
+            }
+        }
+        crate::reward::segment::Rule::parse(&self.segment.rule).context("segment.rule")?;
+        Ok(())
+    }
+
+    /// The parameters that define one stage's output (hashed into its key and written to its
+    /// manifest). Each stage sees only the sections it reads, so changing one knob reruns only
+    /// the stages downstream of it.
+    pub fn stage_params(&self, stage: &str) -> Result<serde_json::Value> {
+        let v = match stage {
+            "prepare" => serde_json::json!({ "seed": self.seed, "task": self.task }),
+            "bootstrap" => serde_json::json!({ "seed": self.seed, "model": self.model, "bootstrap": self.bootstrap }),
+            "sample" => serde_json::json!({ "seed": self.seed, "sample": self.sample }),
+            "segment" => serde_json::json!({ "segment": self.segment }),
+            other => bail!("unknown stage {other:?}"),
+        };
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_its_name() {
+        let err = Config::parse("[sample]\ngroup_sise = 4\n").unwrap_err();
+        assert!(format!("{err:#}").contains("group_sise"), "{err:#}");
+    }
+
+    #[test]
+    fn malformed_toml_is_refused() {
+        assert!(Config::parse("[sample\n").is_err());
+    }
+
+    #[test]
+    fn bad_value_is_refused_with_its_key() {
+        let err = Config::parse("[sample]\ntop_p = 0.0\n").unwrap_err();
+        assert!(format!("{err:#}").contains("sample.top_p"), "{err:#}");
+        let err = Config::parse("[segment]\nrule = \"lines\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("segment.rule"), "{err:#}");
+    }
+}

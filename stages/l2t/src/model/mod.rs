@@ -1,0 +1,290 @@
+//! The policy: a Qwen2-family decoder, its tokenizer, and Hugging Face checkpoint directories
+//! (`config.json`, `model.safetensors`, `tokenizer.json`, `generation_config.json`).
+
+pub mod qwen2;
+pub mod tokenizer;
+
+use crate::config::ModelShape;
+use crate::store::{Artifact, Staging};
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+
+pub use qwen2::{Config, KvCache, Model};
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
+/// The files a policy checkpoint consists of.
+pub const CHECKPOINT_FILES: &[&str] = &[CONFIG_FILE, GENERATION_CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE];
+
+/// Weights by checkpoint name, in name order.
+pub type Weights = BTreeMap<String, Tensor>;
+
+/// The config.json of a tiny policy of this shape.
+pub fn tiny_config(shape: &ModelShape, eos_id: u32) -> Config {
+    Config {
+        architectures: vec!["Qwen2ForCausalLM".into()],
+        model_type: "qwen2".into(),
+        vocab_size: shape.vocab_size,
+        hidden_size: shape.hidden_size,
+        intermediate_size: shape.intermediate_size,
+        num_hidden_layers: shape.num_hidden_layers,
+        num_attention_heads: shape.num_attention_heads,
+        num_key_value_heads: shape.num_key_value_heads,
+        max_position_embeddings: shape.max_position_embeddings,
+        rope_theta: shape.rope_theta,
+        rms_norm_eps: 1e-6,
+        tie_word_embeddings: shape.tie_word_embeddings,
+        bos_token_id: eos_id,
+        eos_token_id: eos_id,
+        torch_dtype: "float32".into(),
+    }
+}
+
+/// Seeded initial weights: N(0, 0.02) matrices, residual projections scaled by 1/sqrt(2 layers)
+/// (GPT-2), zero biases, unit norms.
+pub fn init_weights(cfg: &Config, seed: u64, dev: &Device) -> Result<Weights> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x696e_6974); // "init"
+    let residual_scale = 1.0 / (2.0 * cfg.num_hidden_layers as f32).sqrt();
+    let mut weights = Weights::new();
+    for (name, shape) in cfg.tensor_shapes() {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = if name.ends_with("norm.weight") {
+            vec![1.0; n]
+        } else if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else {
+            let scale = if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") { residual_scale } else { 1.0 };
+            (0..n).map(|_| 0.02 * scale * standard_normal(&mut rng)).collect()
+        };
+        weights.insert(name, Tensor::from_vec(values, shape, dev)?);
+    }
+    Ok(weights)
+}
+
+/// One N(0, 1) draw (Box-Muller), so initialisation depends only on our seeded generator.
+pub fn standard_normal(rng: &mut ChaCha8Rng) -> f32 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random();
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}
+
+/// Builds the model over a set of weights (which may be `Var`s being trained).
+pub fn build_model(cfg: &Config, weights: &Weights, dev: &Device) -> Result<Model> {
+    let map: HashMap<String, Tensor> = weights.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let vb = VarBuilder::from_tensors(map, DType::F32, dev);
+    Model::new(cfg, vb).context("building the model from its weights")
+}
+
+/// A loaded policy checkpoint.
+pub struct Policy {
+    pub cfg: Config,
+    pub model: Model,
+    pub tokenizer: tokenizers::Tokenizer,
+    pub eos_id: u32,
+    /// Content hash of `model.safetensors`: which policy produced a rollout.
+    pub weights_hash: String,
+    /// Content hash of `tokenizer.json`.
+    pub tokenizer_hash: String,
+    pub device: Device,
+}
+
+impl Policy {
+    /// Loads a checkpoint artifact, verifying each file against its manifest.
+    pub fn load(artifact: &Artifact, dev: &Device) -> Result<Self> {
+        let cfg_path = artifact.file(CONFIG_FILE)?;
+        let cfg: Config = serde_json::from_slice(&std::fs::read(&cfg_path)?)
+            .with_context(|| format!("{}: not a supported config.json", cfg_path.display()))?;
+        let tok_path = artifact.file(TOKENIZER_FILE)?;
+        let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+            .map_err(|e| anyhow!("{}: cannot load the tokenizer: {e}", tok_path.display()))?;
+        let tok_size = tokenizer.get_vocab_size(true);
+        if tok_size > cfg.vocab_size {
+            bail!(
+                "{}: tokenizer has {tok_size} tokens but the model's embedding has {} rows (mismatched tokenizer and model)",
+                tok_path.display(),
+                cfg.vocab_size
+            );
+        }
+        let weights_path = artifact.file(WEIGHTS_FILE)?;
+        let loaded = candle_core::safetensors::load(&weights_path, dev)
+            .with_context(|| format!("{}: cannot read the weights", weights_path.display()))?;
+        let weights: Weights = loaded.into_iter().collect();
+        let model = build_model(&cfg, &weights, dev).with_context(|| format!("{}", weights_path.display()))?;
+        let eos_id = tokenizer::required_id(&tokenizer, tokenizer::EOS).unwrap_or(cfg.eos_token_id);
+        Ok(Self {
+            cfg,
+            model,
+            tokenizer,
+            eos_id,
+            weights_hash: artifact.manifest.output(WEIGHTS_FILE)?.blake3.clone(),
+            tokenizer_hash: artifact.manifest.output(TOKENIZER_FILE)?.blake3.clone(),
+            device: dev.clone(),
+        })
+    }
+}
+
+/// Writes a checkpoint as a Hugging Face directory into a stage's outputs.
+pub fn save_checkpoint(staging: &mut Staging, cfg: &Config, weights: &Weights, tokenizer: &tokenizers::Tokenizer) -> Result<()> {
+    let mut write = |file: &str, bytes: &[u8]| -> Result<()> {
+        let mut w = staging.create(file)?;
+        w.write_all(bytes)?;
+        staging.record(file, w, None)
+    };
+    write(CONFIG_FILE, serde_json::to_string_pretty(cfg)?.as_bytes())?;
+    let generation = serde_json::json!({ "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id });
+    write(GENERATION_CONFIG_FILE, serde_json::to_string_pretty(&generation)?.as_bytes())?;
+    let tok = tokenizer.to_string(true).map_err(|e| anyhow!("serialising the tokenizer: {e}"))?;
+    write(TOKENIZER_FILE, tok.as_bytes())?;
+    let tensors: Vec<(&str, &Tensor)> = weights.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let bytes = safetensors::serialize(tensors, None).context("serialising the weights")?;
+    write(WEIGHTS_FILE, &bytes)
+}
+
+/// log p(target) under logits: (b, t, vocab), (b, t) u32 -> (b, t). Differentiable.
+pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    Ok(logp.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::qwen2::{causal_mask, padded_mask};
+    use candle_core::Var;
+
+    fn small_cfg() -> Config {
+        let shape = ModelShape {
+            vocab_size: 300,
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            max_position_embeddings: 64,
+            ..ModelShape::default()
+        };
+        tiny_config(&shape, 0)
+    }
+
+    fn positions(rows: Vec<Vec<u32>>) -> Tensor {
+        let (b, t) = (rows.len(), rows[0].len());
+        Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn every_trainable_tensor_gets_a_nonzero_gradient() {
+        let cfg = small_cfg();
+        let dev = Device::Cpu;
+        let vars: BTreeMap<String, Var> = init_weights(&cfg, 1, &dev)
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| (k, Var::from_tensor(&t).unwrap()))
+            .collect();
+        let weights: Weights = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        let model = build_model(&cfg, &weights, &dev).unwrap();
+        let tokens = Tensor::from_vec(vec![1u32, 5, 9, 3, 7, 2, 8, 4], (2, 4), &dev).unwrap();
+        let pos = positions(vec![vec![0, 1, 2, 3]; 2]);
+        let logits = model.forward(&tokens, &pos, &causal_mask(2, 4, &dev).unwrap(), None).unwrap();
+        let loss = token_logprobs(&logits, &tokens).unwrap().mean_all().unwrap().neg().unwrap();
+        let grads = loss.backward().unwrap();
+        assert_eq!(vars.len(), cfg.tensor_shapes().len());
+        for (name, var) in &vars {
+            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+            let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(norm > 0.0, "{name}: zero gradient");
+        }
+    }
+
+    #[test]
+    fn kv_cached_decode_matches_full_sequence_with_left_padding() {
+        let cfg = small_cfg();
+        let dev = Device::Cpu;
+        let model = build_model(&cfg, &init_weights(&cfg, 2, &dev).unwrap(), &dev).unwrap();
+        // Row 0: 5 real tokens; row 1: 2 pads then 3 real tokens. Then 3 decoded tokens each.
+        let prompt = vec![vec![3u32, 4, 5, 6, 7], vec![0, 0, 9, 10, 11]];
+        let pad = [0usize, 2];
+        let next = [vec![12u32, 13, 14], vec![15, 16, 17]];
+        let full: Vec<Vec<u32>> = (0..2).map(|r| [prompt[r].clone(), next[r].clone()].concat()).collect();
+        let pos_of = |r: usize, slots: std::ops::Range<usize>| -> Vec<u32> {
+            slots.map(|s| s.saturating_sub(pad[r]) as u32).collect()
+        };
+        let full_tokens = Tensor::from_vec(full.concat(), (2, 8), &dev).unwrap();
+        let full_pos = positions((0..2).map(|r| pos_of(r, 0..8)).collect());
+        let full_logits =
+            model.forward(&full_tokens, &full_pos, &padded_mask(&pad, 0, 8, &dev).unwrap(), None).unwrap();
+
+        let mut cache = KvCache::new(cfg.num_hidden_layers);
+        let prompt_tokens = Tensor::from_vec(prompt.concat(), (2, 5), &dev).unwrap();
+        let p = positions((0..2).map(|r| pos_of(r, 0..5)).collect());
+        let mut step_logits =
+            vec![model.forward(&prompt_tokens, &p, &padded_mask(&pad, 0, 5, &dev).unwrap(), Some(&mut cache)).unwrap()];
+        for s in 0..3 {
+            let tok = Tensor::from_vec(vec![next[0][s], next[1][s]], (2, 1), &dev).unwrap();
+            let p = positions((0..2).map(|r| pos_of(r, 5 + s..6 + s)).collect());
+            let mask = padded_mask(&pad, 5 + s, 1, &dev).unwrap();
+            step_logits.push(model.forward(&tok, &p, &mask, Some(&mut cache)).unwrap());
+        }
+        assert_eq!(cache.len(), 8);
+        let cached = Tensor::cat(&step_logits, 1).unwrap();
+        // Compare only real (non-pad) positions.
+        for r in 0..2 {
+            let a = full_logits.get(r).unwrap().narrow(0, pad[r], 8 - pad[r]).unwrap();
+            let b = cached.get(r).unwrap().narrow(0, pad[r], 8 - pad[r]).unwrap();
+            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-4, "row {r}: max abs diff {diff}");
+        }
+        // A left-padded row gives the same logits as the same tokens unpadded.
+        let alone = Tensor::from_vec(full[1][2..].to_vec(), (1, 6), &dev).unwrap();
+        let alone_logits = model
+            .forward(&alone, &positions(vec![(0..6).collect()]), &causal_mask(1, 6, &dev).unwrap(), None)
+            .unwrap();
+        let padded = full_logits.get(1).unwrap().narrow(0, 2, 6).unwrap();
+        let diff = (alone_logits.get(0).unwrap() - padded).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-4, "padded vs unpadded: {diff}");
+    }
+
+    #[test]
+    fn checkpoint_round_trip_gives_identical_logits() {
+        let cfg = small_cfg();
+        let dev = Device::Cpu;
+        let weights = init_weights(&cfg, 3, &dev).unwrap();
+        let corpus: Vec<String> = vec!["<think><episode_1>1 + 2 = 3</episode_1></think>\\boxed{3}".into(); 4];
+        let tok = tokenizer::train(&corpus, 300).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::new(dir.path());
+        let mut staging = store.begin("ckpt").unwrap();
+        save_checkpoint(&mut staging, &cfg, &weights, &tok).unwrap();
+        let manifest = crate::store::Manifest {
+            stage: "bootstrap".into(),
+            version: 1,
+            key: "ckpt".into(),
+            params: serde_json::json!({}),
+            inputs: vec![],
+            outputs: vec![],
+            seed: 0,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            wall_time_s: 0.0,
+            metrics: serde_json::json!({}),
+            created_by: "l2t".into(),
+        };
+        let art = staging.publish(manifest).unwrap();
+        let policy = Policy::load(&art, &dev).unwrap();
+        assert_eq!(policy.cfg, cfg);
+        let original = build_model(&cfg, &weights, &dev).unwrap();
+        let tokens = Tensor::from_vec(vec![1u32, 2, 3], (1, 3), &dev).unwrap();
+        let pos = positions(vec![vec![0, 1, 2]]);
+        let mask = causal_mask(1, 3, &dev).unwrap();
+        let a = original.forward(&tokens, &pos, &mask, None).unwrap();
+        let b = policy.model.forward(&tokens, &pos, &mask, None).unwrap();
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0);
+    }
+}

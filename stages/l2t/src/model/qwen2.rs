@@ -1,0 +1,320 @@
+//! A Qwen2-family decoder (Qwen2 with q/k/v bias; Llama / SmolLM without), after
+//! `candle-transformers/src/models/qwen2.rs`, written with differentiable ops only: composed RMS
+//! norm, rotary embedding and softmax (the fused candle kernels drop gradients, design.md
+//! "candle cautions").
+//!
+//! Every forward takes explicit per-row positions and an additive attention mask, so one batch can
+//! hold prompts of different lengths (left padding) and decode from a KV cache.
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{linear_b, linear_no_bias, Embedding, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+/// config.json, with its own keys.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Config {
+    pub architectures: Vec<String>,
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub max_position_embeddings: usize,
+    pub rope_theta: f64,
+    pub rms_norm_eps: f64,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: u32,
+    pub eos_token_id: u32,
+    pub torch_dtype: String,
+}
+
+impl Config {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// Qwen2 has biases on q/k/v; the Llama family has none.
+    pub fn attention_bias(&self) -> bool {
+        self.model_type == "qwen2"
+    }
+
+    /// Name and shape of every weight, in checkpoint naming.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, i, kv) = (self.hidden_size, self.intermediate_size, self.num_key_value_heads * self.head_dim());
+        let mut shapes = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab_size, h])];
+        for l in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            shapes.push((format!("{p}.input_layernorm.weight"), vec![h]));
+            shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+            for (name, out) in [("q_proj", h), ("k_proj", kv), ("v_proj", kv)] {
+                shapes.push((format!("{p}.self_attn.{name}.weight"), vec![out, h]));
+                if self.attention_bias() {
+                    shapes.push((format!("{p}.self_attn.{name}.bias"), vec![out]));
+                }
+            }
+            shapes.push((format!("{p}.self_attn.o_proj.weight"), vec![h, h]));
+            shapes.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+            shapes.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+            shapes.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+        }
+        shapes.push(("model.norm.weight".to_string(), vec![h]));
+        if !self.tie_word_embeddings {
+            shapes.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
+        }
+        shapes
+    }
+}
+
+/// RMS norm from differentiable ops (`candle_nn::RmsNorm::forward` may take the fused path).
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get(size, "weight")?, eps })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+        x.broadcast_div(&(mean_sq + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)
+    }
+}
+
+/// Rotary embedding tables, gathered per row position (the composed form of `rope`).
+#[derive(Debug, Clone)]
+struct RotaryEmbedding {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RotaryEmbedding {
+    fn new(cfg: &Config, dev: &Device) -> Result<Self> {
+        let half = cfg.head_dim() / 2;
+        let inv_freq: Vec<f32> =
+            (0..half).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim() as f64) as f32).collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), dev)?;
+        let t = Tensor::arange(0u32, cfg.max_position_embeddings as u32, dev)?.to_dtype(DType::F32)?;
+        let freqs = t.reshape((cfg.max_position_embeddings, 1))?.broadcast_mul(&inv_freq)?;
+        Ok(Self { cos: freqs.cos()?, sin: freqs.sin()? })
+    }
+
+    /// x: (b, heads, t, head_dim); positions: (b, t) u32.
+    fn apply(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let (b, _heads, t, head_dim) = x.dims4()?;
+        let half = head_dim / 2;
+        let flat = positions.flatten_all()?;
+        let gather = |table: &Tensor| -> Result<Tensor> {
+            let g = table.index_select(&flat, 0)?.reshape((b, 1, t, half))?;
+            Tensor::cat(&[&g, &g], D::Minus1)
+        };
+        let (cos, sin) = (gather(&self.cos)?, gather(&self.sin)?);
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: linear_no_bias(h, i, vb.pp("gate_proj"))?,
+            up_proj: linear_no_bias(h, i, vb.pp("up_proj"))?,
+            down_proj: linear_no_bias(i, h, vb.pp("down_proj"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+/// Keys and values of the positions seen so far, per layer: (b, kv_heads, t, head_dim).
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(layers: usize) -> Self {
+        Self { layers: vec![None; layers] }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let (h, head_dim, bias) = (cfg.hidden_size, cfg.head_dim(), cfg.attention_bias());
+        let kv = cfg.num_key_value_heads * head_dim;
+        Ok(Self {
+            q_proj: linear_b(h, h, bias, vb.pp("q_proj"))?,
+            k_proj: linear_b(h, kv, bias, vb.pp("k_proj"))?,
+            v_proj: linear_b(h, kv, bias, vb.pp("v_proj"))?,
+            o_proj: linear_no_bias(h, h, vb.pp("o_proj"))?,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim,
+        })
+    }
+
+    /// x: (b, t, hidden); mask: (b, 1, t, t_kv) additive; cache: this layer's past keys/values.
+    fn forward(
+        &self,
+        x: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        rotary: &RotaryEmbedding,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, hidden) = x.dims3()?;
+        let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
+            proj.forward(x)?.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
+        };
+        let q = rotary.apply(&heads(&self.q_proj, self.num_heads)?, positions)?;
+        let mut k = rotary.apply(&heads(&self.k_proj, self.num_kv_heads)?, positions)?;
+        let mut v = heads(&self.v_proj, self.num_kv_heads)?;
+        if let Some(cache) = cache {
+            if let Some((past_k, past_v)) = cache.as_ref() {
+                k = Tensor::cat(&[past_k, &k], 2)?;
+                v = Tensor::cat(&[past_v, &v], 2)?;
+            }
+            *cache = Some((k.clone(), v.clone()));
+        }
+        let k = repeat_kv(&k, self.num_heads / self.num_kv_heads)?;
+        let v = repeat_kv(&v, self.num_heads / self.num_kv_heads)?;
+        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, hidden))?;
+        self.o_proj.forward(&y)
+    }
+}
+
+/// (b, kv_heads, t, d) -> (b, kv_heads * n_rep, t, d), each kv head shared by n_rep query heads.
+fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?.expand((b, kv, n_rep, t, d))?.reshape((b, kv * n_rep, t, d))
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            input_layernorm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            post_attention_layernorm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+        })
+    }
+}
+
+/// The decoder with its language-model head.
+#[derive(Debug, Clone)]
+pub struct Model {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: RotaryEmbedding,
+    pub cfg: Config,
+}
+
+/// Additive mask value: large enough to zero a probability, finite so that no row is all -inf.
+pub const MASKED: f32 = -1e9;
+
+impl Model {
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let m = vb.pp("model");
+        let embed_tokens = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, m.pp("embed_tokens"))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| DecoderLayer::new(cfg, m.pp(format!("layers.{l}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed_tokens.embeddings().clone(), None)
+        } else {
+            linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
+        };
+        Ok(Self { embed_tokens, layers, norm, lm_head, rotary: RotaryEmbedding::new(cfg, vb.device())?, cfg: cfg.clone() })
+    }
+
+    /// Logits (b, t, vocab) for tokens (b, t) at `positions` (b, t), under an additive `mask`
+    /// (b, 1, t, t_past + t). With a cache, the new keys/values are appended to it.
+    pub fn forward(&self, tokens: &Tensor, positions: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let mut x = self.embed_tokens.forward(tokens)?;
+        let mut cache = cache;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| &mut c.layers[l]);
+            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x)?, positions, mask, &self.rotary, slot)?;
+            x = (x + h)?;
+            let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x)?)?;
+            x = (x + h)?;
+        }
+        self.lm_head.forward(&self.norm.forward(&x)?)
+    }
+}
+
+/// Causal mask for a batch of right-padded sequences starting at position 0: (b, 1, t, t).
+pub fn causal_mask(b: usize, t: usize, dev: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { MASKED })).collect();
+    Tensor::from_vec(mask, (1, 1, t, t), dev)?.expand((b, 1, t, t))?.contiguous()
+}
+
+/// Mask for left-padded rows: query `i` of row `r` (absolute slot `past + i`) sees key slots
+/// `pad[r]..=past + i`; a padding query sees only itself, so no row of scores is fully masked.
+pub fn padded_mask(pad: &[usize], past: usize, t: usize, dev: &Device) -> Result<Tensor> {
+    let total = past + t;
+    let mut mask = Vec::with_capacity(pad.len() * t * total);
+    for &p in pad {
+        for i in 0..t {
+            let q = past + i;
+            for j in 0..total {
+                let visible = (j >= p && j <= q) || j == q;
+                mask.push(if visible { 0.0 } else { MASKED });
+            }
+        }
+    }
+    Tensor::from_vec(mask, (pad.len(), 1, t, total), dev)
+}

@@ -1,0 +1,389 @@
+//! Episodes and the outcome reward (l2t-spec sections 2 and 3).
+//!
+//! Episodes are token spans that partition a response. Boundaries are found in the response text
+//! and mapped to tokens through each token's character span (from decoding the response's own
+//! token ids, never by re-tokenizing), so a boundary always falls on a token of the response.
+//!
+//! Rule `tags` (documented behaviour for imperfect responses):
+//! - the reasoning region runs from the first `<think>` (or the start) to the first `</think>`
+//!   (or the end); only `<episode_N>` tags inside it open episodes;
+//! - an `<episode_N>` seen while another episode is open (nesting) is content, not a boundary;
+//!   a closing tag that matches nothing, an unclosed episode, or numbers out of order make the
+//!   response not `well_formed` but keep its boundaries;
+//! - tokens before the first episode join it; `</think>` and the answer join the last episode;
+//! - no parseable episode: one episode over the whole response, `format_ok = false`.
+
+use crate::table::rollouts::FinishReason;
+use crate::task::grade::{grade_integer, Grade};
+use crate::task::{BOXED_OPEN, THINK_CLOSE, THINK_OPEN};
+use anyhow::{bail, Context, Result};
+
+/// How responses are cut into episodes (knob `segment.rule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// `<episode_k>` tags (default).
+    Tags,
+    /// Blank-line paragraphs, a new episode at a paragraph opening with a reflection cue (MRT).
+    Paragraphs,
+    /// Fixed spans of N tokens (VinePPO).
+    Chunks(usize),
+}
+
+/// Paragraph openings that start a new episode under [`Rule::Paragraphs`].
+pub const PARAGRAPH_CUES: &[&str] =
+    &["Wait", "Alternatively", "But let me double-check", "Let me double-check", "Let me check", "Let me verify", "Hmm", "Actually"];
+
+impl Rule {
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "tags" => Ok(Rule::Tags),
+            "paragraphs" => Ok(Rule::Paragraphs),
+            _ => {
+                let n = text
+                    .strip_prefix("chunks:")
+                    .with_context(|| format!("unknown rule {text:?} (expected tags, paragraphs or chunks:N)"))?;
+                let n: usize = n.parse().with_context(|| format!("chunks:N needs a positive integer, got {n:?}"))?;
+                if n == 0 {
+                    bail!("chunks:N needs a positive integer, got 0");
+                }
+                Ok(Rule::Chunks(n))
+            }
+        }
+    }
+}
+
+/// Episodes of one response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Segmentation {
+    /// Token spans `[start, end)`, in order, partitioning `[0, n_tokens)`.
+    pub spans: Vec<(usize, usize)>,
+    /// At least one parseable episode (always true for rules other than `tags`).
+    pub format_ok: bool,
+    /// The strict format: think block closed, episodes numbered 1..K, balanced, not nested, and
+    /// exactly one `\boxed{}` after `</think>`.
+    pub well_formed: bool,
+}
+
+/// Character end offset of every token, from each token's decoded piece: `ends[t]` is the length
+/// of the text of tokens `0..=t`.
+pub fn token_char_ends(pieces: &[String]) -> Vec<usize> {
+    pieces
+        .iter()
+        .scan(0usize, |acc, p| {
+            *acc += p.len();
+            Some(*acc)
+        })
+        .collect()
+}
+
+/// The token holding byte `pos` of the text (the first token whose end is past it).
+fn token_at(ends: &[usize], pos: usize) -> usize {
+    ends.partition_point(|&e| e <= pos).min(ends.len().saturating_sub(1))
+}
+
+/// Turns episode-start byte offsets into a token partition.
+fn spans_from_starts(ends: &[usize], starts: &[usize]) -> Vec<(usize, usize)> {
+    let n = ends.len();
+    let mut bounds: Vec<usize> = vec![0];
+    for &s in starts.iter().skip(1) {
+        let t = token_at(ends, s);
+        if t > *bounds.last().expect("bounds start non-empty") && t < n {
+            bounds.push(t);
+        }
+    }
+    bounds.iter().enumerate().map(|(i, &b)| (b, bounds.get(i + 1).copied().unwrap_or(n))).collect()
+}
+
+pub fn segment(rule: Rule, text: &str, ends: &[usize]) -> Segmentation {
+    match rule {
+        Rule::Tags => segment_tags(text, ends),
+        Rule::Paragraphs => segment_paragraphs(text, ends),
+        Rule::Chunks(size) => segment_chunks(ends.len(), size, text),
+    }
+}
+
+/// Parses `<episode_N>` / `</episode_N>` at `pos`: (is_close, N, tag length).
+fn episode_tag(text: &str, pos: usize) -> Option<(bool, usize, usize)> {
+    let rest = &text[pos..];
+    let (close, body) = if let Some(b) = rest.strip_prefix("</episode_") {
+        (true, b)
+    } else {
+        (false, rest.strip_prefix("<episode_")?)
+    };
+    let digits = body.bytes().take_while(u8::is_ascii_digit).count();
+    if digits == 0 || body.as_bytes().get(digits) != Some(&b'>') {
+        return None;
+    }
+    let n = body[..digits].parse().ok()?;
+    Some((close, n, rest.len() - body.len() + digits + 1))
+}
+
+pub fn segment_tags(text: &str, ends: &[usize]) -> Segmentation {
+    let think_open = text.find(THINK_OPEN);
+    let region_start = think_open.map_or(0, |p| p + THINK_OPEN.len());
+    let think_close = text[region_start..].find(THINK_CLOSE).map(|p| p + region_start);
+    let region_end = think_close.unwrap_or(text.len());
+    let mut starts = Vec::new();
+    let mut open: Vec<usize> = Vec::new();
+    let mut ordered = true;
+    let mut balanced = true;
+    let mut pos = region_start;
+    while let Some(off) = text[pos..region_end].find('<') {
+        let at = pos + off;
+        match episode_tag(text, at) {
+            Some((false, n, len)) => {
+                if open.is_empty() {
+                    starts.push(at);
+                    ordered &= n == starts.len();
+                } else {
+                    balanced = false;
+                }
+                open.push(n);
+                pos = at + len;
+            }
+            Some((true, n, len)) => {
+                balanced &= open.pop() == Some(n);
+                pos = at + len;
+            }
+            None => pos = at + 1,
+        }
+    }
+    balanced &= open.is_empty();
+    if starts.is_empty() || ends.is_empty() {
+        return Segmentation { spans: vec![(0, ends.len())], format_ok: false, well_formed: false };
+    }
+    let boxed_after_think = think_close.map_or(0, |c| text[c..].matches(BOXED_OPEN).count());
+    let well_formed = think_open.is_some() && think_close.is_some() && balanced && ordered && boxed_after_think == 1;
+    Segmentation { spans: spans_from_starts(ends, &starts), format_ok: true, well_formed }
+}
+
+pub fn segment_paragraphs(text: &str, ends: &[usize]) -> Segmentation {
+    let mut starts = vec![0];
+    let mut search = 0;
+    while let Some(off) = text[search..].find("\n\n") {
+        let mut p = search + off;
+        while text[p..].starts_with('\n') {
+            p += 1;
+        }
+        let para = text[p..].trim_start();
+        if PARAGRAPH_CUES.iter().any(|cue| para.starts_with(cue)) {
+            starts.push(p);
+        }
+        search = p;
+    }
+    let well_formed = extract_answer(text).is_some();
+    Segmentation { spans: spans_from_starts(ends, &starts), format_ok: true, well_formed }
+}
+
+pub fn segment_chunks(n_tokens: usize, size: usize, text: &str) -> Segmentation {
+    let spans = (0..n_tokens.max(1)).step_by(size).map(|s| (s, (s + size).min(n_tokens))).collect();
+    Segmentation { spans, format_ok: true, well_formed: extract_answer(text).is_some() }
+}
+
+/// Content of the `\boxed{...}` that opens at `start`, with brace matching.
+fn boxed_content(text: &str, start: usize) -> Option<&str> {
+    let body = start + BOXED_OPEN.len();
+    let mut depth = 1usize;
+    for (i, c) in text[body..].char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(&text[body..body + i]);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The final answer: the last complete `\boxed{}` after the first `</think>`; a response with no
+/// `</think>` falls back to the last complete `\boxed{}` anywhere in it.
+pub fn extract_answer(text: &str) -> Option<String> {
+    let from = text.find(THINK_CLOSE).map_or(0, |p| p + THINK_CLOSE.len());
+    let tail = &text[from..];
+    tail.match_indices(BOXED_OPEN)
+        .filter_map(|(i, _)| boxed_content(tail, i))
+        .last()
+        .map(|s| s.trim().to_string())
+}
+
+/// Outcome of one rollout (l2t-spec section 3).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub answer: Option<String>,
+    pub grade: Grade,
+    /// The gold answer is unparsable: the prompt takes no part in training.
+    pub excluded: bool,
+    /// r_out in {0, 1} plus the format penalty when `format_ok` is false.
+    pub r_out: f32,
+}
+
+/// `r_out = 1` iff the answer equals the gold answer and the rollout was not truncated.
+pub fn outcome_reward(text: &str, gold: &str, finish: FinishReason, format_ok: bool, format_penalty: f64) -> Outcome {
+    let answer = extract_answer(text);
+    let grade = match &answer {
+        Some(a) => grade_integer(a, gold),
+        None if grade_integer("0", gold) == Grade::GoldUnparsable => Grade::GoldUnparsable,
+        None => Grade::Unparsable,
+    };
+    let solved = grade == Grade::Correct && finish == FinishReason::Stop;
+    let penalty = if format_ok { 0.0 } else { format_penalty };
+    Outcome { answer, grade, excluded: grade == Grade::GoldUnparsable, r_out: (f64::from(u8::from(solved)) + penalty) as f32 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One token per character: spans in tokens equal spans in characters.
+    fn char_ends(text: &str) -> Vec<usize> {
+        (1..=text.len()).collect()
+    }
+
+    fn texts<'a>(text: &'a str, seg: &Segmentation) -> Vec<&'a str> {
+        seg.spans.iter().map(|&(s, e)| &text[s..e]).collect()
+    }
+
+    fn assert_partition(seg: &Segmentation, n: usize) {
+        assert_eq!(seg.spans.first().unwrap().0, 0);
+        assert_eq!(seg.spans.last().unwrap().1, n);
+        for w in seg.spans.windows(2) {
+            assert_eq!(w[0].1, w[1].0);
+            assert!(w[0].0 < w[0].1);
+        }
+    }
+
+    const GOOD: &str = "<think><episode_1>2 + 3 = 5</episode_1><episode_2>5 * 2 = 10</episode_2></think>\\boxed{10}";
+
+    #[test]
+    fn well_formed_response() {
+        let seg = segment_tags(GOOD, &char_ends(GOOD));
+        assert_partition(&seg, GOOD.len());
+        assert!(seg.format_ok && seg.well_formed);
+        assert_eq!(
+            texts(GOOD, &seg),
+            [
+                "<think><episode_1>2 + 3 = 5</episode_1>",
+                "<episode_2>5 * 2 = 10</episode_2></think>\\boxed{10}"
+            ]
+        );
+        let out = outcome_reward(GOOD, "10", FinishReason::Stop, seg.format_ok, -0.01);
+        assert_eq!((out.answer.as_deref(), out.grade, out.r_out), (Some("10"), Grade::Correct, 1.0));
+    }
+
+    #[test]
+    fn missing_tags_is_one_episode_with_penalty() {
+        let text = "<think>2 + 3 = 5, then 10</think>\\boxed{10}";
+        let seg = segment_tags(text, &char_ends(text));
+        assert_eq!(seg.spans, vec![(0, text.len())]);
+        assert!(!seg.format_ok && !seg.well_formed);
+        let out = outcome_reward(text, "10", FinishReason::Stop, seg.format_ok, -0.01);
+        assert_eq!(out.r_out, 0.99);
+        assert_eq!(outcome_reward(text, "11", FinishReason::Stop, false, -0.01).r_out, -0.01);
+    }
+
+    #[test]
+    fn nested_tags_are_content() {
+        let text = "<think><episode_1>a<episode_2>b</episode_2>c</episode_1><episode_2>d</episode_2></think>\\boxed{1}";
+        let seg = segment_tags(text, &char_ends(text));
+        assert_partition(&seg, text.len());
+        assert_eq!(texts(text, &seg), ["<think><episode_1>a<episode_2>b</episode_2>c</episode_1>", "<episode_2>d</episode_2></think>\\boxed{1}"]);
+        assert!(seg.format_ok && !seg.well_formed);
+    }
+
+    #[test]
+    fn unclosed_tags_keep_their_boundaries() {
+        let text = "<think><episode_1>a<episode_2>b</think>\\boxed{1}";
+        let seg = segment_tags(text, &char_ends(text));
+        // <episode_2> is nested inside the unclosed episode 1, so one episode.
+        assert_eq!(seg.spans.len(), 1);
+        assert!(seg.format_ok && !seg.well_formed);
+        let text = "<think><episode_1>a</episode_1><episode_2>b";
+        let seg = segment_tags(text, &char_ends(text));
+        assert_eq!(texts(text, &seg), ["<think><episode_1>a</episode_1>", "<episode_2>b"]);
+        assert!(!seg.well_formed);
+        assert_eq!(outcome_reward(text, "1", FinishReason::Length, true, -0.01).grade, Grade::Unparsable);
+    }
+
+    #[test]
+    fn text_before_first_episode_joins_it_and_tags_after_think_are_ignored() {
+        let text = "ok <think>x<episode_1>a</episode_1></think><episode_2>z</episode_2>\\boxed{3}";
+        let seg = segment_tags(text, &char_ends(text));
+        assert_eq!(seg.spans, vec![(0, text.len())]);
+        assert!(seg.format_ok);
+    }
+
+    #[test]
+    fn no_answer_and_two_answers() {
+        let text = "<think><episode_1>a</episode_1></think>";
+        let seg = segment_tags(text, &char_ends(text));
+        assert!(seg.format_ok && !seg.well_formed);
+        let out = outcome_reward(text, "3", FinishReason::Stop, true, -0.01);
+        assert_eq!((out.answer, out.grade, out.r_out), (None, Grade::Unparsable, 0.0));
+
+        let text = "<think><episode_1>a</episode_1></think>\\boxed{4} so \\boxed{3}";
+        let seg = segment_tags(text, &char_ends(text));
+        assert!(seg.format_ok && !seg.well_formed);
+        let out = outcome_reward(text, "3", FinishReason::Stop, true, -0.01);
+        assert_eq!((out.answer.as_deref(), out.grade), (Some("3"), Grade::Correct));
+    }
+
+    #[test]
+    fn truncated_rollout_gets_zero_and_unparsable_gold_is_excluded() {
+        assert_eq!(outcome_reward(GOOD, "10", FinishReason::Length, true, -0.01).r_out, 0.0);
+        let out = outcome_reward(GOOD, "ten-ish", FinishReason::Stop, true, -0.01);
+        assert!(out.excluded);
+        assert_eq!(out.r_out, 0.0);
+    }
+
+    #[test]
+    fn answer_extraction_matches_braces_and_prefers_after_think() {
+        assert_eq!(extract_answer("\\boxed{\\frac{1}{2}}").as_deref(), Some("\\frac{1}{2}"));
+        assert_eq!(extract_answer("\\boxed{1}</think>\\boxed{2}").as_deref(), Some("2"));
+        assert_eq!(extract_answer("\\boxed{1}</think>none").as_deref(), None);
+        assert_eq!(extract_answer("\\boxed{12").as_deref(), None);
+    }
+
+    #[test]
+    fn boundaries_follow_multi_character_tokens() {
+        // Tokens: "<think>", "<episode_1>", "a", "</episode_1>", "<episode_2>", "b", "</episode_2>", "</think>"
+        let pieces: Vec<String> = ["<think>", "<episode_1>", "a", "</episode_1>", "<epi", "sode_2>b", "</episode_2>", "</think>"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let text: String = pieces.concat();
+        let seg = segment_tags(&text, &token_char_ends(&pieces));
+        assert_eq!(seg.spans, vec![(0, 4), (4, 8)]);
+    }
+
+    #[test]
+    fn paragraphs_split_at_reflection_cues() {
+        let text = "First step.\n\nSecond step.\n\nWait, check it.\n\nAlternatively do this.\n\\boxed{1}";
+        let seg = segment_paragraphs(text, &char_ends(text));
+        assert_partition(&seg, text.len());
+        assert_eq!(
+            texts(text, &seg),
+            ["First step.\n\nSecond step.\n\n", "Wait, check it.\n\n", "Alternatively do this.\n\\boxed{1}"]
+        );
+        assert!(seg.well_formed);
+    }
+
+    #[test]
+    fn chunks_are_fixed_spans() {
+        let seg = segment_chunks(10, 4, "");
+        assert_eq!(seg.spans, vec![(0, 4), (4, 8), (8, 10)]);
+        assert!(!seg.well_formed);
+    }
+
+    #[test]
+    fn rule_parsing() {
+        assert_eq!(Rule::parse("tags").unwrap(), Rule::Tags);
+        assert_eq!(Rule::parse("chunks:16").unwrap(), Rule::Chunks(16));
+        assert!(Rule::parse("chunks:0").is_err());
+        assert!(Rule::parse("chunks:x").is_err());
+        assert!(Rule::parse("lines").is_err());
+    }
+}

@@ -1,0 +1,549 @@
+//! The content-addressed artifact store (design.md, "The artifact store").
+//!
+//! ```text
+//! artifacts/store/<key>/            one finished stage run: its files + manifest.json
+//! artifacts/store/tmp/              runs in progress (a killed run leaves only this behind)
+//! artifacts/runs/<run>/<slot>/      refs: hard links to a store entry's files
+//! ```
+//!
+//! A stage run's key is blake3 over (stage, version, canonical params, content hashes of its inputs).
+//! Outputs are hashed while they are written ([`HashingWriter`]), published by one `rename`, and
+//! verified against the manifest whenever they are read back ([`Artifact::file`]).
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// The order of an iteration's stages; a changed ref marks everything after it stale.
+pub const ITERATION_STAGES: &[&str] = &["sample", "segment"];
+
+/// Written into every manifest and Parquet footer instead of a crate version, so that a
+/// dependency bump does not change the bytes of an artifact.
+pub const CREATED_BY: &str = "l2t";
+
+/// Name of the marker file that says a ref's inputs changed since it was made.
+pub const STALE_MARKER: &str = "STALE";
+
+/// One output file of a stage run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OutputFile {
+    pub file: String,
+    pub blake3: String,
+    pub bytes: u64,
+    /// Row count for tables; absent for other files.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub rows: Option<u64>,
+}
+
+/// An input of a stage run, as hashed into its key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InputRef {
+    /// Role of the input ("policy", "rollouts", ...).
+    pub name: String,
+    /// The key of the stage run that produced it.
+    pub key: String,
+    /// Content hash of each file of that run that this stage reads.
+    pub files: BTreeMap<String, String>,
+}
+
+/// Everything known about one stage run, stored as `manifest.json` beside its outputs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub stage: String,
+    pub version: u32,
+    pub key: String,
+    pub params: serde_json::Value,
+    pub inputs: Vec<InputRef>,
+    pub outputs: Vec<OutputFile>,
+    pub seed: u64,
+    pub device: String,
+    pub dtype: String,
+    pub wall_time_s: f64,
+    /// Stage-specific figures (losses, accuracies, throughput).
+    pub metrics: serde_json::Value,
+    pub created_by: String,
+}
+
+impl Manifest {
+    pub fn output(&self, file: &str) -> Result<&OutputFile> {
+        self.outputs
+            .iter()
+            .find(|o| o.file == file)
+            .ok_or_else(|| anyhow!("stage {} (key {}) has no output file {file:?}", self.stage, short(&self.key)))
+    }
+
+    /// This run as an input of a later stage, naming only the files it reads.
+    pub fn as_input(&self, name: &str, files: &[&str]) -> Result<InputRef> {
+        let mut hashes = BTreeMap::new();
+        for f in files {
+            hashes.insert(f.to_string(), self.output(f)?.blake3.clone());
+        }
+        Ok(InputRef { name: name.into(), key: self.key.clone(), files: hashes })
+    }
+}
+
+/// First 12 hex digits of a key, for messages.
+pub fn short(key: &str) -> &str {
+    &key[..key.len().min(12)]
+}
+
+/// The key of a stage run: blake3 over its canonical definition.
+pub fn stage_key(stage: &str, version: u32, params: &serde_json::Value, inputs: &[InputRef]) -> String {
+    // serde_json's default map is ordered, so this text is canonical.
+    let canonical = serde_json::json!({ "stage": stage, "version": version, "params": params, "inputs": inputs });
+    blake3::hash(canonical.to_string().as_bytes()).to_hex().to_string()
+}
+
+/// A `Write` that passes bytes to a file and to a blake3 hasher, so an output is hashed while it is
+/// written and never read back for it.
+pub struct HashingWriter {
+    file: File,
+    hasher: blake3::Hasher,
+    bytes: u64,
+}
+
+impl HashingWriter {
+    pub fn create(path: &Path) -> Result<Self> {
+        let file = File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
+        Ok(Self { file, hasher: blake3::Hasher::new(), bytes: 0 })
+    }
+
+    /// Flushes to disk and returns (hash, byte count).
+    pub fn finish(self) -> Result<(String, u64)> {
+        self.file.sync_all()?;
+        Ok((self.hasher.finalize().to_hex().to_string(), self.bytes))
+    }
+}
+
+impl Write for HashingWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// blake3 of a file's contents, streamed.
+pub fn hash_file(path: &Path) -> Result<String> {
+    let mut file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).with_context(|| format!("{}: read failed", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// The store rooted at an `artifacts/` folder.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// Whether a stage run was computed or found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Hit,
+    Miss,
+}
+
+impl Store {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn entry_dir(&self, key: &str) -> PathBuf {
+        self.root.join("store").join(key)
+    }
+
+    /// The finished run with this key, if its outputs are intact. A damaged entry is reported and
+    /// removed so that the caller recomputes it.
+    pub fn lookup(&self, key: &str) -> Result<Option<Artifact>> {
+        let dir = self.entry_dir(key);
+        if !dir.join("manifest.json").exists() {
+            return Ok(None);
+        }
+        let artifact = Artifact::open(&dir)?;
+        for out in &artifact.manifest.outputs {
+            if let Err(e) = artifact.file(&out.file) {
+                eprintln!("warning: {e:#}; recomputing");
+                fs::remove_dir_all(&dir).with_context(|| format!("{}: cannot remove", dir.display()))?;
+                return Ok(None);
+            }
+        }
+        Ok(Some(artifact))
+    }
+
+    /// Starts writing the outputs of a run in a private temporary folder.
+    pub fn begin(&self, key: &str) -> Result<Staging> {
+        let tmp_root = self.root.join("store").join("tmp");
+        fs::create_dir_all(&tmp_root).with_context(|| format!("{}: cannot create", tmp_root.display()))?;
+        let dir = tmp_root.join(format!("{key}.{}", std::process::id()));
+        if dir.exists() {
+            fs::remove_dir_all(&dir)?;
+        }
+        fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+        Ok(Staging { dir, final_dir: self.entry_dir(key), outputs: Vec::new() })
+    }
+
+    fn slot_dir(&self, run: &str, slot: &str) -> PathBuf {
+        self.root.join("runs").join(run).join(slot)
+    }
+
+    /// Opens the artifact a run's ref points at, e.g. `slot = "iter-0000/sample"`.
+    pub fn open_ref(&self, run: &str, slot: &str) -> Result<Artifact> {
+        let dir = self.slot_dir(run, slot);
+        if !dir.join("manifest.json").exists() {
+            bail!("{}: no such artifact (run the stages before it first, e.g. `make iterate RUN={run}`)", dir.display());
+        }
+        let artifact = Artifact::open(&dir)?;
+        if dir.join(STALE_MARKER).exists() {
+            eprintln!("warning: {} is stale (an input changed since it was made)", dir.display());
+        }
+        Ok(artifact)
+    }
+
+    /// Points a run's ref at a store entry: a folder of hard links to its files, replaced only
+    /// when it points elsewhere, so that an unchanged output leaves the ref (and its mtime) alone.
+    /// Returns whether the ref changed; when it did, refs downstream of it are marked stale.
+    pub fn publish_ref(&self, run: &str, slot: &str, artifact: &Artifact) -> Result<bool> {
+        let dir = self.slot_dir(run, slot);
+        let target_manifest = artifact.dir.join("manifest.json");
+        if let (Ok(a), Ok(b)) = (fs::metadata(dir.join("manifest.json")), fs::metadata(&target_manifest)) {
+            if a.ino() == b.ino() && a.dev() == b.dev() && !dir.join(STALE_MARKER).exists() {
+                return Ok(false);
+            }
+        }
+        let parent = dir.parent().expect("a slot has a parent folder");
+        let name = dir.file_name().expect("a slot has a name").to_string_lossy().to_string();
+        fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
+        let tmp = parent.join(format!(".{name}.new-{}", std::process::id()));
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp)?;
+        }
+        fs::create_dir(&tmp)?;
+        for entry in fs::read_dir(&artifact.dir)? {
+            let entry = entry?;
+            fs::hard_link(entry.path(), tmp.join(entry.file_name()))
+                .with_context(|| format!("{}: cannot link into {}", entry.path().display(), tmp.display()))?;
+        }
+        let changed_key = match Artifact::open(&dir) {
+            Ok(old) => old.manifest.key != artifact.manifest.key,
+            Err(_) => true,
+        };
+        if dir.exists() {
+            let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+            fs::rename(&dir, &old)?;
+            fs::rename(&tmp, &dir)?;
+            fs::remove_dir_all(&old)?;
+        } else {
+            fs::rename(&tmp, &dir)?;
+        }
+        if changed_key {
+            self.mark_downstream_stale(run, slot)?;
+        }
+        Ok(changed_key)
+    }
+
+    /// Marks every ref that consumes `slot` (directly or not) stale: later stages of the same
+    /// iteration and every stage of later iterations.
+    fn mark_downstream_stale(&self, run: &str, slot: &str) -> Result<()> {
+        let (iteration, stage) = parse_slot(slot);
+        let run_dir = self.root.join("runs").join(run);
+        let Ok(entries) = fs::read_dir(&run_dir) else { return Ok(()) };
+        let mut stale = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let Some(n) = name.strip_prefix("iter-").and_then(|n| n.parse::<u32>().ok()) else { continue };
+            for (pos, s) in ITERATION_STAGES.iter().enumerate() {
+                let downstream = match (iteration, stage) {
+                    // A run-level input (prepare, bootstrap) feeds every iteration.
+                    (None, _) => true,
+                    (Some(i), st) => {
+                        n > i || (n == i && ITERATION_STAGES.iter().position(|x| *x == st).is_some_and(|p| pos > p))
+                    }
+                };
+                if downstream {
+                    stale.push(entry.path().join(s));
+                }
+            }
+        }
+        for dir in stale {
+            if dir.join("manifest.json").exists() {
+                fs::write(dir.join(STALE_MARKER), format!("input {slot} changed\n"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes store entries that no ref of any run points at, and leftovers of killed runs.
+    /// Returns (entries removed, bytes freed).
+    pub fn gc(&self) -> Result<(usize, u64)> {
+        let mut live = std::collections::BTreeSet::new();
+        let runs = self.root.join("runs");
+        if runs.exists() {
+            collect_ref_keys(&runs, &mut live)?;
+        }
+        let store = self.root.join("store");
+        let mut removed = 0;
+        let mut freed = 0;
+        let Ok(entries) = fs::read_dir(&store) else { return Ok((0, 0)) };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name == "tmp" || !live.contains(&name) {
+                freed += dir_size(&entry.path());
+                fs::remove_dir_all(entry.path())?;
+                removed += usize::from(name != "tmp");
+            }
+        }
+        Ok((removed, freed))
+    }
+}
+
+fn collect_ref_keys(dir: &Path, live: &mut std::collections::BTreeSet<String>) -> Result<()> {
+    for entry in fs::read_dir(dir)?.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            collect_ref_keys(&path, live)?;
+        } else if entry.file_name() == "manifest.json" {
+            let m: Manifest = serde_json::from_slice(&fs::read(&path)?)
+                .with_context(|| format!("{}: not a manifest", path.display()))?;
+            live.insert(m.key);
+        }
+    }
+    Ok(())
+}
+
+fn dir_size(path: &Path) -> u64 {
+    fs::read_dir(path)
+        .map(|es| es.flatten().map(|e| if e.path().is_dir() { dir_size(&e.path()) } else { e.metadata().map(|m| m.len()).unwrap_or(0) }).sum())
+        .unwrap_or(0)
+}
+
+/// `iter-0003/sample` -> (Some(3), "sample"); `bootstrap` -> (None, "bootstrap").
+fn parse_slot(slot: &str) -> (Option<u32>, &str) {
+    match slot.split_once('/') {
+        Some((iter, stage)) => (iter.strip_prefix("iter-").and_then(|n| n.parse().ok()), stage),
+        None => (None, slot),
+    }
+}
+
+/// The ref slot of an iteration's stage.
+pub fn iter_slot(iteration: u32, stage: &str) -> String {
+    format!("iter-{iteration:04}/{stage}")
+}
+
+/// Outputs of a run being written; nothing is visible in the store until [`Staging::publish`].
+pub struct Staging {
+    dir: PathBuf,
+    final_dir: PathBuf,
+    outputs: Vec<OutputFile>,
+}
+
+impl Staging {
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// A hashing writer for a new output file; hand it back to [`Staging::record`] when done.
+    pub fn create(&self, file: &str) -> Result<HashingWriter> {
+        HashingWriter::create(&self.dir.join(file))
+    }
+
+    /// Records a finished output.
+    pub fn record(&mut self, file: &str, writer: HashingWriter, rows: Option<u64>) -> Result<()> {
+        let (blake3, bytes) = writer.finish().with_context(|| format!("{file}: cannot flush"))?;
+        self.outputs.push(OutputFile { file: file.into(), blake3, bytes, rows });
+        Ok(())
+    }
+
+    /// Writes the manifest and moves the folder into the store in one rename.
+    pub fn publish(mut self, mut manifest: Manifest) -> Result<Artifact> {
+        manifest.outputs = std::mem::take(&mut self.outputs);
+        manifest.outputs.sort_by(|a, b| a.file.cmp(&b.file));
+        let mut f = File::create(self.dir.join("manifest.json"))?;
+        f.write_all(serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+        f.sync_all()?;
+        if self.final_dir.exists() {
+            // Another process published the same key first; its bytes are the same.
+            fs::remove_dir_all(&self.dir)?;
+        } else {
+            fs::rename(&self.dir, &self.final_dir)
+                .with_context(|| format!("cannot publish {} as {}", self.dir.display(), self.final_dir.display()))?;
+            if let Some(parent) = self.final_dir.parent() {
+                File::open(parent)?.sync_all()?;
+            }
+        }
+        Artifact::open(&self.final_dir)
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // An abandoned run (an error midway) leaves nothing behind.
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A finished stage run (in the store or through a ref).
+#[derive(Debug, Clone)]
+pub struct Artifact {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl Artifact {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let path = dir.join("manifest.json");
+        let bytes = fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let manifest = serde_json::from_slice(&bytes).with_context(|| format!("{}: not a valid manifest", path.display()))?;
+        Ok(Self { dir: dir.to_path_buf(), manifest })
+    }
+
+    /// The path of an output file, after checking its content against the manifest's hash.
+    pub fn file(&self, name: &str) -> Result<PathBuf> {
+        let expected = self.manifest.output(name)?;
+        let path = self.dir.join(name);
+        let got = hash_file(&path)?;
+        if got != expected.blake3 {
+            bail!(
+                "{}: corrupt artifact: content hash {} does not match the manifest's {} (delete the store entry {} and rerun the stage)",
+                path.display(),
+                short(&got),
+                short(&expected.blake3),
+                short(&self.manifest.key)
+            );
+        }
+        Ok(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(stage: &str, key: &str) -> Manifest {
+        Manifest {
+            stage: stage.into(),
+            version: 1,
+            key: key.into(),
+            params: serde_json::json!({}),
+            inputs: vec![],
+            outputs: vec![],
+            seed: 0,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            wall_time_s: 0.0,
+            metrics: serde_json::json!({}),
+            created_by: CREATED_BY.into(),
+        }
+    }
+
+    fn put(store: &Store, key: &str, body: &[u8]) -> Artifact {
+        let mut staging = store.begin(key).unwrap();
+        let mut w = staging.create("a.bin").unwrap();
+        w.write_all(body).unwrap();
+        staging.record("a.bin", w, None).unwrap();
+        staging.publish(manifest("sample", key)).unwrap()
+    }
+
+    #[test]
+    fn key_depends_on_every_part() {
+        let p = serde_json::json!({"a": 1});
+        let k = stage_key("s", 1, &p, &[]);
+        assert_ne!(k, stage_key("t", 1, &p, &[]));
+        assert_ne!(k, stage_key("s", 2, &p, &[]));
+        assert_ne!(k, stage_key("s", 1, &serde_json::json!({"a": 2}), &[]));
+        let input = InputRef { name: "x".into(), key: "k".into(), files: [("f".to_string(), "h".to_string())].into() };
+        assert_ne!(k, stage_key("s", 1, &p, &[input]));
+        assert_eq!(k, stage_key("s", 1, &serde_json::json!({"a": 1}), &[]));
+    }
+
+    #[test]
+    fn hashing_writer_matches_hash_of_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut w = HashingWriter::create(&path).unwrap();
+        w.write_all(b"hello world").unwrap();
+        let (h, n) = w.finish().unwrap();
+        assert_eq!(n, 11);
+        assert_eq!(h, hash_file(&path).unwrap());
+    }
+
+    #[test]
+    fn publish_lookup_and_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        assert!(store.lookup("k1").unwrap().is_none());
+        let art = put(&store, "k1", b"payload");
+        assert!(store.lookup("k1").unwrap().is_some());
+        assert!(!dir.path().join("store/tmp/k1").exists());
+        // Flip one byte: reading refuses it and names the file; lookup drops the entry.
+        let path = art.dir.join("a.bin");
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[0] ^= 1;
+        fs::write(&path, bytes).unwrap();
+        let err = art.file("a.bin").unwrap_err().to_string();
+        assert!(err.contains("a.bin") && err.contains("corrupt"), "{err}");
+        assert!(store.lookup("k1").unwrap().is_none());
+    }
+
+    #[test]
+    fn abandoned_staging_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        {
+            let staging = store.begin("k2").unwrap();
+            fs::write(staging.path("x"), b"partial").unwrap();
+        }
+        assert_eq!(fs::read_dir(dir.path().join("store/tmp")).unwrap().count(), 0);
+        assert!(store.lookup("k2").unwrap().is_none());
+    }
+
+    #[test]
+    fn refs_change_only_when_the_target_does_and_mark_downstream_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let a = put(&store, "ka", b"a");
+        let b = put(&store, "kb", b"b");
+        assert!(store.publish_ref("r", "iter-0000/sample", &a).unwrap());
+        assert!(!store.publish_ref("r", "iter-0000/sample", &a).unwrap());
+        assert!(store.publish_ref("r", "iter-0000/segment", &b).unwrap());
+        assert!(!dir.path().join("runs/r/iter-0000/segment/STALE").exists());
+        assert!(store.publish_ref("r", "iter-0000/sample", &b).unwrap());
+        assert!(dir.path().join("runs/r/iter-0000/segment/STALE").exists());
+        assert_eq!(store.open_ref("r", "iter-0000/sample").unwrap().manifest.key, "kb");
+        // Republishing the stale stage clears the marker.
+        store.publish_ref("r", "iter-0000/segment", &b).unwrap();
+        assert!(!dir.path().join("runs/r/iter-0000/segment/STALE").exists());
+    }
+
+    #[test]
+    fn gc_keeps_what_refs_reach() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let a = put(&store, "ka", b"a");
+        put(&store, "kb", b"b");
+        store.publish_ref("r", "bootstrap", &a).unwrap();
+        let (removed, _) = store.gc().unwrap();
+        assert_eq!(removed, 1);
+        assert!(store.lookup("ka").unwrap().is_some());
+        assert!(store.lookup("kb").unwrap().is_none());
+    }
+}

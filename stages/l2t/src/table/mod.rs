@@ -1,0 +1,259 @@
+//! Parquet tables (design.md, "Tables"): one module per table, each with its column names, Arrow
+//! schema, row struct, `write`, `read`, and the DuckDB view over it.
+//!
+//! Writes are byte-deterministic: fixed writer properties (compression, row-group size,
+//! `created_by`), rows in the caller's fixed order, and the content hash taken while writing.
+
+pub mod episodes;
+pub mod prompts;
+pub mod rollouts;
+
+use crate::store::{Staging, CREATED_BY};
+use anyhow::{anyhow, bail, Context, Result};
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Float32Array, ListArray, StringArray, UInt32Array, UInt64Array,
+};
+use arrow::buffer::OffsetBuffer;
+use arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef, UInt32Type};
+use arrow::record_batch::{RecordBatch, RecordBatchReader};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Where a table lives in a run, for the DuckDB views.
+pub struct TableDef {
+    /// View name.
+    pub name: &'static str,
+    /// Stage whose ref folder holds the file.
+    pub stage: &'static str,
+    pub file: &'static str,
+    pub schema: fn() -> Schema,
+}
+
+/// Every table an iteration writes, in DAG order.
+pub const TABLES: &[TableDef] = &[
+    TableDef { name: "prompts", stage: "sample", file: prompts::ITERATION_FILE, schema: prompts::schema },
+    TableDef { name: "rollouts", stage: "sample", file: rollouts::FILE, schema: rollouts::schema },
+    TableDef { name: "episodes", stage: "segment", file: episodes::FILE, schema: episodes::schema },
+];
+
+/// `CREATE VIEW` text for a table over every run's refs under `artifacts`, with `run` and
+/// `iteration` columns (taken from the path where the table has no `iteration` of its own).
+pub fn duckdb_view(def: &TableDef, artifacts: &str) -> String {
+    let schema = (def.schema)();
+    let has_iteration = schema.fields().iter().any(|f| f.name() == "iteration");
+    let mut cols = vec!["regexp_extract(filename, 'runs/([^/]+)/iter-', 1) AS run".to_string()];
+    if !has_iteration {
+        cols.push("CAST(regexp_extract(filename, '/iter-([0-9]+)/', 1) AS INTEGER) AS iteration".into());
+    }
+    cols.extend(schema.fields().iter().map(|f| format!("\"{}\"", f.name())));
+    format!(
+        "CREATE OR REPLACE VIEW {} AS SELECT {} FROM read_parquet('{}/runs/*/iter-*/{}/{}', filename = true);",
+        def.name,
+        cols.join(", "),
+        artifacts,
+        def.stage,
+        def.file
+    )
+}
+
+/// Writes one table into a stage's staging folder, hashing it as it goes.
+pub fn write_table(staging: &mut Staging, file: &str, schema: Schema, columns: Vec<ArrayRef>) -> Result<()> {
+    let schema: SchemaRef = Arc::new(schema);
+    let batch = RecordBatch::try_new(schema.clone(), columns).with_context(|| format!("{file}: building the record batch"))?;
+    let rows = batch.num_rows() as u64;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(8192))
+        .set_created_by(CREATED_BY.to_string())
+        .build();
+    let sink = staging.create(file)?;
+    let mut writer = ArrowWriter::try_new(sink, schema, Some(props))?;
+    writer.write(&batch).with_context(|| format!("{file}: write failed"))?;
+    let sink = writer.into_inner().with_context(|| format!("{file}: closing the Parquet writer"))?;
+    staging.record(file, sink, Some(rows))
+}
+
+/// A whole table read into memory, with typed column access whose errors name the file and column.
+pub struct TableReader {
+    pub name: String,
+    batch: RecordBatch,
+}
+
+impl TableReader {
+    pub fn open(path: &Path) -> Result<Self> {
+        let name = path.display().to_string();
+        let file = std::fs::File::open(path).with_context(|| format!("{name}: cannot open"))?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .with_context(|| format!("{name}: not a readable Parquet file"))?
+            .with_batch_size(8192)
+            .build()
+            .with_context(|| format!("{name}: not a readable Parquet file"))?;
+        let schema = reader.schema();
+        let batches: Vec<RecordBatch> = reader
+            .collect::<std::result::Result<_, _>>()
+            .with_context(|| format!("{name}: corrupt Parquet data"))?;
+        let batch = arrow::compute::concat_batches(&schema, &batches)?;
+        Ok(Self { name, batch })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.batch.num_rows()
+    }
+
+    fn column(&self, col: &str, want: &str) -> Result<&ArrayRef> {
+        let array = self
+            .batch
+            .column_by_name(col)
+            .ok_or_else(|| anyhow!("{}: missing column {col:?} (expected {want})", self.name))?;
+        if array.null_count() > 0 && !col_nullable(col) {
+            let row = (0..array.len()).find(|&i| array.is_null(i)).unwrap_or(0);
+            bail!("{}: column {col}: row {row}: unexpected null", self.name);
+        }
+        Ok(array)
+    }
+
+    fn typed<'a, T: 'static>(&'a self, col: &str, want: &str, array: &'a ArrayRef) -> Result<&'a T> {
+        array
+            .as_any()
+            .downcast_ref::<T>()
+            .ok_or_else(|| anyhow!("{}: column {col}: has type {}, expected {want}", self.name, array.data_type()))
+    }
+
+    pub fn str(&self, col: &str) -> Result<Vec<String>> {
+        let a = self.column(col, "utf8")?;
+        let a: &StringArray = self.typed(col, "utf8", a)?;
+        Ok(a.iter().map(|v| v.unwrap_or_default().to_string()).collect())
+    }
+
+    pub fn opt_str(&self, col: &str) -> Result<Vec<Option<String>>> {
+        let a = self.column(col, "utf8")?;
+        let a: &StringArray = self.typed(col, "utf8", a)?;
+        Ok(a.iter().map(|v| v.map(str::to_string)).collect())
+    }
+
+    pub fn u32(&self, col: &str) -> Result<Vec<u32>> {
+        let a = self.column(col, "uint32")?;
+        Ok(self.typed::<UInt32Array>(col, "uint32", a)?.values().to_vec())
+    }
+
+    pub fn u64(&self, col: &str) -> Result<Vec<u64>> {
+        let a = self.column(col, "uint64")?;
+        Ok(self.typed::<UInt64Array>(col, "uint64", a)?.values().to_vec())
+    }
+
+    pub fn bool(&self, col: &str) -> Result<Vec<bool>> {
+        let a = self.column(col, "bool")?;
+        Ok(self.typed::<BooleanArray>(col, "bool", a)?.iter().map(|v| v.unwrap_or(false)).collect())
+    }
+
+    /// A float column; NaN and infinities are refused with their row.
+    pub fn f32(&self, col: &str) -> Result<Vec<f32>> {
+        let a = self.column(col, "float32")?;
+        let values = self.typed::<Float32Array>(col, "float32", a)?.values().to_vec();
+        self.check_finite(col, values.iter().copied().enumerate().map(|(i, v)| (i, v)))?;
+        Ok(values)
+    }
+
+    pub fn list_u32(&self, col: &str) -> Result<Vec<Vec<u32>>> {
+        let a = self.column(col, "list<uint32>")?;
+        let list: &ListArray = self.typed(col, "list<uint32>", a)?;
+        if list.value_type() != DataType::UInt32 {
+            bail!("{}: column {col}: has type {}, expected list<uint32>", self.name, a.data_type());
+        }
+        Ok((0..list.len()).map(|i| list.value(i).as_primitive::<UInt32Type>().values().to_vec()).collect())
+    }
+
+    /// A list-of-float column; NaN and infinities are refused with their row.
+    pub fn list_f32(&self, col: &str) -> Result<Vec<Vec<f32>>> {
+        let a = self.column(col, "list<float32>")?;
+        let list: &ListArray = self.typed(col, "list<float32>", a)?;
+        if list.value_type() != DataType::Float32 {
+            bail!("{}: column {col}: has type {}, expected list<float32>", self.name, a.data_type());
+        }
+        let rows: Vec<Vec<f32>> =
+            (0..list.len()).map(|i| list.value(i).as_primitive::<Float32Type>().values().to_vec()).collect();
+        self.check_finite(col, rows.iter().enumerate().flat_map(|(i, r)| r.iter().map(move |v| (i, *v))))?;
+        Ok(rows)
+    }
+
+    fn check_finite(&self, col: &str, values: impl Iterator<Item = (usize, f32)>) -> Result<()> {
+        for (row, v) in values {
+            if !v.is_finite() {
+                bail!("{}: column {col}: row {row}: {v} is not a finite number", self.name);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Columns that may hold nulls (an answer that could not be parsed, a prompt without a solution).
+fn col_nullable(col: &str) -> bool {
+    matches!(col, "answer" | "solution")
+}
+
+// Array builders shared by the table modules.
+
+pub fn utf8(values: impl IntoIterator<Item = impl AsRef<str>>) -> ArrayRef {
+    Arc::new(StringArray::from_iter_values(values))
+}
+
+pub fn opt_utf8(values: &[Option<String>]) -> ArrayRef {
+    Arc::new(StringArray::from_iter(values.iter().map(|v| v.as_deref())))
+}
+
+pub fn u32s(values: impl IntoIterator<Item = u32>) -> ArrayRef {
+    Arc::new(UInt32Array::from_iter_values(values))
+}
+
+pub fn u64s(values: impl IntoIterator<Item = u64>) -> ArrayRef {
+    Arc::new(UInt64Array::from_iter_values(values))
+}
+
+pub fn f32s(values: impl IntoIterator<Item = f32>) -> ArrayRef {
+    Arc::new(Float32Array::from_iter_values(values))
+}
+
+pub fn bools(values: impl IntoIterator<Item = bool>) -> ArrayRef {
+    Arc::new(BooleanArray::from_iter(values.into_iter().map(Some)))
+}
+
+fn list_of(rows: &[Vec<impl Copy>], values: ArrayRef, item: DataType) -> ArrayRef {
+    let offsets = OffsetBuffer::from_lengths(rows.iter().map(Vec::len));
+    let field = Arc::new(Field::new("item", item, false));
+    Arc::new(ListArray::new(field, offsets, values, None))
+}
+
+pub fn list_u32(rows: &[Vec<u32>]) -> ArrayRef {
+    list_of(rows, u32s(rows.iter().flatten().copied()), DataType::UInt32)
+}
+
+pub fn list_f32(rows: &[Vec<f32>]) -> ArrayRef {
+    list_of(rows, f32s(rows.iter().flatten().copied()), DataType::Float32)
+}
+
+/// Schema field of a list column (items not null).
+pub fn list_field(name: &str, item: DataType) -> Field {
+    Field::new(name, DataType::List(Arc::new(Field::new("item", item, false))), false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn views_list_every_schema_column_plus_run_and_iteration() {
+        for def in TABLES {
+            let view = duckdb_view(def, "artifacts");
+            for f in (def.schema)().fields() {
+                assert!(view.contains(&format!("\"{}\"", f.name())), "{}: {view}", def.name);
+            }
+            assert!(view.contains("AS run"));
+            assert!(view.contains("iteration"));
+            assert!(view.contains(&format!("/{}/{}'", def.stage, def.file)));
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! The built-in synthetic task: seeded, verifiable multi-step arithmetic with worked solutions in
+//! the episode format (design.md, "Data").
+//!
+//! A problem is a start value and `steps` operations; each operation is one episode of the worked
+//! solution. A share of solutions also carries redundant "Check:" episodes that restate or invert an
+//! earlier step: the "one more thought" habit the L2T reward is meant to remove.
+
+use super::{episode_close, episode_open, BOXED_OPEN, THINK_CLOSE, THINK_OPEN};
+use crate::config::TaskConfig;
+use crate::table::prompts::PromptRow;
+use anyhow::{bail, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::HashSet;
+
+pub const DATA_SOURCE: &str = "tiny-arith";
+
+/// Values stay in this range so that every number is at most three digits.
+const MAX_VALUE: i64 = 999;
+
+/// Marks a redundant episode in worked solutions (and lets evaluation count them in samples).
+pub const CHECK_PREFIX: &str = "Check:";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Op {
+    Add(i64),
+    Sub(i64),
+    Mul(i64),
+}
+
+impl Op {
+    fn apply(self, x: i64) -> i64 {
+        match self {
+            Op::Add(b) => x + b,
+            Op::Sub(b) => x - b,
+            Op::Mul(m) => x * m,
+        }
+    }
+
+    fn phrase(self) -> String {
+        match self {
+            Op::Add(b) => format!("add {b}"),
+            Op::Sub(b) => format!("subtract {b}"),
+            Op::Mul(m) => format!("multiply by {m}"),
+        }
+    }
+
+    fn symbol(self) -> (char, i64) {
+        match self {
+            Op::Add(b) => ('+', b),
+            Op::Sub(b) => ('-', b),
+            Op::Mul(m) => ('*', m),
+        }
+    }
+}
+
+/// One arithmetic problem.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Problem {
+    start: i64,
+    ops: Vec<Op>,
+}
+
+impl Problem {
+    /// Draws a problem whose intermediate values all lie in [0, 999].
+    fn draw(rng: &mut ChaCha8Rng, cfg: &TaskConfig) -> Self {
+        let max_operand = i64::from(cfg.max_operand);
+        let start = rng.random_range(1..=max_operand);
+        let mut x = start;
+        let mut ops = Vec::with_capacity(cfg.steps);
+        while ops.len() < cfg.steps {
+            let op = match rng.random_range(0..3) {
+                0 => Op::Add(rng.random_range(1..=max_operand)),
+                1 => Op::Sub(rng.random_range(1..=max_operand)),
+                _ => Op::Mul(rng.random_range(2..=i64::from(cfg.max_multiplier))),
+            };
+            let y = op.apply(x);
+            if (0..=MAX_VALUE).contains(&y) {
+                ops.push(op);
+                x = y;
+            }
+        }
+        Self { start, ops }
+    }
+
+    pub fn answer(&self) -> i64 {
+        self.ops.iter().fold(self.start, |x, op| op.apply(x))
+    }
+
+    /// The prompt text. It states the output format, since the model sees nothing else.
+    pub fn prompt(&self) -> String {
+        let steps: Vec<String> = self.ops.iter().map(|op| op.phrase()).collect();
+        format!(
+            "Problem: start with {}, {}. Reason step by step in <episode_k> blocks inside <think></think>, then give the answer as \\boxed{{}}.\nSolution: ",
+            self.start,
+            steps.join(", ")
+        )
+    }
+
+    /// A worked solution with `checks` redundant episodes, placed by `rng`.
+    pub fn solution(&self, rng: &mut ChaCha8Rng, checks: usize) -> String {
+        // (value before, op, value after) for every step.
+        let mut trace = Vec::with_capacity(self.ops.len());
+        let mut x = self.start;
+        for &op in &self.ops {
+            let y = op.apply(x);
+            trace.push((x, op, y));
+            x = y;
+        }
+        // A check goes after step `after` (1-based) and re-verifies a step at or before it.
+        let mut check_after: Vec<usize> = (0..checks).map(|_| rng.random_range(1..=self.ops.len())).collect();
+        check_after.sort_unstable();
+        let mut episodes: Vec<String> = Vec::new();
+        let mut next_check = 0;
+        for (step, &(a, op, b)) in trace.iter().enumerate() {
+            let (sym, operand) = op.symbol();
+            episodes.push(format!("{a} {sym} {operand} = {b}"));
+            while next_check < check_after.len() && check_after[next_check] == step + 1 {
+                let (ca, cop, cb) = trace[rng.random_range(0..=step)];
+                let (csym, coperand) = cop.symbol();
+                let check = match (rng.random_bool(0.5), cop) {
+                    // Invert the step: undo it from the result.
+                    (true, Op::Add(_)) => format!("{cb} - {coperand} = {ca}"),
+                    (true, Op::Sub(_)) => format!("{cb} + {coperand} = {ca}"),
+                    (true, Op::Mul(_)) => format!("{cb} / {coperand} = {ca}"),
+                    // Restate the step.
+                    (false, _) => format!("{ca} {csym} {coperand} = {cb}"),
+                };
+                episodes.push(format!("{CHECK_PREFIX} {check}"));
+                next_check += 1;
+            }
+        }
+        let body: String = episodes
+            .iter()
+            .enumerate()
+            .map(|(i, text)| format!("{}{text}{}", episode_open(i + 1), episode_close(i + 1)))
+            .collect();
+        format!("{THINK_OPEN}{body}{THINK_CLOSE}{BOXED_OPEN}{}}}", self.answer())
+    }
+}
+
+/// Generates the train and eval splits: `n_eval` then `n_train` distinct problems, no problem in
+/// both, every train row with a worked solution.
+pub fn generate(cfg: &TaskConfig, seed: u64) -> Result<(Vec<PromptRow>, Vec<PromptRow>)> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7461_736b); // "task"
+    let mut seen: HashSet<Problem> = HashSet::new();
+    let mut draw_split = |split: &str, n: usize, rng: &mut ChaCha8Rng| -> Result<Vec<PromptRow>> {
+        let mut rows = Vec::with_capacity(n);
+        let mut attempts = 0usize;
+        while rows.len() < n {
+            attempts += 1;
+            if attempts > n * 50 + 1000 {
+                bail!("task: only {} distinct {split} problems found; raise task.max_operand or task.steps", rows.len());
+            }
+            let problem = Problem::draw(rng, cfg);
+            if !seen.insert(problem.clone()) {
+                continue;
+            }
+            let checks = if rng.random_bool(cfg.redundant_share) && cfg.max_redundant > 0 {
+                rng.random_range(1..=cfg.max_redundant)
+            } else {
+                0
+            };
+            rows.push(PromptRow {
+                prompt_id: format!("arith-{split}-{:06}", rows.len()),
+                data_source: DATA_SOURCE.into(),
+                split: split.into(),
+                prompt: problem.prompt(),
+                gold_answer: problem.answer().to_string(),
+                solution: Some(problem.solution(rng, checks)),
+                n_steps: problem.ops.len() as u32,
+                n_redundant: checks as u32,
+            });
+        }
+        Ok(rows)
+    };
+    let eval = draw_split("eval", cfg.n_eval, &mut rng)?;
+    let train = draw_split("train", cfg.n_train, &mut rng)?;
+    Ok((train, eval))
+}
+
+/// Whether an episode's text is a redundant check.
+pub fn is_check_episode(episode_text: &str) -> bool {
+    let inner = episode_text.trim_start();
+    let inner = inner.strip_prefix(THINK_OPEN).unwrap_or(inner);
+    let inner = match inner.find('>') {
+        Some(i) if inner.starts_with("<episode_") => &inner[i + 1..],
+        _ => inner,
+    };
+    inner.trim_start().starts_with(CHECK_PREFIX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::grade::{grade_integer, Grade};
+
+    fn cfg() -> TaskConfig {
+        TaskConfig { n_train: 300, n_eval: 50, ..TaskConfig::default() }
+    }
+
+    #[test]
+    fn splits_are_disjoint_deterministic_and_verifiable() {
+        let (train, eval) = generate(&cfg(), 7).unwrap();
+        assert_eq!((train.len(), eval.len()), (300, 50));
+        let eval_prompts: HashSet<_> = eval.iter().map(|r| r.prompt.clone()).collect();
+        assert!(train.iter().all(|r| !eval_prompts.contains(&r.prompt)));
+        assert_eq!(generate(&cfg(), 7).unwrap(), (train.clone(), eval));
+        assert_ne!(generate(&cfg(), 8).unwrap().0, train);
+        for row in &train {
+            // The worked solution's boxed answer is the gold answer.
+            let solution = row.solution.as_ref().unwrap();
+            let boxed = solution.rsplit(BOXED_OPEN).next().unwrap().trim_end_matches('}');
+            assert_eq!(grade_integer(boxed, &row.gold_answer), Grade::Correct);
+            let episodes = solution.matches("</episode_").count() as u32;
+            assert_eq!(episodes, row.n_steps + row.n_redundant);
+            assert_eq!(solution.matches(CHECK_PREFIX).count() as u32, row.n_redundant);
+        }
+    }
+
+    #[test]
+    fn redundant_share_controls_checks() {
+        let none = TaskConfig { redundant_share: 0.0, ..cfg() };
+        assert!(generate(&none, 1).unwrap().0.iter().all(|r| r.n_redundant == 0));
+        let all = TaskConfig { redundant_share: 1.0, max_redundant: 2, ..cfg() };
+        assert!(generate(&all, 1).unwrap().0.iter().all(|r| (1..=2).contains(&r.n_redundant)));
+    }
+
+    #[test]
+    fn worked_example() {
+        let p = Problem { start: 23, ops: vec![Op::Add(45), Op::Mul(3), Op::Sub(17)] };
+        assert_eq!(p.answer(), 187);
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        assert_eq!(
+            p.solution(&mut rng, 0),
+            "<think><episode_1>23 + 45 = 68</episode_1><episode_2>68 * 3 = 204</episode_2>\
+             <episode_3>204 - 17 = 187</episode_3></think>\\boxed{187}"
+        );
+        assert!(p.prompt().starts_with("Problem: start with 23, add 45, multiply by 3, subtract 17."));
+    }
+
+    #[test]
+    fn check_episodes_are_recognised() {
+        assert!(is_check_episode("<episode_3>Check: 68 * 3 = 204</episode_3>"));
+        assert!(is_check_episode("<think><episode_1>Check: 1 + 1 = 2"));
+        assert!(!is_check_episode("<episode_2>68 * 3 = 204</episode_2>"));
+    }
+}
