@@ -46,6 +46,8 @@ pub struct TaskConfig {
     pub max_operand: u32,
     /// Largest multiplier (multiplications use 2..=max_multiplier).
     pub max_multiplier: u32,
+    /// Every intermediate value stays in [0, max_value].
+    pub max_value: u32,
     pub n_train: usize,
     pub n_eval: usize,
     /// Share of worked solutions that carry redundant "Check:" episodes.
@@ -58,8 +60,9 @@ impl Default for TaskConfig {
     fn default() -> Self {
         Self {
             steps: 3,
-            max_operand: 30,
-            max_multiplier: 5,
+            max_operand: 9,
+            max_multiplier: 3,
+            max_value: 99,
             n_train: 20_000,
             n_eval: 256,
             redundant_share: 0.9,
@@ -193,10 +196,11 @@ impl Config {
         let m = &self.model;
         let b = &self.bootstrap;
         let s = &self.sample;
-        let checks: [(bool, &str); 17] = [
+        let checks: [(bool, &str); 18] = [
             (t.steps >= 1, "task.steps must be at least 1"),
             (t.max_operand >= 2, "task.max_operand must be at least 2"),
             (t.max_multiplier >= 2, "task.max_multiplier must be at least 2"),
+            (t.max_value >= t.max_operand, "task.max_value must be at least task.max_operand"),
             (t.n_train >= 1 && t.n_eval >= 1, "task.n_train and task.n_eval must be at least 1"),
             ((0.0..=1.0).contains(&t.redundant_share), "task.redundant_share must lie in [0, 1]"),
             (m.hidden_size % m.num_attention_heads.max(1) == 0, "model.hidden_size must be a multiple of model.num_attention_heads"),

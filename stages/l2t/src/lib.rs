@@ -11,9 +11,19 @@
 //! - [`sample`]: batched sampling with a KV cache.
 //! - [`stages`]: one function per stage binary.
 
+pub mod audit;
+pub mod cli;
 pub mod config;
 pub mod model;
 pub mod reward;
 pub mod store;
 pub mod table;
+pub mod sample;
+pub mod stages;
 pub mod task;
+pub mod train;
+
+// candle allocates a fresh buffer for every op; glibc hands large ones back to the kernel at once,
+// so each op paid for page faults. mimalloc keeps them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

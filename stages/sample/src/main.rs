@@ -1,1 +1,22 @@
-fn main() {}
+//! `sample`: G rollouts per prompt of one iteration.
+use clap::Parser;
+
+/// Samples G rollouts for each prompt of an iteration with the iteration's policy
+/// (l2t-spec section 1) and writes the prompts and rollouts tables.
+#[derive(Parser)]
+#[command(name = "sample", version)]
+struct Args {
+    #[command(flatten)]
+    common: l2t::cli::Common,
+    /// Iteration number (from 0).
+    #[arg(long)]
+    iter: u32,
+}
+
+fn main() {
+    l2t::cli::run_main("sample", || {
+        let args = Args::parse();
+        println!("{}", l2t::stages::run_sample(&args.common.ctx()?, args.iter)?);
+        Ok(())
+    })
+}

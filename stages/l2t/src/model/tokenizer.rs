@@ -80,14 +80,16 @@ pub fn decode_pieces(tokenizer: &Tokenizer, ids: &[u32]) -> Result<Vec<String>> 
     if pieces.concat() == whole {
         return Ok(pieces);
     }
+    // Each token gets the part of the whole text that its prefix newly and completely decodes; a
+    // token ending inside a character gets "" and the token that completes it gets the character.
     let mut out = Vec::with_capacity(ids.len());
-    let mut prev = String::new();
+    let mut emitted = 0;
     for t in 1..=ids.len() {
         let prefix = decode(&ids[..t])?;
-        let common = prefix.len().min(prev.len());
-        let piece = if prefix.starts_with(&prev) { prefix[prev.len()..].to_string() } else { prefix[common..].to_string() };
-        out.push(piece);
-        prev = prefix;
+        let common: usize = prefix.chars().zip(whole.chars()).take_while(|(a, b)| a == b).map(|(c, _)| c.len_utf8()).sum();
+        let end = if t == ids.len() { whole.len() } else { common.max(emitted) };
+        out.push(whole[emitted..end].to_string());
+        emitted = end;
     }
     Ok(out)
 }
@@ -120,6 +122,13 @@ mod tests {
         for tag in ["<think>", "</think>", "<episode_1>", "</episode_1>", "\\boxed{"] {
             assert_eq!(encode(&tok, tag).unwrap().len(), 1, "{tag}");
         }
+        // A character split across byte tokens: pieces still concatenate to the text.
+        let ids = encode(&tok, "x\u{10f8c8}y").unwrap();
+        let pieces = decode_pieces(&tok, &ids).unwrap();
+        assert_eq!(pieces.concat(), tok.decode(&ids, true).unwrap());
+        assert_eq!(pieces.len(), ids.len());
+        let ids = [ids[0], ids[1]]; // "x" and the first byte of the character alone
+        assert_eq!(decode_pieces(&tok, &ids).unwrap().concat(), tok.decode(&ids, true).unwrap());
         // Digits are one token each.
         assert_eq!(encode(&tok, "123").unwrap().len(), 3);
     }

@@ -76,6 +76,12 @@ pub fn token_char_ends(pieces: &[String]) -> Vec<usize> {
         .collect()
 }
 
+/// Byte range of the text of tokens `[start, end)`.
+pub fn span_bytes(ends: &[usize], (start, end): (usize, usize)) -> (usize, usize) {
+    let at = |t: usize| if t == 0 { 0 } else { ends[t - 1] };
+    (at(start), at(end))
+}
+
 /// The token holding byte `pos` of the text (the first token whose end is past it).
 fn token_at(ends: &[usize], pos: usize) -> usize {
     ends.partition_point(|&e| e <= pos).min(ends.len().saturating_sub(1))

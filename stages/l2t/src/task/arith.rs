@@ -15,9 +15,6 @@ use std::collections::HashSet;
 
 pub const DATA_SOURCE: &str = "tiny-arith";
 
-/// Values stay in this range so that every number is at most three digits.
-const MAX_VALUE: i64 = 999;
-
 /// Marks a redundant episode in worked solutions (and lets evaluation count them in samples).
 pub const CHECK_PREFIX: &str = "Check:";
 
@@ -62,7 +59,7 @@ pub struct Problem {
 }
 
 impl Problem {
-    /// Draws a problem whose intermediate values all lie in [0, 999].
+    /// Draws a problem whose intermediate values all lie in [0, max_value].
     fn draw(rng: &mut ChaCha8Rng, cfg: &TaskConfig) -> Self {
         let max_operand = i64::from(cfg.max_operand);
         let start = rng.random_range(1..=max_operand);
@@ -75,7 +72,7 @@ impl Problem {
                 _ => Op::Mul(rng.random_range(2..=i64::from(cfg.max_multiplier))),
             };
             let y = op.apply(x);
-            if (0..=MAX_VALUE).contains(&y) {
+            if (0..=i64::from(cfg.max_value)).contains(&y) {
                 ops.push(op);
                 x = y;
             }
@@ -91,7 +88,7 @@ impl Problem {
     pub fn prompt(&self) -> String {
         let steps: Vec<String> = self.ops.iter().map(|op| op.phrase()).collect();
         format!(
-            "Problem: start with {}, {}. Reason step by step in <episode_k> blocks inside <think></think>, then give the answer as \\boxed{{}}.\nSolution: ",
+            "Problem: start with {}, {}. Think in <episode_k> steps, then give \\boxed{{answer}}.\nSolution: ",
             self.start,
             steps.join(", ")
         )

@@ -1,0 +1,81 @@
+//! What `make audit` and `make iterate` ask of a run: its DuckDB views and its next iteration.
+
+use crate::store::Store;
+use crate::table::{duckdb_view, TABLES};
+use std::path::Path;
+
+/// Manifest columns, typed for DuckDB (stage-specific parts stay JSON).
+const MANIFEST_COLUMNS: &str = "{stage: 'VARCHAR', version: 'INTEGER', key: 'VARCHAR', params: 'JSON', inputs: 'JSON', \
+     outputs: 'JSON', seed: 'UBIGINT', device: 'VARCHAR', dtype: 'VARCHAR', wall_time_s: 'DOUBLE', metrics: 'JSON', created_by: 'VARCHAR'}";
+
+/// SQL creating the views over one run (`run = "*"` for every run): one per table that has at
+/// least one file, and `manifests` over every stage run.
+pub fn views_sql(store: &Store, run: &str) -> String {
+    let root = store.root().display().to_string();
+    let runs_dir = store.root().join("runs");
+    let mut sql = Vec::new();
+    for def in TABLES {
+        if any_iteration_has(&runs_dir, run, &format!("{}/{}", def.stage, def.file)) {
+            let view = duckdb_view(def, &root).replace("/runs/*/", &format!("/runs/{run}/"));
+            sql.push(view);
+        }
+    }
+    let manifests = [format!("{root}/runs/{run}/*/manifest.json"), format!("{root}/runs/{run}/iter-*/*/manifest.json")];
+    let present: Vec<String> = manifests.iter().filter(|g| glob_has_match(g)).map(|g| format!("'{g}'")).collect();
+    if !present.is_empty() {
+        sql.push(format!(
+            "CREATE OR REPLACE VIEW manifests AS SELECT regexp_extract(filename, 'runs/([^/]+)/', 1) AS run, \
+             TRY_CAST(regexp_extract(filename, '/iter-([0-9]+)/', 1) AS INTEGER) AS iteration, \
+             regexp_extract(filename, '/([^/]+)/manifest.json$', 1) AS slot, * EXCLUDE (filename) \
+             FROM read_json([{}], columns = {MANIFEST_COLUMNS}, filename = true);",
+            present.join(", ")
+        ));
+    }
+    sql.join("\n")
+}
+
+/// Whether `runs/<run>/iter-*/<rel>` exists for some iteration (and run, when `run` is `*`).
+fn any_iteration_has(runs_dir: &Path, run: &str, rel: &str) -> bool {
+    let Ok(runs) = std::fs::read_dir(runs_dir) else { return false };
+    runs.flatten()
+        .filter(|r| run == "*" || r.file_name().to_string_lossy() == run)
+        .any(|r| {
+            std::fs::read_dir(r.path()).map_or(false, |its| {
+                its.flatten().any(|it| it.file_name().to_string_lossy().starts_with("iter-") && it.path().join(rel).exists())
+            })
+        })
+}
+
+/// Minimal check for the two manifest globs above (`*` in one or two path components).
+fn glob_has_match(glob: &str) -> bool {
+    fn walk(base: &Path, parts: &[&str]) -> bool {
+        match parts.split_first() {
+            None => base.exists(),
+            Some((part, rest)) => {
+                if let Some(prefix) = part.strip_suffix('*') {
+                    std::fs::read_dir(base).map_or(false, |es| {
+                        es.flatten().any(|e| {
+                            let name = e.file_name().to_string_lossy().to_string();
+                            name.starts_with(prefix) && !name.starts_with('.') && walk(&e.path(), rest)
+                        })
+                    })
+                } else {
+                    walk(&base.join(part), rest)
+                }
+            }
+        }
+    }
+    let (base, rest) = if glob.starts_with('/') { (Path::new("/"), &glob[1..]) } else { (Path::new("."), glob) };
+    walk(base, &rest.split('/').collect::<Vec<_>>())
+}
+
+/// The iteration `make iterate` runs next: the first one whose policy update has not been made.
+/// (Until the update stage exists, that is always iteration 0, whose stages then re-run as cache
+/// hits.)
+pub fn next_iteration(store: &Store, run: &str) -> u32 {
+    let mut n = 0;
+    while store.root().join("runs").join(run).join(format!("iter-{n:04}")).join("grpo-update").join("manifest.json").exists() {
+        n += 1;
+    }
+    n
+}
