@@ -9,6 +9,7 @@ ARTIFACTS ?= artifacts
 STAGE     ?=
 ITER      ?= 0
 SQL       ?=
+SHOW      ?= 2
 
 BIN     := target/release
 TOOLS   := tools
@@ -38,7 +39,7 @@ iteration:
 	$(BIN)/prepare $(COMMON)
 	$(BIN)/bootstrap $(COMMON)
 	$(BIN)/sample $(COMMON) --iter $(ITER)
-	$(BIN)/segment $(COMMON) --iter $(ITER)
+	$(BIN)/segment $(COMMON) --iter $(ITER) --show $(SHOW)
 
 # Re-runs one stage of one iteration with the current config: STAGE=<name> ITER=<n>.
 stage: build

@@ -308,6 +308,12 @@ fn audit_sees_one_rollout_row_per_prompt_and_sample() {
     let sql = "SELECT 'joined=' || count(*) FROM episodes e JOIN rollouts r USING (run, iteration, prompt_id, sample_idx) JOIN prompts p USING (run, iteration, prompt_id) WHERE e.episode_idx = 0";
     let out = env.make_ok(&["audit", &format!("SQL={sql}")]);
     assert!(out.contains("joined=6"), "{out}");
+    // Episode spans partition every response.
+    let sql = "SELECT 'bad=' || count(*) FROM (SELECT run, iteration, prompt_id, sample_idx, sum(token_end - token_start) AS covered, \
+               min(token_start) AS first, count(*) AS k, max(k) AS k_col FROM episodes GROUP BY ALL) e \
+               JOIN rollouts r USING (run, iteration, prompt_id, sample_idx) WHERE covered != n_tokens OR first != 0 OR k != k_col";
+    let out = env.make_ok(&["audit", &format!("SQL={sql}")]);
+    assert!(out.contains("bad=0"), "{out}");
     let sql = "SELECT 'stages=' || string_agg(stage, ',' ORDER BY stage) FROM manifests";
     let out = env.make_ok(&["audit", &format!("SQL={sql}")]);
     assert!(out.contains("stages=bootstrap,prepare,sample,segment"), "{out}");

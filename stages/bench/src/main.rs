@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::Parser;
 use l2t::model::{self, tokenizer, Policy};
 use l2t::sample::{generate, Request, SamplerParams};
-use l2t::train::sft::{self, Example, SftParams};
+use l2t::train::sft::{self, SftParams};
 use std::time::Instant;
 
 /// Prints tiny-policy sampling throughput (batch 1 and 64), SFT step time and bootstrap wall time.
@@ -34,20 +34,11 @@ fn main() {
         // The model shape of the configured tiny policy, random weights: throughput does not
         // depend on the values, and the bench needs no finished run.
         let (train, _) = l2t::task::arith::generate(&l2t::config::TaskConfig { n_train: 512, n_eval: 8, ..cfg.task.clone() }, cfg.seed)?;
-        let corpus: Vec<String> = train.iter().map(|r| format!("{}{}", r.prompt, r.solution.clone().unwrap_or_default())).collect();
-        let tok = tokenizer::train(&corpus, cfg.model.vocab_size)?;
+        let tok = tokenizer::train(&l2t::stages::solution_corpus(&train), cfg.model.vocab_size)?;
         let eos = tokenizer::required_id(&tok, tokenizer::EOS)?;
         let model_cfg = model::tiny_config(&cfg.model, eos);
         let weights = model::init_weights(&model_cfg, cfg.seed, &ctx.device)?;
-        let policy = Policy {
-            model: model::build_model(&model_cfg, &weights, &ctx.device)?,
-            cfg: model_cfg.clone(),
-            tokenizer: tok.clone(),
-            eos_id: eos,
-            weights_hash: String::new(),
-            tokenizer_hash: String::new(),
-            device: ctx.device.clone(),
-        };
+        let policy = Policy::from_parts(&model_cfg, &weights, tok.clone(), &ctx.device)?;
         let threads = candle_threads();
         for batch in [1usize, 64] {
             let requests: Vec<Request> = (0..batch)
@@ -69,14 +60,7 @@ fn main() {
         }
         // Supervised steps at the bootstrap's batch size on worked solutions.
         let pad = tokenizer::required_id(&tok, tokenizer::PAD)?;
-        let examples: Vec<Example> = train
-            .iter()
-            .map(|r| {
-                let mut completion = tokenizer::encode(&tok, r.solution.as_deref().unwrap_or_default())?;
-                completion.push(eos);
-                Ok(Example { prompt: tokenizer::encode(&tok, &r.prompt)?, completion })
-            })
-            .collect::<Result<_>>()?;
+        let examples = l2t::stages::sft_examples(&train, &tok)?;
         let steps = 3;
         let params = SftParams { steps, batch_size: cfg.bootstrap.batch_size, lr: 1e-3, warmup_frac: 0.0, weight_decay: 0.0, max_grad_norm: 1.0, seed: 0 };
         let t = Instant::now();

@@ -168,20 +168,10 @@ pub fn run_bootstrap(ctx: &Ctx) -> Result<Summary> {
     execute(ctx, "bootstrap", BOOTSTRAP_VERSION, BOOTSTRAP_SLOT, cfg.stage_params("bootstrap")?, inputs, |staging| {
         let train = prompts::read(&data.file(prompts::TRAIN_FILE)?)?;
         let eval = prompts::read(&data.file(prompts::EVAL_FILE)?)?;
-        let texts: Vec<String> = train
-            .iter()
-            .map(|r| format!("{}{}", r.prompt, r.solution.as_deref().unwrap_or_default()))
-            .collect();
-        let tok = tokenizer::train(&texts, cfg.model.vocab_size)?;
+        let tok = tokenizer::train(&solution_corpus(&train), cfg.model.vocab_size)?;
         let eos = tokenizer::required_id(&tok, EOS)?;
         let pad = tokenizer::required_id(&tok, PAD)?;
-        let mut examples = Vec::with_capacity(train.len());
-        for r in &train {
-            let Some(solution) = &r.solution else { bail!("train row {}: no worked solution to learn from", r.prompt_id) };
-            let mut completion = tokenizer::encode(&tok, solution)?;
-            completion.push(eos);
-            examples.push(Example { prompt: tokenizer::encode(&tok, &r.prompt)?, completion });
-        }
+        let examples = sft_examples(&train, &tok)?;
         let longest = examples.iter().map(|e| e.prompt.len() + e.completion.len()).max().unwrap_or(0);
         if longest > cfg.model.max_position_embeddings {
             bail!("a worked solution needs {longest} tokens, more than model.max_position_embeddings");
@@ -208,15 +198,7 @@ pub fn run_bootstrap(ctx: &Ctx) -> Result<Summary> {
         let train_seconds = started.elapsed().as_secs_f64();
         model::save_checkpoint(staging, &model_cfg, &weights, &tok)?;
         // Evaluate the policy just written, through the same loader every later stage uses.
-        let policy = Policy {
-            model: model::build_model(&model_cfg, &weights, &ctx.device)?,
-            cfg: model_cfg.clone(),
-            tokenizer: tok.clone(),
-            eos_id: eos,
-            weights_hash: String::new(),
-            tokenizer_hash: String::new(),
-            device: ctx.device.clone(),
-        };
+        let policy = Policy::from_parts(&model_cfg, &weights, tok.clone(), &ctx.device)?;
         let eval_rows: Vec<&PromptRow> = eval.iter().take(b.eval_prompts).collect();
         let figures = eval_figures(ctx, &policy, &eval_rows)?;
         let tokens: usize = log.iter().map(|s| s.tokens).sum();
@@ -232,6 +214,24 @@ pub fn run_bootstrap(ctx: &Ctx) -> Result<Summary> {
             "eval": figures,
         }))
     })
+}
+
+/// Prompt + worked-solution texts: the tokenizer's training corpus.
+pub fn solution_corpus(rows: &[PromptRow]) -> Vec<String> {
+    rows.iter().map(|r| format!("{}{}", r.prompt, r.solution.as_deref().unwrap_or_default())).collect()
+}
+
+/// Supervised examples: the prompt's tokens, then the worked solution's and end-of-sequence.
+pub fn sft_examples(rows: &[PromptRow], tok: &tokenizers::Tokenizer) -> Result<Vec<Example>> {
+    let eos = tokenizer::required_id(tok, EOS)?;
+    rows.iter()
+        .map(|r| {
+            let Some(solution) = &r.solution else { bail!("train row {}: no worked solution to learn from", r.prompt_id) };
+            let mut completion = tokenizer::encode(tok, solution)?;
+            completion.push(eos);
+            Ok(Example { prompt: tokenizer::encode(tok, &r.prompt)?, completion })
+        })
+        .collect()
 }
 
 /// Samples `rows` once each at the bootstrap's eval temperature and reports the targets.
@@ -310,8 +310,12 @@ pub fn run_sample(ctx: &Ctx, iteration: u32) -> Result<Summary> {
     execute(ctx, "sample", SAMPLE_VERSION, &iter_slot(iteration, "sample"), params, inputs, |staging| {
         let s = &cfg.sample;
         let train = prompts::read(&data.file(prompts::TRAIN_FILE)?)?;
-        if train.is_empty() {
-            bail!("{}: the train split is empty", data.dir.join(prompts::TRAIN_FILE).display());
+        if s.prompts_per_iter > train.len() {
+            bail!(
+                "sample.prompts_per_iter = {} but the train split has only {} prompts (an iteration's prompts must be distinct)",
+                s.prompts_per_iter,
+                train.len()
+            );
         }
         let policy = Policy::load(&policy_art, &ctx.device)?;
         let chosen = iteration_prompts(&train, cfg.seed, iteration, s.prompts_per_iter);

@@ -96,6 +96,20 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// A policy over weights in memory (not yet, or never, written as an artifact).
+    pub fn from_parts(cfg: &Config, weights: &Weights, tokenizer: tokenizers::Tokenizer, dev: &Device) -> Result<Self> {
+        let eos_id = tokenizer::required_id(&tokenizer, tokenizer::EOS)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            model: build_model(cfg, weights, dev)?,
+            tokenizer,
+            eos_id,
+            weights_hash: String::new(),
+            tokenizer_hash: String::new(),
+            device: dev.clone(),
+        })
+    }
+
     /// Loads a checkpoint artifact, verifying each file against its manifest.
     pub fn load(artifact: &Artifact, dev: &Device) -> Result<Self> {
         let cfg_path = artifact.file(CONFIG_FILE)?;

@@ -385,6 +385,35 @@ mod tests {
     }
 
     #[test]
+    fn spans_partition_damaged_responses_under_every_rule() {
+        use rand::{Rng, SeedableRng};
+        let cfg = crate::config::TaskConfig { n_train: 50, n_eval: 1, ..Default::default() };
+        let (rows, _) = crate::task::arith::generate(&cfg, 1).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for row in &rows {
+            let full = row.solution.clone().unwrap();
+            // Truncate anywhere and cut out a random slice: unclosed, missing and broken tags.
+            let cut = rng.random_range(1..=full.len());
+            let (a, b) = (rng.random_range(0..cut), rng.random_range(0..cut));
+            let text = format!("{}{}", &full[..a.min(b)], &full[a.max(b)..cut]);
+            // Tokens of 1 to 4 bytes.
+            let mut ends = Vec::new();
+            let mut pos = 0;
+            while pos < text.len() {
+                pos = (pos + rng.random_range(1..=4)).min(text.len());
+                ends.push(pos);
+            }
+            for rule in [Rule::Tags, Rule::Paragraphs, Rule::Chunks(3)] {
+                let seg = segment(rule, &text, &ends);
+                if ends.is_empty() {
+                    continue;
+                }
+                assert_partition(&seg, ends.len());
+            }
+        }
+    }
+
+    #[test]
     fn rule_parsing() {
         assert_eq!(Rule::parse("tags").unwrap(), Rule::Tags);
         assert_eq!(Rule::parse("chunks:16").unwrap(), Rule::Chunks(16));

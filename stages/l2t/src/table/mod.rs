@@ -243,6 +243,87 @@ pub fn list_field(name: &str, item: DataType) -> Field {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{Manifest, Store};
+    use crate::table::rollouts::{FinishReason, RolloutRow};
+
+    fn rollout(prompt_id: &str, tokens: Vec<u32>) -> RolloutRow {
+        RolloutRow {
+            iteration: 0,
+            prompt_id: prompt_id.into(),
+            sample_idx: 1,
+            prompt_token_ids: vec![5, 6],
+            logprobs: tokens.iter().map(|&t| -(t as f32) / 10.0).collect(),
+            token_ids: tokens,
+            text: "ab".into(),
+            finish_reason: FinishReason::Stop,
+            seed: 9,
+            temperature: 1.0,
+            top_p: 0.9,
+            policy_hash: "h".into(),
+        }
+    }
+
+    /// Writes rollouts into a fresh store entry; returns the file path and its hash.
+    fn write_rollouts(store: &Store, key: &str, rows: &[RolloutRow]) -> (std::path::PathBuf, String) {
+        let mut staging = store.begin(key).unwrap();
+        rollouts::write(&mut staging, rows).unwrap();
+        let manifest = Manifest {
+            stage: "sample".into(),
+            version: 1,
+            key: key.into(),
+            params: serde_json::json!({}),
+            inputs: vec![],
+            outputs: vec![],
+            seed: 0,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            wall_time_s: 0.0,
+            metrics: serde_json::json!({}),
+            created_by: CREATED_BY.into(),
+        };
+        let art = staging.publish(manifest).unwrap();
+        let hash = art.manifest.output(rollouts::FILE).unwrap().blake3.clone();
+        (art.file(rollouts::FILE).unwrap(), hash)
+    }
+
+    #[test]
+    fn rollouts_round_trip_and_same_rows_give_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let rows = vec![rollout("p1", vec![1, 2, 3]), rollout("p2", vec![4])];
+        let (path, hash) = write_rollouts(&store, "a", &rows);
+        assert_eq!(rollouts::read(&path).unwrap(), rows);
+        let (_, again) = write_rollouts(&store, "b", &rows);
+        assert_eq!(hash, again);
+    }
+
+    #[test]
+    fn malformed_tables_are_refused_with_file_column_and_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        // An empty response.
+        let (path, _) = write_rollouts(&store, "empty", &[rollout("p1", vec![1]), rollout("p2", vec![])]);
+        let err = format!("{:#}", rollouts::read(&path).unwrap_err());
+        assert!(err.contains("rollouts.parquet") && err.contains("row 1") && err.contains("empty response"), "{err}");
+        // NaN in a float column.
+        let mut bad = rollout("p1", vec![1, 2]);
+        bad.logprobs[1] = f32::NAN;
+        let (path, _) = write_rollouts(&store, "nan", &[bad]);
+        let err = format!("{:#}", rollouts::read(&path).unwrap_err());
+        assert!(err.contains("column logprobs: row 0") && err.contains("NaN"), "{err}");
+        // A table without a column the reader needs.
+        let (path, _) = write_rollouts(&store, "ok", &[rollout("p1", vec![1])]);
+        let err = format!("{:#}", episodes::read(&path).unwrap_err());
+        assert!(err.contains("missing column \"episode_idx\""), "{err}");
+        // A truncated file and a missing one.
+        let bytes = std::fs::read(&path).unwrap();
+        let cut = dir.path().join("cut.parquet");
+        std::fs::write(&cut, &bytes[..bytes.len() - 20]).unwrap();
+        let err = format!("{:#}", rollouts::read(&cut).unwrap_err());
+        assert!(err.contains("cut.parquet") && err.contains("Parquet"), "{err}");
+        let err = format!("{:#}", rollouts::read(&dir.path().join("none.parquet")).unwrap_err());
+        assert!(err.contains("none.parquet") && err.contains("cannot open"), "{err}");
+    }
 
     #[test]
     fn views_list_every_schema_column_plus_run_and_iteration() {

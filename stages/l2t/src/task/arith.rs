@@ -34,14 +34,6 @@ impl Op {
         }
     }
 
-    fn phrase(self) -> String {
-        match self {
-            Op::Add(b) => format!("add {b}"),
-            Op::Sub(b) => format!("subtract {b}"),
-            Op::Mul(m) => format!("multiply by {m}"),
-        }
-    }
-
     fn symbol(self) -> (char, i64) {
         match self {
             Op::Add(b) => ('+', b),
@@ -84,13 +76,21 @@ impl Problem {
         self.ops.iter().fold(self.start, |x, op| op.apply(x))
     }
 
-    /// The prompt text. It states the output format, since the model sees nothing else.
+    /// The prompt text: one numbered line per operation, so that episode k can find its
+    /// operation by its number. It states the output format, since the model sees nothing else.
     pub fn prompt(&self) -> String {
-        let steps: Vec<String> = self.ops.iter().map(|op| op.phrase()).collect();
+        let steps: String = self
+            .ops
+            .iter()
+            .enumerate()
+            .map(|(i, op)| {
+                let (sym, operand) = op.symbol();
+                format!("{}: {sym} {operand}\n", i + 1)
+            })
+            .collect();
         format!(
-            "Problem: start with {}, {}. Think in <episode_k> steps, then give \\boxed{{answer}}.\nSolution: ",
-            self.start,
-            steps.join(", ")
+            "Problem: start with {}.\n{steps}Think in <episode_k> steps, then give \\boxed{{answer}}.\nSolution: ",
+            self.start
         )
     }
 
@@ -233,7 +233,7 @@ mod tests {
             "<think><episode_1>23 + 45 = 68</episode_1><episode_2>68 * 3 = 204</episode_2>\
              <episode_3>204 - 17 = 187</episode_3></think>\\boxed{187}"
         );
-        assert!(p.prompt().starts_with("Problem: start with 23, add 45, multiply by 3, subtract 17."));
+        assert!(p.prompt().starts_with("Problem: start with 23.\n1: + 45\n2: * 3\n3: - 17\nThink"));
     }
 
     #[test]
