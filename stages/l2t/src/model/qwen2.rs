@@ -318,3 +318,28 @@ pub fn padded_mask(pad: &[usize], past: usize, t: usize, dev: &Device) -> Result
     }
     Tensor::from_vec(mask, (pad.len(), 1, t, total), dev)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rotary embedding makes q.k depend on the positions only through their difference.
+    #[test]
+    fn rotary_scores_depend_only_on_relative_position() {
+        let shape = crate::config::ModelShape { hidden_size: 32, num_attention_heads: 2, num_key_value_heads: 1, ..Default::default() };
+        let cfg = crate::model::tiny_config(&shape, 0);
+        let dev = Device::Cpu;
+        let rotary = RotaryEmbedding::new(&cfg, &dev).unwrap();
+        let q = Tensor::from_vec((0..16).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>(), (1, 1, 1, 16), &dev).unwrap();
+        let k = Tensor::from_vec((0..16).map(|i| (i as f32 * 0.91).cos()).collect::<Vec<_>>(), (1, 1, 1, 16), &dev).unwrap();
+        let score = |pq: u32, pk: u32| -> f32 {
+            let rq = rotary.apply(&q, &Tensor::new(&[[pq]], &dev).unwrap()).unwrap();
+            let rk = rotary.apply(&k, &Tensor::new(&[[pk]], &dev).unwrap()).unwrap();
+            (rq * rk).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
+        };
+        for (a, b) in [(5, 2), (40, 37), (100, 97)] {
+            assert!((score(a, b) - score(5, 2)).abs() < 1e-4, "{a},{b}");
+        }
+        assert!((score(5, 2) - score(5, 4)).abs() > 1e-3, "scores must change with distance");
+    }
+}

@@ -111,7 +111,8 @@ impl Problem {
         let mut next_check = 0;
         for (step, &(a, op, b)) in trace.iter().enumerate() {
             let (sym, operand) = op.symbol();
-            episodes.push(format!("{a} {sym} {operand} = {b}"));
+            // Restate the prompt's line for this step, then apply it.
+            episodes.push(format!("{}: {sym} {operand}, {a} {sym} {operand} = {b}", step + 1));
             while next_check < check_after.len() && check_after[next_check] == step + 1 {
                 let (ca, cop, cb) = trace[rng.random_range(0..=step)];
                 let (csym, coperand) = cop.symbol();
@@ -230,8 +231,8 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         assert_eq!(
             p.solution(&mut rng, 0),
-            "<think><episode_1>23 + 45 = 68</episode_1><episode_2>68 * 3 = 204</episode_2>\
-             <episode_3>204 - 17 = 187</episode_3></think>\\boxed{187}"
+            "<think><episode_1>1: + 45, 23 + 45 = 68</episode_1><episode_2>2: * 3, 68 * 3 = 204</episode_2>\
+             <episode_3>3: - 17, 204 - 17 = 187</episode_3></think>\\boxed{187}"
         );
         assert!(p.prompt().starts_with("Problem: start with 23.\n1: + 45\n2: * 3\n3: - 17\nThink"));
     }
@@ -240,6 +241,6 @@ mod tests {
     fn check_episodes_are_recognised() {
         assert!(is_check_episode("<episode_3>Check: 68 * 3 = 204</episode_3>"));
         assert!(is_check_episode("<think><episode_1>Check: 1 + 1 = 2"));
-        assert!(!is_check_episode("<episode_2>68 * 3 = 204</episode_2>"));
+        assert!(!is_check_episode("<episode_2>2: * 3, 68 * 3 = 204</episode_2>"));
     }
 }
