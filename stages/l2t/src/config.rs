@@ -59,11 +59,11 @@ pub struct TaskConfig {
 impl Default for TaskConfig {
     fn default() -> Self {
         Self {
-            steps: 3,
+            steps: 2,
             max_operand: 9,
             max_multiplier: 3,
-            max_value: 99,
-            n_train: 20_000,
+            max_value: 20,
+            n_train: 1_800,
             n_eval: 256,
             redundant_share: 0.9,
             max_redundant: 2,
@@ -90,8 +90,8 @@ impl Default for ModelShape {
     fn default() -> Self {
         Self {
             vocab_size: 512,
-            hidden_size: 256,
-            intermediate_size: 1024,
+            hidden_size: 128,
+            intermediate_size: 512,
             num_hidden_layers: 4,
             num_attention_heads: 4,
             num_key_value_heads: 2,
@@ -120,8 +120,8 @@ pub struct BootstrapConfig {
 impl Default for BootstrapConfig {
     fn default() -> Self {
         Self {
-            steps: 400,
-            batch_size: 32,
+            steps: 700,
+            batch_size: 16,
             lr: 3e-3,
             warmup_frac: 0.05,
             weight_decay: 0.01,
