@@ -252,6 +252,11 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_pipeline_toml_holds_the_defaults() {
+        assert_eq!(Config::parse(include_str!("../../../pipeline.toml")).unwrap(), Config::default());
+    }
+
+    #[test]
     fn unknown_key_is_refused_with_its_name() {
         let err = Config::parse("[sample]\ngroup_sise = 4\n").unwrap_err();
         assert!(format!("{err:#}").contains("group_sise"), "{err:#}");
