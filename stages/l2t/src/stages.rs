@@ -6,7 +6,7 @@ use crate::model::tokenizer::{self, EOS, PAD};
 use crate::model::{self, Policy};
 use crate::reward::segment::{outcome_reward, segment, span_bytes, token_char_ends, Rule};
 use crate::sample::{generate, Request, SamplerParams};
-use crate::store::{self, iter_slot, stage_key, Artifact, InputRef, Manifest, Outcome, Staging, Store, CREATED_BY};
+use crate::store::{self, iter_slot, stage_key, Artifact, InputRef, Manifest, Outcome, Staging, Store};
 use crate::table::episodes::{self, EpisodeRow};
 use crate::table::prompts::{self, PromptRow};
 use crate::table::rollouts::{self, FinishReason, RolloutRow};
@@ -101,20 +101,9 @@ fn execute(
         None => {
             let mut staging = ctx.store.begin(&key)?;
             let metrics = compute(&mut staging)?;
-            let manifest = Manifest {
-                stage: stage.into(),
-                version,
-                key: key.clone(),
-                params,
-                inputs,
-                outputs: Vec::new(),
-                seed: ctx.config.seed,
-                device: "cpu".into(),
-                dtype: "f32".into(),
-                wall_time_s: started.elapsed().as_secs_f64(),
-                metrics,
-                created_by: CREATED_BY.into(),
-            };
+            let mut manifest = Manifest::new(stage, version, &key, params, inputs, ctx.config.seed);
+            manifest.wall_time_s = started.elapsed().as_secs_f64();
+            manifest.metrics = metrics;
             (staging.publish(manifest)?, Outcome::Miss)
         }
     };

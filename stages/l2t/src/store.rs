@@ -69,6 +69,24 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// A manifest for a CPU, f32 run; outputs are filled in at publish time.
+    pub fn new(stage: &str, version: u32, key: &str, params: serde_json::Value, inputs: Vec<InputRef>, seed: u64) -> Self {
+        Self {
+            stage: stage.into(),
+            version,
+            key: key.into(),
+            params,
+            inputs,
+            outputs: Vec::new(),
+            seed,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            wall_time_s: 0.0,
+            metrics: serde_json::json!({}),
+            created_by: CREATED_BY.into(),
+        }
+    }
+
     pub fn output(&self, file: &str) -> Result<&OutputFile> {
         self.outputs
             .iter()
@@ -439,20 +457,7 @@ mod tests {
     use super::*;
 
     fn manifest(stage: &str, key: &str) -> Manifest {
-        Manifest {
-            stage: stage.into(),
-            version: 1,
-            key: key.into(),
-            params: serde_json::json!({}),
-            inputs: vec![],
-            outputs: vec![],
-            seed: 0,
-            device: "cpu".into(),
-            dtype: "f32".into(),
-            wall_time_s: 0.0,
-            metrics: serde_json::json!({}),
-            created_by: CREATED_BY.into(),
-        }
+        Manifest::new(stage, 1, key, serde_json::json!({}), vec![], 0)
     }
 
     fn put(store: &Store, key: &str, body: &[u8]) -> Artifact {

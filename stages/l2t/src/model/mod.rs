@@ -275,20 +275,7 @@ mod tests {
         let store = crate::store::Store::new(dir.path());
         let mut staging = store.begin("ckpt").unwrap();
         save_checkpoint(&mut staging, &cfg, &weights, &tok).unwrap();
-        let manifest = crate::store::Manifest {
-            stage: "bootstrap".into(),
-            version: 1,
-            key: "ckpt".into(),
-            params: serde_json::json!({}),
-            inputs: vec![],
-            outputs: vec![],
-            seed: 0,
-            device: "cpu".into(),
-            dtype: "f32".into(),
-            wall_time_s: 0.0,
-            metrics: serde_json::json!({}),
-            created_by: "l2t".into(),
-        };
+        let manifest = crate::store::Manifest::new("bootstrap", 1, "ckpt", serde_json::json!({}), vec![], 0);
         let art = staging.publish(manifest).unwrap();
         let policy = Policy::load(&art, &dev).unwrap();
         assert_eq!(policy.cfg, cfg);

@@ -267,20 +267,7 @@ mod tests {
     fn write_rollouts(store: &Store, key: &str, rows: &[RolloutRow]) -> (std::path::PathBuf, String) {
         let mut staging = store.begin(key).unwrap();
         rollouts::write(&mut staging, rows).unwrap();
-        let manifest = Manifest {
-            stage: "sample".into(),
-            version: 1,
-            key: key.into(),
-            params: serde_json::json!({}),
-            inputs: vec![],
-            outputs: vec![],
-            seed: 0,
-            device: "cpu".into(),
-            dtype: "f32".into(),
-            wall_time_s: 0.0,
-            metrics: serde_json::json!({}),
-            created_by: CREATED_BY.into(),
-        };
+        let manifest = Manifest::new("sample", 1, key, serde_json::json!({}), vec![], 0);
         let art = staging.publish(manifest).unwrap();
         let hash = art.manifest.output(rollouts::FILE).unwrap().blake3.clone();
         (art.file(rollouts::FILE).unwrap(), hash)
