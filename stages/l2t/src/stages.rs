@@ -239,11 +239,11 @@ fn eval_figures(ctx: &Ctx, policy: &Policy, rows: &[&PromptRow]) -> Result<serde
     for (row, g) in rows.iter().zip(&gens) {
         let pieces = tokenizer::decode_pieces(&policy.tokenizer, &g.tokens)?;
         let text = pieces.concat();
-        let seg = segment(Rule::Tags, &text, &token_char_ends(&pieces));
+        let ends = token_char_ends(&pieces);
+        let seg = segment(Rule::Tags, &text, &ends);
         let out = outcome_reward(&text, &row.gold_answer, g.finish, seg.format_ok, 0.0);
         format_valid += usize::from(seg.well_formed && out.answer.is_some());
         correct += usize::from(out.r_out >= 1.0);
-        let ends = token_char_ends(&pieces);
         redundant += seg
             .spans
             .iter()
