@@ -120,7 +120,7 @@ pub struct BootstrapConfig {
 impl Default for BootstrapConfig {
     fn default() -> Self {
         Self {
-            steps: 700,
+            steps: 1_200,
             batch_size: 16,
             lr: 3e-3,
             warmup_frac: 0.05,
