@@ -377,7 +377,7 @@ pub fn run_segment(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summary> {
         .context("the sample manifest names no policy input")?;
     let policy_art = ctx
         .store
-        .lookup(&policy_input.key)?
+        .entry(&policy_input.key)?
         .with_context(|| format!("the policy {} that sampled iteration {iteration} is gone from the store", store::short(&policy_input.key)))?;
     let inputs = vec![
         sample.manifest.as_input("rollouts", &[prompts::ITERATION_FILE, rollouts::FILE])?,

@@ -208,6 +208,16 @@ impl Store {
         Ok(Some(artifact))
     }
 
+    /// The finished run with this key, unverified: each file is checked when it is read
+    /// ([`Artifact::file`]), so a caller that needs one file of a large run hashes only that one.
+    pub fn entry(&self, key: &str) -> Result<Option<Artifact>> {
+        let dir = self.entry_dir(key);
+        if !dir.join("manifest.json").exists() {
+            return Ok(None);
+        }
+        Artifact::open(&dir).map(Some)
+    }
+
     /// Starts writing the outputs of a run in a private temporary folder.
     pub fn begin(&self, key: &str) -> Result<Staging> {
         let tmp_root = self.root.join("store").join("tmp");

@@ -115,6 +115,9 @@ impl Policy {
         let cfg_path = artifact.file(CONFIG_FILE)?;
         let cfg: Config = serde_json::from_slice(&std::fs::read(&cfg_path)?)
             .with_context(|| format!("{}: not a supported config.json", cfg_path.display()))?;
+        if cfg.vocab_size == 0 || cfg.hidden_size == 0 || cfg.num_attention_heads == 0 || cfg.num_key_value_heads == 0 {
+            bail!("{}: vocab_size, hidden_size and the head counts must be positive", cfg_path.display());
+        }
         let tok_path = artifact.file(TOKENIZER_FILE)?;
         let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
             .map_err(|e| anyhow!("{}: cannot load the tokenizer: {e}", tok_path.display()))?;
