@@ -77,8 +77,14 @@ pub fn standard_normal(rng: &mut ChaCha8Rng) -> f32 {
 
 /// Builds the model over a set of weights (which may be `Var`s being trained).
 pub fn build_model(cfg: &Config, weights: &Weights, dev: &Device) -> Result<Model> {
+    build_model_as(cfg, weights, DType::F32, dev)
+}
+
+/// Builds the model with its weights converted to `dtype` (f64 where differences of nearby
+/// weights must be resolved, l2t-spec 5).
+pub fn build_model_as(cfg: &Config, weights: &Weights, dtype: DType, dev: &Device) -> Result<Model> {
     let map: HashMap<String, Tensor> = weights.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let vb = VarBuilder::from_tensors(map, DType::F32, dev);
+    let vb = VarBuilder::from_tensors(map, dtype, dev);
     Model::new(cfg, vb).context("building the model from its weights")
 }
 
@@ -86,6 +92,7 @@ pub fn build_model(cfg: &Config, weights: &Weights, dev: &Device) -> Result<Mode
 pub struct Policy {
     pub cfg: Config,
     pub model: Model,
+    pub weights: Weights,
     pub tokenizer: tokenizers::Tokenizer,
     pub eos_id: u32,
     /// Content hash of `model.safetensors`: which policy produced a rollout.
@@ -102,6 +109,7 @@ impl Policy {
         Ok(Self {
             cfg: cfg.clone(),
             model: build_model(cfg, weights, dev)?,
+            weights: weights.clone(),
             tokenizer,
             eos_id,
             weights_hash: String::new(),
@@ -138,6 +146,7 @@ impl Policy {
         Ok(Self {
             cfg,
             model,
+            weights,
             tokenizer,
             eos_id,
             weights_hash: artifact.manifest.output(WEIGHTS_FILE)?.blake3.clone(),

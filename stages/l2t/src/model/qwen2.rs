@@ -93,14 +93,14 @@ struct RotaryEmbedding {
 }
 
 impl RotaryEmbedding {
-    fn new(cfg: &Config, dev: &Device) -> Result<Self> {
+    fn new(cfg: &Config, dtype: DType, dev: &Device) -> Result<Self> {
         let half = cfg.head_dim() / 2;
         let inv_freq: Vec<f32> =
             (0..half).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim() as f64) as f32).collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, half), dev)?;
         let t = Tensor::arange(0u32, cfg.max_position_embeddings as u32, dev)?.to_dtype(DType::F32)?;
         let freqs = t.reshape((cfg.max_position_embeddings, 1))?.broadcast_mul(&inv_freq)?;
-        Ok(Self { cos: freqs.cos()?, sin: freqs.sin()? })
+        Ok(Self { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
     }
 
     /// x: (b, heads, t, head_dim); positions: (b, t) u32.
@@ -120,26 +120,50 @@ impl RotaryEmbedding {
     }
 }
 
+/// The weight matrices of one MLP block: `(intermediate, hidden)`, `(intermediate, hidden)`,
+/// `(hidden, intermediate)`. The L2T compression penalty perturbs one such block (l2t-spec 5).
+#[derive(Debug, Clone)]
+pub struct MlpWeights {
+    pub gate_proj: Tensor,
+    pub up_proj: Tensor,
+    pub down_proj: Tensor,
+}
+
+impl MlpWeights {
+    /// The three matrices in checkpoint order (gate, up, down).
+    pub fn matrices(&self) -> [&Tensor; 3] {
+        [&self.gate_proj, &self.up_proj, &self.down_proj]
+    }
+
+    pub fn from_matrices([gate_proj, up_proj, down_proj]: [Tensor; 3]) -> Self {
+        Self { gate_proj, up_proj, down_proj }
+    }
+
+    /// Checkpoint names of the block's matrices in layer `layer`.
+    pub fn names(layer: usize) -> [String; 3] {
+        ["gate_proj", "up_proj", "down_proj"].map(|m| format!("model.layers.{layer}.mlp.{m}.weight"))
+    }
+
+    /// down(silu(gate x) * up x).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let proj = |w: &Tensor, x: &Tensor| Linear::new(w.clone(), None).forward(x);
+        let gate = proj(&self.gate_proj, x)?.silu()?;
+        proj(&self.down_proj, &(gate * proj(&self.up_proj, x)?)?)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    weights: MlpWeights,
 }
 
 impl Mlp {
     fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let get = |rows: usize, cols: usize, name: &str| vb.pp(name).get((rows, cols), "weight");
         Ok(Self {
-            gate_proj: linear_no_bias(h, i, vb.pp("gate_proj"))?,
-            up_proj: linear_no_bias(h, i, vb.pp("up_proj"))?,
-            down_proj: linear_no_bias(i, h, vb.pp("down_proj"))?,
+            weights: MlpWeights { gate_proj: get(i, h, "gate_proj")?, up_proj: get(i, h, "up_proj")?, down_proj: get(h, i, "down_proj")? },
         })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
     }
 }
 
@@ -161,6 +185,16 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// A cache whose row `j` is this cache's row `rows[j]` (rows: u32 indices).
+    pub fn select_rows(&self, rows: &Tensor) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| l.as_ref().map(|(k, v)| Ok((k.index_select(rows, 0)?, v.index_select(rows, 0)?))).transpose())
+            .collect::<Result<_>>()?;
+        Ok(Self { layers })
     }
 }
 
@@ -248,6 +282,32 @@ impl DecoderLayer {
             post_attention_layernorm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
         })
     }
+
+    /// x + attention(norm(x)).
+    fn attend(
+        &self,
+        x: Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        rotary: &RotaryEmbedding,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let h = self.self_attn.forward(&self.input_layernorm.forward(&x)?, positions, mask, rotary, cache)?;
+        x + h
+    }
+
+    fn forward(
+        &self,
+        x: Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        rotary: &RotaryEmbedding,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let x = self.attend(x, positions, mask, rotary, cache)?;
+        let h = self.mlp.weights.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        x + h
+    }
 }
 
 /// The decoder with its language-model head.
@@ -277,20 +337,61 @@ impl Model {
         } else {
             linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
         };
-        Ok(Self { embed_tokens, layers, norm, lm_head, rotary: RotaryEmbedding::new(cfg, vb.device())?, cfg: cfg.clone() })
+        let rotary = RotaryEmbedding::new(cfg, vb.dtype(), vb.device())?;
+        Ok(Self { embed_tokens, layers, norm, lm_head, rotary, cfg: cfg.clone() })
     }
 
     /// Logits (b, t, vocab) for tokens (b, t) at `positions` (b, t), under an additive `mask`
     /// (b, 1, t, t_past + t). With a cache, the new keys/values are appended to it.
     pub fn forward(&self, tokens: &Tensor, positions: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let x = self.embed_tokens.forward(tokens)?;
+        self.run_layers(x, 0, positions, mask, cache)
+    }
+
+    /// The residual stream (b, t, hidden) entering the MLP of layer `layer`, after its attention.
+    pub fn forward_to_mlp(&self, tokens: &Tensor, positions: &Tensor, mask: &Tensor, layer: usize) -> Result<Tensor> {
+        let mask = mask.to_dtype(self.dtype())?;
         let mut x = self.embed_tokens.forward(tokens)?;
-        let mut cache = cache;
-        for (l, layer) in self.layers.iter().enumerate() {
+        for l in &self.layers[..layer] {
+            x = l.forward(x, positions, &mask, &self.rotary, None)?;
+        }
+        self.layers[layer].attend(x, positions, &mask, &self.rotary, None)
+    }
+
+    /// Logits from the residual `x` entering layer `layer`'s MLP ([`Self::forward_to_mlp`]), with
+    /// that MLP's weights replaced by `block`.
+    pub fn forward_from_mlp(&self, x: &Tensor, positions: &Tensor, mask: &Tensor, layer: usize, block: &MlpWeights) -> Result<Tensor> {
+        let post = &self.layers[layer].post_attention_layernorm;
+        let x = (x + block.forward(&post.forward(x)?)?)?;
+        self.run_layers(x, layer + 1, positions, mask, None)
+    }
+
+    /// The weights of layer `layer`'s MLP block.
+    pub fn mlp_weights(&self, layer: usize) -> MlpWeights {
+        self.layers[layer].mlp.weights.clone()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.embeddings().dtype()
+    }
+
+    pub fn device(&self) -> Device {
+        self.embed_tokens.embeddings().device().clone()
+    }
+
+    /// Layers `from..` then the final norm and the head.
+    fn run_layers(
+        &self,
+        mut x: Tensor,
+        from: usize,
+        positions: &Tensor,
+        mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let mask = mask.to_dtype(self.dtype())?;
+        for (l, layer) in self.layers.iter().enumerate().skip(from) {
             let slot = cache.as_mut().map(|c| &mut c.layers[l]);
-            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x)?, positions, mask, &self.rotary, slot)?;
-            x = (x + h)?;
-            let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x)?)?;
-            x = (x + h)?;
+            x = layer.forward(x, positions, &mask, &self.rotary, slot)?;
         }
         self.lm_head.forward(&self.norm.forward(&x)?)
     }
@@ -329,7 +430,7 @@ mod tests {
         let shape = crate::config::ModelShape { hidden_size: 32, num_attention_heads: 2, num_key_value_heads: 1, ..Default::default() };
         let cfg = crate::model::tiny_config(&shape, 0);
         let dev = Device::Cpu;
-        let rotary = RotaryEmbedding::new(&cfg, &dev).unwrap();
+        let rotary = RotaryEmbedding::new(&cfg, DType::F32, &dev).unwrap();
         let q = Tensor::from_vec((0..16).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>(), (1, 1, 1, 16), &dev).unwrap();
         let k = Tensor::from_vec((0..16).map(|i| (i as f32 * 0.91).cos()).collect::<Vec<_>>(), (1, 1, 1, 16), &dev).unwrap();
         let score = |pq: u32, pk: u32| -> f32 {

@@ -1,0 +1,207 @@
+//! Fitting information gain (l2t-spec section 4): `J(i,k)`, the policy's probability of the gold
+//! answer if the reasoning were cut after episode `k`, and `dI(i,k) = J(i,k) - J(i,k-1)`.
+//!
+//! All `K_i + 1` prefixes of a rollout share the response prefix: one cached pass over prompt and
+//! response, then one short teacher-forced continuation (`close`, then the answer) per boundary,
+//! every continuation of a batch decoded together against the rows of that one cache.
+
+use crate::model::qwen2::{padded_mask, MASKED};
+use crate::model::{token_logprobs, KvCache, Model};
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+
+/// How the answer tokens' probabilities combine into `J` (knob `reward.j_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JMode {
+    /// Product of the answer tokens' probabilities (default).
+    Prob,
+    /// Geometric mean of them (length-neutral).
+    Geomean,
+}
+
+impl JMode {
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "prob" => Ok(Self::Prob),
+            "geomean" => Ok(Self::Geomean),
+            other => bail!("unknown j_mode {other:?} (expected prob or geomean)"),
+        }
+    }
+}
+
+/// `J` from the log-probabilities of the answer tokens `a*` (spec 4: "the product of the answer
+/// tokens' probabilities", or their geometric mean).
+pub fn j_prefix(answer_logprobs: &[f64], mode: JMode) -> f64 {
+    let sum: f64 = answer_logprobs.iter().sum();
+    match mode {
+        JMode::Prob => sum.exp(),
+        JMode::Geomean => (sum / answer_logprobs.len().max(1) as f64).exp(),
+    }
+}
+
+/// `dI(i,k) = J(i,k) - J(i,k-1)`, k = 1..K, from `J(i,0..=K)` (spec 4).
+pub fn delta_i(j: &[f64]) -> Vec<f64> {
+    j.windows(2).map(|w| w[1] - w[0]).collect()
+}
+
+/// One rollout's question to the policy.
+#[derive(Debug, Clone)]
+pub struct JRequest<'a> {
+    pub prompt: &'a [u32],
+    pub response: &'a [u32],
+    /// Response-token end of each episode's prefix, `end_1..end_K` (non-decreasing, at most the
+    /// response length). `J(i,0)` uses the prompt alone.
+    pub ends: Vec<usize>,
+    /// `close` then the gold answer `a*`: the tokens teacher-forced after each prefix.
+    pub continuation: Vec<u32>,
+    /// How many trailing tokens of `continuation` are `a*` (the scored ones).
+    pub answer_len: usize,
+}
+
+/// `J(i,0..=K)` for every request, under `model` and without gradient.
+pub fn j_values(model: &Model, pad_id: u32, requests: &[JRequest], mode: JMode) -> Result<Vec<Vec<f64>>> {
+    if requests.is_empty() {
+        return Ok(Vec::new());
+    }
+    let dev = model.device();
+    for (i, r) in requests.iter().enumerate() {
+        let close_len = r.continuation.len().saturating_sub(r.answer_len);
+        if r.answer_len == 0 || close_len == 0 {
+            bail!("request {i}: needs a non-empty close suffix and a non-empty answer");
+        }
+        if r.ends.windows(2).any(|w| w[1] < w[0]) || r.ends.iter().any(|&e| e > r.response.len()) {
+            bail!("request {i}: episode ends {:?} are not ordered within the response", r.ends);
+        }
+    }
+    // Pass 1: prompt + the longest prefix, left-padded, into one cache.
+    let lens: Vec<usize> = requests.iter().map(|r| r.prompt.len() + r.ends.last().copied().unwrap_or(0)).collect();
+    let l = lens.iter().copied().max().unwrap_or(0);
+    let pad: Vec<usize> = lens.iter().map(|n| l - n).collect();
+    let mut tokens = Vec::with_capacity(requests.len() * l);
+    let mut positions = Vec::with_capacity(requests.len() * l);
+    for (r, req) in requests.iter().enumerate() {
+        let prefix_end = req.ends.last().copied().unwrap_or(0);
+        tokens.extend(std::iter::repeat(pad_id).take(pad[r]).chain(req.prompt.iter().copied()).chain(req.response[..prefix_end].iter().copied()));
+        positions.extend((0..l).map(|j| j.saturating_sub(pad[r]) as u32));
+    }
+    let b = requests.len();
+    let mut cache = KvCache::new(model.cfg.num_hidden_layers);
+    model.forward(
+        &Tensor::from_vec(tokens, (b, l), &dev)?,
+        &Tensor::from_vec(positions, (b, l), &dev)?,
+        &padded_mask(&pad, 0, l, &dev)?,
+        Some(&mut cache),
+    )?;
+
+    // Pass 2: one row per (rollout, boundary), each seeing its own prefix of its rollout's cache.
+    let mut rows: Vec<(usize, usize)> = Vec::new(); // (request, prefix length in tokens)
+    for (r, req) in requests.iter().enumerate() {
+        rows.push((r, req.prompt.len()));
+        rows.extend(req.ends.iter().map(|&e| (r, req.prompt.len() + e)));
+    }
+    let c = requests.iter().map(|r| r.continuation.len() - 1).max().unwrap_or(1);
+    let n = rows.len();
+    let (mut inputs, mut targets, mut pos) = (vec![pad_id; n * c], vec![pad_id; n * c], vec![0u32; n * c]);
+    let mut mask = vec![MASKED; n * c * (l + c)];
+    for (row, &(r, prefix)) in rows.iter().enumerate() {
+        let cont = &requests[r].continuation;
+        for m in 0..c {
+            let at = row * c + m;
+            if m + 1 < cont.len() {
+                inputs[at] = cont[m];
+                targets[at] = cont[m + 1];
+            }
+            pos[at] = (prefix + m) as u32;
+            let keys = &mut mask[at * (l + c)..(at + 1) * (l + c)];
+            keys[pad[r]..pad[r] + prefix].iter_mut().for_each(|k| *k = 0.0);
+            keys[l..=l + m].iter_mut().for_each(|k| *k = 0.0);
+        }
+    }
+    let select = Tensor::from_vec(rows.iter().map(|&(r, _)| r as u32).collect::<Vec<_>>(), n, &dev)?;
+    let mut row_cache = cache.select_rows(&select)?;
+    let logits = model.forward(
+        &Tensor::from_vec(inputs, (n, c), &dev)?,
+        &Tensor::from_vec(pos, (n, c), &dev)?,
+        &Tensor::from_vec(mask, (n, 1, c, l + c), &dev)?,
+        Some(&mut row_cache),
+    )?;
+    let logp: Vec<Vec<f32>> = token_logprobs(&logits, &Tensor::from_vec(targets, (n, c), &dev)?)?.to_vec2()?;
+    let mut out: Vec<Vec<f64>> = requests.iter().map(|r| Vec::with_capacity(r.ends.len() + 1)).collect();
+    for (row, &(r, _)) in rows.iter().enumerate() {
+        let req = &requests[r];
+        let first = req.continuation.len() - req.answer_len - 1; // input index predicting a*_0
+        let answer: Vec<f64> = logp[row][first..first + req.answer_len].iter().map(|&v| f64::from(v)).collect();
+        out[r].push(j_prefix(&answer, mode));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelShape;
+    use crate::model::qwen2::causal_mask;
+    use crate::model::{build_model, init_weights, tiny_config};
+    use candle_core::Device;
+
+    #[test]
+    fn j_is_the_product_or_geometric_mean_of_answer_probabilities() {
+        // P(a*) = 0.5 * 0.25 = 0.125; geometric mean sqrt(0.125) ~ 0.35355.
+        let lp = [0.5f64.ln(), 0.25f64.ln()];
+        assert!((j_prefix(&lp, JMode::Prob) - 0.125).abs() < 1e-12);
+        assert!((j_prefix(&lp, JMode::Geomean) - 0.125f64.sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn delta_i_telescopes_to_j_k_minus_j_0() {
+        // J = 0.1, 0.3, 0.25, 0.9: dI = 0.2, -0.05, 0.65; their sum is J(K) - J(0) = 0.8.
+        let j = [0.1, 0.3, 0.25, 0.9];
+        let d = delta_i(&j);
+        let want = [0.2, -0.05, 0.65];
+        for (a, b) in d.iter().zip(want) {
+            assert!((a - b).abs() < 1e-12, "{d:?}");
+        }
+        assert!((d.iter().sum::<f64>() - (j[3] - j[0])).abs() < 1e-12);
+    }
+
+    /// The cached, batched J equals scoring each full sequence (prompt, prefix, close, answer)
+    /// from scratch.
+    #[test]
+    fn cached_j_matches_scoring_each_prefix_from_scratch() {
+        let shape = ModelShape {
+            vocab_size: 300,
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            max_position_embeddings: 64,
+            ..ModelShape::default()
+        };
+        let cfg = tiny_config(&shape, 0);
+        let dev = Device::Cpu;
+        let model = build_model(&cfg, &init_weights(&cfg, 5, &dev).unwrap(), &dev).unwrap();
+        let (p1, p2) = (vec![3u32, 4, 5], vec![7u32, 8, 9, 10, 11]);
+        let (z1, z2) = (vec![20u32, 21, 22, 23, 24, 25], vec![30u32, 31]);
+        let requests = vec![
+            JRequest { prompt: &p1, response: &z1, ends: vec![2, 5, 6], continuation: vec![40, 41, 50, 51, 52], answer_len: 3 },
+            JRequest { prompt: &p2, response: &z2, ends: vec![1, 2], continuation: vec![40, 60], answer_len: 1 },
+        ];
+        let got = j_values(&model, 0, &requests, JMode::Prob).unwrap();
+        for (r, req) in requests.iter().enumerate() {
+            let prefixes = std::iter::once(0).chain(req.ends.iter().copied());
+            for (k, end) in prefixes.enumerate() {
+                let seq: Vec<u32> = req.prompt.iter().chain(&req.response[..end]).chain(&req.continuation).copied().collect();
+                let t = seq.len() - 1;
+                let inputs = Tensor::from_vec(seq[..t].to_vec(), (1, t), &dev).unwrap();
+                let targets = Tensor::from_vec(seq[1..].to_vec(), (1, t), &dev).unwrap();
+                let pos = Tensor::arange(0u32, t as u32, &dev).unwrap().unsqueeze(0).unwrap();
+                let logits = model.forward(&inputs, &pos, &causal_mask(1, t, &dev).unwrap(), None).unwrap();
+                let lp: Vec<f32> = token_logprobs(&logits, &targets).unwrap().get(0).unwrap().to_vec1().unwrap();
+                let answer: Vec<f64> = lp[t - req.answer_len..].iter().map(|&v| f64::from(v)).collect();
+                let want = j_prefix(&answer, JMode::Prob);
+                assert!((got[r][k] - want).abs() < 1e-5 * want.max(1e-3), "request {r} k {k}: {} vs {want}", got[r][k]);
+            }
+        }
+    }
+}

@@ -1,0 +1,388 @@
+//! Compression penalty (l2t-spec section 5): the Fisher quadratic form of each episode along the
+//! low-rank update direction of one MLP block,
+//!
+//! ```text
+//! g(i,k) = grad_theta~ sum_{t in episode k} log pi_theta(z_{i,t} | prefix)
+//! C(i,k) = (g(i,k) . D~)^2 + damping * ||D~||^2,     D~ = top-r SVD of (theta_now - theta_ref)
+//! ```
+//!
+//! Only `g . D~` is needed, a directional derivative: `fd` takes it by a central difference of
+//! the episode log-likelihoods at `theta +- eps D~`, `grad` by one backward pass per episode. The
+//! trunk below the block does not depend on `theta~`, so it runs once in f32; the block and what
+//! follows run in f64, where a step of `eps D~` is far above rounding noise.
+
+use crate::model::qwen2::{causal_mask, MlpWeights};
+use crate::model::{token_logprobs, Model};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, Var};
+use nalgebra::DMatrix;
+
+/// How `g . D~` is computed (knob `penalty.estimator`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Estimator {
+    /// Central finite difference, two passes for all rollouts (default).
+    Fd,
+    /// Exact, one backward pass per episode through the proxy block.
+    Grad,
+}
+
+impl Estimator {
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "fd" => Ok(Self::Fd),
+            "grad" => Ok(Self::Grad),
+            other => bail!("unknown estimator {other:?} (expected fd or grad)"),
+        }
+    }
+}
+
+/// How raw `C` is put on the scale of `dI` (knob `penalty.scale`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    /// Divide by the median of the batch's nonzero `C` (default).
+    BatchMedian,
+    /// Keep the raw values.
+    None,
+}
+
+impl Scale {
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "batch-median" => Ok(Self::BatchMedian),
+            "none" => Ok(Self::None),
+            other => bail!("unknown scale {other:?} (expected batch-median or none)"),
+        }
+    }
+}
+
+/// `r = max(1, ceil(rank_fraction * min(rows, cols)))` (spec 5).
+pub fn rank_for(rows: usize, cols: usize, rank_fraction: f64) -> usize {
+    ((rank_fraction * rows.min(cols) as f64).ceil() as usize).clamp(1, rows.min(cols).max(1))
+}
+
+/// `D~ = U_r S_r V_r^T`: the best rank-`r` approximation of `d` (all zeros stays all zeros).
+pub fn low_rank(d: &DMatrix<f64>, r: usize) -> DMatrix<f64> {
+    if d.iter().all(|&v| v == 0.0) {
+        return d.clone();
+    }
+    let svd = d.clone().svd(true, true);
+    let (u, v_t) = (svd.u.expect("requested U"), svd.v_t.expect("requested V^T"));
+    let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
+    order.sort_by(|&a, &b| svd.singular_values[b].total_cmp(&svd.singular_values[a]).then(a.cmp(&b)));
+    let mut out = DMatrix::zeros(d.nrows(), d.ncols());
+    for &i in order.iter().take(r) {
+        out += u.column(i) * svd.singular_values[i] * v_t.row(i);
+    }
+    out
+}
+
+/// `C = (g . D~)^2 + damping * ||D~||^2` (spec 5).
+pub fn c_fisher(g_dot_d: f64, d_norm_sq: f64, damping: f64) -> f64 {
+    g_dot_d * g_dot_d + damping * d_norm_sq
+}
+
+/// `g . D~ ~= (l(+) - l(-)) / (2 eps)` (spec 5, estimator `fd`).
+pub fn fd_directional(l_plus: f64, l_minus: f64, eps: f64) -> f64 {
+    (l_plus - l_minus) / (2.0 * eps)
+}
+
+/// `C / median(nonzero C)` over the batch; all zeros stay zeros (spec 5, `batch-median`).
+pub fn scale_by_batch_median(c: &[f64]) -> Vec<f64> {
+    let mut nonzero: Vec<f64> = c.iter().copied().filter(|&v| v != 0.0).collect();
+    if nonzero.is_empty() {
+        return c.to_vec();
+    }
+    nonzero.sort_by(f64::total_cmp);
+    let n = nonzero.len();
+    let median = if n % 2 == 1 { nonzero[n / 2] } else { 0.5 * (nonzero[n / 2 - 1] + nonzero[n / 2]) };
+    c.iter().map(|v| v / median).collect()
+}
+
+/// The proxy block's update direction, projected.
+#[derive(Debug, Clone)]
+pub struct Direction {
+    /// `D~` of gate, up and down, as f64 tensors.
+    pub block: MlpWeights,
+    /// `||D~||^2` summed over the three matrices.
+    pub norm_sq: f64,
+    /// The rank kept for each matrix.
+    pub ranks: [usize; 3],
+}
+
+impl Direction {
+    pub fn is_zero(&self) -> bool {
+        self.norm_sq == 0.0
+    }
+}
+
+fn to_matrix(t: &Tensor) -> Result<DMatrix<f64>> {
+    let (rows, cols) = t.dims2()?;
+    let values: Vec<f64> = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    Ok(DMatrix::from_row_slice(rows, cols, &values))
+}
+
+fn from_matrix(m: &DMatrix<f64>, like: &Tensor) -> Result<Tensor> {
+    let values: Vec<f64> = m.transpose().iter().copied().collect(); // row-major
+    Ok(Tensor::from_vec(values, (m.nrows(), m.ncols()), like.device())?)
+}
+
+/// `D~` of `theta_now - theta_ref`, each matrix projected to its top singular directions.
+pub fn direction(now: &MlpWeights, reference: &MlpWeights, rank_fraction: f64) -> Result<Direction> {
+    let mut projected = Vec::with_capacity(3);
+    let mut ranks = [0; 3];
+    let mut norm_sq = 0.0;
+    for (m, (a, b)) in now.matrices().into_iter().zip(reference.matrices()).enumerate() {
+        if a.dims() != b.dims() {
+            bail!("the proxy block's matrices differ in shape between the policy and the base policy: {:?} vs {:?}", a.dims(), b.dims());
+        }
+        let d = to_matrix(a)? - to_matrix(b)?;
+        ranks[m] = rank_for(d.nrows(), d.ncols(), rank_fraction);
+        let d_tilde = low_rank(&d, ranks[m]);
+        norm_sq += d_tilde.norm_squared();
+        projected.push(from_matrix(&d_tilde, a)?);
+    }
+    let [gate, up, down]: [Tensor; 3] = projected.try_into().expect("three matrices");
+    Ok(Direction { block: MlpWeights::from_matrices([gate, up, down]), norm_sq, ranks })
+}
+
+/// One rollout to score: the response's episodes as token spans over the response.
+#[derive(Debug, Clone)]
+pub struct SeqRequest<'a> {
+    pub prompt: &'a [u32],
+    pub response: &'a [u32],
+    pub spans: &'a [(usize, usize)],
+}
+
+/// The proxy block and the model above it in f64, with the f32 trunk below.
+pub struct ProxyModel<'a> {
+    pub trunk: &'a Model,
+    /// The same weights in f64 (only the block and what follows it are used).
+    pub tail: &'a Model,
+    pub layer: usize,
+}
+
+/// `theta~ + scale * D~`, in f64.
+fn shifted(theta: &MlpWeights, dir: &MlpWeights, scale: f64) -> Result<MlpWeights> {
+    let mut out = Vec::with_capacity(3);
+    for (t, d) in theta.matrices().into_iter().zip(dir.matrices()) {
+        out.push((t.to_dtype(DType::F64)? + (d * scale)?)?);
+    }
+    let [gate, up, down]: [Tensor; 3] = out.try_into().expect("three matrices");
+    Ok(MlpWeights::from_matrices([gate, up, down]))
+}
+
+/// Inputs of a teacher-forced pass over prompt + response (right-padded), and where each
+/// response token's log-prob sits: (inputs, targets, positions, mask, offset of response token 0).
+fn teacher_forcing(requests: &[SeqRequest], pad_id: u32, dev: &candle_core::Device) -> Result<(Tensor, Tensor, Tensor, Tensor, Vec<usize>)> {
+    let t = requests.iter().map(|r| r.prompt.len() + r.response.len() - 1).max().unwrap_or(1);
+    let b = requests.len();
+    let (mut inputs, mut targets) = (vec![pad_id; b * t], vec![pad_id; b * t]);
+    let mut offsets = Vec::with_capacity(b);
+    for (r, req) in requests.iter().enumerate() {
+        let seq: Vec<u32> = req.prompt.iter().chain(req.response).copied().collect();
+        inputs[r * t..r * t + seq.len() - 1].copy_from_slice(&seq[..seq.len() - 1]);
+        targets[r * t..r * t + seq.len() - 1].copy_from_slice(&seq[1..]);
+        offsets.push(req.prompt.len() - 1);
+    }
+    let positions = Tensor::arange(0u32, t as u32, dev)?.unsqueeze(0)?.expand((b, t))?.contiguous()?;
+    Ok((
+        Tensor::from_vec(inputs, (b, t), dev)?,
+        Tensor::from_vec(targets, (b, t), dev)?,
+        positions,
+        causal_mask(b, t, dev)?,
+        offsets,
+    ))
+}
+
+/// Sum of `logp` (one row) over each episode's response tokens.
+fn episode_sums(logp: &[f64], offset: usize, spans: &[(usize, usize)]) -> Vec<f64> {
+    spans.iter().map(|&(s, e)| logp[offset + s..offset + e].iter().sum()).collect()
+}
+
+/// `g(i,k) . D~` for every episode of every request, at the block weights `theta`.
+pub fn directional_derivatives(
+    model: &ProxyModel,
+    theta: &MlpWeights,
+    dir: &Direction,
+    requests: &[SeqRequest],
+    pad_id: u32,
+    estimator: Estimator,
+    eps: f64,
+) -> Result<Vec<Vec<f64>>> {
+    if requests.is_empty() {
+        return Ok(Vec::new());
+    }
+    for (i, r) in requests.iter().enumerate() {
+        if r.prompt.is_empty() || r.response.is_empty() || r.spans.iter().any(|&(s, e)| s > e || e > r.response.len()) {
+            bail!("request {i}: empty prompt or response, or an episode span outside the response");
+        }
+    }
+    let dev = model.trunk.device();
+    let (inputs, targets, positions, mask, offsets) = teacher_forcing(requests, pad_id, &dev)?;
+    let x_mid = model.trunk.forward_to_mlp(&inputs, &positions, &mask, model.layer)?.to_dtype(DType::F64)?;
+    match estimator {
+        Estimator::Fd => {
+            let episode_logp = |sign: f64| -> Result<Vec<Vec<f64>>> {
+                let block = shifted(theta, &dir.block, sign * eps)?;
+                let logits = model.tail.forward_from_mlp(&x_mid, &positions, &mask, model.layer, &block)?;
+                let logp: Vec<Vec<f64>> = token_logprobs(&logits, &targets)?.to_vec2()?;
+                Ok(requests.iter().enumerate().map(|(r, req)| episode_sums(&logp[r], offsets[r], req.spans)).collect())
+            };
+            let (plus, minus) = (episode_logp(1.0)?, episode_logp(-1.0)?);
+            Ok(plus
+                .iter()
+                .zip(&minus)
+                .map(|(p, m)| p.iter().zip(m).map(|(&lp, &lm)| fd_directional(lp, lm, eps)).collect())
+                .collect())
+        }
+        Estimator::Grad => {
+            let base = shifted(theta, &dir.block, 0.0)?;
+            let mut out = Vec::with_capacity(requests.len());
+            for (r, req) in requests.iter().enumerate() {
+                let vars = base.matrices().map(|m| Var::from_tensor(m).context("proxy block variable"));
+                let [gate, up, down] = vars;
+                let (gate, up, down) = (gate?, up?, down?);
+                let block = MlpWeights::from_matrices([gate.as_tensor().clone(), up.as_tensor().clone(), down.as_tensor().clone()]);
+                let row = |t: &Tensor| t.narrow(0, r, 1);
+                let logits = model.tail.forward_from_mlp(&row(&x_mid)?, &row(&positions)?, &row(&mask)?, model.layer, &block)?;
+                let logp = token_logprobs(&logits, &row(&targets)?)?.squeeze(0)?;
+                let mut per_episode = Vec::with_capacity(req.spans.len());
+                for &(s, e) in req.spans {
+                    if s == e {
+                        per_episode.push(0.0);
+                        continue;
+                    }
+                    let l_k = logp.narrow(0, offsets[r] + s, e - s)?.sum_all()?;
+                    let grads = l_k.backward()?;
+                    let mut g_dot_d = 0.0;
+                    for (var, d) in [&gate, &up, &down].into_iter().zip(dir.block.matrices()) {
+                        if let Some(g) = grads.get(var.as_tensor()) {
+                            g_dot_d += (g * d)?.sum_all()?.to_scalar::<f64>()?;
+                        }
+                    }
+                    per_episode.push(g_dot_d);
+                }
+                out.push(per_episode);
+            }
+            Ok(out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelShape;
+    use crate::model::{build_model, build_model_as, init_weights, tiny_config, Weights};
+    use candle_core::Device;
+
+    #[test]
+    fn c_on_a_2x2_example() {
+        // g = [[1, 0], [0, 2]], D~ = [[0.5, 1], [0, 0.25]]: g.D~ = 0.5 + 0.5 = 1,
+        // ||D~||^2 = 0.25 + 1 + 0.0625 = 1.3125, so C = 1 + 1e-5 * 1.3125.
+        let g = DMatrix::from_row_slice(2, 2, &[1.0, 0.0, 0.0, 2.0]);
+        let d = DMatrix::from_row_slice(2, 2, &[0.5, 1.0, 0.0, 0.25]);
+        let g_dot_d: f64 = g.dot(&d);
+        assert!((g_dot_d - 1.0).abs() < 1e-12);
+        let c = c_fisher(g_dot_d, d.norm_squared(), 1e-5);
+        assert!((c - (1.0 + 1.3125e-5)).abs() < 1e-15, "{c}");
+    }
+
+    #[test]
+    fn low_rank_keeps_the_top_singular_directions() {
+        // diag(3, 1) at rank 1 is diag(3, 0); a rank-1 matrix is its own projection.
+        let d = DMatrix::from_row_slice(2, 2, &[3.0, 0.0, 0.0, 1.0]);
+        let p = low_rank(&d, 1);
+        assert!((p - DMatrix::from_row_slice(2, 2, &[3.0, 0.0, 0.0, 0.0])).norm() < 1e-12);
+        let outer = DMatrix::from_row_slice(3, 2, &[1.0, 2.0, 2.0, 4.0, -1.0, -2.0]);
+        assert!((low_rank(&outer, 1) - &outer).norm() < 1e-12);
+        assert_eq!(low_rank(&DMatrix::zeros(2, 3), 1), DMatrix::<f64>::zeros(2, 3));
+        // r = max(1, ceil(0.05 * min)): 512x128 -> 7, 4x4 -> 1.
+        assert_eq!(rank_for(512, 128, 0.05), 7);
+        assert_eq!(rank_for(4, 4, 0.05), 1);
+    }
+
+    #[test]
+    fn batch_median_scaling_ignores_zeros() {
+        // nonzero {2, 4, 8, 1} -> median (2 + 4) / 2 = 3.
+        let scaled = scale_by_batch_median(&[0.0, 2.0, 4.0, 8.0, 1.0]);
+        let want = [0.0, 2.0 / 3.0, 4.0 / 3.0, 8.0 / 3.0, 1.0 / 3.0];
+        for (a, b) in scaled.iter().zip(want) {
+            assert!((a - b).abs() < 1e-12, "{scaled:?}");
+        }
+        assert_eq!(scale_by_batch_median(&[0.0, 0.0]), vec![0.0, 0.0]);
+        assert!((fd_directional(1.5, 0.5, 0.25) - 2.0).abs() < 1e-12);
+    }
+
+    fn small() -> (crate::model::Config, Weights) {
+        let shape = ModelShape {
+            vocab_size: 300,
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            max_position_embeddings: 64,
+            ..ModelShape::default()
+        };
+        let cfg = tiny_config(&shape, 0);
+        let w = init_weights(&cfg, 7, &Device::Cpu).unwrap();
+        (cfg, w)
+    }
+
+    /// Derivatives of both estimators for a policy moved away from its reference along a random
+    /// direction in the last MLP block.
+    fn both_estimators(cfg: &crate::model::Config, reference: &Weights, moved: &Weights) -> (Direction, Vec<Vec<f64>>, Vec<Vec<f64>>) {
+        let dev = Device::Cpu;
+        let layer = cfg.num_hidden_layers - 1;
+        let trunk = build_model(cfg, moved, &dev).unwrap();
+        let tail = build_model_as(cfg, moved, DType::F64, &dev).unwrap();
+        let reference_model = build_model(cfg, reference, &dev).unwrap();
+        let dir = direction(&trunk.mlp_weights(layer), &reference_model.mlp_weights(layer), 0.25).unwrap();
+        let proxy = ProxyModel { trunk: &trunk, tail: &tail, layer };
+        let (p1, z1, s1) = (vec![5u32, 6, 7], vec![10u32, 11, 12, 13, 14, 15, 16], vec![(0, 3), (3, 5), (5, 7)]);
+        let (p2, z2, s2) = (vec![9u32, 8], vec![20u32, 21, 22], vec![(0, 1), (1, 3)]);
+        let reqs = [
+            SeqRequest { prompt: &p1, response: &z1, spans: &s1 },
+            SeqRequest { prompt: &p2, response: &z2, spans: &s2 },
+        ];
+        let theta = trunk.mlp_weights(layer);
+        let fd = directional_derivatives(&proxy, &theta, &dir, &reqs, 0, Estimator::Fd, 1e-3).unwrap();
+        let grad = directional_derivatives(&proxy, &theta, &dir, &reqs, 0, Estimator::Grad, 1e-3).unwrap();
+        (dir, fd, grad)
+    }
+
+    #[test]
+    fn fd_and_grad_estimators_agree() {
+        let (cfg, reference) = small();
+        let mut moved = reference.clone();
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(11);
+        for name in MlpWeights::names(cfg.num_hidden_layers - 1) {
+            let w = &moved[&name];
+            let noise: Vec<f32> = (0..w.elem_count()).map(|_| 0.05 * crate::model::standard_normal(&mut rng)).collect();
+            let noise = Tensor::from_vec(noise, w.dims(), &Device::Cpu).unwrap();
+            moved.insert(name.clone(), (w + noise).unwrap());
+        }
+        let (dir, fd, grad) = both_estimators(&cfg, &reference, &moved);
+        assert!(dir.norm_sq > 0.0);
+        let mut compared = 0;
+        for (f, g) in fd.iter().flatten().zip(grad.iter().flatten()) {
+            if g.abs() > 1e-4 {
+                let rel = (f - g).abs() / g.abs();
+                assert!(rel < 1e-2, "fd {f} vs grad {g}: relative error {rel}");
+                compared += 1;
+            }
+        }
+        assert!(compared >= 3, "too few episodes with a measurable derivative: {fd:?} {grad:?}");
+    }
+
+    #[test]
+    fn c_is_zero_when_the_policy_is_its_reference() {
+        let (cfg, reference) = small();
+        let (dir, fd, grad) = both_estimators(&cfg, &reference, &reference);
+        assert!(dir.is_zero());
+        for g_dot_d in fd.iter().chain(&grad).flatten() {
+            assert_eq!(c_fisher(*g_dot_d, dir.norm_sq, 1e-5), 0.0);
+        }
+    }
+}
