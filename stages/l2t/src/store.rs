@@ -394,6 +394,13 @@ impl Staging {
         HashingWriter::create(&self.dir.join(file))
     }
 
+    /// Writes a small output in one go.
+    pub fn write_file(&mut self, file: &str, bytes: &[u8]) -> Result<()> {
+        let mut w = self.create(file)?;
+        w.write_all(bytes).with_context(|| format!("{file}: cannot write"))?;
+        self.record(file, w, None)
+    }
+
     /// Records a finished output.
     pub fn record(&mut self, file: &str, writer: HashingWriter, rows: Option<u64>) -> Result<()> {
         let (blake3, bytes) = writer.finish().with_context(|| format!("{file}: cannot flush"))?;

@@ -12,7 +12,6 @@ use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 
 pub use qwen2::{Config, KvCache, Model};
 
@@ -158,11 +157,7 @@ impl Policy {
 
 /// Writes a checkpoint as a Hugging Face directory into a stage's outputs.
 pub fn save_checkpoint(staging: &mut Staging, cfg: &Config, weights: &Weights, tokenizer: &tokenizers::Tokenizer) -> Result<()> {
-    let mut write = |file: &str, bytes: &[u8]| -> Result<()> {
-        let mut w = staging.create(file)?;
-        w.write_all(bytes)?;
-        staging.record(file, w, None)
-    };
+    let mut write = |file: &str, bytes: &[u8]| staging.write_file(file, bytes);
     write(CONFIG_FILE, serde_json::to_string_pretty(cfg)?.as_bytes())?;
     let generation = serde_json::json!({ "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id });
     write(GENERATION_CONFIG_FILE, serde_json::to_string_pretty(&generation)?.as_bytes())?;
@@ -177,6 +172,63 @@ pub fn save_checkpoint(staging: &mut Staging, cfg: &Config, weights: &Weights, t
 pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
     Ok(logp.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?)
+}
+
+/// A teacher-forced batch over prompt + response sequences, right-padded, starting at position 0.
+/// The log-prob of response token `j` of row `r` sits at column `offsets[r] + j`.
+pub struct TeacherForced {
+    pub inputs: Tensor,
+    pub targets: Tensor,
+    pub positions: Tensor,
+    pub mask: Tensor,
+    pub offsets: Vec<usize>,
+}
+
+impl TeacherForced {
+    /// `seqs`: (prompt, response) pairs, both non-empty.
+    pub fn new(seqs: &[(&[u32], &[u32])], pad_id: u32, dev: &Device) -> Result<Self> {
+        if let Some(i) = seqs.iter().position(|(p, z)| p.is_empty() || z.is_empty()) {
+            bail!("sequence {i}: empty prompt or response");
+        }
+        let t = seqs.iter().map(|(p, z)| p.len() + z.len() - 1).max().unwrap_or(1);
+        let b = seqs.len();
+        let (mut inputs, mut targets) = (vec![pad_id; b * t], vec![pad_id; b * t]);
+        let mut offsets = Vec::with_capacity(b);
+        for (r, (prompt, response)) in seqs.iter().enumerate() {
+            let seq: Vec<u32> = prompt.iter().chain(response.iter()).copied().collect();
+            let n = seq.len() - 1;
+            inputs[r * t..r * t + n].copy_from_slice(&seq[..n]);
+            targets[r * t..r * t + n].copy_from_slice(&seq[1..]);
+            offsets.push(prompt.len() - 1);
+        }
+        Ok(Self {
+            inputs: Tensor::from_vec(inputs, (b, t), dev)?,
+            targets: Tensor::from_vec(targets, (b, t), dev)?,
+            positions: Tensor::arange(0u32, t as u32, dev)?.unsqueeze(0)?.expand((b, t))?.contiguous()?,
+            mask: qwen2::causal_mask(b, t, dev)?,
+            offsets,
+        })
+    }
+
+    /// Log-probs (b, t) of the targets under `model`.
+    pub fn logprobs(&self, model: &Model) -> Result<Tensor> {
+        let logits = model.forward(&self.inputs, &self.positions, &self.mask, None)?;
+        token_logprobs(&logits, &self.targets)
+    }
+}
+
+/// log pi(z_t | prefix) of every response token, `rows` sequences per pass, no gradient.
+pub fn response_logprobs(model: &Model, seqs: &[(&[u32], &[u32])], pad_id: u32, rows: usize) -> Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(seqs.len());
+    for chunk in seqs.chunks(rows.max(1)) {
+        let batch = TeacherForced::new(chunk, pad_id, &model.device())?;
+        let logp: Vec<Vec<f32>> = batch.logprobs(model)?.to_vec2()?;
+        for (r, (_, response)) in chunk.iter().enumerate() {
+            let at = batch.offsets[r];
+            out.push(logp[r][at..at + response.len()].to_vec());
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

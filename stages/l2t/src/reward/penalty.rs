@@ -11,8 +11,8 @@
 //! trunk below the block does not depend on `theta~`, so it runs once in f32; the block and what
 //! follows run in f64, where a step of `eps D~` is far above rounding noise.
 
-use crate::model::qwen2::{causal_mask, MlpWeights};
-use crate::model::{token_logprobs, Model};
+use crate::model::qwen2::MlpWeights;
+use crate::model::{token_logprobs, Model, TeacherForced};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use nalgebra::DMatrix;
@@ -171,29 +171,6 @@ fn shifted(theta: &MlpWeights, dir: &MlpWeights, scale: f64) -> Result<MlpWeight
     Ok(MlpWeights::from_matrices([gate, up, down]))
 }
 
-/// Inputs of a teacher-forced pass over prompt + response (right-padded), and where each
-/// response token's log-prob sits: (inputs, targets, positions, mask, offset of response token 0).
-fn teacher_forcing(requests: &[SeqRequest], pad_id: u32, dev: &candle_core::Device) -> Result<(Tensor, Tensor, Tensor, Tensor, Vec<usize>)> {
-    let t = requests.iter().map(|r| r.prompt.len() + r.response.len() - 1).max().unwrap_or(1);
-    let b = requests.len();
-    let (mut inputs, mut targets) = (vec![pad_id; b * t], vec![pad_id; b * t]);
-    let mut offsets = Vec::with_capacity(b);
-    for (r, req) in requests.iter().enumerate() {
-        let seq: Vec<u32> = req.prompt.iter().chain(req.response).copied().collect();
-        inputs[r * t..r * t + seq.len() - 1].copy_from_slice(&seq[..seq.len() - 1]);
-        targets[r * t..r * t + seq.len() - 1].copy_from_slice(&seq[1..]);
-        offsets.push(req.prompt.len() - 1);
-    }
-    let positions = Tensor::arange(0u32, t as u32, dev)?.unsqueeze(0)?.expand((b, t))?.contiguous()?;
-    Ok((
-        Tensor::from_vec(inputs, (b, t), dev)?,
-        Tensor::from_vec(targets, (b, t), dev)?,
-        positions,
-        causal_mask(b, t, dev)?,
-        offsets,
-    ))
-}
-
 /// Sum of `logp` (one row) over each episode's response tokens.
 fn episode_sums(logp: &[f64], offset: usize, spans: &[(usize, usize)]) -> Vec<f64> {
     spans.iter().map(|&(s, e)| logp[offset + s..offset + e].iter().sum()).collect()
@@ -217,8 +194,8 @@ pub fn directional_derivatives(
             bail!("request {i}: empty prompt or response, or an episode span outside the response");
         }
     }
-    let dev = model.trunk.device();
-    let (inputs, targets, positions, mask, offsets) = teacher_forcing(requests, pad_id, &dev)?;
+    let seqs: Vec<(&[u32], &[u32])> = requests.iter().map(|r| (r.prompt, r.response)).collect();
+    let TeacherForced { inputs, targets, positions, mask, offsets } = TeacherForced::new(&seqs, pad_id, &model.trunk.device())?;
     let x_mid = model.trunk.forward_to_mlp(&inputs, &positions, &mask, model.layer)?.to_dtype(DType::F64)?;
     match estimator {
         Estimator::Fd => {

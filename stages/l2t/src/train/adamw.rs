@@ -19,6 +19,9 @@ impl Default for AdamWParams {
     }
 }
 
+/// Gradients aligned with [`AdamW::vars`].
+pub type Grads = Vec<Option<Tensor>>;
+
 /// Optimizer over named variables. Weight decay applies to matrices only (not norms or biases).
 pub struct AdamW {
     pub vars: Vec<(String, Var)>,
@@ -37,25 +40,40 @@ impl AdamW {
         Ok(Self { vars, m, v, step: 0, params })
     }
 
+    /// The gradient of each variable, in `vars` order (`None`: the loss does not reach it).
+    pub fn grads_of(&self, store: &GradStore) -> Grads {
+        self.vars.iter().map(|(_, v)| store.get(v.as_tensor()).cloned()).collect()
+    }
+
+    /// Adds one backward pass's gradients into an accumulator (gradient accumulation).
+    pub fn accumulate(&self, acc: &mut Grads, store: &GradStore) -> Result<()> {
+        acc.resize(self.vars.len(), None);
+        for (slot, g) in acc.iter_mut().zip(self.grads_of(store)) {
+            *slot = match (slot.take(), g) {
+                (Some(a), Some(g)) => Some((a + g)?),
+                (a, g) => a.or(g),
+            };
+        }
+        Ok(())
+    }
+
     /// Global L2 norm of the gradients (variables without a gradient count as zero).
-    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
+    pub fn grad_norm(grads: &Grads) -> Result<f64> {
         let mut total = 0.0f64;
-        for (_, var) in &self.vars {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                total += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
-            }
+        for g in grads.iter().flatten() {
+            total += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
         }
         Ok(total.sqrt())
     }
 
     /// One update at learning rate `lr`, with gradients scaled by `grad_scale` (clipping).
-    pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+    pub fn step(&mut self, grads: &Grads, lr: f64, grad_scale: f64) -> Result<()> {
         self.step += 1;
         let AdamWParams { beta1, beta2, eps, weight_decay } = self.params;
         let t = self.step as i32;
         let (bias1, bias2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
         for (i, (name, var)) in self.vars.iter().enumerate() {
-            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let Some(g) = grads.get(i).and_then(Option::as_ref) else { continue };
             let g = (g * grad_scale)?;
             self.m[i] = ((&self.m[i] * beta1)? + (&g * (1.0 - beta1))?)?;
             self.v[i] = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
@@ -91,7 +109,7 @@ mod tests {
         let grads = loss.backward().unwrap();
         let params = AdamWParams { weight_decay: 0.1, ..Default::default() };
         let mut opt = AdamW::new(vec![("w".into(), w.clone())], params).unwrap();
-        opt.step(&grads, 0.01, 1.0).unwrap();
+        opt.step(&opt.grads_of(&grads), 0.01, 1.0).unwrap();
         let got: Vec<f32> = w.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         // theta * (1 - lr * wd) - lr * sign(g); the zero gradient only decays.
         let want = [1.0 * 0.999 - 0.01, -2.0 * 0.999 + 0.01, 3.0 * 0.999 - 0.01, 0.5 * 0.999];
@@ -108,7 +126,12 @@ mod tests {
         let loss = (w.as_tensor() * Tensor::new(&[3.0f32, 4.0], &dev).unwrap()).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
         let opt = AdamW::new(vec![("w".into(), w)], AdamWParams::default()).unwrap();
-        assert!((opt.grad_norm(&grads).unwrap() - 5.0).abs() < 1e-6);
+        assert!((AdamW::grad_norm(&opt.grads_of(&grads)).unwrap() - 5.0).abs() < 1e-6);
+        // Accumulating the same backward pass twice doubles the gradient.
+        let mut acc = Grads::new();
+        opt.accumulate(&mut acc, &grads).unwrap();
+        opt.accumulate(&mut acc, &grads).unwrap();
+        assert!((AdamW::grad_norm(&acc).unwrap() - 10.0).abs() < 1e-5);
         assert!((clip_scale(5.0, 1.0) - 0.2).abs() < 1e-6);
         assert_eq!(clip_scale(0.5, 1.0), 1.0);
     }

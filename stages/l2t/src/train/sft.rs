@@ -92,8 +92,8 @@ pub fn train(
         let logits = model.forward(&inputs, &positions, &causal_mask(b, t, dev)?, None)?;
         let nll = (token_logprobs(&logits, &targets)? * &mask)?.sum_all()?.neg()?;
         let loss = (nll / n_targets.max(1) as f64)?;
-        let grads = loss.backward()?;
-        let grad_norm = opt.grad_norm(&grads)?;
+        let grads = opt.grads_of(&loss.backward()?);
+        let grad_norm = AdamW::grad_norm(&grads)?;
         let lr = cosine_lr(step, params.steps, warmup, params.lr, 0.1);
         opt.step(&grads, lr, clip_scale(grad_norm, params.max_grad_norm))?;
         let entry = StepLog { step, loss: f64::from(loss.to_scalar::<f32>()?), lr, grad_norm, tokens: b * t };

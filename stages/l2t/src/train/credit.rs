@@ -1,0 +1,230 @@
+//! Credit assignment (l2t-spec section 7): from episode rewards to per-token advantages.
+//!
+//! ```text
+//! w_t  = -logp_old(z_t) + 1e-6                                  surprise weight
+//! r_t  = R(i,k) * w_t / sum_{t' in k} w_t'                      token reward
+//! rbar = trimmed mean of {r_t}, central (1 - trim) kept         rollout reward
+//! A_i  = (rbar_i - mean_G rbar) / (std_G rbar + 1e-6)           0 for a group with zero spread
+//! A_t  = A_i * clip(r_t / (|rbar_i| + 1e-6), -c, c)
+//! ```
+
+use anyhow::{bail, Result};
+
+/// Which signal becomes the advantage (knob `credit.method`). Every method reads the same
+/// artifacts, so a baseline is one config change away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Dense L2T credit, steps 1-5 above (default).
+    L2t,
+    /// GRPO on the outcome reward alone: `A_t = (r_out_i - mean) / (std + 1e-6)`.
+    Outcome,
+}
+
+impl Method {
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "l2t" => Ok(Self::L2t),
+            "outcome" => Ok(Self::Outcome),
+            other => bail!("unknown credit method {other:?} (expected l2t or outcome)"),
+        }
+    }
+}
+
+/// Added to the surprise weight and to the denominators, as in the spec.
+pub const TINY: f64 = 1e-6;
+
+/// `w_t = -logp_old(z_t) + 1e-6`.
+pub fn surprise_weight(logp_old: f32) -> f64 {
+    -f64::from(logp_old) + TINY
+}
+
+/// `r_t = R(i,k) * w_t / sum_{t' in k} w_t'` for the tokens of one episode: they sum to `R(i,k)`.
+pub fn token_reward(r_episode: f64, w: &[f64]) -> Vec<f64> {
+    let total: f64 = w.iter().sum();
+    w.iter().map(|&w_t| r_episode * w_t / total).collect()
+}
+
+/// Symmetric trimmed mean: drops `floor(n * trim / 2)` values from each end (always keeping at
+/// least one) and averages the rest.
+pub fn trimmed_mean(values: &[f64], trim: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    let cut = ((n as f64 * trim / 2.0).floor() as usize).min((n - 1) / 2);
+    let kept = &sorted[cut..n - cut];
+    kept.iter().sum::<f64>() / kept.len() as f64
+}
+
+/// Group z-scores `(x - mean) / (std + 1e-6)` with the population std; a group whose values are
+/// all equal gets zeros and `true` (counted in `frac_zero_std`).
+pub fn group_advantage(values: &[f64]) -> (Vec<f64>, bool) {
+    let n = values.len().max(1) as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    if values.iter().all(|&v| v == values[0]) {
+        return (vec![0.0; values.len()], true);
+    }
+    let std = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
+    (values.iter().map(|v| (v - mean) / (std + TINY)).collect(), false)
+}
+
+/// `A_t = A_i * clip(r_t / (|rbar_i| + 1e-6), -c, c)`, and whether the clip bit.
+pub fn token_advantage(a_i: f64, r_t: f64, rbar: f64, c: f64) -> (f64, bool) {
+    let ratio = r_t / (rbar.abs() + TINY);
+    (a_i * ratio.clamp(-c, c), ratio.abs() > c)
+}
+
+/// What credit assignment needs of one rollout.
+#[derive(Debug, Clone)]
+pub struct RolloutSignal {
+    /// Sampler log-probs, one per response token.
+    pub logp_old: Vec<f32>,
+    /// Episode spans partitioning the response.
+    pub spans: Vec<(usize, usize)>,
+    /// `R(i,k)` per episode (for `l2t`).
+    pub episode_rewards: Vec<f64>,
+    pub r_out: f64,
+}
+
+/// One rollout's credit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutCredit {
+    pub w: Vec<f64>,
+    pub r_t: Vec<f64>,
+    pub a_t: Vec<f64>,
+    pub rbar: f64,
+    pub a_i: f64,
+    pub n_clipped: usize,
+}
+
+/// Credit for one group (the rollouts of one prompt); the bool says the group had zero spread.
+pub fn assign_group(group: &[RolloutSignal], method: Method, trim: f64, c: f64) -> (Vec<RolloutCredit>, bool) {
+    let w: Vec<Vec<f64>> = group.iter().map(|g| g.logp_old.iter().map(|&lp| surprise_weight(lp)).collect()).collect();
+    match method {
+        Method::L2t => {
+            let r_t: Vec<Vec<f64>> = group
+                .iter()
+                .zip(&w)
+                .map(|(g, w)| g.spans.iter().zip(&g.episode_rewards).flat_map(|(&(s, e), &r)| token_reward(r, &w[s..e])).collect())
+                .collect();
+            let rbar: Vec<f64> = r_t.iter().map(|r| trimmed_mean(r, trim)).collect();
+            let (a_i, zero_std) = group_advantage(&rbar);
+            let credits = (0..group.len())
+                .map(|i| {
+                    let (a_t, clipped): (Vec<f64>, Vec<bool>) =
+                        r_t[i].iter().map(|&r| token_advantage(a_i[i], r, rbar[i], c)).unzip();
+                    RolloutCredit {
+                        w: w[i].clone(),
+                        r_t: r_t[i].clone(),
+                        n_clipped: clipped.iter().filter(|&&b| b).count(),
+                        a_t,
+                        rbar: rbar[i],
+                        a_i: a_i[i],
+                    }
+                })
+                .collect();
+            (credits, zero_std)
+        }
+        Method::Outcome => {
+            let r_out: Vec<f64> = group.iter().map(|g| g.r_out).collect();
+            let (a_i, zero_std) = group_advantage(&r_out);
+            let credits = (0..group.len())
+                .map(|i| RolloutCredit {
+                    w: w[i].clone(),
+                    r_t: vec![0.0; w[i].len()],
+                    a_t: vec![a_i[i]; w[i].len()],
+                    rbar: r_out[i],
+                    a_i: a_i[i],
+                    n_clipped: 0,
+                })
+                .collect();
+            (credits, zero_std)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-9
+    }
+
+    #[test]
+    fn surprise_weights_and_token_rewards_sum_to_the_episode_reward() {
+        // logp_old = ln 0.5, ln 0.25 -> w = 0.693147.. + 1e-6, 1.386294.. + 1e-6.
+        let w: Vec<f64> = [0.5f32.ln(), 0.25f32.ln()].iter().map(|&l| surprise_weight(l)).collect();
+        assert!((w[0] - (2f64.ln() + 1e-6)).abs() < 1e-6 && (w[1] - (4f64.ln() + 1e-6)).abs() < 1e-6);
+        // R = 0.9 split 1:2 by surprise: 0.3 and 0.6.
+        let r = token_reward(0.9, &[1.0, 2.0]);
+        assert!(close(r[0], 0.3) && close(r[1], 0.6), "{r:?}");
+        assert!(close(token_reward(-0.7, &w).iter().sum(), -0.7));
+    }
+
+    #[test]
+    fn trimmed_mean_drops_the_tails() {
+        // 40 values 1..=40: trim 0.05 drops one from each end -> mean of 2..=39 = 20.5; the outlier
+        // 1000 in place of 40 is dropped too.
+        let mut v: Vec<f64> = (1..=40).map(f64::from).collect();
+        assert!(close(trimmed_mean(&v, 0.05), 20.5));
+        v[39] = 1000.0;
+        assert!(close(trimmed_mean(&v, 0.05), 20.5));
+        // Fewer than 40 values at 5%: nothing is dropped.
+        assert!(close(trimmed_mean(&[1.0, 2.0, 9.0], 0.05), 4.0));
+        // trim 1.0 keeps the median.
+        assert!(close(trimmed_mean(&[1.0, 2.0, 9.0], 1.0), 2.0));
+    }
+
+    #[test]
+    fn group_z_score_and_zero_spread() {
+        // {1, 0, 0, 1}: mean 0.5, population std 0.5 -> +-1 (less the 1e-6 in the denominator).
+        let (a, zero) = group_advantage(&[1.0, 0.0, 0.0, 1.0]);
+        assert!(!zero);
+        assert!((a[0] - 0.5 / (0.5 + 1e-6)).abs() < 1e-12 && (a[1] + 0.5 / (0.5 + 1e-6)).abs() < 1e-12);
+        let (a, zero) = group_advantage(&[0.3, 0.3, 0.3]);
+        assert!(zero && a == vec![0.0; 3]);
+    }
+
+    #[test]
+    fn token_advantage_clips_at_c() {
+        // ratio 0.2 / 0.1 = 2 -> A_t = 1.5 * 2 (up to the 1e-6).
+        let (a, clipped) = token_advantage(1.5, 0.2, 0.1, 10.0);
+        assert!((a - 1.5 * 0.2 / (0.1 + 1e-6)).abs() < 1e-12 && !clipped);
+        // ratio -5 / 0.1 = -50 -> clipped to -10.
+        let (a, clipped) = token_advantage(1.5, -5.0, -0.1, 10.0);
+        assert!(close(a, -15.0) && clipped);
+    }
+
+    #[test]
+    fn l2t_group_by_hand() {
+        // Two rollouts of one token per episode, so r_t = R and rbar = mean R (no trimming at 2).
+        let a = RolloutSignal { logp_old: vec![-1.0, -1.0], spans: vec![(0, 1), (1, 2)], episode_rewards: vec![0.5, 0.3], r_out: 1.0 };
+        let b = RolloutSignal { logp_old: vec![-2.0], spans: vec![(0, 1)], episode_rewards: vec![-0.2], r_out: 0.0 };
+        let (credits, zero) = assign_group(&[a, b], Method::L2t, 0.05, 10.0);
+        assert!(!zero);
+        assert_eq!(credits[0].r_t, vec![0.5, 0.3]);
+        assert!(close(credits[0].rbar, 0.4) && close(credits[1].rbar, -0.2));
+        // rbar {0.4, -0.2}: mean 0.1, std 0.3 -> A = +-0.3 / (0.3 + 1e-6).
+        let a_i = 0.3 / (0.3 + 1e-6);
+        assert!(close(credits[0].a_i, a_i) && close(credits[1].a_i, -a_i));
+        // A_t = A_i * r_t / |rbar|: 0.5 / 0.4 and 0.3 / 0.4; rollout b: -0.2 / 0.2 = -1 -> +A_i.
+        assert!((credits[0].a_t[0] - a_i * 0.5 / (0.4 + 1e-6)).abs() < 1e-9);
+        assert!((credits[0].a_t[1] - a_i * 0.3 / (0.4 + 1e-6)).abs() < 1e-9);
+        assert!((credits[1].a_t[0] - a_i * 0.2 / (0.2 + 1e-6)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn outcome_method_is_grpo() {
+        let sig = |r_out| RolloutSignal { logp_old: vec![-1.0; 3], spans: vec![(0, 3)], episode_rewards: vec![9.0], r_out };
+        let (credits, zero) = assign_group(&[sig(1.0), sig(0.0)], Method::Outcome, 0.05, 10.0);
+        assert!(!zero);
+        let a = 0.5 / (0.5 + 1e-6);
+        assert_eq!(credits[0].a_t, vec![a; 3]);
+        assert_eq!(credits[1].a_t, vec![-a; 3]);
+        let (credits, zero) = assign_group(&[sig(0.0), sig(0.0)], Method::Outcome, 0.05, 10.0);
+        assert!(zero && credits[0].a_t == vec![0.0; 3]);
+    }
+}

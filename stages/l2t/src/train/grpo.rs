@@ -1,0 +1,449 @@
+//! The policy update (l2t-spec section 8): clipped surrogate with a k3 KL penalty to the base
+//! policy, per-token, aggregated as `loss_agg` says.
+//!
+//! ```text
+//! ratio  = exp(logp_theta - logp_old)
+//! loss_t = -min(ratio * A_t, clip(ratio, 1 - eps_low, 1 + eps_high) * A_t) + beta_kl * k3
+//! k3     = exp(logp_ref - logp_theta) - (logp_ref - logp_theta) - 1
+//! ```
+//!
+//! Each minibatch is one optimizer step; its sequences go through the model `micro_batch` at a
+//! time with gradients accumulated, so backprop never holds more than a few sequences' graphs.
+
+use super::adamw::{clip_scale, AdamW, AdamWParams, Grads};
+use super::schedule::cosine_lr;
+use crate::model::{build_model, Config, TeacherForced, Weights};
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor, Var};
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+/// How token losses become the minibatch loss (knob `update.loss_agg`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LossAgg {
+    /// Sum over all tokens / number of tokens in the minibatch (DAPO; default).
+    TokenMean,
+    /// Mean over sequences of each sequence's token mean (original GRPO).
+    SeqMeanTokenMean,
+    /// Sum over all tokens / (sequences * max_new_tokens) (Dr. GRPO: no length normalisation).
+    DrGrpo,
+}
+
+impl LossAgg {
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "token-mean" => Ok(Self::TokenMean),
+            "seq-mean-token-mean" => Ok(Self::SeqMeanTokenMean),
+            "dr-grpo" => Ok(Self::DrGrpo),
+            other => bail!("unknown loss_agg {other:?} (expected token-mean, seq-mean-token-mean or dr-grpo)"),
+        }
+    }
+}
+
+/// `exp(logp - logp_old)`.
+pub fn ratio(logp: f64, logp_old: f64) -> f64 {
+    (logp - logp_old).exp()
+}
+
+/// `k3 = exp(logp_ref - logp) - (logp_ref - logp) - 1` (Schulman's unbiased, positive KL estimate).
+pub fn k3(logp_ref: f64, logp: f64) -> f64 {
+    let d = logp_ref - logp;
+    d.exp() - d - 1.0
+}
+
+/// `-min(ratio * a, clip(ratio, 1 - eps_low, 1 + eps_high) * a)`.
+pub fn clipped_surrogate(ratio: f64, a: f64, eps_low: f64, eps_high: f64) -> f64 {
+    -(ratio * a).min(ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * a)
+}
+
+/// The weight of each token's loss in the minibatch loss, so that `loss = sum_t weight_t * loss_t`.
+pub fn token_weights(lens: &[usize], agg: LossAgg, max_new_tokens: usize) -> Vec<Vec<f64>> {
+    let n_seq = lens.len().max(1) as f64;
+    let total: usize = lens.iter().sum();
+    lens.iter()
+        .map(|&len| {
+            let w = match agg {
+                LossAgg::TokenMean => 1.0 / total.max(1) as f64,
+                LossAgg::SeqMeanTokenMean => 1.0 / (n_seq * len.max(1) as f64),
+                LossAgg::DrGrpo => 1.0 / (n_seq * max_new_tokens.max(1) as f64),
+            };
+            vec![w; len]
+        })
+        .collect()
+}
+
+/// One sequence of the update batch.
+#[derive(Debug, Clone)]
+pub struct Sequence {
+    pub prompt: Vec<u32>,
+    pub response: Vec<u32>,
+    /// Sampler log-probs.
+    pub logp_old: Vec<f32>,
+    /// Base-policy log-probs (unused when `beta_kl = 0`).
+    pub logp_ref: Vec<f32>,
+    pub a_t: Vec<f32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GrpoParams {
+    pub lr: f64,
+    pub warmup_frac: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub eps_low: f64,
+    pub eps_high: f64,
+    pub beta_kl: f64,
+    pub loss_agg: LossAgg,
+    pub ppo_epochs: usize,
+    pub minibatches: usize,
+    /// Sequences per forward/backward pass.
+    pub micro_batch: usize,
+    /// Optimizer steps the whole run plans (the cosine schedule's length).
+    pub planned_steps: usize,
+    /// Token budget of a response (the `dr-grpo` normaliser).
+    pub max_new_tokens: usize,
+}
+
+/// One optimizer step's figures (the rows of `update_metrics`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub epoch: u32,
+    pub minibatch: u32,
+    pub lr: f64,
+    pub loss: f64,
+    pub pg_loss: f64,
+    pub kl_loss: f64,
+    /// Mean k3 over the minibatch's tokens.
+    pub kl: f64,
+    /// Share of tokens whose ratio was clipped on the side that stops the gradient.
+    pub clip_frac: f64,
+    pub ratio_mean: f64,
+    pub grad_norm: f64,
+    pub sequences: u32,
+    pub tokens: u64,
+}
+
+/// The loss of one micro batch (already weighted for its minibatch) and its metric sums.
+struct MicroLoss {
+    loss: Tensor,
+    pg: f64,
+    kl_loss: f64,
+    kl_sum: f64,
+    clipped: f64,
+    ratio_sum: f64,
+}
+
+fn micro_loss(
+    model: &crate::model::Model,
+    seqs: &[&Sequence],
+    weights: &[&Vec<f64>],
+    p: &GrpoParams,
+    pad_id: u32,
+    dev: &Device,
+) -> Result<MicroLoss> {
+    let pairs: Vec<(&[u32], &[u32])> = seqs.iter().map(|s| (s.prompt.as_slice(), s.response.as_slice())).collect();
+    let batch = TeacherForced::new(&pairs, pad_id, dev)?;
+    let (b, t) = batch.inputs.dims2()?;
+    // Per-position inputs of the formula, zero (and weight zero) outside the responses.
+    let (mut old, mut reference, mut adv, mut w) = (vec![0f32; b * t], vec![0f32; b * t], vec![0f32; b * t], vec![0f32; b * t]);
+    for (r, s) in seqs.iter().enumerate() {
+        let at = r * t + batch.offsets[r];
+        for j in 0..s.response.len() {
+            old[at + j] = s.logp_old[j];
+            reference[at + j] = if p.beta_kl > 0.0 { s.logp_ref[j] } else { 0.0 };
+            adv[at + j] = s.a_t[j];
+            w[at + j] = weights[r][j] as f32;
+        }
+    }
+    let tensor = |v: Vec<f32>| Tensor::from_vec(v, (b, t), dev);
+    let (old, reference, adv, w) = (tensor(old)?, tensor(reference)?, tensor(adv)?, tensor(w)?);
+    let logp = batch.logprobs(model)?;
+    let ratio = (&logp - &old)?.exp()?;
+    let clipped_ratio = ratio.clamp(1.0 - p.eps_low, 1.0 + p.eps_high)?;
+    let pg = (ratio.broadcast_mul(&adv)?.minimum(&clipped_ratio.broadcast_mul(&adv)?)?).neg()?;
+    let pg_loss = (&pg * &w)?.sum_all()?;
+    let (loss, kl_loss, kl_sum) = if p.beta_kl > 0.0 {
+        let d = (&reference - &logp)?;
+        let k3 = ((d.exp()? - &d)? - 1.0)?;
+        let mask = w.ne(0f32)?.to_dtype(candle_core::DType::F32)?;
+        let kl_sum = f64::from((&k3 * &mask)?.sum_all()?.to_scalar::<f32>()?);
+        let kl_loss = ((&k3 * &w)?.sum_all()? * p.beta_kl)?;
+        let kl_value = f64::from(kl_loss.to_scalar::<f32>()?);
+        ((&pg_loss + kl_loss)?, kl_value, kl_sum)
+    } else {
+        (pg_loss.clone(), 0.0, 0.0)
+    };
+    // Metrics, without gradient.
+    let (ratio_v, adv_v, w_v): (Vec<f32>, Vec<f32>, Vec<f32>) =
+        (ratio.flatten_all()?.to_vec1()?, adv.flatten_all()?.to_vec1()?, w.flatten_all()?.to_vec1()?);
+    let (mut clipped, mut ratio_sum) = (0.0, 0.0);
+    for ((&r, &a), &wt) in ratio_v.iter().zip(&adv_v).zip(&w_v) {
+        if wt == 0.0 {
+            continue;
+        }
+        let (r, a) = (f64::from(r), f64::from(a));
+        ratio_sum += r;
+        if (r < 1.0 - p.eps_low && a < 0.0) || (r > 1.0 + p.eps_high && a > 0.0) {
+            clipped += 1.0;
+        }
+    }
+    Ok(MicroLoss { pg: f64::from(pg_loss.to_scalar::<f32>()?), loss, kl_loss, kl_sum, clipped, ratio_sum })
+}
+
+/// The optimizer's state between iterations.
+pub struct OptimizerState {
+    pub m: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    pub step: usize,
+}
+
+/// Runs `ppo_epochs` x `minibatches` optimizer steps on `seqs`, continuing from `state`.
+/// Returns the new weights, the optimizer state and one metrics row per step.
+#[allow(clippy::too_many_arguments)]
+pub fn update(
+    cfg: &Config,
+    weights: Weights,
+    state: Option<OptimizerState>,
+    seqs: &[Sequence],
+    p: &GrpoParams,
+    pad_id: u32,
+    rng: &mut ChaCha8Rng,
+    dev: &Device,
+    mut on_step: impl FnMut(&StepMetrics),
+) -> Result<(Weights, OptimizerState, Vec<StepMetrics>)> {
+    if seqs.is_empty() {
+        bail!("no sequences to train on");
+    }
+    let vars: Vec<(String, Var)> = weights.into_iter().map(|(k, t)| Ok((k, Var::from_tensor(&t)?))).collect::<Result<_>>()?;
+    let model_weights: Weights = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    let model = build_model(cfg, &model_weights, dev)?;
+    let mut opt = AdamW::new(vars, AdamWParams { weight_decay: p.weight_decay, ..AdamWParams::default() })?;
+    if let Some(s) = state {
+        if s.m.len() != opt.vars.len() || s.v.len() != opt.vars.len() {
+            bail!("optimizer state has {} moments but the policy has {} tensors", s.m.len(), opt.vars.len());
+        }
+        (opt.m, opt.v, opt.step) = (s.m, s.v, s.step);
+    }
+    let warmup = (p.warmup_frac * p.planned_steps as f64).round() as usize;
+    let minibatches = p.minibatches.clamp(1, seqs.len());
+    let mut log = Vec::new();
+    for epoch in 0..p.ppo_epochs {
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.shuffle(rng);
+        for (mb, part) in split_even(&order, minibatches).into_iter().enumerate() {
+            let lens: Vec<usize> = part.iter().map(|&i| seqs[i].response.len()).collect();
+            let weights = token_weights(&lens, p.loss_agg, p.max_new_tokens);
+            let mut grads = Grads::new();
+            let mut m = StepMetrics { epoch: epoch as u32, minibatch: mb as u32, sequences: part.len() as u32, ..StepMetrics::default() };
+            m.tokens = lens.iter().sum::<usize>() as u64;
+            let (mut kl_sum, mut clipped, mut ratio_sum) = (0.0, 0.0, 0.0);
+            for (chunk, chunk_w) in part.chunks(p.micro_batch.max(1)).zip(weights.chunks(p.micro_batch.max(1))) {
+                let chunk_seqs: Vec<&Sequence> = chunk.iter().map(|&i| &seqs[i]).collect();
+                let chunk_w: Vec<&Vec<f64>> = chunk_w.iter().collect();
+                let micro = micro_loss(&model, &chunk_seqs, &chunk_w, p, pad_id, dev)?;
+                opt.accumulate(&mut grads, &micro.loss.backward()?)?;
+                m.loss += f64::from(micro.loss.to_scalar::<f32>()?);
+                m.pg_loss += micro.pg;
+                m.kl_loss += micro.kl_loss;
+                kl_sum += micro.kl_sum;
+                clipped += micro.clipped;
+                ratio_sum += micro.ratio_sum;
+            }
+            let tokens = m.tokens.max(1) as f64;
+            (m.kl, m.clip_frac, m.ratio_mean) = (kl_sum / tokens, clipped / tokens, ratio_sum / tokens);
+            m.grad_norm = AdamW::grad_norm(&grads)?;
+            if !m.grad_norm.is_finite() || !m.loss.is_finite() {
+                bail!("epoch {epoch} minibatch {mb}: the loss or its gradient is not finite (loss {}, grad norm {})", m.loss, m.grad_norm);
+            }
+            m.lr = cosine_lr(opt.step, p.planned_steps, warmup, p.lr, 0.0);
+            m.step = opt.step as u64;
+            opt.step(&grads, m.lr, clip_scale(m.grad_norm, p.max_grad_norm))?;
+            on_step(&m);
+            log.push(m);
+        }
+    }
+    let state = OptimizerState { m: opt.m, v: opt.v, step: opt.step };
+    let trained = opt.vars.into_iter().map(|(k, v)| (k, v.as_tensor().detach())).collect();
+    Ok((trained, state, log))
+}
+
+/// `items` in `parts` contiguous pieces whose sizes differ by at most one.
+fn split_even(items: &[usize], parts: usize) -> Vec<&[usize]> {
+    let (base, extra) = (items.len() / parts, items.len() % parts);
+    let mut out = Vec::with_capacity(parts);
+    let mut at = 0;
+    for i in 0..parts {
+        let n = base + usize::from(i < extra);
+        out.push(&items[at..at + n]);
+        at += n;
+    }
+    out
+}
+
+impl Default for StepMetrics {
+    fn default() -> Self {
+        Self {
+            step: 0,
+            epoch: 0,
+            minibatch: 0,
+            lr: 0.0,
+            loss: 0.0,
+            pg_loss: 0.0,
+            kl_loss: 0.0,
+            kl: 0.0,
+            clip_frac: 0.0,
+            ratio_mean: 0.0,
+            grad_norm: 0.0,
+            sequences: 0,
+            tokens: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelShape;
+    use crate::model::{init_weights, tiny_config};
+
+    #[test]
+    fn ratio_k3_and_clipped_surrogate_by_hand() {
+        assert!((ratio(-1.0, -1.5) - 0.5f64.exp()).abs() < 1e-12);
+        // k3(d) = e^d - d - 1: 0 at d = 0; d = ln 2 -> 2 - ln 2 - 1 = 0.306853.
+        assert_eq!(k3(-2.0, -2.0), 0.0);
+        assert!((k3(2f64.ln() - 1.0, -1.0) - (1.0 - 2f64.ln())).abs() < 1e-12);
+        // A > 0: ratio 1.5 is clipped to 1.2 -> -1.2 A; ratio 0.5 is not -> -0.5 A.
+        assert!((clipped_surrogate(1.5, 2.0, 0.2, 0.2) + 2.4).abs() < 1e-12);
+        assert!((clipped_surrogate(0.5, 2.0, 0.2, 0.2) + 1.0).abs() < 1e-12);
+        // A < 0: ratio 0.5 is clipped to 0.8 -> -(0.8 * -1) = 0.8; ratio 1.5 is not -> 1.5.
+        assert!((clipped_surrogate(0.5, -1.0, 0.2, 0.2) - 0.8).abs() < 1e-12);
+        assert!((clipped_surrogate(1.5, -1.0, 0.2, 0.2) - 1.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn each_loss_aggregation_by_hand() {
+        // Two sequences of 1 and 3 tokens with token losses [4] and [1, 2, 3].
+        let losses = [vec![4.0], vec![1.0, 2.0, 3.0]];
+        let agg = |a: LossAgg| -> f64 {
+            let w = token_weights(&[1, 3], a, 10);
+            w.iter().zip(&losses).flat_map(|(w, l)| w.iter().zip(l).map(|(w, l)| w * l)).sum()
+        };
+        // token-mean: (4 + 1 + 2 + 3) / 4 = 2.5
+        assert!((agg(LossAgg::TokenMean) - 2.5).abs() < 1e-12);
+        // seq-mean-token-mean: (4 / 1 + 6 / 3) / 2 = 3
+        assert!((agg(LossAgg::SeqMeanTokenMean) - 3.0).abs() < 1e-12);
+        // dr-grpo: 10 / (2 * 10) = 0.5
+        assert!((agg(LossAgg::DrGrpo) - 0.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn split_even_covers_every_item() {
+        let items: Vec<usize> = (0..7).collect();
+        let parts = split_even(&items, 3);
+        assert_eq!(parts, vec![&[0, 1, 2][..], &[3, 4], &[5, 6]]);
+    }
+
+    fn small() -> (Config, Weights) {
+        let shape = ModelShape {
+            vocab_size: 300,
+            hidden_size: 16,
+            intermediate_size: 32,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            max_position_embeddings: 32,
+            ..ModelShape::default()
+        };
+        let cfg = tiny_config(&shape, 0);
+        let w = init_weights(&cfg, 4, &Device::Cpu).unwrap();
+        (cfg, w)
+    }
+
+    fn params() -> GrpoParams {
+        GrpoParams {
+            lr: 1e-2,
+            warmup_frac: 0.0,
+            weight_decay: 0.0,
+            max_grad_norm: 1e9,
+            eps_low: 0.2,
+            eps_high: 0.2,
+            beta_kl: 0.1,
+            loss_agg: LossAgg::TokenMean,
+            ppo_epochs: 1,
+            minibatches: 1,
+            micro_batch: 1,
+            planned_steps: 10,
+            max_new_tokens: 8,
+        }
+    }
+
+    /// The loss's gradient along one weight equals a central finite difference of the loss, with
+    /// ratios away from 1 so that the clip is active on some tokens, and the KL term on.
+    #[test]
+    fn grpo_loss_gradient_matches_finite_difference() {
+        let (cfg, weights) = small();
+        let dev = Device::Cpu;
+        let seqs = [
+            Sequence { prompt: vec![3, 4], response: vec![5, 6, 7], logp_old: vec![-5.5, -5.9, -5.2], logp_ref: vec![-5.6, -5.8, -5.7], a_t: vec![1.0, -0.5, 2.0] },
+            Sequence { prompt: vec![9], response: vec![10, 11], logp_old: vec![-5.7, -5.6], logp_ref: vec![-5.7, -5.6], a_t: vec![-1.0, 0.7] },
+        ];
+        let p = params();
+        let refs: Vec<&Sequence> = seqs.iter().collect();
+        let w = token_weights(&[3, 2], p.loss_agg, p.max_new_tokens);
+        let wr: Vec<&Vec<f64>> = w.iter().collect();
+        let loss_at = |weights: &Weights| -> f64 {
+            let model = build_model(&cfg, weights, &dev).unwrap();
+            f64::from(micro_loss(&model, &refs, &wr, &p, 0, &dev).unwrap().loss.to_scalar::<f32>().unwrap())
+        };
+        let name = "model.layers.0.mlp.up_proj.weight";
+        let var = Var::from_tensor(&weights[name]).unwrap();
+        let mut with_var = weights.clone();
+        with_var.insert(name.into(), var.as_tensor().clone());
+        let model = build_model(&cfg, &with_var, &dev).unwrap();
+        let grads = micro_loss(&model, &refs, &wr, &p, 0, &dev).unwrap().loss.backward().unwrap();
+        let g: Vec<f32> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        // Perturb the entries with the largest gradients.
+        let mut idx: Vec<usize> = (0..g.len()).collect();
+        idx.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
+        let base: Vec<f32> = weights[name].flatten_all().unwrap().to_vec1().unwrap();
+        let h = 1e-2f32;
+        for &i in idx.iter().take(3) {
+            let shifted = |delta: f32| {
+                let mut v = base.clone();
+                v[i] += delta;
+                let mut w = weights.clone();
+                w.insert(name.into(), Tensor::from_vec(v, weights[name].dims(), &dev).unwrap());
+                loss_at(&w)
+            };
+            let fd = (shifted(h) - shifted(-h)) / (2.0 * f64::from(h));
+            let rel = (fd - f64::from(g[i])).abs() / f64::from(g[i]).abs();
+            assert!(rel < 2e-2, "entry {i}: fd {fd} vs backprop {}", g[i]);
+        }
+    }
+
+    #[test]
+    fn updates_raise_the_likelihood_of_positive_advantage_tokens() {
+        let (cfg, weights) = small();
+        let dev = Device::Cpu;
+        let model = build_model(&cfg, &weights, &dev).unwrap();
+        let pairs: Vec<(&[u32], &[u32])> = vec![(&[3, 4], &[5, 6]), (&[3, 4], &[7, 8])];
+        let logp = crate::model::response_logprobs(&model, &pairs, 0, 2).unwrap();
+        let seqs: Vec<Sequence> = pairs
+            .iter()
+            .zip(&logp)
+            .zip([1.0f32, -1.0])
+            .map(|(((p, z), lp), a)| Sequence { prompt: p.to_vec(), response: z.to_vec(), logp_old: lp.clone(), logp_ref: lp.clone(), a_t: vec![a; 2] })
+            .collect();
+        let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+        let p = GrpoParams { ppo_epochs: 4, ..params() };
+        let (trained, state, log) = update(&cfg, weights, None, &seqs, &p, 0, &mut rng, &dev, |_| {}).unwrap();
+        assert_eq!(state.step, 4);
+        assert_eq!(log.len(), 4);
+        let after = crate::model::response_logprobs(&build_model(&cfg, &trained, &dev).unwrap(), &pairs, 0, 2).unwrap();
+        let sum = |v: &Vec<f32>| v.iter().sum::<f32>();
+        assert!(sum(&after[0]) > sum(&logp[0]), "positive advantage: {:?} -> {:?}", logp[0], after[0]);
+        assert!(sum(&after[1]) < sum(&logp[1]), "negative advantage: {:?} -> {:?}", logp[1], after[1]);
+        assert!(log[0].clip_frac == 0.0 && (log[0].ratio_mean - 1.0).abs() < 1e-5, "{:?}", log[0]);
+    }
+}
