@@ -4,14 +4,17 @@
 //! Writes are byte-deterministic: fixed writer properties (compression, row-group size,
 //! `created_by`), rows in the caller's fixed order, and the content hash taken while writing.
 
+pub mod advantages;
+pub mod episode_rewards;
 pub mod episodes;
 pub mod prompts;
 pub mod rollouts;
+pub mod update_metrics;
 
 use crate::store::{Staging, CREATED_BY};
 use anyhow::{anyhow, bail, Context, Result};
 use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, Float32Array, ListArray, StringArray, UInt32Array, UInt64Array,
+    Array, ArrayRef, AsArray, BooleanArray, Float32Array, Float64Array, ListArray, StringArray, UInt32Array, UInt64Array,
 };
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef, UInt32Type};
@@ -38,6 +41,9 @@ pub const TABLES: &[TableDef] = &[
     TableDef { name: "prompts", stage: "sample", file: prompts::ITERATION_FILE, schema: prompts::schema },
     TableDef { name: "rollouts", stage: "sample", file: rollouts::FILE, schema: rollouts::schema },
     TableDef { name: "episodes", stage: "segment", file: episodes::FILE, schema: episodes::schema },
+    TableDef { name: "episode_rewards", stage: "fisher-reward", file: episode_rewards::FILE, schema: episode_rewards::schema },
+    TableDef { name: "advantages", stage: "credit-assign", file: advantages::FILE, schema: advantages::schema },
+    TableDef { name: "update_metrics", stage: "grpo-update", file: update_metrics::FILE, schema: update_metrics::schema },
 ];
 
 /// `CREATE VIEW` text for a table over every run's refs under `artifacts`, with `run` and
@@ -154,7 +160,15 @@ impl TableReader {
     pub fn f32(&self, col: &str) -> Result<Vec<f32>> {
         let a = self.column(col, "float32")?;
         let values = self.typed::<Float32Array>(col, "float32", a)?.values().to_vec();
-        self.check_finite(col, values.iter().copied().enumerate().map(|(i, v)| (i, v)))?;
+        self.check_finite(col, values.iter().map(|&v| f64::from(v)).enumerate())?;
+        Ok(values)
+    }
+
+    /// A double column; NaN and infinities are refused with their row.
+    pub fn f64(&self, col: &str) -> Result<Vec<f64>> {
+        let a = self.column(col, "float64")?;
+        let values = self.typed::<Float64Array>(col, "float64", a)?.values().to_vec();
+        self.check_finite(col, values.iter().copied().enumerate())?;
         Ok(values)
     }
 
@@ -176,11 +190,11 @@ impl TableReader {
         }
         let rows: Vec<Vec<f32>> =
             (0..list.len()).map(|i| list.value(i).as_primitive::<Float32Type>().values().to_vec()).collect();
-        self.check_finite(col, rows.iter().enumerate().flat_map(|(i, r)| r.iter().map(move |v| (i, *v))))?;
+        self.check_finite(col, rows.iter().enumerate().flat_map(|(i, r)| r.iter().map(move |&v| (i, f64::from(v)))))?;
         Ok(rows)
     }
 
-    fn check_finite(&self, col: &str, values: impl Iterator<Item = (usize, f32)>) -> Result<()> {
+    fn check_finite(&self, col: &str, values: impl Iterator<Item = (usize, f64)>) -> Result<()> {
         for (row, v) in values {
             if !v.is_finite() {
                 bail!("{}: column {col}: row {row}: {v} is not a finite number", self.name);
@@ -215,6 +229,10 @@ pub fn u64s(values: impl IntoIterator<Item = u64>) -> ArrayRef {
 
 pub fn f32s(values: impl IntoIterator<Item = f32>) -> ArrayRef {
     Arc::new(Float32Array::from_iter_values(values))
+}
+
+pub fn f64s(values: impl IntoIterator<Item = f64>) -> ArrayRef {
+    Arc::new(Float64Array::from_iter_values(values))
 }
 
 pub fn bools(values: impl IntoIterator<Item = bool>) -> ArrayRef {
