@@ -17,7 +17,7 @@ DUCKDB  := $(TOOLS)/duckdb
 DUCKDB_VERSION := 1.5.6
 COMMON  := --artifacts $(ARTIFACTS) --run $(RUN) --config $(CONFIG)
 RUN_STAGES  := prepare bootstrap
-ITER_STAGES := sample segment
+ITER_STAGES := sample segment fisher-reward credit-assign grpo-update
 
 .PHONY: all build iterate iteration stage audit gc test bench clean-tools
 
@@ -40,6 +40,9 @@ iteration:
 	$(BIN)/bootstrap $(COMMON)
 	$(BIN)/sample $(COMMON) --iter $(ITER)
 	$(BIN)/segment $(COMMON) --iter $(ITER) --show $(SHOW)
+	$(BIN)/fisher-reward $(COMMON) --iter $(ITER)
+	$(BIN)/credit-assign $(COMMON) --iter $(ITER) --show $(SHOW)
+	$(BIN)/grpo-update $(COMMON) --iter $(ITER)
 
 # Re-runs one stage of one iteration with the current config: STAGE=<name> ITER=<n>.
 stage: build

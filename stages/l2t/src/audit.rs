@@ -70,8 +70,6 @@ fn glob_has_match(glob: &str) -> bool {
 }
 
 /// The iteration `make iterate` runs next: the first one whose policy update has not been made.
-/// (Until the update stage exists, that is always iteration 0, whose stages then re-run as cache
-/// hits.)
 pub fn next_iteration(store: &Store, run: &str) -> u32 {
     let mut n = 0;
     while store.root().join("runs").join(run).join(format!("iter-{n:04}")).join("grpo-update").join("manifest.json").exists() {

@@ -20,6 +20,10 @@ pub struct Config {
     pub bootstrap: BootstrapConfig,
     pub sample: SampleConfig,
     pub segment: SegmentConfig,
+    pub reward: RewardConfig,
+    pub penalty: PenaltyConfig,
+    pub credit: CreditConfig,
+    pub update: UpdateConfig,
 }
 
 impl Default for Config {
@@ -32,6 +36,10 @@ impl Default for Config {
             bootstrap: BootstrapConfig::default(),
             sample: SampleConfig::default(),
             segment: SegmentConfig::default(),
+            reward: RewardConfig::default(),
+            penalty: PenaltyConfig::default(),
+            credit: CreditConfig::default(),
+            update: UpdateConfig::default(),
         }
     }
 }
@@ -175,6 +183,110 @@ impl Default for SegmentConfig {
     }
 }
 
+/// Fitting information gain (l2t-spec section 4), stage `fisher-reward`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardConfig {
+    /// Forced-termination suffix teacher-forced before the gold answer.
+    pub close: String,
+    /// `prob` (product of the answer tokens' probabilities) or `geomean`.
+    pub j_mode: String,
+    /// Rollouts scored together (memory: their caches are copied once per episode boundary).
+    pub batch_rows: usize,
+}
+
+impl Default for RewardConfig {
+    fn default() -> Self {
+        Self { close: "</think>\n\\boxed{".into(), j_mode: "prob".into(), batch_rows: 16 }
+    }
+}
+
+/// Compression penalty (l2t-spec section 5), stage `fisher-reward`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PenaltyConfig {
+    /// Decoder layer whose MLP block is the proxy (negative counts from the end: -1 = last).
+    pub block: i64,
+    /// Share of each matrix's smaller dimension kept by the SVD projection of `D`.
+    pub rank_fraction: f64,
+    pub damping: f64,
+    /// `fd` (central finite difference) or `grad` (one backward pass per episode).
+    pub estimator: String,
+    /// Step of the finite difference along `D~`.
+    pub eps: f64,
+    /// `batch-median` or `none`.
+    pub scale: String,
+}
+
+impl Default for PenaltyConfig {
+    fn default() -> Self {
+        Self { block: -1, rank_fraction: 0.05, damping: 1e-5, estimator: "fd".into(), eps: 1e-3, scale: "batch-median".into() }
+    }
+}
+
+/// Episode reward and credit assignment (l2t-spec sections 6-7), stage `credit-assign`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CreditConfig {
+    /// `l2t` or `outcome`.
+    pub method: String,
+    pub alpha: f64,
+    pub beta: f64,
+    /// Share of token rewards dropped from the rollout mean, half from each tail.
+    pub trim: f64,
+    /// `c`: bound on `|r_t / rbar|`.
+    pub clip: f64,
+}
+
+impl Default for CreditConfig {
+    fn default() -> Self {
+        Self { method: "l2t".into(), alpha: 0.8, beta: 0.6, trim: 0.05, clip: 10.0 }
+    }
+}
+
+/// Policy update (l2t-spec section 8), stage `grpo-update`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpdateConfig {
+    pub lr: f64,
+    /// Share of the run's planned optimizer steps spent warming up.
+    pub warmup_frac: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub eps_low: f64,
+    pub eps_high: f64,
+    /// Weight of the k3 KL to the base policy (0 skips the reference pass).
+    pub beta_kl: f64,
+    /// `token-mean`, `seq-mean-token-mean` or `dr-grpo`.
+    pub loss_agg: String,
+    pub ppo_epochs: usize,
+    /// Optimizer steps per epoch (the iteration's rollouts split evenly).
+    pub minibatches: usize,
+    /// Sequences per forward/backward pass (gradients accumulate across them).
+    pub micro_batch: usize,
+    /// Iterations the run plans: the length of the cosine schedule.
+    pub planned_iterations: usize,
+}
+
+impl Default for UpdateConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-4,
+            warmup_frac: 0.1,
+            weight_decay: 0.01,
+            max_grad_norm: 1.0,
+            eps_low: 0.2,
+            eps_high: 0.2,
+            beta_kl: 0.001,
+            loss_agg: "token-mean".into(),
+            ppo_epochs: 1,
+            minibatches: 2,
+            micro_batch: 16,
+            planned_iterations: 20,
+        }
+    }
+}
+
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self> {
@@ -196,7 +308,8 @@ impl Config {
         let m = &self.model;
         let b = &self.bootstrap;
         let s = &self.sample;
-        let checks: [(bool, &str); 18] = [
+        let (p, c, u) = (&self.penalty, &self.credit, &self.update);
+        let checks = [
             (t.steps >= 1, "task.steps must be at least 1"),
             (t.max_operand >= 2, "task.max_operand must be at least 2"),
             (t.max_multiplier >= 2, "task.max_multiplier must be at least 2"),
@@ -217,6 +330,21 @@ impl Config {
             (s.top_p > 0.0 && s.top_p <= 1.0, "sample.top_p must lie in (0, 1]"),
             (s.max_new_tokens >= 1 && s.batch_rows >= 1 && b.eval_max_new_tokens >= 1,
                 "sample.max_new_tokens, sample.batch_rows and bootstrap.eval_max_new_tokens must be at least 1"),
+            (!self.reward.close.is_empty(), "reward.close must not be empty"),
+            (self.reward.batch_rows >= 1, "reward.batch_rows must be at least 1"),
+            (p.rank_fraction > 0.0 && p.rank_fraction <= 1.0, "penalty.rank_fraction must lie in (0, 1]"),
+            (p.damping >= 0.0 && p.damping.is_finite(), "penalty.damping must be >= 0"),
+            (p.eps > 0.0 && p.eps.is_finite(), "penalty.eps must be positive"),
+            (c.alpha.is_finite() && c.beta.is_finite(), "credit.alpha and credit.beta must be finite numbers"),
+            ((0.0..1.0).contains(&c.trim), "credit.trim must lie in [0, 1)"),
+            (c.clip > 0.0, "credit.clip must be positive"),
+            (u.lr > 0.0 && u.lr.is_finite(), "update.lr must be positive"),
+            ((0.0..=1.0).contains(&u.warmup_frac), "update.warmup_frac must lie in [0, 1]"),
+            (u.weight_decay >= 0.0 && u.max_grad_norm > 0.0, "update.weight_decay must be >= 0 and update.max_grad_norm positive"),
+            ((0.0..1.0).contains(&u.eps_low) && u.eps_high >= 0.0, "update.eps_low must lie in [0, 1) and update.eps_high be >= 0"),
+            (u.beta_kl >= 0.0 && u.beta_kl.is_finite(), "update.beta_kl must be >= 0"),
+            (u.ppo_epochs >= 1 && u.minibatches >= 1 && u.micro_batch >= 1 && u.planned_iterations >= 1,
+                "update.ppo_epochs, update.minibatches, update.micro_batch and update.planned_iterations must be at least 1"),
         ];
         for (ok, message) in checks {
             if !ok {
@@ -224,6 +352,11 @@ impl Config {
             }
         }
         crate::reward::segment::Rule::parse(&self.segment.rule).context("segment.rule")?;
+        crate::reward::info_gain::JMode::parse(&self.reward.j_mode).context("reward.j_mode")?;
+        crate::reward::penalty::Estimator::parse(&p.estimator).context("penalty.estimator")?;
+        crate::reward::penalty::Scale::parse(&p.scale).context("penalty.scale")?;
+        crate::train::credit::Method::parse(&c.method).context("credit.method")?;
+        crate::train::grpo::LossAgg::parse(&u.loss_agg).context("update.loss_agg")?;
         Ok(())
     }
 
@@ -236,6 +369,10 @@ impl Config {
             "bootstrap" => serde_json::json!({ "seed": self.seed, "model": self.model, "bootstrap": self.bootstrap }),
             "sample" => serde_json::json!({ "seed": self.seed, "sample": self.sample }),
             "segment" => serde_json::json!({ "segment": self.segment }),
+            "fisher-reward" => serde_json::json!({ "reward": self.reward, "penalty": self.penalty }),
+            "credit-assign" => serde_json::json!({ "credit": self.credit }),
+            // The dr-grpo normaliser is the response token budget.
+            "grpo-update" => serde_json::json!({ "seed": self.seed, "update": self.update, "max_new_tokens": self.sample.max_new_tokens }),
             other => bail!("unknown stage {other:?}"),
         };
         Ok(v)

@@ -19,7 +19,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// The order of an iteration's stages; a changed ref marks everything after it stale.
-pub const ITERATION_STAGES: &[&str] = &["sample", "segment"];
+pub const ITERATION_STAGES: &[&str] = &["sample", "segment", "fisher-reward", "credit-assign", "grpo-update"];
 
 /// Written into every manifest and Parquet footer instead of a crate version, so that a
 /// dependency bump does not change the bytes of an artifact.

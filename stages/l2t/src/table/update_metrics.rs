@@ -23,6 +23,7 @@ pub fn schema() -> Schema {
         Field::new("epoch", DataType::UInt32, false),
         Field::new("minibatch", DataType::UInt32, false),
         Field::new("sequences", DataType::UInt32, false),
+        Field::new("tensors_with_grad", DataType::UInt32, false),
         Field::new("tokens", DataType::UInt64, false),
     ];
     fields.extend(F64_COLS.iter().map(|c| Field::new(*c, DataType::Float64, false)));
@@ -47,6 +48,7 @@ pub fn write(staging: &mut Staging, rows: &[UpdateMetricsRow]) -> Result<()> {
         u32s(rows.iter().map(|r| r.step.epoch)),
         u32s(rows.iter().map(|r| r.step.minibatch)),
         u32s(rows.iter().map(|r| r.step.sequences)),
+        u32s(rows.iter().map(|r| r.step.tensors_with_grad)),
         u64s(rows.iter().map(|r| r.step.tokens)),
         f64_of(|r| r.step.lr),
         f64_of(|r| r.step.loss),
@@ -64,8 +66,8 @@ pub fn write(staging: &mut Staging, rows: &[UpdateMetricsRow]) -> Result<()> {
 
 pub fn read(path: &Path) -> Result<Vec<UpdateMetricsRow>> {
     let t = TableReader::open(path)?;
-    let (iteration, step, epoch, minibatch, sequences, tokens) =
-        (t.u32("iteration")?, t.u64("step")?, t.u32("epoch")?, t.u32("minibatch")?, t.u32("sequences")?, t.u64("tokens")?);
+    let (iteration, step, epoch, minibatch) = (t.u32("iteration")?, t.u64("step")?, t.u32("epoch")?, t.u32("minibatch")?);
+    let (sequences, tensors_with_grad, tokens) = (t.u32("sequences")?, t.u32("tensors_with_grad")?, t.u64("tokens")?);
     let f: Vec<Vec<f64>> = F64_COLS.iter().map(|c| t.f64(c)).collect::<Result<_>>()?;
     Ok((0..t.rows())
         .map(|i| UpdateMetricsRow {
@@ -75,6 +77,7 @@ pub fn read(path: &Path) -> Result<Vec<UpdateMetricsRow>> {
                 epoch: epoch[i],
                 minibatch: minibatch[i],
                 sequences: sequences[i],
+                tensors_with_grad: tensors_with_grad[i],
                 tokens: tokens[i],
                 lr: f[0][i],
                 loss: f[1][i],

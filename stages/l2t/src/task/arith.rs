@@ -133,7 +133,7 @@ impl Problem {
             .enumerate()
             .map(|(i, text)| format!("{}{text}{}", episode_open(i + 1), episode_close(i + 1)))
             .collect();
-        format!("{THINK_OPEN}{body}{THINK_CLOSE}{BOXED_OPEN}{}}}", self.answer())
+        format!("{THINK_OPEN}{body}{THINK_CLOSE}\n{BOXED_OPEN}{}}}", self.answer())
     }
 }
 
@@ -232,7 +232,7 @@ mod tests {
         assert_eq!(
             p.solution(&mut rng, 0),
             "<think><episode_1>1: + 45, 23 + 45 = 68</episode_1><episode_2>2: * 3, 68 * 3 = 204</episode_2>\
-             <episode_3>3: - 17, 204 - 17 = 187</episode_3></think>\\boxed{187}"
+             <episode_3>3: - 17, 204 - 17 = 187</episode_3></think>\n\\boxed{187}"
         );
         assert!(p.prompt().starts_with("Problem: start with 23.\n1: + 45\n2: * 3\n3: - 17\nThink"));
     }

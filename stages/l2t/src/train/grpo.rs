@@ -120,6 +120,8 @@ pub struct StepMetrics {
     pub clip_frac: f64,
     pub ratio_mean: f64,
     pub grad_norm: f64,
+    /// Trainable tensors that received a gradient in this step.
+    pub tensors_with_grad: u32,
     pub sequences: u32,
     pub tokens: u64,
 }
@@ -253,6 +255,7 @@ pub fn update(
             let tokens = m.tokens.max(1) as f64;
             (m.kl, m.clip_frac, m.ratio_mean) = (kl_sum / tokens, clipped / tokens, ratio_sum / tokens);
             m.grad_norm = AdamW::grad_norm(&grads)?;
+            m.tensors_with_grad = grads.iter().flatten().count() as u32;
             if !m.grad_norm.is_finite() || !m.loss.is_finite() {
                 bail!("epoch {epoch} minibatch {mb}: the loss or its gradient is not finite (loss {}, grad norm {})", m.loss, m.grad_norm);
             }
@@ -295,6 +298,7 @@ impl Default for StepMetrics {
             clip_frac: 0.0,
             ratio_mean: 0.0,
             grad_norm: 0.0,
+            tensors_with_grad: 0,
             sequences: 0,
             tokens: 0,
         }

@@ -1,0 +1,270 @@
+//! One function per stage binary: resolve inputs through the run's refs, compute the stage key,
+//! reuse or compute the outputs, publish the ref, and return a one-line summary.
+//!
+//! - [`setup`]: `prepare` and `bootstrap` (once per run).
+//! - [`rollout`]: `sample` and `segment`.
+//! - [`reward`]: `fisher-reward` and `credit-assign`.
+//! - [`update`]: `grpo-update`.
+
+mod reward;
+mod rollout;
+mod setup;
+mod update;
+
+pub use reward::{run_credit_assign, run_fisher_reward};
+pub use rollout::{run_sample, run_segment};
+pub use setup::{eval_figures, rollout_seed, run_bootstrap, run_prepare, sft_examples, solution_corpus};
+pub use update::run_grpo_update;
+
+use crate::config::Config;
+use crate::model::{self, tokenizer, Policy};
+use crate::store::{self, iter_slot, stage_key, Artifact, InputRef, Manifest, Outcome, Staging, Store};
+use crate::table::episodes::{self, EpisodeRow};
+use crate::table::prompts::PromptRow;
+use crate::table::rollouts::{self, RolloutRow};
+use crate::train::checkpoint;
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Stage versions: bump one when its output for the same inputs changes.
+pub const PREPARE_VERSION: u32 = 2;
+pub const BOOTSTRAP_VERSION: u32 = 1;
+pub const SAMPLE_VERSION: u32 = 1;
+pub const SEGMENT_VERSION: u32 = 1;
+pub const FISHER_REWARD_VERSION: u32 = 1;
+pub const CREDIT_ASSIGN_VERSION: u32 = 1;
+pub const GRPO_UPDATE_VERSION: u32 = 1;
+
+/// Run-level slots (iteration stages use [`iter_slot`]).
+pub const PREPARE_SLOT: &str = "prepare";
+pub const BOOTSTRAP_SLOT: &str = "bootstrap";
+
+/// What every stage needs: where the store is, which run, the configuration.
+pub struct Ctx {
+    pub store: Store,
+    pub run: String,
+    pub config: Config,
+    pub device: Device,
+}
+
+impl Ctx {
+    pub fn new(artifacts: PathBuf, run: &str, config: Config) -> Result<Self> {
+        if run.is_empty() || !run.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || run.starts_with('.') {
+            bail!("run name {run:?} must be letters, digits, '-', '_' or '.'");
+        }
+        if config.threads > 0 {
+            // candle's CPU kernels size their thread pool from this variable on first use.
+            std::env::set_var("RAYON_NUM_THREADS", config.threads.to_string());
+        }
+        Ok(Self { store: Store::new(artifacts), run: run.to_string(), config, device: Device::Cpu })
+    }
+}
+
+/// The one line a stage prints.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub stage: String,
+    pub slot: String,
+    pub outcome: Outcome,
+    pub key: String,
+    pub rows: u64,
+    pub seconds: f64,
+    pub ref_changed: bool,
+    pub metrics: serde_json::Value,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let outcome = match self.outcome {
+            Outcome::Hit => "cache hit",
+            Outcome::Miss => "computed",
+        };
+        write!(
+            f,
+            "{}: {outcome} key {} rows {} in {:.2}s -> {}{}",
+            self.stage,
+            store::short(&self.key),
+            self.rows,
+            self.seconds,
+            self.slot,
+            if self.ref_changed { " (ref updated)" } else { "" }
+        )
+    }
+}
+
+/// Reuses or computes one stage run and points the run's ref at it.
+fn execute(
+    ctx: &Ctx,
+    stage: &str,
+    version: u32,
+    slot: &str,
+    params: serde_json::Value,
+    inputs: Vec<InputRef>,
+    compute: impl FnOnce(&mut Staging) -> Result<serde_json::Value>,
+) -> Result<Summary> {
+    let started = Instant::now();
+    let key = stage_key(stage, version, &params, &inputs);
+    let (artifact, outcome) = match ctx.store.lookup(&key)? {
+        Some(artifact) => (artifact, Outcome::Hit),
+        None => {
+            let mut staging = ctx.store.begin(&key)?;
+            let metrics = compute(&mut staging)?;
+            let mut manifest = Manifest::new(stage, version, &key, params, inputs, ctx.config.seed);
+            manifest.wall_time_s = started.elapsed().as_secs_f64();
+            manifest.metrics = metrics;
+            (staging.publish(manifest)?, Outcome::Miss)
+        }
+    };
+    let ref_changed = ctx.store.publish_ref(&ctx.run, slot, &artifact)?;
+    Ok(Summary {
+        stage: stage.into(),
+        slot: slot.into(),
+        outcome,
+        key,
+        rows: artifact.manifest.outputs.iter().filter_map(|o| o.rows).sum(),
+        seconds: started.elapsed().as_secs_f64(),
+        ref_changed,
+        metrics: artifact.manifest.metrics.clone(),
+    })
+}
+
+fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
+            .expect("the progress template is valid"),
+    );
+    bar.set_prefix(what.to_string());
+    bar
+}
+
+/// The policy an iteration samples with: the base policy for iteration 0, otherwise the policy
+/// the previous iteration's update produced.
+pub fn iteration_policy(ctx: &Ctx, iteration: u32) -> Result<Artifact> {
+    if iteration == 0 {
+        ctx.store.open_ref(&ctx.run, BOOTSTRAP_SLOT)
+    } else {
+        ctx.store.open_ref(&ctx.run, &iter_slot(iteration - 1, "grpo-update"))
+    }
+}
+
+/// The train-split prompts of an iteration: `n` prompts of a seeded shuffle of the split, read in
+/// order from `cursor` (the data cursor of the policy's checkpoint), wrapping around.
+pub fn iteration_prompts(train: &[PromptRow], seed: u64, cursor: usize, n: usize) -> Vec<PromptRow> {
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x6375_7273)); // "curs"
+    (0..n).map(|j| train[order[(cursor + j) % order.len()]].clone()).collect()
+}
+
+/// Where the next iteration's prompts start: the data cursor of the policy's trainer state (0 for
+/// the base policy).
+pub fn data_cursor(policy: &Artifact) -> Result<usize> {
+    Ok(checkpoint::load_trainer_state(policy)?.map_or(0, |s| s.data_cursor))
+}
+
+/// A policy as a stage input: its checkpoint files, and its trainer state when it has one (so a
+/// moved data cursor or optimizer changes the keys downstream).
+pub fn policy_input(name: &str, policy: &Artifact, with_state: bool) -> Result<InputRef> {
+    let mut files: Vec<&str> = model::CHECKPOINT_FILES.to_vec();
+    if with_state && policy.manifest.output(checkpoint::TRAINER_STATE_FILE).is_ok() {
+        files.extend([checkpoint::TRAINER_STATE_FILE, checkpoint::OPTIMIZER_FILE]);
+    }
+    policy.manifest.as_input(name, &files)
+}
+
+/// Refuses rollouts that `policy` did not sample: a tokenizer that decodes them differently, or
+/// other weights than the ones recorded with them.
+pub fn check_sampled_by(policy: &Policy, rollouts: &[RolloutRow], iteration: u32) -> Result<()> {
+    for (i, r) in rollouts.iter().enumerate() {
+        let text = tokenizer::decode_pieces(&policy.tokenizer, &r.token_ids)
+            .with_context(|| format!("{}: row {i}: the policy's tokenizer cannot decode the rollout", rollouts::FILE))?
+            .concat();
+        if text != r.text {
+            bail!(
+                "{}: row {i}: the policy of iteration {iteration} has a different tokenizer from the one that sampled the rollouts \
+                 (its decoding differs from the stored text); rerun `sample` for this iteration",
+                rollouts::FILE
+            );
+        }
+        if r.policy_hash != policy.weights_hash {
+            bail!(
+                "{}: row {i}: sampled by policy {} but the policy of iteration {iteration} is {}; the rollouts are stale, rerun `sample`",
+                rollouts::FILE,
+                store::short(&r.policy_hash),
+                store::short(&policy.weights_hash)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Checks that a table lists exactly the `expected` ids in order, naming the first missing or
+/// extra one (`what` names the id, e.g. "episode (prompt, sample, episode)").
+pub fn check_same_ids<K: PartialEq + std::fmt::Debug>(file: &str, what: &str, expected: &[K], got: &[K]) -> Result<()> {
+    for (row, (e, g)) in expected.iter().zip(got).enumerate() {
+        if e != g {
+            if got.contains(e) {
+                bail!("{file}: row {row}: extra {what} {g:?} (expected {e:?} here)");
+            }
+            bail!("{file}: row {row}: missing {what} {e:?} (found {g:?})");
+        }
+    }
+    if got.len() > expected.len() {
+        bail!("{file}: row {}: extra {what} {:?}", expected.len(), got[expected.len()]);
+    }
+    if got.len() < expected.len() {
+        bail!("{file}: missing {what} {:?} (the table ends after {} rows)", expected[got.len()], got.len());
+    }
+    Ok(())
+}
+
+/// Episode ids of a rollout table in order, as (prompt_id, sample_idx).
+pub fn rollout_ids(rollouts: &[RolloutRow]) -> Vec<(String, u32)> {
+    rollouts.iter().map(|r| (r.prompt_id.clone(), r.sample_idx)).collect()
+}
+
+/// The episodes of each rollout, in rollout order, checked: every rollout has episodes
+/// `0..K` whose spans partition its response, and no episode belongs to another rollout.
+pub fn episodes_by_rollout<'a>(rollouts: &[RolloutRow], episodes: &'a [EpisodeRow]) -> Result<Vec<&'a [EpisodeRow]>> {
+    let mut out = Vec::with_capacity(rollouts.len());
+    let mut at = 0;
+    for (i, r) in rollouts.iter().enumerate() {
+        let start = at;
+        while at < episodes.len() && episodes[at].prompt_id == r.prompt_id && episodes[at].sample_idx == r.sample_idx {
+            at += 1;
+        }
+        let eps = &episodes[start..at];
+        if eps.is_empty() {
+            let found = episodes.get(start).map(|e| format!("{} sample {}", e.prompt_id, e.sample_idx));
+            bail!(
+                "{}: row {start}: missing the episodes of rollout {i} ({} sample {}){}",
+                episodes::FILE,
+                r.prompt_id,
+                r.sample_idx,
+                found.map_or(String::new(), |f| format!("; found an episode of {f}"))
+            );
+        }
+        let mut end = 0;
+        for (k, e) in eps.iter().enumerate() {
+            if e.episode_idx as usize != k || e.token_start as usize != end || e.token_end < e.token_start || e.k as usize != eps.len() {
+                bail!("{}: row {}: episode {k} of {} sample {} does not continue the partition of its response", episodes::FILE, start + k, r.prompt_id, r.sample_idx);
+            }
+            end = e.token_end as usize;
+        }
+        if end != r.token_ids.len() {
+            bail!("{}: the episodes of {} sample {} cover {end} of its {} tokens", episodes::FILE, r.prompt_id, r.sample_idx, r.token_ids.len());
+        }
+        out.push(eps);
+    }
+    if at < episodes.len() {
+        let e = &episodes[at];
+        bail!("{}: row {at}: extra episode {} of {} sample {}, which is not a rollout of this iteration", episodes::FILE, e.episode_idx, e.prompt_id, e.sample_idx);
+    }
+    Ok(out)
+}
+

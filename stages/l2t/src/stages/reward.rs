@@ -1,0 +1,330 @@
+//! `fisher-reward` (J, dI and C per episode) and `credit-assign` (per-token advantages).
+
+use super::{
+    check_same_ids, check_sampled_by, episodes_by_rollout, execute, iteration_policy, policy_input, progress_bar, Ctx,
+    Summary, BOOTSTRAP_SLOT, CREDIT_ASSIGN_VERSION, FISHER_REWARD_VERSION,
+};
+use crate::model::tokenizer::{self, PAD};
+use crate::model::{build_model_as, Policy};
+use crate::reward::episode_reward;
+use crate::reward::info_gain::{delta_i, j_values, JMode, JRequest};
+use crate::reward::penalty::{self, c_fisher, direction, directional_derivatives, Estimator, ProxyModel, Scale, SeqRequest};
+use crate::store::iter_slot;
+use crate::table::advantages::{self, AdvantageRow};
+use crate::table::episode_rewards::{self, EpisodeRewardRow};
+use crate::table::episodes::{self, EpisodeRow};
+use crate::table::prompts;
+use crate::table::rollouts;
+use crate::train::credit::{assign_group, Method, RolloutSignal};
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// The proxy block's layer index (`penalty.block`, negative counts from the end).
+fn proxy_layer(block: i64, layers: usize) -> Result<usize> {
+    let layer = if block < 0 { layers as i64 + block } else { block };
+    if layer < 0 || layer >= layers as i64 {
+        bail!("penalty.block = {block} but the policy has {layers} decoder layers");
+    }
+    Ok(layer as usize)
+}
+
+/// `fisher-reward`: for every episode, `J` before and after it, `dI`, `g . D~` and raw and scaled
+/// `C` (l2t-spec 4-5), under the policy that sampled the iteration.
+pub fn run_fisher_reward(ctx: &Ctx, iteration: u32) -> Result<Summary> {
+    let cfg = &ctx.config;
+    let sample = ctx.store.open_ref(&ctx.run, &iter_slot(iteration, "sample"))?;
+    let seg = ctx.store.open_ref(&ctx.run, &iter_slot(iteration, "segment"))?;
+    let policy_art = iteration_policy(ctx, iteration)?;
+    let base_art = ctx.store.open_ref(&ctx.run, BOOTSTRAP_SLOT)?;
+    let inputs = vec![
+        sample.manifest.as_input("rollouts", &[prompts::ITERATION_FILE, rollouts::FILE])?,
+        seg.manifest.as_input("episodes", &[episodes::FILE])?,
+        policy_input("policy", &policy_art, false)?,
+        policy_input("base", &base_art, false)?,
+    ];
+    let j_mode = JMode::parse(&cfg.reward.j_mode)?;
+    let estimator = Estimator::parse(&cfg.penalty.estimator)?;
+    let scale = Scale::parse(&cfg.penalty.scale)?;
+    let slot = iter_slot(iteration, "fisher-reward");
+    execute(ctx, "fisher-reward", FISHER_REWARD_VERSION, &slot, cfg.stage_params("fisher-reward")?, inputs, |staging| {
+        let prompt_rows = prompts::read(&sample.file(prompts::ITERATION_FILE)?)?;
+        let rollout_rows = rollouts::read(&sample.file(rollouts::FILE)?)?;
+        let episode_rows = episodes::read(&seg.file(episodes::FILE)?)?;
+        let by_rollout = episodes_by_rollout(&rollout_rows, &episode_rows)?;
+        let policy = Policy::load(&policy_art, &ctx.device)?;
+        check_sampled_by(&policy, &rollout_rows, iteration)?;
+        let base = Policy::load(&base_art, &ctx.device)?;
+        let pad = tokenizer::required_id(&policy.tokenizer, PAD).unwrap_or(policy.eos_id);
+        let gold: HashMap<&str, &str> = prompt_rows.iter().map(|p| (p.prompt_id.as_str(), p.gold_answer.as_str())).collect();
+        let close = tokenizer::encode(&policy.tokenizer, &cfg.reward.close).context("reward.close")?;
+        let mut answers: HashMap<&str, Vec<u32>> = HashMap::new();
+        for r in &rollout_rows {
+            let g = gold.get(r.prompt_id.as_str()).with_context(|| format!("{}: prompt {} is not in {}", rollouts::FILE, r.prompt_id, prompts::ITERATION_FILE))?;
+            if !answers.contains_key(r.prompt_id.as_str()) {
+                answers.insert(r.prompt_id.as_str(), tokenizer::encode(&policy.tokenizer, &format!("{g}}}"))?);
+            }
+        }
+        // J(i, 0..=K): the prefix of episode k ends at its last token, without a final
+        // end-of-sequence token (the reasoning is cut, not finished).
+        let started = Instant::now();
+        let bar = progress_bar(rollout_rows.len() as u64, "fisher-reward J");
+        let mut j: Vec<Vec<f64>> = Vec::with_capacity(rollout_rows.len());
+        let chunk = cfg.reward.batch_rows;
+        for (rows, eps) in rollout_rows.chunks(chunk).zip(by_rollout.chunks(chunk)) {
+            let requests: Vec<JRequest> = rows
+                .iter()
+                .zip(eps)
+                .map(|(r, eps)| {
+                    let reasoning_end = r.token_ids.len() - usize::from(r.token_ids.last() == Some(&policy.eos_id));
+                    let answer = &answers[r.prompt_id.as_str()];
+                    JRequest {
+                        prompt: &r.prompt_token_ids,
+                        response: &r.token_ids,
+                        ends: eps.iter().map(|e| (e.token_end as usize).min(reasoning_end)).collect(),
+                        continuation: close.iter().chain(answer).copied().collect(),
+                        answer_len: answer.len(),
+                    }
+                })
+                .collect();
+            j.extend(j_values(&policy.model, pad, &requests, j_mode)?);
+            bar.inc(rows.len() as u64);
+        }
+        bar.finish_and_clear();
+        let j_seconds = started.elapsed().as_secs_f64();
+
+        // g . D~ per episode on the proxy block.
+        let started = Instant::now();
+        let layer = proxy_layer(cfg.penalty.block, policy.cfg.num_hidden_layers)?;
+        if base.cfg != policy.cfg {
+            bail!("the base policy's config.json differs from the policy's: D = theta_now - theta_ref needs one architecture");
+        }
+        let theta = policy.model.mlp_weights(layer);
+        let dir = direction(&theta, &base.model.mlp_weights(layer), cfg.penalty.rank_fraction)?;
+        let g_dot_d: Vec<Vec<f64>> = if dir.is_zero() {
+            by_rollout.iter().map(|eps| vec![0.0; eps.len()]).collect()
+        } else {
+            let tail = build_model_as(&policy.cfg, &policy.weights, DType::F64, &ctx.device)?;
+            let proxy = ProxyModel { trunk: &policy.model, tail: &tail, layer };
+            let bar = progress_bar(rollout_rows.len() as u64, "fisher-reward C");
+            let mut out = Vec::with_capacity(rollout_rows.len());
+            for (rows, eps) in rollout_rows.chunks(chunk).zip(by_rollout.chunks(chunk)) {
+                let spans: Vec<Vec<(usize, usize)>> =
+                    eps.iter().map(|eps| eps.iter().map(|e| (e.token_start as usize, e.token_end as usize)).collect()).collect();
+                let requests: Vec<SeqRequest> = rows
+                    .iter()
+                    .zip(&spans)
+                    .map(|(r, spans)| SeqRequest { prompt: &r.prompt_token_ids, response: &r.token_ids, spans })
+                    .collect();
+                out.extend(directional_derivatives(&proxy, &theta, &dir, &requests, pad, estimator, cfg.penalty.eps)?);
+                bar.inc(rows.len() as u64);
+            }
+            bar.finish_and_clear();
+            out
+        };
+        let c_seconds = started.elapsed().as_secs_f64();
+        let c_raw: Vec<f64> = g_dot_d.iter().flatten().map(|&gd| c_fisher(gd, dir.norm_sq, cfg.penalty.damping)).collect();
+        let c_scaled = match scale {
+            Scale::BatchMedian => penalty::scale_by_batch_median(&c_raw),
+            Scale::None => c_raw.clone(),
+        };
+
+        let mut rows = Vec::with_capacity(c_raw.len());
+        for (i, r) in rollout_rows.iter().enumerate() {
+            let d = delta_i(&j[i]);
+            for (k, e) in by_rollout[i].iter().enumerate() {
+                let at = rows.len();
+                rows.push(EpisodeRewardRow {
+                    iteration,
+                    prompt_id: r.prompt_id.clone(),
+                    sample_idx: r.sample_idx,
+                    episode_idx: e.episode_idx,
+                    j_before: j[i][k],
+                    j_after: j[i][k + 1],
+                    d_i: d[k],
+                    g_dot_d: g_dot_d[i][k],
+                    c_raw: c_raw[at],
+                    c_scaled: c_scaled[at],
+                    estimator: cfg.penalty.estimator.clone(),
+                });
+            }
+        }
+        if let Some(bad) = rows.iter().position(|r| ![r.j_before, r.j_after, r.g_dot_d, r.c_raw, r.c_scaled].iter().all(|v| v.is_finite())) {
+            bail!("episode {bad}: a non-finite J or C (the policy's log-probs overflowed)");
+        }
+        episode_rewards::write(staging, &rows)?;
+        let n = rows.len().max(1) as f64;
+        let mean = |f: fn(&EpisodeRewardRow) -> f64| rows.iter().map(f).sum::<f64>() / n;
+        let n_rollouts = rollout_rows.len().max(1) as f64;
+        Ok(serde_json::json!({
+            "episodes": rows.len(),
+            "mean_j0": j.iter().map(|j| j[0]).sum::<f64>() / n_rollouts,
+            "mean_j_final": j.iter().map(|j| j[j.len() - 1]).sum::<f64>() / n_rollouts,
+            "mean_d_i": mean(|r| r.d_i),
+            "mean_c_raw": mean(|r| r.c_raw),
+            "mean_c_scaled": mean(|r| r.c_scaled),
+            "d_norm_sq": dir.norm_sq,
+            "proxy_layer": layer,
+            "ranks": dir.ranks,
+            "j_seconds": j_seconds,
+            "c_seconds": c_seconds,
+        }))
+    })
+}
+
+/// `credit-assign`: episode rewards `R(i,k)` (spec 6), then per-token credit (spec 7), per group.
+/// `show` prints that many rollouts with their episodes, rewards and advantages.
+pub fn run_credit_assign(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summary> {
+    let cfg = &ctx.config;
+    let sample = ctx.store.open_ref(&ctx.run, &iter_slot(iteration, "sample"))?;
+    let seg = ctx.store.open_ref(&ctx.run, &iter_slot(iteration, "segment"))?;
+    let rewards = ctx.store.open_ref(&ctx.run, &iter_slot(iteration, "fisher-reward"))?;
+    let inputs = vec![
+        sample.manifest.as_input("rollouts", &[prompts::ITERATION_FILE, rollouts::FILE])?,
+        seg.manifest.as_input("episodes", &[episodes::FILE])?,
+        rewards.manifest.as_input("episode_rewards", &[episode_rewards::FILE])?,
+    ];
+    let method = Method::parse(&cfg.credit.method)?;
+    let c = &cfg.credit;
+    let slot = iter_slot(iteration, "credit-assign");
+    let summary = execute(ctx, "credit-assign", CREDIT_ASSIGN_VERSION, &slot, cfg.stage_params("credit-assign")?, inputs, |staging| {
+        let prompt_rows = prompts::read(&sample.file(prompts::ITERATION_FILE)?)?;
+        let rollout_rows = rollouts::read(&sample.file(rollouts::FILE)?)?;
+        let episode_rows = episodes::read(&seg.file(episodes::FILE)?)?;
+        let reward_rows = episode_rewards::read(&rewards.file(episode_rewards::FILE)?)?;
+        let by_rollout = episodes_by_rollout(&rollout_rows, &episode_rows)?;
+        let episode_id = |p: &str, s: u32, k: u32| (p.to_string(), s, k);
+        let expected: Vec<_> = episode_rows.iter().map(|e| episode_id(&e.prompt_id, e.sample_idx, e.episode_idx)).collect();
+        let got: Vec<_> = reward_rows.iter().map(|e| episode_id(&e.prompt_id, e.sample_idx, e.episode_idx)).collect();
+        check_same_ids(episode_rewards::FILE, "episode (prompt, sample, episode)", &expected, &got)?;
+
+        // Groups: the rollouts of each of the iteration's prompts, in prompt order.
+        let mut groups: Vec<Vec<usize>> = vec![Vec::new(); prompt_rows.len()];
+        let index: HashMap<&str, usize> = prompt_rows.iter().enumerate().map(|(i, p)| (p.prompt_id.as_str(), i)).collect();
+        for (i, r) in rollout_rows.iter().enumerate() {
+            let g = index.get(r.prompt_id.as_str()).with_context(|| format!("{}: row {i}: prompt {} is not in {}", rollouts::FILE, r.prompt_id, prompts::ITERATION_FILE))?;
+            groups[*g].push(i);
+        }
+        if let Some(empty) = groups.iter().position(Vec::is_empty) {
+            bail!("{}: prompt {} has an empty group (no rollouts)", prompts::ITERATION_FILE, prompt_rows[empty].prompt_id);
+        }
+
+        let mut first_reward = 0;
+        let reward_offsets: Vec<usize> = by_rollout
+            .iter()
+            .map(|eps| {
+                let at = first_reward;
+                first_reward += eps.len();
+                at
+            })
+            .collect();
+        let signal = |i: usize| -> RolloutSignal {
+            let eps: &[EpisodeRow] = by_rollout[i];
+            let k_i = eps.len();
+            let r_out = f64::from(eps[0].r_out);
+            let episode_rewards = (0..k_i)
+                .map(|k| {
+                    let rw = &reward_rows[reward_offsets[i] + k];
+                    episode_reward(r_out, k_i, rw.d_i, rw.c_scaled, c.alpha, c.beta)
+                })
+                .collect();
+            RolloutSignal {
+                logp_old: rollout_rows[i].logprobs.clone(),
+                spans: eps.iter().map(|e| (e.token_start as usize, e.token_end as usize)).collect(),
+                episode_rewards,
+                r_out,
+            }
+        };
+        let mut rows: Vec<Option<AdvantageRow>> = vec![None; rollout_rows.len()];
+        let (mut zero_std_groups, mut excluded_groups, mut clipped, mut tokens) = (0usize, 0usize, 0usize, 0usize);
+        for members in &groups {
+            let signals: Vec<RolloutSignal> = members.iter().map(|&i| signal(i)).collect();
+            let excluded = by_rollout[members[0]][0].excluded;
+            let (mut credits, zero_std) = assign_group(&signals, method, c.trim, c.clip);
+            if excluded {
+                excluded_groups += 1;
+                credits.iter_mut().for_each(|cr| {
+                    cr.a_i = 0.0;
+                    cr.a_t.iter_mut().for_each(|a| *a = 0.0);
+                });
+            } else if zero_std {
+                zero_std_groups += 1;
+            }
+            for ((&i, credit), sig) in members.iter().zip(credits).zip(&signals) {
+                let r = &rollout_rows[i];
+                clipped += credit.n_clipped;
+                tokens += credit.a_t.len();
+                let to_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+                rows[i] = Some(AdvantageRow {
+                    iteration,
+                    prompt_id: r.prompt_id.clone(),
+                    sample_idx: r.sample_idx,
+                    method: cfg.credit.method.clone(),
+                    r_episode: to_f32(&sig.episode_rewards),
+                    w: to_f32(&credit.w),
+                    r_t: to_f32(&credit.r_t),
+                    a_t: to_f32(&credit.a_t),
+                    rbar: credit.rbar,
+                    a_i: credit.a_i,
+                    n_clipped: credit.n_clipped as u32,
+                    zero_std,
+                    excluded,
+                });
+            }
+        }
+        let rows: Vec<AdvantageRow> = rows.into_iter().map(|r| r.expect("every rollout is in one group")).collect();
+        if let Some(bad) = rows.iter().position(|r| !r.rbar.is_finite() || !r.a_i.is_finite() || r.a_t.iter().any(|a| !a.is_finite())) {
+            bail!("rollout {bad}: a non-finite advantage");
+        }
+        advantages::write(staging, &rows)?;
+        let n = rows.len().max(1) as f64;
+        let groups_n = groups.len().max(1) as f64;
+        Ok(serde_json::json!({
+            "rollouts": rows.len(),
+            "method": cfg.credit.method,
+            "frac_zero_std": zero_std_groups as f64 / groups_n,
+            "excluded_groups": excluded_groups,
+            "clipped_tokens": clipped,
+            "clip_frac": clipped as f64 / tokens.max(1) as f64,
+            "mean_rbar": rows.iter().map(|r| r.rbar).sum::<f64>() / n,
+            "mean_r_out": by_rollout.iter().map(|e| f64::from(e[0].r_out)).sum::<f64>() / n,
+            "mean_abs_a_t": rows.iter().flat_map(|r| r.a_t.iter().map(|a| f64::from(a.abs()))).sum::<f64>() / tokens.max(1) as f64,
+        }))
+    })?;
+    if show > 0 {
+        if let Err(e) = show_credit(ctx, iteration, show) {
+            eprintln!("warning: cannot show rollouts: {e:#}");
+        }
+    }
+    Ok(summary)
+}
+
+/// Prints the first `n` rollouts of an iteration: each episode with `dI`, `C`, `R` and its
+/// mean token advantage.
+fn show_credit(ctx: &Ctx, iteration: u32, n: usize) -> Result<()> {
+    let open = |stage: &str| ctx.store.open_ref(&ctx.run, &iter_slot(iteration, stage));
+    let eps = episodes::read(&open("segment")?.file(episodes::FILE)?)?;
+    let rewards = episode_rewards::read(&open("fisher-reward")?.file(episode_rewards::FILE)?)?;
+    let adv = advantages::read(&open("credit-assign")?.file(advantages::FILE)?)?;
+    let mut at = 0;
+    for a in adv.iter().take(n) {
+        eprintln!("--- {} sample {}: rbar={:+.4} A_i={:+.3}", a.prompt_id, a.sample_idx, a.rbar, a.a_i);
+        while at < eps.len() && eps[at].prompt_id == a.prompt_id && eps[at].sample_idx == a.sample_idx {
+            let (e, rw) = (&eps[at], &rewards[at]);
+            let span = &a.a_t[e.token_start as usize..e.token_end as usize];
+            let mean_a = span.iter().sum::<f32>() / span.len().max(1) as f32;
+            eprintln!(
+                "  k={} dI={:+.4} C={:.3} R={:+.4} mean A_t={:+.3}  {}",
+                e.episode_idx,
+                rw.d_i,
+                rw.c_scaled,
+                a.r_episode[e.episode_idx as usize],
+                mean_a,
+                e.text.replace('\n', "\\n")
+            );
+            at += 1;
+        }
+    }
+    Ok(())
+}
