@@ -268,3 +268,103 @@ pub fn episodes_by_rollout<'a>(rollouts: &[RolloutRow], episodes: &'a [EpisodeRo
     Ok(out)
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::rollouts::FinishReason;
+
+    pub(crate) fn rollout(prompt_id: &str, sample_idx: u32, n_tokens: usize) -> RolloutRow {
+        RolloutRow {
+            iteration: 0,
+            prompt_id: prompt_id.into(),
+            sample_idx,
+            prompt_token_ids: vec![1, 2],
+            token_ids: vec![7; n_tokens],
+            text: String::new(),
+            logprobs: vec![-1.0; n_tokens],
+            finish_reason: FinishReason::Stop,
+            seed: 0,
+            temperature: 1.0,
+            top_p: 1.0,
+            policy_hash: "h".into(),
+        }
+    }
+
+    fn episode(prompt_id: &str, sample_idx: u32, episode_idx: u32, span: (u32, u32), k: u32) -> EpisodeRow {
+        EpisodeRow {
+            iteration: 0,
+            prompt_id: prompt_id.into(),
+            sample_idx,
+            episode_idx,
+            token_start: span.0,
+            token_end: span.1,
+            text: String::new(),
+            rule: "tags".into(),
+            k,
+            format_ok: true,
+            well_formed: true,
+            answer: None,
+            grade: "wrong".into(),
+            excluded: false,
+            r_out: 0.0,
+        }
+    }
+
+    #[test]
+    fn episodes_must_partition_each_rollout_and_belong_to_one() {
+        let rollouts = [rollout("a", 0, 5), rollout("a", 1, 3)];
+        let good = vec![episode("a", 0, 0, (0, 2), 2), episode("a", 0, 1, (2, 5), 2), episode("a", 1, 0, (0, 3), 1)];
+        let groups = episodes_by_rollout(&rollouts, &good).unwrap();
+        assert_eq!(groups.iter().map(|g| g.len()).collect::<Vec<_>>(), [2, 1]);
+        // A missing rollout.
+        let err = format!("{:#}", episodes_by_rollout(&rollouts, &good[..2]).unwrap_err());
+        assert!(err.contains("missing the episodes of rollout 1"), "{err}");
+        // An extra episode of a rollout that does not exist.
+        let mut extra = good.clone();
+        extra.push(episode("b", 0, 0, (0, 1), 1));
+        let err = format!("{:#}", episodes_by_rollout(&rollouts, &extra).unwrap_err());
+        assert!(err.contains("row 3: extra episode 0 of b sample 0"), "{err}");
+        // A gap in the partition.
+        let mut gap = good.clone();
+        gap[1].token_start = 3;
+        let err = format!("{:#}", episodes_by_rollout(&rollouts, &gap).unwrap_err());
+        assert!(err.contains("row 1") && err.contains("partition"), "{err}");
+    }
+
+    #[test]
+    fn id_lists_must_match_naming_the_first_missing_or_extra_id() {
+        let want = [("a", 0), ("a", 1), ("b", 0)];
+        assert!(check_same_ids("t.parquet", "rollout", &want, &want).is_ok());
+        let err = format!("{:#}", check_same_ids("t.parquet", "rollout", &want, &[("a", 0), ("b", 0)]).unwrap_err());
+        assert!(err.contains("t.parquet: row 1: extra rollout (\"b\", 0)") || err.contains("missing rollout (\"a\", 1)"), "{err}");
+        let err = format!("{:#}", check_same_ids("t.parquet", "rollout", &want, &[("a", 0), ("a", 1)]).unwrap_err());
+        assert!(err.contains("missing rollout (\"b\", 0)"), "{err}");
+        let err = format!("{:#}", check_same_ids("t.parquet", "rollout", &want, &[("a", 0), ("a", 1), ("b", 0), ("c", 2)]).unwrap_err());
+        assert!(err.contains("row 3: extra rollout (\"c\", 2)"), "{err}");
+    }
+
+    #[test]
+    fn rollouts_from_another_tokenizer_or_policy_are_refused() {
+        use crate::config::ModelShape;
+        let dev = Device::Cpu;
+        let corpus = |text: &str| vec![text.to_string(); 8];
+        let tok_a = tokenizer::train(&corpus("<think><episode_1>12 + 3 = 15</episode_1></think>\n\\boxed{15}"), 300).unwrap();
+        let tok_b = tokenizer::train(&corpus("zzzz yyyy xxxx wwww vvvv uuuu tttt"), 300).unwrap();
+        let shape = ModelShape { vocab_size: 300, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, ..ModelShape::default() };
+        let cfg = model::tiny_config(&shape, 0);
+        let weights = model::init_weights(&cfg, 0, &dev).unwrap();
+        let mut policy = Policy::from_parts(&cfg, &weights, tok_a.clone(), &dev).unwrap();
+        policy.weights_hash = "h".into();
+        let mut r = rollout("a", 0, 0);
+        r.token_ids = tokenizer::encode(&tok_a, "12 + 3 = 15</episode_1>").unwrap();
+        r.text = tokenizer::decode_pieces(&tok_a, &r.token_ids).unwrap().concat();
+        assert!(check_sampled_by(&policy, std::slice::from_ref(&r), 0).is_ok());
+        let other = Policy { tokenizer: tok_b, ..Policy::from_parts(&cfg, &weights, tok_a, &dev).unwrap() };
+        let err = format!("{:#}", check_sampled_by(&other, std::slice::from_ref(&r), 0).unwrap_err());
+        assert!(err.contains("different tokenizer"), "{err}");
+        policy.weights_hash = "g".into();
+        let err = format!("{:#}", check_sampled_by(&policy, &[r], 0).unwrap_err());
+        assert!(err.contains("stale"), "{err}");
+    }
+}

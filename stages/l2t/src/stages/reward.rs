@@ -13,8 +13,8 @@ use crate::store::iter_slot;
 use crate::table::advantages::{self, AdvantageRow};
 use crate::table::episode_rewards::{self, EpisodeRewardRow};
 use crate::table::episodes::{self, EpisodeRow};
-use crate::table::prompts;
-use crate::table::rollouts;
+use crate::table::prompts::{self, PromptRow};
+use crate::table::rollouts::{self, RolloutRow};
 use crate::train::credit::{assign_group, Method, RolloutSignal};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
@@ -199,16 +199,7 @@ pub fn run_credit_assign(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summa
         let got: Vec<_> = reward_rows.iter().map(|e| episode_id(&e.prompt_id, e.sample_idx, e.episode_idx)).collect();
         check_same_ids(episode_rewards::FILE, "episode (prompt, sample, episode)", &expected, &got)?;
 
-        // Groups: the rollouts of each of the iteration's prompts, in prompt order.
-        let mut groups: Vec<Vec<usize>> = vec![Vec::new(); prompt_rows.len()];
-        let index: HashMap<&str, usize> = prompt_rows.iter().enumerate().map(|(i, p)| (p.prompt_id.as_str(), i)).collect();
-        for (i, r) in rollout_rows.iter().enumerate() {
-            let g = index.get(r.prompt_id.as_str()).with_context(|| format!("{}: row {i}: prompt {} is not in {}", rollouts::FILE, r.prompt_id, prompts::ITERATION_FILE))?;
-            groups[*g].push(i);
-        }
-        if let Some(empty) = groups.iter().position(Vec::is_empty) {
-            bail!("{}: prompt {} has an empty group (no rollouts)", prompts::ITERATION_FILE, prompt_rows[empty].prompt_id);
-        }
+        let groups = groups_by_prompt(&prompt_rows, &rollout_rows)?;
 
         let mut first_reward = 0;
         let reward_offsets: Vec<usize> = by_rollout
@@ -300,6 +291,23 @@ pub fn run_credit_assign(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summa
     Ok(summary)
 }
 
+/// The groups of an iteration: the rollout indices of each of its prompts, in prompt order. A
+/// prompt without rollouts (an empty group) or a rollout of another prompt is refused.
+pub fn groups_by_prompt(prompt_rows: &[PromptRow], rollout_rows: &[RolloutRow]) -> Result<Vec<Vec<usize>>> {
+    let mut groups: Vec<Vec<usize>> = vec![Vec::new(); prompt_rows.len()];
+    let index: HashMap<&str, usize> = prompt_rows.iter().enumerate().map(|(i, p)| (p.prompt_id.as_str(), i)).collect();
+    for (i, r) in rollout_rows.iter().enumerate() {
+        let g = index
+            .get(r.prompt_id.as_str())
+            .with_context(|| format!("{}: row {i}: prompt {} is not in {}", rollouts::FILE, r.prompt_id, prompts::ITERATION_FILE))?;
+        groups[*g].push(i);
+    }
+    if let Some(empty) = groups.iter().position(Vec::is_empty) {
+        bail!("{}: prompt {} has an empty group (no rollouts)", prompts::ITERATION_FILE, prompt_rows[empty].prompt_id);
+    }
+    Ok(groups)
+}
+
 /// Prints the first `n` rollouts of an iteration: each episode with `dI`, `C`, `R` and its
 /// mean token advantage.
 fn show_credit(ctx: &Ctx, iteration: u32, n: usize) -> Result<()> {
@@ -327,4 +335,33 @@ fn show_credit(ctx: &Ctx, iteration: u32, n: usize) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prompt(id: &str) -> PromptRow {
+        PromptRow {
+            prompt_id: id.into(),
+            data_source: "t".into(),
+            split: "train".into(),
+            prompt: String::new(),
+            gold_answer: "1".into(),
+            solution: None,
+            n_steps: 1,
+            n_redundant: 0,
+        }
+    }
+
+    #[test]
+    fn groups_follow_prompt_order_and_an_empty_group_is_refused() {
+        let r = |p: &str, s| super::super::tests::rollout(p, s, 2);
+        let groups = groups_by_prompt(&[prompt("a"), prompt("b")], &[r("b", 0), r("a", 0), r("b", 1)]).unwrap();
+        assert_eq!(groups, vec![vec![1], vec![0, 2]]);
+        let err = format!("{:#}", groups_by_prompt(&[prompt("a"), prompt("b")], &[r("a", 0)]).unwrap_err());
+        assert!(err.contains("prompt b has an empty group"), "{err}");
+        let err = format!("{:#}", groups_by_prompt(&[prompt("a")], &[r("c", 0)]).unwrap_err());
+        assert!(err.contains("row 0: prompt c is not in"), "{err}");
+    }
 }

@@ -331,6 +331,65 @@ mod tests {
     }
 
     #[test]
+    fn nan_or_inf_in_any_reward_column_is_refused_with_column_and_row() {
+        use episode_rewards::EpisodeRewardRow;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let row = EpisodeRewardRow {
+            iteration: 0,
+            prompt_id: "p".into(),
+            sample_idx: 0,
+            episode_idx: 0,
+            j_before: 0.1,
+            j_after: 0.2,
+            d_i: 0.1,
+            g_dot_d: 0.0,
+            c_raw: 0.0,
+            c_scaled: 0.0,
+            estimator: "fd".into(),
+        };
+        let columns: [(&str, fn(&mut EpisodeRewardRow)); 6] = [
+            ("j_before", |r| r.j_before = f64::NAN),
+            ("j_after", |r| r.j_after = f64::INFINITY),
+            ("d_i", |r| r.d_i = f64::NAN),
+            ("g_dot_d", |r| r.g_dot_d = f64::NEG_INFINITY),
+            ("c_raw", |r| r.c_raw = f64::NAN),
+            ("c_scaled", |r| r.c_scaled = f64::INFINITY),
+        ];
+        for (i, (col, spoil)) in columns.iter().enumerate() {
+            let mut bad = row.clone();
+            spoil(&mut bad);
+            let key = format!("k{i}");
+            let mut staging = store.begin(&key).unwrap();
+            episode_rewards::write(&mut staging, &[row.clone(), bad]).unwrap();
+            let art = staging.publish(Manifest::new("fisher-reward", 1, &key, serde_json::json!({}), vec![], 0)).unwrap();
+            let err = format!("{:#}", episode_rewards::read(&art.file(episode_rewards::FILE).unwrap()).unwrap_err());
+            assert!(err.contains(&format!("column {col}: row 1")) && err.contains("not a finite number"), "{err}");
+        }
+        // The advantages table refuses a non-finite token advantage the same way.
+        let adv = advantages::AdvantageRow {
+            iteration: 0,
+            prompt_id: "p".into(),
+            sample_idx: 0,
+            method: "l2t".into(),
+            r_episode: vec![0.5],
+            w: vec![1.0],
+            r_t: vec![0.5],
+            a_t: vec![f32::NAN],
+            rbar: 0.5,
+            a_i: 1.0,
+            n_clipped: 0,
+            zero_std: false,
+            excluded: false,
+        };
+        let mut staging = store.begin("adv").unwrap();
+        advantages::write(&mut staging, &[adv]).unwrap();
+        let art = staging.publish(Manifest::new("credit-assign", 1, "adv", serde_json::json!({}), vec![], 0)).unwrap();
+        let err = format!("{:#}", advantages::read(&art.file(advantages::FILE).unwrap()).unwrap_err());
+        assert!(err.contains("column a_t: row 0"), "{err}");
+    }
+
+    #[test]
     fn views_list_every_schema_column_plus_run_and_iteration() {
         for def in TABLES {
             let view = duckdb_view(def, "artifacts");
