@@ -1,5 +1,6 @@
 //! `bench`: sampling throughput of the tiny policy at batch 1 and 64, the supervised step time,
-//! and the run's bootstrap wall time. One JSON line per workload; nothing is asserted.
+//! the run's bootstrap wall time, and the wall time of every stage of a tiny iteration (with
+//! both `fisher-reward` estimators). One JSON line per workload; nothing is asserted.
 use anyhow::Result;
 use clap::Parser;
 use l2t::model::{self, tokenizer, Policy};
@@ -7,7 +8,8 @@ use l2t::sample::{generate, Request, SamplerParams};
 use l2t::train::sft::{self, SftParams};
 use std::time::Instant;
 
-/// Prints tiny-policy sampling throughput (batch 1 and 64), SFT step time and bootstrap wall time.
+/// Prints tiny-policy sampling throughput (batch 1 and 64), SFT step time, bootstrap wall time and
+/// the time of each stage of a tiny iteration.
 #[derive(Parser)]
 #[command(name = "bench", version)]
 struct Args {
@@ -19,6 +21,9 @@ struct Args {
     /// Timed repetitions per workload; the median is reported.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Skip the per-stage iteration timings.
+    #[arg(long)]
+    no_stages: bool,
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -80,8 +85,58 @@ fn main() {
             ),
             Err(_) => println!("{}", serde_json::json!({"workload": "bootstrap wall time", "run": ctx.run, "note": "no bootstrap in this run yet: run `make iterate` first"})),
         }
+        if !args.no_stages {
+            stage_times(&ctx)?;
+        }
         Ok(())
     })
+}
+
+/// Runs two iterations of every stage in a scratch store that reuses the run's bootstrap (or
+/// trains a short one), and prints each stage's wall time. Iteration 0 has `D~ = 0` (no penalty
+/// passes); iteration 1 is the representative one, timed with both estimators.
+fn stage_times(ctx: &l2t::stages::Ctx) -> Result<()> {
+    use l2t::stages::{self, Ctx};
+    std::fs::create_dir_all(ctx.store.root())?;
+    let scratch = tempfile::Builder::new().prefix(".bench-").tempdir_in(ctx.store.root())?;
+    let mut config = ctx.config.clone();
+    let base = ctx.store.open_ref(&ctx.run, stages::BOOTSTRAP_SLOT).ok();
+    let policy_note = if base.is_some() { "the run's bootstrap policy" } else { "a 100-step bootstrap (no bootstrap in this run)" };
+    if base.is_none() {
+        config.bootstrap.steps = 100;
+    }
+    let with_estimator = |estimator: &str| -> Result<Ctx> {
+        let mut c = config.clone();
+        c.penalty.estimator = estimator.into();
+        Ctx::new(scratch.path().to_path_buf(), "bench", c)
+    };
+    let fd = with_estimator("fd")?;
+    let grad = with_estimator("grad")?;
+    stages::run_prepare(&fd)?;
+    if let Some(base) = &base {
+        fd.store.import(base)?;
+    }
+    stages::run_bootstrap(&fd)?;
+    for iter in 0..2u32 {
+        let mut times = serde_json::Map::new();
+        let mut time = |name: &str, summary: stages::Summary| {
+            times.insert(name.to_string(), serde_json::json!((summary.seconds * 1000.0).round() / 1000.0));
+        };
+        time("sample", stages::run_sample(&fd, iter)?);
+        time("segment", stages::run_segment(&fd, iter, 0)?);
+        // grad first, so that the run's fisher-reward ref ends on the default estimator.
+        time("fisher-reward (grad)", stages::run_fisher_reward(&grad, iter)?);
+        time("fisher-reward (fd)", stages::run_fisher_reward(&fd, iter)?);
+        time("credit-assign", stages::run_credit_assign(&fd, iter, 0)?);
+        time("grpo-update", stages::run_grpo_update(&fd, iter)?);
+        let rollouts = fd.config.sample.prompts_per_iter * fd.config.sample.group_size;
+        println!(
+            "{}",
+            serde_json::json!({"workload": format!("tiny iteration {iter} stage seconds"), "policy": policy_note,
+                "rollouts": rollouts, "seconds": times, "threads": candle_threads()})
+        );
+    }
+    Ok(())
 }
 
 /// Threads candle's CPU kernels use.

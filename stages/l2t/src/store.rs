@@ -218,6 +218,20 @@ impl Store {
         Artifact::open(&dir).map(Some)
     }
 
+    /// Adds another store's finished run to this store (hard links where the filesystem allows,
+    /// copies otherwise), so that a scratch store can reuse an expensive artifact.
+    pub fn import(&self, artifact: &Artifact) -> Result<Artifact> {
+        let mut staging = self.begin(&artifact.manifest.key)?;
+        for out in &artifact.manifest.outputs {
+            let (from, to) = (artifact.file(&out.file)?, staging.path(&out.file));
+            if fs::hard_link(&from, &to).is_err() {
+                fs::copy(&from, &to).with_context(|| format!("{}: cannot copy", from.display()))?;
+            }
+            staging.outputs.push(out.clone());
+        }
+        staging.publish(artifact.manifest.clone())
+    }
+
     /// Starts writing the outputs of a run in a private temporary folder.
     pub fn begin(&self, key: &str) -> Result<Staging> {
         let tmp_root = self.root.join("store").join("tmp");
