@@ -242,6 +242,17 @@ fn resuming_gives_the_same_policy_as_running_straight() {
 }
 
 #[test]
+fn each_update_lowers_the_loss_on_its_batch() {
+    let env = Env::new("");
+    env.make_ok(&["iterate", "ITERS=3"]);
+    for iter in 0..3 {
+        let m = env.manifest(&format!("iter-{iter:04}/grpo-update"))["metrics"].clone();
+        let (before, after) = (m["batch_loss_before"].as_f64().unwrap(), m["batch_loss_after"].as_f64().unwrap());
+        assert!(after < before, "iteration {iter}: the loss on its batch went from {before} to {after}");
+    }
+}
+
+#[test]
 fn retuning_alpha_or_beta_reruns_only_credit_assign_and_grpo_update() {
     // Iteration 1, where the policy has moved from the base, so C (and with it beta) matters.
     let env = Env::new("");

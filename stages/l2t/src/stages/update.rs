@@ -112,6 +112,7 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
         if previous.as_ref().is_some_and(|p| p.optimizer_step >= params.planned_steps) {
             eprintln!("warning: iteration {iteration} is past update.planned_iterations; the cosine schedule is at lr 0");
         }
+        let loss_before = grpo::batch_loss(&policy.model, &seqs, &params, pad)?;
         let bar = progress_bar((u.ppo_epochs * u.minibatches.min(seqs.len())) as u64, "grpo-update");
         let started = Instant::now();
         let (weights, state, log) = grpo::update(&policy.cfg, policy.weights.clone(), optimizer, &seqs, &params, pad, &mut rng, &ctx.device, |m| {
@@ -120,6 +121,7 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
         })?;
         bar.finish_and_clear();
         let seconds = started.elapsed().as_secs_f64();
+        let loss_after = grpo::batch_loss(&model::build_model(&policy.cfg, &weights, &ctx.device)?, &seqs, &params, pad)?;
 
         model::save_checkpoint(staging, &policy.cfg, &weights, &policy.tokenizer)?;
         checkpoint::save_optimizer(staging, &names, &state)?;
@@ -144,6 +146,8 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
             "steps": log.len(),
             "optimizer_step": state.step,
             "mean_loss": mean(|m| m.loss),
+            "batch_loss_before": loss_before,
+            "batch_loss_after": loss_after,
             "mean_kl": mean(|m| m.kl),
             "mean_clip_frac": mean(|m| m.clip_frac),
             "mean_grad_norm": mean(|m| m.grad_norm),

@@ -193,6 +193,20 @@ fn micro_loss(
     Ok(MicroLoss { pg: f64::from(pg_loss.to_scalar::<f32>()?), loss, kl_loss, kl_sum, clipped, ratio_sum })
 }
 
+/// The loss of the whole batch as one minibatch under `model` (no update): evaluated before and
+/// after an update, it shows whether the update lowered the loss on a fixed batch.
+pub fn batch_loss(model: &crate::model::Model, seqs: &[Sequence], p: &GrpoParams, pad_id: u32) -> Result<f64> {
+    let lens: Vec<usize> = seqs.iter().map(|s| s.response.len()).collect();
+    let weights = token_weights(&lens, p.loss_agg, p.max_new_tokens);
+    let mut total = 0.0;
+    for (chunk, chunk_w) in seqs.chunks(p.micro_batch.max(1)).zip(weights.chunks(p.micro_batch.max(1))) {
+        let chunk: Vec<&Sequence> = chunk.iter().collect();
+        let chunk_w: Vec<&Vec<f64>> = chunk_w.iter().collect();
+        total += f64::from(micro_loss(model, &chunk, &chunk_w, p, pad_id, &model.device())?.loss.to_scalar::<f32>()?);
+    }
+    Ok(total)
+}
+
 /// The optimizer's state between iterations.
 pub struct OptimizerState {
     pub m: Vec<Tensor>,
@@ -441,7 +455,10 @@ mod tests {
             .collect();
         let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
         let p = GrpoParams { ppo_epochs: 4, ..params() };
+        let before = batch_loss(&model, &seqs, &p, 0).unwrap();
         let (trained, state, log) = update(&cfg, weights, None, &seqs, &p, 0, &mut rng, &dev, |_| {}).unwrap();
+        let after = batch_loss(&build_model(&cfg, &trained, &dev).unwrap(), &seqs, &p, 0).unwrap();
+        assert!(after < before, "the loss on the batch went from {before} to {after}");
         assert_eq!(state.step, 4);
         assert_eq!(log.len(), 4);
         let after = crate::model::response_logprobs(&build_model(&cfg, &trained, &dev).unwrap(), &pairs, 0, 2).unwrap();
