@@ -236,11 +236,13 @@ pub struct CreditConfig {
     pub trim: f64,
     /// `c`: bound on `|r_t / rbar|`.
     pub clip: f64,
+    /// `abs` (the spec's `r_t / |rbar|`) or `signed` (`r_t / rbar`).
+    pub token_scale: String,
 }
 
 impl Default for CreditConfig {
     fn default() -> Self {
-        Self { method: "l2t".into(), alpha: 0.8, beta: 0.6, trim: 0.05, clip: 10.0 }
+        Self { method: "l2t".into(), alpha: 0.8, beta: 0.6, trim: 0.05, clip: 10.0, token_scale: "abs".into() }
     }
 }
 
@@ -356,6 +358,7 @@ impl Config {
         crate::reward::penalty::Estimator::parse(&p.estimator).context("penalty.estimator")?;
         crate::reward::penalty::Scale::parse(&p.scale).context("penalty.scale")?;
         crate::train::credit::Method::parse(&c.method).context("credit.method")?;
+        crate::train::credit::TokenScale::parse(&c.token_scale).context("credit.token_scale")?;
         crate::train::grpo::LossAgg::parse(&u.loss_agg).context("update.loss_agg")?;
         Ok(())
     }

@@ -124,10 +124,23 @@ fn episode_tag(text: &str, pos: usize) -> Option<(bool, usize, usize)> {
     Some((close, n, rest.len() - body.len() + digits + 1))
 }
 
+/// Byte offset of the `</think>` that closes the reasoning region (after the first `<think>`).
+fn think_close(text: &str) -> Option<usize> {
+    let region_start = text.find(THINK_OPEN).map_or(0, |p| p + THINK_OPEN.len());
+    text[region_start..].find(THINK_CLOSE).map(|p| p + region_start)
+}
+
+/// Tokens of the reasoning itself: those before the token where the response closes its
+/// reasoning (`</think>`), or the first `limit` tokens when it never does. `J` cuts the reasoning
+/// here at the latest, so the forced `close` suffix is never appended after the model's own.
+pub fn reasoning_tokens(text: &str, ends: &[usize], limit: usize) -> usize {
+    think_close(text).map_or(limit, |p| token_at(ends, p).min(limit))
+}
+
 pub fn segment_tags(text: &str, ends: &[usize]) -> Segmentation {
     let think_open = text.find(THINK_OPEN);
     let region_start = think_open.map_or(0, |p| p + THINK_OPEN.len());
-    let think_close = text[region_start..].find(THINK_CLOSE).map(|p| p + region_start);
+    let think_close = think_close(text);
     let region_end = think_close.unwrap_or(text.len());
     let mut starts = Vec::new();
     let mut open: Vec<usize> = Vec::new();
@@ -263,6 +276,16 @@ mod tests {
     }
 
     const GOOD: &str = "<think><episode_1>2 + 3 = 5</episode_1><episode_2>5 * 2 = 10</episode_2></think>\\boxed{10}";
+
+    #[test]
+    fn reasoning_stops_at_the_token_that_closes_it() {
+        let pieces: Vec<String> = ["<think>", "a", "b", "</think>", "\\boxed{", "3", "}"].iter().map(|p| p.to_string()).collect();
+        let text = pieces.concat();
+        assert_eq!(reasoning_tokens(&text, &token_char_ends(&pieces), 7), 3);
+        assert_eq!(reasoning_tokens(&text, &token_char_ends(&pieces), 2), 2);
+        let open: Vec<String> = ["<think>", "a", "b"].iter().map(|p| p.to_string()).collect();
+        assert_eq!(reasoning_tokens(&open.concat(), &token_char_ends(&open), 3), 3);
+    }
 
     #[test]
     fn well_formed_response() {

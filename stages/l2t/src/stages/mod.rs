@@ -36,7 +36,7 @@ pub const PREPARE_VERSION: u32 = 2;
 pub const BOOTSTRAP_VERSION: u32 = 1;
 pub const SAMPLE_VERSION: u32 = 1;
 pub const SEGMENT_VERSION: u32 = 1;
-pub const FISHER_REWARD_VERSION: u32 = 1;
+pub const FISHER_REWARD_VERSION: u32 = 2;
 pub const CREDIT_ASSIGN_VERSION: u32 = 1;
 pub const GRPO_UPDATE_VERSION: u32 = 1;
 

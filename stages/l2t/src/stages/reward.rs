@@ -7,6 +7,7 @@ use super::{
 use crate::model::tokenizer::{self, PAD};
 use crate::model::{build_model_as, Policy};
 use crate::reward::episode_reward;
+use crate::reward::segment::{reasoning_tokens, token_char_ends};
 use crate::reward::info_gain::{delta_i, j_values, JMode, JRequest};
 use crate::reward::penalty::{self, c_fisher, direction, directional_derivatives, Estimator, ProxyModel, Scale, SeqRequest};
 use crate::store::iter_slot;
@@ -15,7 +16,7 @@ use crate::table::episode_rewards::{self, EpisodeRewardRow};
 use crate::table::episodes::{self, EpisodeRow};
 use crate::table::prompts::{self, PromptRow};
 use crate::table::rollouts::{self, RolloutRow};
-use crate::train::credit::{assign_group, Method, RolloutSignal};
+use crate::train::credit::{assign_group, Method, RolloutSignal, TokenScale};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use std::collections::HashMap;
@@ -66,18 +67,27 @@ pub fn run_fisher_reward(ctx: &Ctx, iteration: u32) -> Result<Summary> {
                 answers.insert(r.prompt_id.as_str(), tokenizer::encode(&policy.tokenizer, &format!("{g}}}"))?);
             }
         }
-        // J(i, 0..=K): the prefix of episode k ends at its last token, without a final
-        // end-of-sequence token (the reasoning is cut, not finished).
+        // J(i, 0..=K): the prefix of episode k ends at its last token, or where the response closes
+        // its own reasoning if that comes first (so `close` follows reasoning, never an answer),
+        // and never includes a final end-of-sequence token.
+        let reasoning_ends: Vec<usize> = rollout_rows
+            .iter()
+            .map(|r| {
+                let ends = token_char_ends(&tokenizer::decode_pieces(&policy.tokenizer, &r.token_ids)?);
+                let without_eos = r.token_ids.len() - usize::from(r.token_ids.last() == Some(&policy.eos_id));
+                Ok(reasoning_tokens(&r.text, &ends, without_eos))
+            })
+            .collect::<Result<_>>()?;
         let started = Instant::now();
         let bar = progress_bar(rollout_rows.len() as u64, "fisher-reward J");
         let mut j: Vec<Vec<f64>> = Vec::with_capacity(rollout_rows.len());
         let chunk = cfg.reward.batch_rows;
-        for (rows, eps) in rollout_rows.chunks(chunk).zip(by_rollout.chunks(chunk)) {
+        for ((rows, eps), reasoning_ends) in rollout_rows.chunks(chunk).zip(by_rollout.chunks(chunk)).zip(reasoning_ends.chunks(chunk)) {
             let requests: Vec<JRequest> = rows
                 .iter()
                 .zip(eps)
-                .map(|(r, eps)| {
-                    let reasoning_end = r.token_ids.len() - usize::from(r.token_ids.last() == Some(&policy.eos_id));
+                .zip(reasoning_ends)
+                .map(|((r, eps), &reasoning_end)| {
                     let answer = &answers[r.prompt_id.as_str()];
                     JRequest {
                         prompt: &r.prompt_token_ids,
@@ -186,6 +196,7 @@ pub fn run_credit_assign(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summa
         rewards.manifest.as_input("episode_rewards", &[episode_rewards::FILE])?,
     ];
     let method = Method::parse(&cfg.credit.method)?;
+    let token_scale = TokenScale::parse(&cfg.credit.token_scale)?;
     let c = &cfg.credit;
     let slot = iter_slot(iteration, "credit-assign");
     let summary = execute(ctx, "credit-assign", CREDIT_ASSIGN_VERSION, &slot, cfg.stage_params("credit-assign")?, inputs, |staging| {
@@ -232,7 +243,7 @@ pub fn run_credit_assign(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summa
         for members in &groups {
             let signals: Vec<RolloutSignal> = members.iter().map(|&i| signal(i)).collect();
             let excluded = by_rollout[members[0]][0].excluded;
-            let (mut credits, zero_std) = assign_group(&signals, method, c.trim, c.clip);
+            let (mut credits, zero_std) = assign_group(&signals, method, c.trim, c.clip, token_scale);
             if excluded {
                 excluded_groups += 1;
                 credits.iter_mut().for_each(|cr| {

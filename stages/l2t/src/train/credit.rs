@@ -70,9 +70,34 @@ pub fn group_advantage(values: &[f64]) -> (Vec<f64>, bool) {
     (values.iter().map(|v| (v - mean) / (std + TINY)).collect(), false)
 }
 
-/// `A_t = A_i * clip(r_t / (|rbar_i| + 1e-6), -c, c)`, and whether the clip bit.
-pub fn token_advantage(a_i: f64, r_t: f64, rbar: f64, c: f64) -> (f64, bool) {
-    let ratio = r_t / (rbar.abs() + TINY);
+/// How a token's reward is compared with its rollout's (knob `credit.token_scale`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenScale {
+    /// `r_t / (|rbar_i| + 1e-6)`, as l2t-spec 7 writes it. When `rbar_i < 0` the ratio of a
+    /// typical token is -1, so `A_t` takes the sign opposite to `A_i`.
+    Abs,
+    /// `r_t / (rbar_i +- 1e-6)`: a typical token's ratio is +1 whatever the sign of `rbar_i`, so
+    /// the tokens' mean advantage stays near `A_i`.
+    Signed,
+}
+
+impl TokenScale {
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "abs" => Ok(Self::Abs),
+            "signed" => Ok(Self::Signed),
+            other => bail!("unknown token_scale {other:?} (expected abs or signed)"),
+        }
+    }
+}
+
+/// `A_t = A_i * clip(r_t / (|rbar_i| + 1e-6), -c, c)` (or the signed ratio), and whether the
+/// clip bit.
+pub fn token_advantage(a_i: f64, r_t: f64, rbar: f64, c: f64, scale: TokenScale) -> (f64, bool) {
+    let ratio = match scale {
+        TokenScale::Abs => r_t / (rbar.abs() + TINY),
+        TokenScale::Signed => r_t / (rbar + TINY.copysign(rbar)),
+    };
     (a_i * ratio.clamp(-c, c), ratio.abs() > c)
 }
 
@@ -100,7 +125,7 @@ pub struct RolloutCredit {
 }
 
 /// Credit for one group (the rollouts of one prompt); the bool says the group had zero spread.
-pub fn assign_group(group: &[RolloutSignal], method: Method, trim: f64, c: f64) -> (Vec<RolloutCredit>, bool) {
+pub fn assign_group(group: &[RolloutSignal], method: Method, trim: f64, c: f64, scale: TokenScale) -> (Vec<RolloutCredit>, bool) {
     let w: Vec<Vec<f64>> = group.iter().map(|g| g.logp_old.iter().map(|&lp| surprise_weight(lp)).collect()).collect();
     match method {
         Method::L2t => {
@@ -114,7 +139,7 @@ pub fn assign_group(group: &[RolloutSignal], method: Method, trim: f64, c: f64) 
             let credits = (0..group.len())
                 .map(|i| {
                     let (a_t, clipped): (Vec<f64>, Vec<bool>) =
-                        r_t[i].iter().map(|&r| token_advantage(a_i[i], r, rbar[i], c)).unzip();
+                        r_t[i].iter().map(|&r| token_advantage(a_i[i], r, rbar[i], c, scale)).unzip();
                     RolloutCredit {
                         w: w[i].clone(),
                         r_t: r_t[i].clone(),
@@ -191,11 +216,16 @@ mod tests {
     #[test]
     fn token_advantage_clips_at_c() {
         // ratio 0.2 / 0.1 = 2 -> A_t = 1.5 * 2 (up to the 1e-6).
-        let (a, clipped) = token_advantage(1.5, 0.2, 0.1, 10.0);
+        let (a, clipped) = token_advantage(1.5, 0.2, 0.1, 10.0, TokenScale::Abs);
         assert!((a - 1.5 * 0.2 / (0.1 + 1e-6)).abs() < 1e-12 && !clipped);
-        // ratio -5 / 0.1 = -50 -> clipped to -10.
-        let (a, clipped) = token_advantage(1.5, -5.0, -0.1, 10.0);
+        // ratio -5 / |-0.1| = -50 -> clipped to -10.
+        let (a, clipped) = token_advantage(1.5, -5.0, -0.1, 10.0, TokenScale::Abs);
         assert!(close(a, -15.0) && clipped);
+        // A token at its rollout's mean, rbar < 0: abs flips the sign of A_i, signed keeps it.
+        let (a, _) = token_advantage(-2.0, -0.1, -0.1, 10.0, TokenScale::Abs);
+        assert!((a - 2.0 * 0.1 / (0.1 + 1e-6)).abs() < 1e-12);
+        let (a, _) = token_advantage(-2.0, -0.1, -0.1, 10.0, TokenScale::Signed);
+        assert!((a + 2.0 * 0.1 / (0.1 + 1e-6)).abs() < 1e-12);
     }
 
     #[test]
@@ -203,7 +233,7 @@ mod tests {
         // Two rollouts of one token per episode, so r_t = R and rbar = mean R (no trimming at 2).
         let a = RolloutSignal { logp_old: vec![-1.0, -1.0], spans: vec![(0, 1), (1, 2)], episode_rewards: vec![0.5, 0.3], r_out: 1.0 };
         let b = RolloutSignal { logp_old: vec![-2.0], spans: vec![(0, 1)], episode_rewards: vec![-0.2], r_out: 0.0 };
-        let (credits, zero) = assign_group(&[a, b], Method::L2t, 0.05, 10.0);
+        let (credits, zero) = assign_group(&[a, b], Method::L2t, 0.05, 10.0, TokenScale::Abs);
         assert!(!zero);
         assert_eq!(credits[0].r_t, vec![0.5, 0.3]);
         assert!(close(credits[0].rbar, 0.4) && close(credits[1].rbar, -0.2));
@@ -219,12 +249,12 @@ mod tests {
     #[test]
     fn outcome_method_is_grpo() {
         let sig = |r_out| RolloutSignal { logp_old: vec![-1.0; 3], spans: vec![(0, 3)], episode_rewards: vec![9.0], r_out };
-        let (credits, zero) = assign_group(&[sig(1.0), sig(0.0)], Method::Outcome, 0.05, 10.0);
+        let (credits, zero) = assign_group(&[sig(1.0), sig(0.0)], Method::Outcome, 0.05, 10.0, TokenScale::Abs);
         assert!(!zero);
         let a = 0.5 / (0.5 + 1e-6);
         assert_eq!(credits[0].a_t, vec![a; 3]);
         assert_eq!(credits[1].a_t, vec![-a; 3]);
-        let (credits, zero) = assign_group(&[sig(0.0), sig(0.0)], Method::Outcome, 0.05, 10.0);
+        let (credits, zero) = assign_group(&[sig(0.0), sig(0.0)], Method::Outcome, 0.05, 10.0, TokenScale::Abs);
         assert!(zero && credits[0].a_t == vec![0.0; 3]);
     }
 }
