@@ -231,6 +231,22 @@ pub fn response_logprobs(model: &Model, seqs: &[(&[u32], &[u32])], pad_id: u32, 
     Ok(out)
 }
 
+/// A small policy config for tests: vocab 300, context 64, the given shape.
+#[cfg(test)]
+pub(crate) fn test_config(hidden: usize, ffn: usize, layers: usize, heads: usize, kv_heads: usize) -> Config {
+    let shape = ModelShape {
+        vocab_size: 300,
+        hidden_size: hidden,
+        intermediate_size: ffn,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        max_position_embeddings: 64,
+        ..ModelShape::default()
+    };
+    tiny_config(&shape, 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,17 +254,7 @@ mod tests {
     use candle_core::Var;
 
     fn small_cfg() -> Config {
-        let shape = ModelShape {
-            vocab_size: 300,
-            hidden_size: 32,
-            intermediate_size: 48,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            max_position_embeddings: 64,
-            ..ModelShape::default()
-        };
-        tiny_config(&shape, 0)
+        test_config(32, 48, 2, 4, 2)
     }
 
     fn positions(rows: Vec<Vec<u32>>) -> Tensor {

@@ -139,9 +139,8 @@ pub fn j_values(model: &Model, pad_id: u32, requests: &[JRequest], mode: JMode) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ModelShape;
     use crate::model::qwen2::causal_mask;
-    use crate::model::{build_model, init_weights, tiny_config};
+    use crate::model::{build_model, init_weights};
     use candle_core::Device;
 
     #[test]
@@ -168,17 +167,7 @@ mod tests {
     /// from scratch.
     #[test]
     fn cached_j_matches_scoring_each_prefix_from_scratch() {
-        let shape = ModelShape {
-            vocab_size: 300,
-            hidden_size: 32,
-            intermediate_size: 48,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            max_position_embeddings: 64,
-            ..ModelShape::default()
-        };
-        let cfg = tiny_config(&shape, 0);
+        let cfg = crate::model::test_config(32, 48, 2, 4, 2);
         let dev = Device::Cpu;
         let model = build_model(&cfg, &init_weights(&cfg, 5, &dev).unwrap(), &dev).unwrap();
         let (p1, p2) = (vec![3u32, 4, 5], vec![7u32, 8, 9, 10, 11]);

@@ -249,8 +249,7 @@ pub fn directional_derivatives(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ModelShape;
-    use crate::model::{build_model, build_model_as, init_weights, tiny_config, Weights};
+    use crate::model::{build_model, build_model_as, init_weights, Weights};
     use candle_core::Device;
 
     #[test]
@@ -292,17 +291,7 @@ mod tests {
     }
 
     fn small() -> (crate::model::Config, Weights) {
-        let shape = ModelShape {
-            vocab_size: 300,
-            hidden_size: 32,
-            intermediate_size: 64,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            max_position_embeddings: 64,
-            ..ModelShape::default()
-        };
-        let cfg = tiny_config(&shape, 0);
+        let cfg = crate::model::test_config(32, 64, 2, 4, 2);
         let w = init_weights(&cfg, 7, &Device::Cpu).unwrap();
         (cfg, w)
     }

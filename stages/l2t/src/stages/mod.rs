@@ -346,13 +346,11 @@ mod tests {
 
     #[test]
     fn rollouts_from_another_tokenizer_or_policy_are_refused() {
-        use crate::config::ModelShape;
         let dev = Device::Cpu;
         let corpus = |text: &str| vec![text.to_string(); 8];
         let tok_a = tokenizer::train(&corpus("<think><episode_1>12 + 3 = 15</episode_1></think>\n\\boxed{15}"), 300).unwrap();
         let tok_b = tokenizer::train(&corpus("zzzz yyyy xxxx wwww vvvv uuuu tttt"), 300).unwrap();
-        let shape = ModelShape { vocab_size: 300, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, ..ModelShape::default() };
-        let cfg = model::tiny_config(&shape, 0);
+        let cfg = crate::model::test_config(16, 32, 1, 2, 1);
         let weights = model::init_weights(&cfg, 0, &dev).unwrap();
         let mut policy = Policy::from_parts(&cfg, &weights, tok_a.clone(), &dev).unwrap();
         policy.weights_hash = "h".into();

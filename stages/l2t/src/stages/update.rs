@@ -7,9 +7,9 @@ use super::{
 use crate::model::tokenizer::{self, PAD};
 use crate::model::{self, response_logprobs, Policy};
 use crate::store::iter_slot;
-use crate::table::advantages;
+use crate::table::advantages::{self, AdvantageRow};
 use crate::table::prompts;
-use crate::table::rollouts;
+use crate::table::rollouts::{self, RolloutRow};
 use crate::table::update_metrics::{self, UpdateMetricsRow};
 use crate::train::checkpoint::{self, RngState, TrainerState};
 use crate::train::grpo::{self, GrpoParams, LossAgg, Sequence};
@@ -56,11 +56,10 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
         check_sampled_by(&policy, &rollout_rows, iteration)?;
         let pad = tokenizer::required_id(&policy.tokenizer, PAD).unwrap_or(policy.eos_id);
 
-        let mut seqs: Vec<Sequence> = rollout_rows
+        let included: Vec<(&RolloutRow, &AdvantageRow)> = rollout_rows.iter().zip(&adv_rows).filter(|(_, a)| !a.excluded).collect();
+        let mut seqs: Vec<Sequence> = included
             .iter()
-            .zip(&adv_rows)
-            .filter(|(_, a)| !a.excluded)
-            .map(|(r, a)| Sequence {
+            .map(|&(r, a)| Sequence {
                 prompt: r.prompt_token_ids.clone(),
                 response: r.token_ids.clone(),
                 logp_old: r.logprobs.clone(),
@@ -71,7 +70,7 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
         if seqs.is_empty() {
             bail!("every rollout of iteration {iteration} is excluded (unparsable gold answers): nothing to train on");
         }
-        let pairs: Vec<(&[u32], &[u32])> = seqs.iter().map(|s| (s.prompt.as_slice(), s.response.as_slice())).collect();
+        let pairs: Vec<(&[u32], &[u32])> = included.iter().map(|(r, _)| (r.prompt_token_ids.as_slice(), r.token_ids.as_slice())).collect();
         // The sampler's log-probs against the same policy scored in one teacher-forced pass.
         let recomputed = response_logprobs(&policy.model, &pairs, pad, SCORE_ROWS)?;
         let diffs: Vec<f64> =
@@ -112,7 +111,7 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
         if previous.as_ref().is_some_and(|p| p.optimizer_step >= params.planned_steps) {
             eprintln!("warning: iteration {iteration} is past update.planned_iterations; the cosine schedule is at lr 0");
         }
-        let loss_before = grpo::batch_loss(&policy.model, &seqs, &params, pad)?;
+        let loss_before = grpo::batch_loss(&seqs, &recomputed, &params);
         let bar = progress_bar((u.ppo_epochs * u.minibatches.min(seqs.len())) as u64, "grpo-update");
         let started = Instant::now();
         let (weights, state, log) = grpo::update(&policy.cfg, policy.weights.clone(), optimizer, &seqs, &params, pad, &mut rng, &ctx.device, |m| {
@@ -121,7 +120,8 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
         })?;
         bar.finish_and_clear();
         let seconds = started.elapsed().as_secs_f64();
-        let loss_after = grpo::batch_loss(&model::build_model(&policy.cfg, &weights, &ctx.device)?, &seqs, &params, pad)?;
+        let updated = model::build_model(&policy.cfg, &weights, &ctx.device)?;
+        let loss_after = grpo::batch_loss(&seqs, &response_logprobs(&updated, &pairs, pad, SCORE_ROWS)?, &params);
 
         model::save_checkpoint(staging, &policy.cfg, &weights, &policy.tokenizer)?;
         checkpoint::save_optimizer(staging, &names, &state)?;

@@ -193,18 +193,24 @@ fn micro_loss(
     Ok(MicroLoss { pg: f64::from(pg_loss.to_scalar::<f32>()?), loss, kl_loss, kl_sum, clipped, ratio_sum })
 }
 
-/// The loss of the whole batch as one minibatch under `model` (no update): evaluated before and
-/// after an update, it shows whether the update lowered the loss on a fixed batch.
-pub fn batch_loss(model: &crate::model::Model, seqs: &[Sequence], p: &GrpoParams, pad_id: u32) -> Result<f64> {
+/// The loss of the whole batch taken as one minibatch, from the policy's log-probs of every
+/// response token (`logp[i][t]`), by the scalar formulas above. Evaluated before and after an
+/// update, it shows whether the update lowered the loss on a fixed batch.
+pub fn batch_loss(seqs: &[Sequence], logp: &[Vec<f32>], p: &GrpoParams) -> f64 {
     let lens: Vec<usize> = seqs.iter().map(|s| s.response.len()).collect();
     let weights = token_weights(&lens, p.loss_agg, p.max_new_tokens);
     let mut total = 0.0;
-    for (chunk, chunk_w) in seqs.chunks(p.micro_batch.max(1)).zip(weights.chunks(p.micro_batch.max(1))) {
-        let chunk: Vec<&Sequence> = chunk.iter().collect();
-        let chunk_w: Vec<&Vec<f64>> = chunk_w.iter().collect();
-        total += f64::from(micro_loss(model, &chunk, &chunk_w, p, pad_id, &model.device())?.loss.to_scalar::<f32>()?);
+    for ((s, lp), w) in seqs.iter().zip(logp).zip(&weights) {
+        for t in 0..s.response.len() {
+            let (lp, old) = (f64::from(lp[t]), f64::from(s.logp_old[t]));
+            let mut loss_t = clipped_surrogate(ratio(lp, old), f64::from(s.a_t[t]), p.eps_low, p.eps_high);
+            if p.beta_kl > 0.0 {
+                loss_t += p.beta_kl * k3(f64::from(s.logp_ref[t]), lp);
+            }
+            total += w[t] * loss_t;
+        }
     }
-    Ok(total)
+    total
 }
 
 /// The optimizer's state between iterations.
@@ -322,8 +328,7 @@ impl Default for StepMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ModelShape;
-    use crate::model::{init_weights, tiny_config};
+    use crate::model::init_weights;
 
     #[test]
     fn ratio_k3_and_clipped_surrogate_by_hand() {
@@ -363,17 +368,7 @@ mod tests {
     }
 
     fn small() -> (Config, Weights) {
-        let shape = ModelShape {
-            vocab_size: 300,
-            hidden_size: 16,
-            intermediate_size: 32,
-            num_hidden_layers: 1,
-            num_attention_heads: 2,
-            num_key_value_heads: 1,
-            max_position_embeddings: 32,
-            ..ModelShape::default()
-        };
-        let cfg = tiny_config(&shape, 0);
+        let cfg = crate::model::test_config(16, 32, 1, 2, 1);
         let w = init_weights(&cfg, 4, &Device::Cpu).unwrap();
         (cfg, w)
     }
@@ -455,16 +450,20 @@ mod tests {
             .collect();
         let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
         let p = GrpoParams { ppo_epochs: 4, ..params() };
-        let before = batch_loss(&model, &seqs, &p, 0).unwrap();
+        let before = batch_loss(&seqs, &logp, &p);
         let (trained, state, log) = update(&cfg, weights, None, &seqs, &p, 0, &mut rng, &dev, |_| {}).unwrap();
-        let after = batch_loss(&build_model(&cfg, &trained, &dev).unwrap(), &seqs, &p, 0).unwrap();
+        let after_logp = crate::model::response_logprobs(&build_model(&cfg, &trained, &dev).unwrap(), &pairs, 0, 2).unwrap();
+        let after = batch_loss(&seqs, &after_logp, &p);
         assert!(after < before, "the loss on the batch went from {before} to {after}");
+        // The scalar formula agrees with the tensor loss the update differentiates.
+        let w = token_weights(&[2, 2], p.loss_agg, p.max_new_tokens);
+        let tensor_loss = micro_loss(&model, &seqs.iter().collect::<Vec<_>>(), &w.iter().collect::<Vec<_>>(), &p, 0, &dev).unwrap();
+        assert!((f64::from(tensor_loss.loss.to_scalar::<f32>().unwrap()) - before).abs() < 1e-5);
         assert_eq!(state.step, 4);
         assert_eq!(log.len(), 4);
-        let after = crate::model::response_logprobs(&build_model(&cfg, &trained, &dev).unwrap(), &pairs, 0, 2).unwrap();
         let sum = |v: &Vec<f32>| v.iter().sum::<f32>();
-        assert!(sum(&after[0]) > sum(&logp[0]), "positive advantage: {:?} -> {:?}", logp[0], after[0]);
-        assert!(sum(&after[1]) < sum(&logp[1]), "negative advantage: {:?} -> {:?}", logp[1], after[1]);
+        assert!(sum(&after_logp[0]) > sum(&logp[0]), "positive advantage: {:?} -> {:?}", logp[0], after_logp[0]);
+        assert!(sum(&after_logp[1]) < sum(&logp[1]), "negative advantage: {:?} -> {:?}", logp[1], after_logp[1]);
         assert!(log[0].clip_frac == 0.0 && (log[0].ratio_mean - 1.0).abs() < 1e-5, "{:?}", log[0]);
     }
 }

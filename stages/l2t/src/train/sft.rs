@@ -107,8 +107,7 @@ pub fn train(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ModelShape;
-    use crate::model::{init_weights, tiny_config};
+    use crate::model::init_weights;
 
     #[test]
     fn batch_masks_only_completion_targets() {
@@ -123,17 +122,7 @@ mod tests {
 
     #[test]
     fn training_lowers_the_loss_on_a_memorisable_set() {
-        let shape = ModelShape {
-            vocab_size: 300,
-            hidden_size: 32,
-            intermediate_size: 64,
-            num_hidden_layers: 1,
-            num_attention_heads: 2,
-            num_key_value_heads: 1,
-            max_position_embeddings: 32,
-            ..ModelShape::default()
-        };
-        let cfg = tiny_config(&shape, 0);
+        let cfg = crate::model::test_config(32, 64, 1, 2, 1);
         let dev = Device::Cpu;
         let examples = vec![
             Example { prompt: vec![10, 11], completion: vec![12, 13, 14, 0] },
