@@ -270,6 +270,23 @@ fn retuning_alpha_or_beta_reruns_only_credit_assign_and_grpo_update() {
 }
 
 #[test]
+fn rewards_that_no_longer_match_the_episodes_are_refused_and_nothing_is_published() {
+    let env = Env::new("");
+    env.chain();
+    // New episodes (another rule), but the episode rewards of the old ones are still in place.
+    env.set_config("segment.rule = \"chunks:4\"");
+    env.ok("segment", &["--iter", "0"]);
+    let manifest_before = env.manifest("iter-0000/credit-assign");
+    let err = env.fails("credit-assign", &["--iter", "0"]);
+    assert!(err.contains("episode_rewards.parquet: row") && (err.contains("missing episode") || err.contains("extra episode")), "{err}");
+    assert_eq!(env.manifest("iter-0000/credit-assign"), manifest_before, "a refused stage moved its ref");
+    assert!(fs::read_dir(env.artifacts().join("store/tmp")).map_or(true, |mut d| d.next().is_none()), "leftovers in store/tmp");
+    // Rerunning the reward stage first mends it.
+    env.ok("fisher-reward", &["--iter", "0"]);
+    env.ok("credit-assign", &["--iter", "0"]);
+}
+
+#[test]
 fn a_policy_with_another_tokenizer_is_refused_and_nothing_is_published() {
     let env = Env::new("");
     env.ok("prepare", &[]);
