@@ -238,11 +238,13 @@ pub struct CreditConfig {
     pub clip: f64,
     /// `abs` (the spec's `r_t / |rbar|`) or `signed` (`r_t / rbar`).
     pub token_scale: String,
+    /// `a_lp` of the `length-penalty` baseline.
+    pub a_lp: f64,
 }
 
 impl Default for CreditConfig {
     fn default() -> Self {
-        Self { method: "l2t".into(), alpha: 0.8, beta: 0.6, trim: 0.05, clip: 10.0, token_scale: "abs".into() }
+        Self { method: "l2t".into(), alpha: 0.8, beta: 0.6, trim: 0.05, clip: 10.0, token_scale: "abs".into(), a_lp: 0.2 }
     }
 }
 
@@ -340,6 +342,7 @@ impl Config {
             (c.alpha.is_finite() && c.beta.is_finite(), "credit.alpha and credit.beta must be finite numbers"),
             ((0.0..1.0).contains(&c.trim), "credit.trim must lie in [0, 1)"),
             (c.clip > 0.0, "credit.clip must be positive"),
+            ((0.0..=1.0).contains(&c.a_lp), "credit.a_lp must lie in [0, 1]"),
             (u.lr > 0.0 && u.lr.is_finite(), "update.lr must be positive"),
             ((0.0..=1.0).contains(&u.warmup_frac), "update.warmup_frac must lie in [0, 1]"),
             (u.weight_decay >= 0.0 && u.max_grad_norm > 0.0, "update.weight_decay must be >= 0 and update.max_grad_norm positive"),

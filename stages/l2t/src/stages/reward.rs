@@ -16,7 +16,7 @@ use crate::table::episode_rewards::{self, EpisodeRewardRow};
 use crate::table::episodes::{self, EpisodeRow};
 use crate::table::prompts::{self, PromptRow};
 use crate::table::rollouts::{self, RolloutRow};
-use crate::train::credit::{assign_group, Method, RolloutSignal, TokenScale};
+use crate::train::credit::{assign_group, CreditParams, Method, RolloutSignal, TokenScale};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use std::collections::HashMap;
@@ -195,8 +195,14 @@ pub fn run_credit_assign(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summa
         seg.manifest.as_input("episodes", &[episodes::FILE])?,
         rewards.manifest.as_input("episode_rewards", &[episode_rewards::FILE])?,
     ];
-    let method = Method::parse(&cfg.credit.method)?;
-    let token_scale = TokenScale::parse(&cfg.credit.token_scale)?;
+    let credit_params = CreditParams {
+        method: Method::parse(&cfg.credit.method)?,
+        alpha: cfg.credit.alpha,
+        trim: cfg.credit.trim,
+        clip: cfg.credit.clip,
+        token_scale: TokenScale::parse(&cfg.credit.token_scale)?,
+        a_lp: cfg.credit.a_lp,
+    };
     let c = &cfg.credit;
     let slot = iter_slot(iteration, "credit-assign");
     let summary = execute(ctx, "credit-assign", CREDIT_ASSIGN_VERSION, &slot, cfg.stage_params("credit-assign")?, inputs, |staging| {
@@ -225,16 +231,12 @@ pub fn run_credit_assign(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summa
             let eps: &[EpisodeRow] = by_rollout[i];
             let k_i = eps.len();
             let r_out = f64::from(eps[0].r_out);
-            let episode_rewards = (0..k_i)
-                .map(|k| {
-                    let rw = &reward_rows[reward_offsets[i] + k];
-                    episode_reward(r_out, k_i, rw.d_i, rw.c_scaled, c.alpha, c.beta)
-                })
-                .collect();
+            let rewards = &reward_rows[reward_offsets[i]..reward_offsets[i] + k_i];
             RolloutSignal {
                 logp_old: rollout_rows[i].logprobs.clone(),
                 spans: eps.iter().map(|e| (e.token_start as usize, e.token_end as usize)).collect(),
-                episode_rewards,
+                episode_rewards: rewards.iter().map(|rw| episode_reward(r_out, k_i, rw.d_i, rw.c_scaled, c.alpha, c.beta)).collect(),
+                d_i: rewards.iter().map(|rw| rw.d_i).collect(),
                 r_out,
             }
         };
@@ -243,7 +245,7 @@ pub fn run_credit_assign(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summa
         for members in &groups {
             let signals: Vec<RolloutSignal> = members.iter().map(|&i| signal(i)).collect();
             let excluded = by_rollout[members[0]][0].excluded;
-            let (mut credits, zero_std) = assign_group(&signals, method, c.trim, c.clip, token_scale);
+            let (mut credits, zero_std) = assign_group(&signals, &credit_params);
             if excluded {
                 excluded_groups += 1;
                 credits.iter_mut().for_each(|cr| {

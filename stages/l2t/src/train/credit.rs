@@ -18,6 +18,11 @@ pub enum Method {
     L2t,
     /// GRPO on the outcome reward alone: `A_t = (r_out_i - mean) / (std + 1e-6)`.
     Outcome,
+    /// Arora & Zanette: `r_i = r_out_i (1 - a_lp sigmoid((len_i - mean_c) / std_c))` over the
+    /// group's correct responses, then GRPO.
+    LengthPenalty,
+    /// MRT-style progress bonus: `r_i = r_out_i + alpha sum_k dI(i,k)`, then GRPO.
+    Mrt,
 }
 
 impl Method {
@@ -25,9 +30,47 @@ impl Method {
         match text {
             "l2t" => Ok(Self::L2t),
             "outcome" => Ok(Self::Outcome),
-            other => bail!("unknown credit method {other:?} (expected l2t or outcome)"),
+            "length-penalty" => Ok(Self::LengthPenalty),
+            "mrt" => Ok(Self::Mrt),
+            other => bail!("unknown credit method {other:?} (expected l2t, outcome, length-penalty or mrt)"),
         }
     }
+}
+
+/// The knobs credit assignment reads (section `[credit]`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CreditParams {
+    pub method: Method,
+    /// Weight of the progress bonus (`mrt`; `l2t` applies it inside `R(i,k)`).
+    pub alpha: f64,
+    pub trim: f64,
+    /// `c`.
+    pub clip: f64,
+    pub token_scale: TokenScale,
+    /// `a_lp` of `length-penalty`.
+    pub a_lp: f64,
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Length-penalised rewards of a group (Arora & Zanette 2025): each correct response loses up to
+/// `a_lp` of its reward by how much longer it is than the group's correct responses on average
+/// (z-score over the correct ones, population std); wrong responses keep `r_out`.
+pub fn length_penalty_rewards(r_out: &[f64], lens: &[usize], a_lp: f64) -> Vec<f64> {
+    let correct: Vec<f64> = r_out.iter().zip(lens).filter(|(&r, _)| r >= 1.0).map(|(_, &l)| l as f64).collect();
+    if correct.is_empty() {
+        return r_out.to_vec();
+    }
+    let mean = correct.iter().sum::<f64>() / correct.len() as f64;
+    let std = (correct.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / correct.len() as f64).sqrt();
+    r_out.iter().zip(lens).map(|(&r, &l)| r * (1.0 - a_lp * sigmoid((l as f64 - mean) / (std + TINY)))).collect()
+}
+
+/// MRT-style rewards: `r_out_i + alpha * sum_k dI(i,k)` (the sum telescopes to `J(i,K) - J(i,0)`).
+pub fn progress_rewards(r_out: &[f64], d_i: &[Vec<f64>], alpha: f64) -> Vec<f64> {
+    r_out.iter().zip(d_i).map(|(&r, d)| r + alpha * d.iter().sum::<f64>()).collect()
 }
 
 /// Added to the surprise weight and to the denominators, as in the spec.
@@ -110,6 +153,8 @@ pub struct RolloutSignal {
     pub spans: Vec<(usize, usize)>,
     /// `R(i,k)` per episode (for `l2t`).
     pub episode_rewards: Vec<f64>,
+    /// `dI(i,k)` per episode (for `mrt`).
+    pub d_i: Vec<f64>,
     pub r_out: f64,
 }
 
@@ -125,10 +170,19 @@ pub struct RolloutCredit {
 }
 
 /// Credit for one group (the rollouts of one prompt); the bool says the group had zero spread.
-pub fn assign_group(group: &[RolloutSignal], method: Method, trim: f64, c: f64, scale: TokenScale) -> (Vec<RolloutCredit>, bool) {
+pub fn assign_group(group: &[RolloutSignal], p: &CreditParams) -> (Vec<RolloutCredit>, bool) {
     let w: Vec<Vec<f64>> = group.iter().map(|g| g.logp_old.iter().map(|&lp| surprise_weight(lp)).collect()).collect();
-    match method {
-        Method::L2t => {
+    let (trim, c, scale) = (p.trim, p.clip, p.token_scale);
+    let r_out: Vec<f64> = group.iter().map(|g| g.r_out).collect();
+    // The rollout-level reward of the GRPO-style methods.
+    let rollout_reward = match p.method {
+        Method::L2t => None,
+        Method::Outcome => Some(r_out),
+        Method::LengthPenalty => Some(length_penalty_rewards(&r_out, &group.iter().map(|g| g.logp_old.len()).collect::<Vec<_>>(), p.a_lp)),
+        Method::Mrt => Some(progress_rewards(&r_out, &group.iter().map(|g| g.d_i.clone()).collect::<Vec<_>>(), p.alpha)),
+    };
+    match rollout_reward {
+        None => {
             let r_t: Vec<Vec<f64>> = group
                 .iter()
                 .zip(&w)
@@ -152,15 +206,14 @@ pub fn assign_group(group: &[RolloutSignal], method: Method, trim: f64, c: f64, 
                 .collect();
             (credits, zero_std)
         }
-        Method::Outcome => {
-            let r_out: Vec<f64> = group.iter().map(|g| g.r_out).collect();
-            let (a_i, zero_std) = group_advantage(&r_out);
+        Some(r_i) => {
+            let (a_i, zero_std) = group_advantage(&r_i);
             let credits = (0..group.len())
                 .map(|i| RolloutCredit {
                     w: w[i].clone(),
                     r_t: vec![0.0; w[i].len()],
                     a_t: vec![a_i[i]; w[i].len()],
-                    rbar: r_out[i],
+                    rbar: r_i[i],
                     a_i: a_i[i],
                     n_clipped: 0,
                 })
@@ -176,6 +229,10 @@ mod tests {
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() < 1e-9
+    }
+
+    fn params(method: Method) -> CreditParams {
+        CreditParams { method, alpha: 0.8, trim: 0.05, clip: 10.0, token_scale: TokenScale::Abs, a_lp: 0.2 }
     }
 
     #[test]
@@ -231,9 +288,9 @@ mod tests {
     #[test]
     fn l2t_group_by_hand() {
         // Two rollouts of one token per episode, so r_t = R and rbar = mean R (no trimming at 2).
-        let a = RolloutSignal { logp_old: vec![-1.0, -1.0], spans: vec![(0, 1), (1, 2)], episode_rewards: vec![0.5, 0.3], r_out: 1.0 };
-        let b = RolloutSignal { logp_old: vec![-2.0], spans: vec![(0, 1)], episode_rewards: vec![-0.2], r_out: 0.0 };
-        let (credits, zero) = assign_group(&[a, b], Method::L2t, 0.05, 10.0, TokenScale::Abs);
+        let a = RolloutSignal { logp_old: vec![-1.0, -1.0], spans: vec![(0, 1), (1, 2)], episode_rewards: vec![0.5, 0.3], d_i: vec![0.0; 2], r_out: 1.0 };
+        let b = RolloutSignal { logp_old: vec![-2.0], spans: vec![(0, 1)], episode_rewards: vec![-0.2], d_i: vec![0.0], r_out: 0.0 };
+        let (credits, zero) = assign_group(&[a, b], &params(Method::L2t));
         assert!(!zero);
         assert_eq!(credits[0].r_t, vec![0.5, 0.3]);
         assert!(close(credits[0].rbar, 0.4) && close(credits[1].rbar, -0.2));
@@ -248,13 +305,41 @@ mod tests {
 
     #[test]
     fn outcome_method_is_grpo() {
-        let sig = |r_out| RolloutSignal { logp_old: vec![-1.0; 3], spans: vec![(0, 3)], episode_rewards: vec![9.0], r_out };
-        let (credits, zero) = assign_group(&[sig(1.0), sig(0.0)], Method::Outcome, 0.05, 10.0, TokenScale::Abs);
+        let sig = |r_out| RolloutSignal { logp_old: vec![-1.0; 3], spans: vec![(0, 3)], episode_rewards: vec![9.0], d_i: vec![0.5], r_out };
+        let (credits, zero) = assign_group(&[sig(1.0), sig(0.0)], &params(Method::Outcome));
         assert!(!zero);
         let a = 0.5 / (0.5 + 1e-6);
         assert_eq!(credits[0].a_t, vec![a; 3]);
         assert_eq!(credits[1].a_t, vec![-a; 3]);
-        let (credits, zero) = assign_group(&[sig(0.0), sig(0.0)], Method::Outcome, 0.05, 10.0, TokenScale::Abs);
+        let (credits, zero) = assign_group(&[sig(0.0), sig(0.0)], &params(Method::Outcome));
         assert!(zero && credits[0].a_t == vec![0.0; 3]);
+    }
+
+    #[test]
+    fn length_penalty_by_hand() {
+        // Correct lengths 10 and 30: mean 20, population std 10. The 30-token one: z = 1 (up to
+        // the 1e-6), reward 1 - 0.2 * sigmoid(1) = 1 - 0.2 * 0.731059 = 0.853788; the 10-token one
+        // 1 - 0.2 * sigmoid(-1) = 0.946212. The wrong one keeps 0.
+        let r = length_penalty_rewards(&[1.0, 1.0, 0.0], &[10, 30, 20], 0.2);
+        assert!((r[0] - (1.0 - 0.2 * sigmoid(-10.0 / (10.0 + 1e-6)))).abs() < 1e-12);
+        assert!((r[1] - 0.853788).abs() < 1e-6 && (r[0] - 0.946212).abs() < 1e-6 && r[2] == 0.0, "{r:?}");
+        // One correct response: z = 0, so 1 - 0.2 * 0.5 = 0.9; no correct response: unchanged.
+        assert!(close(length_penalty_rewards(&[1.0, 0.0], &[7, 9], 0.2)[0], 0.9));
+        assert_eq!(length_penalty_rewards(&[0.0, -0.01], &[7, 9], 0.2), vec![0.0, -0.01]);
+        // Then GRPO over those rewards: {0.9, 0} -> +-1.
+        let sig = |r_out, n| RolloutSignal { logp_old: vec![-1.0; n], spans: vec![(0, n)], episode_rewards: vec![0.0], d_i: vec![0.0], r_out };
+        let (credits, _) = assign_group(&[sig(1.0, 4), sig(0.0, 2)], &params(Method::LengthPenalty));
+        assert!(close(credits[0].rbar, 0.9) && (credits[0].a_t[0] - 0.45 / (0.45 + 1e-6)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn mrt_adds_the_telescoped_progress() {
+        // r_out 1 + 0.8 * (0.2 - 0.1 + 0.4) = 1.4; r_out 0 + 0.8 * (-0.25) = -0.2.
+        let r = progress_rewards(&[1.0, 0.0], &[vec![0.2, -0.1, 0.4], vec![-0.25]], 0.8);
+        assert!(close(r[0], 1.4) && close(r[1], -0.2), "{r:?}");
+        let sig = |r_out, d_i: Vec<f64>| RolloutSignal { logp_old: vec![-1.0; 2], spans: vec![(0, 2)], episode_rewards: vec![0.0], d_i, r_out };
+        let (credits, zero) = assign_group(&[sig(1.0, vec![0.2, -0.1, 0.4]), sig(0.0, vec![-0.25])], &params(Method::Mrt));
+        // {1.4, -0.2}: mean 0.6, std 0.8 -> +-0.8 / (0.8 + 1e-6).
+        assert!(!zero && close(credits[0].rbar, 1.4) && (credits[1].a_i + 0.8 / (0.8 + 1e-6)).abs() < 1e-12);
     }
 }
