@@ -10,6 +10,8 @@ STAGE     ?=
 ITER      ?= 0
 SQL       ?=
 SHOW      ?= 2
+POLICY    ?= latest
+SPLIT     ?= eval
 
 BIN     := target/release
 TOOLS   := tools
@@ -19,7 +21,7 @@ COMMON  := --artifacts $(ARTIFACTS) --run $(RUN) --config $(CONFIG)
 RUN_STAGES  := prepare bootstrap
 ITER_STAGES := sample segment fisher-reward credit-assign grpo-update
 
-.PHONY: all build iterate iteration stage audit gc test bench clean-tools
+.PHONY: all build iterate iteration stage eval audit gc test bench clean-tools
 
 all: iterate
 
@@ -49,6 +51,10 @@ stage: build
 	@case " $(RUN_STAGES) $(ITER_STAGES) " in *" $(STAGE) "*) ;; \
 	  *) echo "make stage: STAGE must be one of: $(RUN_STAGES) $(ITER_STAGES)" >&2; exit 2;; esac
 	$(BIN)/$(STAGE) $(COMMON) $(if $(filter $(STAGE),$(ITER_STAGES)),--iter $(ITER))
+
+# Evaluates a policy of the run on a split: POLICY=base|<iteration>|latest, SPLIT=eval|train.
+eval: build
+	$(BIN)/eval $(COMMON) --policy $(POLICY) --split $(SPLIT)
 
 # DuckDB over the run: interactive, or one query with SQL="...".
 audit: build $(DUCKDB)

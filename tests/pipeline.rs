@@ -31,6 +31,12 @@ eval_max_new_tokens = 16
 prompts_per_iter = 3
 group_size = 2
 max_new_tokens = 24
+[eval]
+k = 2
+max_new_tokens = 16
+budgets = [4, 8]
+answer_tokens = 4
+prompts = 5
 "#;
 
 fn repo() -> PathBuf {
@@ -444,8 +450,34 @@ fn audit_sees_one_rollout_row_per_prompt_and_sample() {
 }
 
 #[test]
+fn eval_reports_every_figure_from_its_own_samples_and_against_the_base() {
+    let env = Env::new("");
+    env.make_ok(&["iterate"]);
+    let out = env.make_ok(&["eval", "POLICY=0"]);
+    assert!(out.contains("-> evals/eval/base") && out.contains("-> evals/eval/iter-0000"), "{out}");
+    assert!(out.contains("eval: iter-0000: pass@1"), "{out}");
+    // The summary's figures are the samples' own: pass@1, tokens, budgets, efficiency.
+    let sql = "SELECT 'ok=' || (abs(s.pass_at_1 - x.p1) < 1e-9 AND abs(s.mean_tokens - x.tok) < 1e-9 AND x.n = 10 \
+               AND abs(s.accuracy_at_budget[2] - x.b2) < 1e-6 AND abs(s.token_efficiency - s.mean_tokens / b.mean_tokens) < 1e-9) \
+               FROM eval_summary s JOIN (SELECT policy, avg(correct::INT) AS p1, avg(n_tokens) AS tok, count(*) AS n, \
+               avg(correct_at_budget[2]) AS b2 FROM eval_samples GROUP BY policy) x USING (policy) \
+               CROSS JOIN (SELECT mean_tokens FROM eval_summary WHERE policy = 'base') b WHERE s.policy = 'iter-0000'";
+    let out = env.make_ok(&["audit", &format!("SQL={sql}")]);
+    assert!(out.contains("ok=true"), "{out}");
+    // Again: cache hits; and a JSONL prompts file works too.
+    let again = env.make_ok(&["eval", "POLICY=0"]);
+    assert!(again.matches("eval: cache hit").count() == 2, "{again}");
+    let jsonl = env.dir.path().join("mine.jsonl");
+    fs::write(&jsonl, "{\"prompt_id\": \"q1\", \"prompt\": \"Problem: start with 3.\\n1: + 2\\nSolution: \", \"gold_answer\": \"5\"}\n").unwrap();
+    let out = env.ok("eval", &["--policy", "base", "--prompts", jsonl.to_str().unwrap()]);
+    assert!(out.contains("-> evals/mine/base"), "{out}");
+    let err = env.fails("eval", &["--policy", "7"]);
+    assert!(err.contains("iter-0007/grpo-update"), "{err}");
+}
+
+#[test]
 fn help_works_for_every_binary() {
-    for name in ["prepare", "bootstrap", "sample", "segment", "fisher-reward", "credit-assign", "grpo-update", "bench", "l2t"] {
+    for name in ["prepare", "bootstrap", "sample", "segment", "fisher-reward", "credit-assign", "grpo-update", "eval", "bench", "l2t"] {
         let out = Command::new(bin(name)).arg("--help").output().unwrap();
         assert!(out.status.success(), "{name} --help");
         assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"), "{name} --help");

@@ -12,21 +12,24 @@ const MANIFEST_COLUMNS: &str = "{stage: 'VARCHAR', version: 'INTEGER', key: 'VAR
 /// least one file, and `manifests` over every stage run.
 pub fn views_sql(store: &Store, run: &str) -> String {
     let root = store.root().display().to_string();
-    let runs_dir = store.root().join("runs");
     let mut sql = Vec::new();
     for def in TABLES {
-        if any_iteration_has(&runs_dir, run, &format!("{}/{}", def.stage, def.file)) {
+        if glob_has_match(&format!("{root}/runs/{run}/{}/{}", def.dir, def.file)) {
             let view = duckdb_view(def, &root).replace("/runs/*/", &format!("/runs/{run}/"));
             sql.push(view);
         }
     }
-    let manifests = [format!("{root}/runs/{run}/*/manifest.json"), format!("{root}/runs/{run}/iter-*/*/manifest.json")];
+    let manifests = [
+        format!("{root}/runs/{run}/*/manifest.json"),
+        format!("{root}/runs/{run}/iter-*/*/manifest.json"),
+        format!("{root}/runs/{run}/evals/*/*/manifest.json"),
+    ];
     let present: Vec<String> = manifests.iter().filter(|g| glob_has_match(g)).map(|g| format!("'{g}'")).collect();
     if !present.is_empty() {
         sql.push(format!(
             "CREATE OR REPLACE VIEW manifests AS SELECT regexp_extract(filename, 'runs/([^/]+)/', 1) AS run, \
              TRY_CAST(regexp_extract(filename, '/iter-([0-9]+)/', 1) AS INTEGER) AS iteration, \
-             regexp_extract(filename, '/([^/]+)/manifest.json$', 1) AS slot, * EXCLUDE (filename) \
+             regexp_extract(filename, '/runs/[^/]+/(.+)/manifest.json$', 1) AS slot, * EXCLUDE (filename) \
              FROM read_json([{}], columns = {MANIFEST_COLUMNS}, filename = true);",
             present.join(", ")
         ));
@@ -34,19 +37,7 @@ pub fn views_sql(store: &Store, run: &str) -> String {
     sql.join("\n")
 }
 
-/// Whether `runs/<run>/iter-*/<rel>` exists for some iteration (and run, when `run` is `*`).
-fn any_iteration_has(runs_dir: &Path, run: &str, rel: &str) -> bool {
-    let Ok(runs) = std::fs::read_dir(runs_dir) else { return false };
-    runs.flatten()
-        .filter(|r| run == "*" || r.file_name().to_string_lossy() == run)
-        .any(|r| {
-            std::fs::read_dir(r.path()).map_or(false, |its| {
-                its.flatten().any(|it| it.file_name().to_string_lossy().starts_with("iter-") && it.path().join(rel).exists())
-            })
-        })
-}
-
-/// Minimal check for the two manifest globs above (`*` in one or two path components).
+/// Whether a glob with `*` as (the end of) whole path components matches a file.
 fn glob_has_match(glob: &str) -> bool {
     fn walk(base: &Path, parts: &[&str]) -> bool {
         match parts.split_first() {

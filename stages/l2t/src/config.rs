@@ -24,6 +24,7 @@ pub struct Config {
     pub penalty: PenaltyConfig,
     pub credit: CreditConfig,
     pub update: UpdateConfig,
+    pub eval: EvalConfig,
 }
 
 impl Default for Config {
@@ -40,6 +41,41 @@ impl Default for Config {
             penalty: PenaltyConfig::default(),
             credit: CreditConfig::default(),
             update: UpdateConfig::default(),
+            eval: EvalConfig::default(),
+        }
+    }
+}
+
+/// Evaluation (l2t-spec section 9), stage `eval`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Samples per prompt.
+    pub k: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    /// The token budget of a response.
+    pub max_new_tokens: usize,
+    /// Budgets at which accuracy is also read (truncate, force `reward.close`, read the answer).
+    pub budgets: Vec<usize>,
+    /// Tokens greedily decoded after the forced `close` to read the answer.
+    pub answer_tokens: usize,
+    /// Prompts of the split evaluated (0 = all).
+    pub prompts: usize,
+    pub batch_rows: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            k: 8,
+            temperature: 0.6,
+            top_p: 0.95,
+            max_new_tokens: 160,
+            budgets: vec![16, 32, 48, 64],
+            answer_tokens: 12,
+            prompts: 0,
+            batch_rows: 64,
         }
     }
 }
@@ -350,6 +386,11 @@ impl Config {
             (u.beta_kl >= 0.0 && u.beta_kl.is_finite(), "update.beta_kl must be >= 0"),
             (u.ppo_epochs >= 1 && u.minibatches >= 1 && u.micro_batch >= 1 && u.planned_iterations >= 1,
                 "update.ppo_epochs, update.minibatches, update.micro_batch and update.planned_iterations must be at least 1"),
+            (self.eval.k >= 1 && self.eval.max_new_tokens >= 1 && self.eval.batch_rows >= 1 && self.eval.answer_tokens >= 1,
+                "eval.k, eval.max_new_tokens, eval.answer_tokens and eval.batch_rows must be at least 1"),
+            (self.eval.temperature >= 0.0 && self.eval.top_p > 0.0 && self.eval.top_p <= 1.0,
+                "eval.temperature must be >= 0 and eval.top_p lie in (0, 1]"),
+            (self.eval.budgets.iter().all(|&b| b >= 1), "eval.budgets must be positive token counts"),
         ];
         for (ok, message) in checks {
             if !ok {
@@ -379,6 +420,8 @@ impl Config {
             "credit-assign" => serde_json::json!({ "credit": self.credit }),
             // The dr-grpo normaliser is the response token budget.
             "grpo-update" => serde_json::json!({ "seed": self.seed, "update": self.update, "max_new_tokens": self.sample.max_new_tokens }),
+            // The forced-termination suffix is the reward's `close`.
+            "eval" => serde_json::json!({ "seed": self.seed, "eval": self.eval, "close": self.reward.close }),
             other => bail!("unknown stage {other:?}"),
         };
         Ok(v)

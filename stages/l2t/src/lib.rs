@@ -9,11 +9,13 @@
 //! - [`reward`]: episodes and the outcome reward.
 //! - [`train`]: AdamW, the learning-rate schedule, supervised warm-up.
 //! - [`sample`]: batched sampling with a KV cache.
+//! - [`eval`]: pass@k and the other evaluation figures.
 //! - [`stages`]: one function per stage binary.
 
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod eval;
 pub mod model;
 pub mod reward;
 pub mod store;

@@ -25,6 +25,9 @@ pub const ITERATION_STAGES: &[&str] = &["sample", "segment", "fisher-reward", "c
 /// dependency bump does not change the bytes of an artifact.
 pub const CREATED_BY: &str = "l2t";
 
+/// Folder of a run's evaluation refs: `evals/<split>/<policy>`.
+pub const EVALS_DIR: &str = "evals/";
+
 /// Name of the marker file that says a ref's inputs changed since it was made.
 pub const STALE_MARKER: &str = "STALE";
 
@@ -306,6 +309,9 @@ impl Store {
     /// Marks every ref that consumes `slot` (directly or not) stale: later stages of the same
     /// iteration and every stage of later iterations.
     fn mark_downstream_stale(&self, run: &str, slot: &str) -> Result<()> {
+        if slot.starts_with(EVALS_DIR) {
+            return Ok(()); // evaluations feed no stage
+        }
         let (iteration, stage) = parse_slot(slot);
         let run_dir = self.root.join("runs").join(run);
         let Ok(entries) = fs::read_dir(&run_dir) else { return Ok(()) };

@@ -6,11 +6,13 @@
 //! - [`reward`]: `fisher-reward` and `credit-assign`.
 //! - [`update`]: `grpo-update`.
 
+mod eval;
 mod reward;
 mod rollout;
 mod setup;
 mod update;
 
+pub use eval::{eval_slot, latest_policy, run_eval, EvalPolicy, EvalPrompts};
 pub use reward::{run_credit_assign, run_fisher_reward};
 pub use rollout::{run_sample, run_segment};
 pub use setup::{eval_figures, rollout_seed, run_bootstrap, run_prepare, sft_examples, solution_corpus};
@@ -39,6 +41,7 @@ pub const SEGMENT_VERSION: u32 = 1;
 pub const FISHER_REWARD_VERSION: u32 = 2;
 pub const CREDIT_ASSIGN_VERSION: u32 = 1;
 pub const GRPO_UPDATE_VERSION: u32 = 1;
+pub const EVAL_VERSION: u32 = 1;
 
 /// Run-level slots (iteration stages use [`iter_slot`]).
 pub const PREPARE_SLOT: &str = "prepare";

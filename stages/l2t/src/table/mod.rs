@@ -7,6 +7,8 @@
 pub mod advantages;
 pub mod episode_rewards;
 pub mod episodes;
+pub mod eval_samples;
+pub mod eval_summary;
 pub mod prompts;
 pub mod rollouts;
 pub mod update_metrics;
@@ -30,20 +32,23 @@ use std::sync::Arc;
 pub struct TableDef {
     /// View name.
     pub name: &'static str,
-    /// Stage whose ref folder holds the file.
-    pub stage: &'static str,
+    /// The ref folders that hold the file, as a glob under `runs/<run>/`.
+    pub dir: &'static str,
     pub file: &'static str,
     pub schema: fn() -> Schema,
 }
 
 /// Every table an iteration writes, in DAG order.
 pub const TABLES: &[TableDef] = &[
-    TableDef { name: "prompts", stage: "sample", file: prompts::ITERATION_FILE, schema: prompts::schema },
-    TableDef { name: "rollouts", stage: "sample", file: rollouts::FILE, schema: rollouts::schema },
-    TableDef { name: "episodes", stage: "segment", file: episodes::FILE, schema: episodes::schema },
-    TableDef { name: "episode_rewards", stage: "fisher-reward", file: episode_rewards::FILE, schema: episode_rewards::schema },
-    TableDef { name: "advantages", stage: "credit-assign", file: advantages::FILE, schema: advantages::schema },
-    TableDef { name: "update_metrics", stage: "grpo-update", file: update_metrics::FILE, schema: update_metrics::schema },
+    TableDef { name: "prompts", dir: "iter-*/sample", file: prompts::ITERATION_FILE, schema: prompts::schema },
+    TableDef { name: "rollouts", dir: "iter-*/sample", file: rollouts::FILE, schema: rollouts::schema },
+    TableDef { name: "episodes", dir: "iter-*/segment", file: episodes::FILE, schema: episodes::schema },
+    TableDef { name: "episode_rewards", dir: "iter-*/fisher-reward", file: episode_rewards::FILE, schema: episode_rewards::schema },
+    TableDef { name: "advantages", dir: "iter-*/credit-assign", file: advantages::FILE, schema: advantages::schema },
+    TableDef { name: "update_metrics", dir: "iter-*/grpo-update", file: update_metrics::FILE, schema: update_metrics::schema },
+    // Evaluations sit under evals/<split>/<policy>; `iteration` is the policy's (NULL for base).
+    TableDef { name: "eval_samples", dir: "evals/*/*", file: eval_samples::FILE, schema: eval_samples::schema },
+    TableDef { name: "eval_summary", dir: "evals/*/*", file: eval_summary::FILE, schema: eval_summary::schema },
 ];
 
 /// `CREATE VIEW` text for a table over every run's refs under `artifacts`, with `run` and
@@ -51,17 +56,17 @@ pub const TABLES: &[TableDef] = &[
 pub fn duckdb_view(def: &TableDef, artifacts: &str) -> String {
     let schema = (def.schema)();
     let has_iteration = schema.fields().iter().any(|f| f.name() == "iteration");
-    let mut cols = vec!["regexp_extract(filename, 'runs/([^/]+)/iter-', 1) AS run".to_string()];
+    let mut cols = vec!["regexp_extract(filename, 'runs/([^/]+)/', 1) AS run".to_string()];
     if !has_iteration {
-        cols.push("CAST(regexp_extract(filename, '/iter-([0-9]+)/', 1) AS INTEGER) AS iteration".into());
+        cols.push("TRY_CAST(regexp_extract(filename, '/iter-([0-9]+)/', 1) AS INTEGER) AS iteration".into());
     }
     cols.extend(schema.fields().iter().map(|f| format!("\"{}\"", f.name())));
     format!(
-        "CREATE OR REPLACE VIEW {} AS SELECT {} FROM read_parquet('{}/runs/*/iter-*/{}/{}', filename = true);",
+        "CREATE OR REPLACE VIEW {} AS SELECT {} FROM read_parquet('{}/runs/*/{}/{}', filename = true);",
         def.name,
         cols.join(", "),
         artifacts,
-        def.stage,
+        def.dir,
         def.file
     )
 }
@@ -398,7 +403,7 @@ mod tests {
             }
             assert!(view.contains("AS run"));
             assert!(view.contains("iteration"));
-            assert!(view.contains(&format!("/{}/{}'", def.stage, def.file)));
+            assert!(view.contains(&format!("/{}/{}'", def.dir, def.file)));
         }
     }
 }
