@@ -12,6 +12,8 @@ SQL       ?=
 SHOW      ?= 2
 POLICY    ?= latest
 SPLIT     ?= eval
+SEEDS     ?= 1,2
+COMPARE_CONFIG ?= compare.toml
 
 BIN     := target/release
 TOOLS   := tools
@@ -21,7 +23,7 @@ COMMON  := --artifacts $(ARTIFACTS) --run $(RUN) --config $(CONFIG)
 RUN_STAGES  := prepare bootstrap
 ITER_STAGES := sample segment fisher-reward credit-assign grpo-update
 
-.PHONY: all build iterate iteration stage eval audit gc test bench clean-tools
+.PHONY: all build iterate iteration stage eval compare audit gc test bench clean-tools
 
 all: iterate
 
@@ -55,6 +57,11 @@ stage: build
 # Evaluates a policy of the run on a split: POLICY=base|<iteration>|latest, SPLIT=eval|train.
 eval: build
 	$(BIN)/eval $(COMMON) --policy $(POLICY) --split $(SPLIT)
+
+# L2T against outcome GRPO, length penalty and MRT from one base policy; report under
+# $(ARTIFACTS)/reports/compare-<hash>/. ITERS defaults to 10 here.
+compare: build
+	$(BIN)/compare --artifacts $(ARTIFACTS) --config $(COMPARE_CONFIG) --iters $(if $(filter command line,$(origin ITERS)),$(ITERS),10) --seeds $(SEEDS)
 
 # DuckDB over the run: interactive, or one query with SQL="...".
 audit: build $(DUCKDB)

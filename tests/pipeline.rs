@@ -476,8 +476,41 @@ fn eval_reports_every_figure_from_its_own_samples_and_against_the_base() {
 }
 
 #[test]
+fn compare_writes_its_report_and_redraws_it_from_cache() {
+    let env = Env::new("");
+    let run = || {
+        let out = Command::new(bin("compare"))
+            .arg("--artifacts")
+            .arg(env.artifacts())
+            .arg("--config")
+            .arg(env.config())
+            .args(["--iters", "2", "--seeds", "1", "--methods", "l2t,outcome,length-penalty,mrt", "--eval-every", "1"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "compare failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let first = run();
+    assert!(first.contains("computed"), "{first}");
+    let reports: Vec<PathBuf> = fs::read_dir(env.artifacts().join("reports")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    let report = fs::read_to_string(reports[0].join("report.md")).unwrap();
+    for needle in ["| l2t |", "| outcome |", "| length-penalty |", "| mrt |", "**Outcome.** L2T", "Against `mrt`"] {
+        assert!(report.contains(needle), "{needle} missing from:\n{report}");
+    }
+    for png in ["accuracy_vs_iteration.png", "tokens_vs_iteration.png", "accuracy_vs_budget.png"] {
+        let bytes = fs::read(reports[0].join(png)).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG") && bytes.len() > 5000, "{png}: {} bytes", bytes.len());
+    }
+    // Nothing changed: every stage is a cache hit and the report is the same.
+    let second = run();
+    assert!(!second.contains(": computed"), "{second}");
+    assert_eq!(fs::read_to_string(reports[0].join("report.md")).unwrap(), report);
+}
+
+#[test]
 fn help_works_for_every_binary() {
-    for name in ["prepare", "bootstrap", "sample", "segment", "fisher-reward", "credit-assign", "grpo-update", "eval", "bench", "l2t"] {
+    for name in ["prepare", "bootstrap", "sample", "segment", "fisher-reward", "credit-assign", "grpo-update", "eval", "compare", "bench", "l2t"] {
         let out = Command::new(bin(name)).arg("--help").output().unwrap();
         assert!(out.status.success(), "{name} --help");
         assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"), "{name} --help");

@@ -13,6 +13,9 @@ use std::path::Path;
 pub struct Config {
     /// Root of every random draw in the run.
     pub seed: u64,
+    /// Seed of the iterations' own draws (sampling, minibatch order) on top of `seed`; the data
+    /// and the base policy depend on `seed` alone, so runs that differ only here share them.
+    pub rl_seed: u64,
     /// Compute threads (0 = all cores).
     pub threads: usize,
     pub task: TaskConfig,
@@ -31,6 +34,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             seed: 0,
+            rl_seed: 0,
             threads: 0,
             task: TaskConfig::default(),
             model: ModelShape::default(),
@@ -328,6 +332,15 @@ impl Default for UpdateConfig {
 }
 
 impl Config {
+    /// The root of the iterations' draws: `seed` itself when `rl_seed = 0`.
+    pub fn iteration_seed(&self) -> u64 {
+        if self.rl_seed == 0 {
+            return self.seed;
+        }
+        let h = blake3::hash(format!("{}/{}", self.seed, self.rl_seed).as_bytes());
+        u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("a blake3 hash has 32 bytes"))
+    }
+
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -414,12 +427,12 @@ impl Config {
         let v = match stage {
             "prepare" => serde_json::json!({ "seed": self.seed, "task": self.task }),
             "bootstrap" => serde_json::json!({ "seed": self.seed, "model": self.model, "bootstrap": self.bootstrap }),
-            "sample" => serde_json::json!({ "seed": self.seed, "sample": self.sample }),
+            "sample" => serde_json::json!({ "seed": self.seed, "rl_seed": self.rl_seed, "sample": self.sample }),
             "segment" => serde_json::json!({ "segment": self.segment }),
             "fisher-reward" => serde_json::json!({ "reward": self.reward, "penalty": self.penalty }),
             "credit-assign" => serde_json::json!({ "credit": self.credit }),
             // The dr-grpo normaliser is the response token budget.
-            "grpo-update" => serde_json::json!({ "seed": self.seed, "update": self.update, "max_new_tokens": self.sample.max_new_tokens }),
+            "grpo-update" => serde_json::json!({ "seed": self.seed, "rl_seed": self.rl_seed, "update": self.update, "max_new_tokens": self.sample.max_new_tokens }),
             // The forced-termination suffix is the reward's `close`.
             "eval" => serde_json::json!({ "seed": self.seed, "eval": self.eval, "close": self.reward.close }),
             other => bail!("unknown stage {other:?}"),

@@ -48,7 +48,7 @@ pub fn run_sample(ctx: &Ctx, iteration: u32) -> Result<Summary> {
                 );
             }
             for g in 0..s.group_size as u32 {
-                requests.push(Request { prompt_ids: ids.clone(), seed: rollout_seed(cfg.seed, iteration, &p.prompt_id, g) });
+                requests.push(Request { prompt_ids: ids.clone(), seed: rollout_seed(cfg.iteration_seed(), iteration, &p.prompt_id, g) });
             }
         }
         let sampler = SamplerParams { temperature: s.temperature, top_p: s.top_p, max_new_tokens: s.max_new_tokens, ignore_eos: false };

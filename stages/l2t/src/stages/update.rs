@@ -91,7 +91,7 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
         let optimizer = checkpoint::load_optimizer(&policy_art, &names, &ctx.device)?;
         let mut rng = match &previous {
             Some(state) => state.rng.restore()?,
-            None => ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x6772_706f), // "grpo"
+            None => ChaCha8Rng::seed_from_u64(cfg.iteration_seed() ^ 0x6772_706f), // "grpo"
         };
         let params = GrpoParams {
             lr: u.lr,
