@@ -102,7 +102,10 @@ fn main() {
         }
         let dir = args.artifacts.join("reports").join(format!("compare-{id}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-        let report = report_markdown(&args, &id, &points, stage_seconds.values().sum());
+        let mut report = report_markdown(&args, &id, &points, stage_seconds.values().sum());
+        if args.methods.iter().any(|m| m == "l2t") {
+            report.push_str(&reward_terms_markdown(&args, &id, &base)?);
+        }
         std::fs::write(dir.join("report.md"), &report).with_context(|| format!("{}: cannot write", dir.display()))?;
         plot_against_iteration(&dir.join("accuracy_vs_iteration.png"), &args, &points, "pass@1 on the eval split", |e| e.summary.pass_at_1)?;
         plot_against_iteration(&dir.join("tokens_vs_iteration.png"), &args, &points, "mean response tokens", |e| e.summary.mean_tokens)?;
@@ -264,6 +267,62 @@ fn report_markdown(args: &Args, id: &str, points: &[Point], compute_seconds: f64
          SQL=\"SELECT run, iteration, pass_at_1, mean_tokens FROM eval_summary ORDER BY ALL\"`."
     );
     md
+}
+
+/// The L2T reward's parts per iteration, averaged over seeds: where the signal comes from, and
+/// how often the token advantage takes the sign opposite to the rollout's (l2t-spec 7 divides by
+/// `|rbar|`).
+fn reward_terms_markdown(args: &Args, id: &str, base: &Config) -> Result<String> {
+    use l2t::store::iter_slot;
+    use l2t::table::{advantages, episode_rewards, episodes};
+    let c = &base.credit;
+    let mut rows: BTreeMap<u32, Vec<[f64; 7]>> = BTreeMap::new();
+    for &seed in &args.seeds {
+        let run = format!("compare-{id}-l2t-s{seed}");
+        let store = l2t::store::Store::new(args.artifacts.clone());
+        for it in 0..args.iters {
+            let open = |stage: &str| store.open_ref(&run, &iter_slot(it, stage));
+            let eps = episodes::read(&open("segment")?.file(episodes::FILE)?)?;
+            let rw = episode_rewards::read(&open("fisher-reward")?.file(episode_rewards::FILE)?)?;
+            let adv = advantages::read(&open("credit-assign")?.file(advantages::FILE)?)?;
+            let n = eps.len().max(1) as f64;
+            let outcome_term = eps.iter().map(|e| f64::from(e.r_out) / f64::from(e.k.max(1))).sum::<f64>() / n;
+            let gain_term = rw.iter().map(|r| c.alpha * r.d_i).sum::<f64>() / n;
+            let penalty_term = rw.iter().map(|r| -c.alpha * c.beta * r.c_scaled).sum::<f64>() / n;
+            let rollouts = adv.len().max(1) as f64;
+            let negative_rbar = adv.iter().filter(|a| a.rbar < 0.0).count() as f64 / rollouts;
+            let below = adv.iter().filter(|a| a.a_i < 0.0).count().max(1) as f64;
+            let flipped = adv.iter().filter(|a| a.a_i < 0.0 && a.a_t.iter().map(|&x| f64::from(x)).sum::<f64>() > 0.0).count() as f64 / below;
+            let tokens: usize = adv.iter().map(|a| a.a_t.len()).sum();
+            let clip = adv.iter().map(|a| f64::from(a.n_clipped)).sum::<f64>() / tokens.max(1) as f64;
+            let correct = eps.iter().filter(|e| e.episode_idx == 0 && e.r_out >= 1.0).count() as f64 / rollouts;
+            rows.entry(it).or_default().push([outcome_term, gain_term, penalty_term, negative_rbar, flipped, clip, correct]);
+        }
+    }
+    let mut md = String::from(
+        "\n## The L2T reward over iterations (l2t runs, mean over seeds)\n\n\
+         Per episode: the outcome term `r_out / K`, the information-gain term `alpha dI` and the penalty term \
+         `-alpha beta C` (C batch-median scaled); per rollout: the share with `rbar < 0`, the share of \
+         below-average rollouts (`A_i < 0`) whose token advantages sum to a positive number (the sign flip of \
+         `r_t / |rbar|`), the share of token ratios clipped at `c`, and training accuracy.\n\n\
+         | iteration | r_out / K | alpha dI | -alpha beta C | rbar < 0 | A_i < 0 but sum A_t > 0 | clipped | training accuracy |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    for (it, seeds) in &rows {
+        let mean = |i: usize| seeds.iter().map(|r| r[i]).sum::<f64>() / seeds.len() as f64;
+        let _ = writeln!(
+            md,
+            "| {it} | {:+.3} | {:+.3} | {:+.3} | {:.0}% | {:.0}% | {:.1}% | {:.1}% |",
+            mean(0),
+            mean(1),
+            mean(2),
+            100.0 * mean(3),
+            100.0 * mean(4),
+            100.0 * mean(5),
+            100.0 * mean(6)
+        );
+    }
+    Ok(md)
 }
 
 const COLORS: [RGBColor; 6] = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189), RGBColor(140, 86, 75)];
