@@ -54,9 +54,10 @@ stage: build
 	  *) echo "make stage: STAGE must be one of: $(RUN_STAGES) $(ITER_STAGES)" >&2; exit 2;; esac
 	$(BIN)/$(STAGE) $(COMMON) $(if $(filter $(STAGE),$(ITER_STAGES)),--iter $(ITER))
 
-# Evaluates a policy of the run on a split: POLICY=base|<iteration>|latest, SPLIT=eval|train.
+# Evaluates a policy of the run on a split: ITER=<n> (the policy iteration n produced) or
+# POLICY=base|<n>|latest (default latest), SPLIT=eval|train.
 eval: build
-	$(BIN)/eval $(COMMON) --policy $(POLICY) --split $(SPLIT)
+	$(BIN)/eval $(COMMON) --policy $(if $(filter command line,$(origin ITER)),$(ITER),$(POLICY)) --split $(SPLIT)
 
 # L2T against outcome GRPO, length penalty and MRT from one base policy; report under
 # $(ARTIFACTS)/reports/compare-<hash>/. ITERS defaults to 10 here.
