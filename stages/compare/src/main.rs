@@ -336,76 +336,22 @@ fn plot_error<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> anyhow::Error + 
     move |e| anyhow::anyhow!("{}: cannot draw: {e:?}", path.display())
 }
 
-/// One line per method: the seed mean of `value` against iterations done.
-fn plot_against_iteration(path: &Path, args: &Args, points: &[Point], what: &str, value: fn(&EvalSummaryRow) -> f64) -> Result<()> {
+/// A line chart: one named, coloured series per line, with points marked and a legend.
+fn draw_lines(path: &Path, caption: &str, axes: (&str, &str), x: std::ops::Range<f64>, y: std::ops::Range<f64>, lines: &[(String, RGBColor, Vec<(f64, f64)>)]) -> Result<()> {
     register_font()?;
     let err = plot_error(path);
-    let lines: Vec<(&String, Vec<(f64, f64)>)> = args
-        .methods
-        .iter()
-        .map(|m| {
-            let mut by_x: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
-            for p in points.iter().filter(|p| &p.method == m) {
-                by_x.entry(p.after).or_default().push(value(&p.eval));
-            }
-            (m, by_x.into_iter().map(|(x, v)| (f64::from(x), mean_std(&v).0)).collect())
-        })
-        .collect();
-    let ys = lines.iter().flat_map(|(_, l)| l.iter().map(|p| p.1));
-    let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), y| (lo.min(y), hi.max(y)));
-    let pad = ((hi - lo) * 0.1).max(1e-3);
     let root = BitMapBackend::new(path, (900, 540)).into_drawing_area();
     root.fill(&WHITE).map_err(&err)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("{what} against iterations"), ("sans-serif", 22))
+        .caption(caption, ("sans-serif", 22))
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(0f64..f64::from(args.iters), (lo - pad)..(hi + pad))
+        .build_cartesian_2d(x, y)
         .map_err(&err)?;
-    chart.configure_mesh().x_desc("iterations").y_desc(what).draw().map_err(&err)?;
-    for (i, (method, line)) in lines.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        chart
-            .draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))
-            .map_err(&err)?
-            .label(method.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-        chart.draw_series(line.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(&err)?;
-    }
-    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(&err)?;
-    root.present().map_err(&err)?;
-    Ok(())
-}
-
-/// Accuracy against the token budget for the base policy and each method's final policies.
-fn plot_budgets(path: &Path, args: &Args, points: &[Point]) -> Result<()> {
-    register_font()?;
-    let err = plot_error(path);
-    let base = &points[0].eval;
-    let budgets: Vec<f64> = base.budgets.iter().map(|&b| f64::from(b)).collect();
-    let curve = |evals: &[&EvalSummaryRow]| -> Vec<(f64, f64)> {
-        budgets
-            .iter()
-            .enumerate()
-            .map(|(b, &x)| (x, mean_std(&evals.iter().map(|e| e.summary.accuracy_at_budget[b]).collect::<Vec<_>>()).0))
-            .collect()
-    };
-    let mut lines = vec![("base policy".to_string(), curve(&[base]))];
-    lines.extend(args.methods.iter().map(|m| (m.clone(), curve(&finals(points, m, args.iters)))));
-    let max_x = budgets.iter().copied().fold(1.0, f64::max);
-    let root = BitMapBackend::new(path, (900, 540)).into_drawing_area();
-    root.fill(&WHITE).map_err(&err)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption("accuracy at a token budget (truncate, force the answer)", ("sans-serif", 22))
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0f64..max_x * 1.05, 0f64..1f64)
-        .map_err(&err)?;
-    chart.configure_mesh().x_desc("token budget").y_desc("accuracy").draw().map_err(&err)?;
-    for (i, (name, line)) in lines.iter().enumerate() {
-        let color = if i == 0 { BLACK } else { COLORS[(i - 1) % COLORS.len()] };
+    chart.configure_mesh().x_desc(axes.0).y_desc(axes.1).draw().map_err(&err)?;
+    for (name, color, line) in lines {
+        let color = *color;
         chart
             .draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))
             .map_err(&err)?
@@ -416,4 +362,41 @@ fn plot_budgets(path: &Path, args: &Args, points: &[Point]) -> Result<()> {
     chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(&err)?;
     root.present().map_err(&err)?;
     Ok(())
+}
+
+/// One line per method: the seed mean of `value` against iterations done.
+fn plot_against_iteration(path: &Path, args: &Args, points: &[Point], what: &str, value: fn(&EvalSummaryRow) -> f64) -> Result<()> {
+    let lines: Vec<(String, RGBColor, Vec<(f64, f64)>)> = args
+        .methods
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let mut by_x: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
+            for p in points.iter().filter(|p| &p.method == m) {
+                by_x.entry(p.after).or_default().push(value(&p.eval));
+            }
+            (m.clone(), COLORS[i % COLORS.len()], by_x.into_iter().map(|(x, v)| (f64::from(x), mean_std(&v).0)).collect())
+        })
+        .collect();
+    let ys = lines.iter().flat_map(|(_, _, l)| l.iter().map(|p| p.1));
+    let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), y| (lo.min(y), hi.max(y)));
+    let pad = ((hi - lo) * 0.1).max(1e-3);
+    draw_lines(path, &format!("{what} against iterations"), ("iterations", what), 0f64..f64::from(args.iters), (lo - pad)..(hi + pad), &lines)
+}
+
+/// Accuracy against the token budget for the base policy and each method's final policies.
+fn plot_budgets(path: &Path, args: &Args, points: &[Point]) -> Result<()> {
+    let base = &points[0].eval;
+    let budgets: Vec<f64> = base.budgets.iter().map(|&b| f64::from(b)).collect();
+    let curve = |evals: &[&EvalSummaryRow]| -> Vec<(f64, f64)> {
+        budgets
+            .iter()
+            .enumerate()
+            .map(|(b, &x)| (x, mean_std(&evals.iter().map(|e| e.summary.accuracy_at_budget[b]).collect::<Vec<_>>()).0))
+            .collect()
+    };
+    let mut lines = vec![("base policy".to_string(), BLACK, curve(&[base]))];
+    lines.extend(args.methods.iter().enumerate().map(|(i, m)| (m.clone(), COLORS[i % COLORS.len()], curve(&finals(points, m, args.iters)))));
+    let max_x = budgets.iter().copied().fold(1.0, f64::max);
+    draw_lines(path, "accuracy at a token budget (truncate, force the answer)", ("token budget", "accuracy"), 0f64..max_x * 1.05, 0f64..1f64, &lines)
 }
