@@ -337,7 +337,14 @@ fn plot_error<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> anyhow::Error + 
 }
 
 /// A line chart: one named, coloured series per line, with points marked and a legend.
-fn draw_lines(path: &Path, caption: &str, axes: (&str, &str), x: std::ops::Range<f64>, y: std::ops::Range<f64>, lines: &[(String, RGBColor, Vec<(f64, f64)>)]) -> Result<()> {
+fn draw_lines(
+    path: &Path,
+    caption: &str,
+    axes: (&str, &str),
+    (x, y): (std::ops::Range<f64>, std::ops::Range<f64>),
+    lines: &[(String, RGBColor, Vec<(f64, f64)>)],
+    legend: SeriesLabelPosition,
+) -> Result<()> {
     register_font()?;
     let err = plot_error(path);
     let root = BitMapBackend::new(path, (900, 540)).into_drawing_area();
@@ -359,7 +366,7 @@ fn draw_lines(path: &Path, caption: &str, axes: (&str, &str), x: std::ops::Range
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
         chart.draw_series(line.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(&err)?;
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(&err)?;
+    chart.configure_series_labels().position(legend).background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(&err)?;
     root.present().map_err(&err)?;
     Ok(())
 }
@@ -381,7 +388,8 @@ fn plot_against_iteration(path: &Path, args: &Args, points: &[Point], what: &str
     let ys = lines.iter().flat_map(|(_, _, l)| l.iter().map(|p| p.1));
     let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), y| (lo.min(y), hi.max(y)));
     let pad = ((hi - lo) * 0.1).max(1e-3);
-    draw_lines(path, &format!("{what} against iterations"), ("iterations", what), 0f64..f64::from(args.iters), (lo - pad)..(hi + pad), &lines)
+    let ranges = (0f64..f64::from(args.iters), (lo - pad)..(hi + pad));
+    draw_lines(path, &format!("{what} against iterations"), ("iterations", what), ranges, &lines, SeriesLabelPosition::UpperRight)
 }
 
 /// Accuracy against the token budget for the base policy and each method's final policies.
@@ -398,5 +406,6 @@ fn plot_budgets(path: &Path, args: &Args, points: &[Point]) -> Result<()> {
     let mut lines = vec![("base policy".to_string(), BLACK, curve(&[base]))];
     lines.extend(args.methods.iter().enumerate().map(|(i, m)| (m.clone(), COLORS[i % COLORS.len()], curve(&finals(points, m, args.iters)))));
     let max_x = budgets.iter().copied().fold(1.0, f64::max);
-    draw_lines(path, "accuracy at a token budget (truncate, force the answer)", ("token budget", "accuracy"), 0f64..max_x * 1.05, 0f64..1f64, &lines)
+    let ranges = (0f64..max_x * 1.05, 0f64..1f64);
+    draw_lines(path, "accuracy at a token budget (truncate, force the answer)", ("token budget", "accuracy"), ranges, &lines, SeriesLabelPosition::UpperLeft)
 }
