@@ -248,6 +248,17 @@ fn resuming_gives_the_same_policy_as_running_straight() {
 }
 
 #[test]
+fn an_unchanged_output_stops_the_cascade() {
+    let env = Env::new("");
+    env.make_ok(&["iterate"]);
+    // a_lp only matters to the length-penalty baseline: credit-assign reruns, writes the same
+    // bytes, and grpo-update (keyed by content) stays a cache hit.
+    env.set_config("credit.a_lp = 0.5");
+    let out = env.make_ok(&["iteration", "ITER=0"]);
+    assert!(out.contains("credit-assign: computed") && out.contains("grpo-update: cache hit"), "{out}");
+}
+
+#[test]
 fn each_update_lowers_the_loss_on_its_batch() {
     let env = Env::new("");
     env.make_ok(&["iterate", "ITERS=3"]);

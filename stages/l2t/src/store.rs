@@ -112,10 +112,13 @@ pub fn short(key: &str) -> &str {
     &key[..key.len().min(12)]
 }
 
-/// The key of a stage run: blake3 over its canonical definition.
+/// The key of a stage run: blake3 over its canonical definition. Inputs count by the content of
+/// the files read, not by the key of the run that made them, so a rerun upstream that writes the
+/// same bytes leaves every key downstream unchanged (early cutoff).
 pub fn stage_key(stage: &str, version: u32, params: &serde_json::Value, inputs: &[InputRef]) -> String {
+    let contents: Vec<serde_json::Value> = inputs.iter().map(|i| serde_json::json!({ "name": i.name, "files": i.files })).collect();
     // serde_json's default map is ordered, so this text is canonical.
-    let canonical = serde_json::json!({ "stage": stage, "version": version, "params": params, "inputs": inputs });
+    let canonical = serde_json::json!({ "stage": stage, "version": version, "params": params, "inputs": contents });
     blake3::hash(canonical.to_string().as_bytes()).to_hex().to_string()
 }
 
@@ -513,8 +516,13 @@ mod tests {
         assert_ne!(k, stage_key("s", 2, &p, &[]));
         assert_ne!(k, stage_key("s", 1, &serde_json::json!({"a": 2}), &[]));
         let input = InputRef { name: "x".into(), key: "k".into(), files: [("f".to_string(), "h".to_string())].into() };
-        assert_ne!(k, stage_key("s", 1, &p, &[input]));
+        let with_input = stage_key("s", 1, &p, &[input.clone()]);
+        assert_ne!(k, with_input);
         assert_eq!(k, stage_key("s", 1, &serde_json::json!({"a": 1}), &[]));
+        // The same bytes from another producer run give the same key (early cutoff); other bytes do not.
+        assert_eq!(with_input, stage_key("s", 1, &p, &[InputRef { key: "other".into(), ..input.clone() }]));
+        let changed = InputRef { files: [("f".to_string(), "h2".to_string())].into(), ..input };
+        assert_ne!(with_input, stage_key("s", 1, &p, &[changed]));
     }
 
     #[test]
