@@ -337,8 +337,7 @@ impl Config {
         if self.rl_seed == 0 {
             return self.seed;
         }
-        let h = blake3::hash(format!("{}/{}", self.seed, self.rl_seed).as_bytes());
-        u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("a blake3 hash has 32 bytes"))
+        seed_of(&format!("{}/{}", self.seed, self.rl_seed))
     }
 
     /// Reads and validates a configuration file.
@@ -439,6 +438,12 @@ impl Config {
         };
         Ok(v)
     }
+}
+
+/// A 64-bit seed derived from a text (the first 8 bytes of its blake3 hash).
+pub fn seed_of(text: &str) -> u64 {
+    let h = blake3::hash(text.as_bytes());
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("a blake3 hash has 32 bytes"))
 }
 
 #[cfg(test)]

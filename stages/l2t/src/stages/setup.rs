@@ -25,8 +25,7 @@ pub fn run_prepare(ctx: &Ctx) -> Result<Summary> {
 
 /// Per-row seed of a rollout, derived from the run seed and the rollout's identity.
 pub fn rollout_seed(seed: u64, iteration: u32, prompt_id: &str, sample_idx: u32) -> u64 {
-    let h = blake3::hash(format!("{seed}/{iteration}/{prompt_id}/{sample_idx}").as_bytes());
-    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("a blake3 hash has 32 bytes"))
+    crate::config::seed_of(&format!("{seed}/{iteration}/{prompt_id}/{sample_idx}"))
 }
 
 /// `bootstrap`: trains the tiny base policy on the train split's worked solutions, then samples
