@@ -19,6 +19,7 @@ pub struct Config {
     /// Compute threads (0 = all cores).
     pub threads: usize,
     pub task: TaskConfig,
+    pub prompt: PromptConfig,
     pub model: ModelShape,
     pub bootstrap: BootstrapConfig,
     pub sample: SampleConfig,
@@ -37,6 +38,7 @@ impl Default for Config {
             rl_seed: 0,
             threads: 0,
             task: TaskConfig::default(),
+            prompt: PromptConfig::default(),
             model: ModelShape::default(),
             bootstrap: BootstrapConfig::default(),
             sample: SampleConfig::default(),
@@ -102,6 +104,13 @@ pub struct TaskConfig {
     pub redundant_share: f64,
     /// Most redundant episodes in one worked solution (at least 1 when present).
     pub max_redundant: usize,
+    /// `completion`: the prompt text carries the format line and ends where the solution starts
+    /// (the tiny policy, raw prompts); `question`: the bare question, for chat models whose
+    /// template and `prompt.instructions` carry the format.
+    pub prompt_style: String,
+    /// A prompts file (Parquet, written by `make data`, e.g. GSM8K test) that replaces the
+    /// generated eval split; "" keeps the generated one.
+    pub eval_file: String,
 }
 
 impl Default for TaskConfig {
@@ -115,7 +124,27 @@ impl Default for TaskConfig {
             n_eval: 256,
             redundant_share: 0.9,
             max_redundant: 2,
+            prompt_style: "completion".into(),
+            eval_file: String::new(),
         }
+    }
+}
+
+/// How a prompt row becomes the policy's input tokens.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PromptConfig {
+    /// `raw`: the prompt text as is; `chat`: the checkpoint's own chat template over a system
+    /// message (when `system` is set) and a user message (the prompt, then `instructions`).
+    pub template: String,
+    pub system: String,
+    /// Appended to the prompt in the user message: the episode format the reward relies on.
+    pub instructions: String,
+}
+
+impl Default for PromptConfig {
+    fn default() -> Self {
+        Self { template: "raw".into(), system: String::new(), instructions: String::new() }
     }
 }
 
@@ -154,6 +183,9 @@ impl Default for ModelShape {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BootstrapConfig {
+    /// `tiny`: train the tiny policy on the task; otherwise the path of a checkpoint to start
+    /// from (a `.gguf` file or a Hugging Face directory), imported as the base policy.
+    pub source: String,
     pub steps: usize,
     pub batch_size: usize,
     pub lr: f64,
@@ -168,6 +200,7 @@ pub struct BootstrapConfig {
 impl Default for BootstrapConfig {
     fn default() -> Self {
         Self {
+            source: "tiny".into(),
             steps: 1_200,
             batch_size: 16,
             lr: 3e-3,
@@ -367,6 +400,9 @@ impl Config {
             (t.max_multiplier >= 2, "task.max_multiplier must be at least 2"),
             (t.max_value >= t.max_operand, "task.max_value must be at least task.max_operand"),
             (t.n_train >= 1 && t.n_eval >= 1, "task.n_train and task.n_eval must be at least 1"),
+            (["completion", "question"].contains(&t.prompt_style.as_str()), "task.prompt_style must be completion or question"),
+            (["raw", "chat"].contains(&self.prompt.template.as_str()), "prompt.template must be raw or chat"),
+            (!b.source.is_empty(), "bootstrap.source must be tiny or a checkpoint path"),
             ((0.0..=1.0).contains(&t.redundant_share), "task.redundant_share must lie in [0, 1]"),
             (m.hidden_size % m.num_attention_heads.max(1) == 0, "model.hidden_size must be a multiple of model.num_attention_heads"),
             (m.num_key_value_heads >= 1 && m.num_attention_heads % m.num_key_value_heads.max(1) == 0,
@@ -425,15 +461,15 @@ impl Config {
     pub fn stage_params(&self, stage: &str) -> Result<serde_json::Value> {
         let v = match stage {
             "prepare" => serde_json::json!({ "seed": self.seed, "task": self.task }),
-            "bootstrap" => serde_json::json!({ "seed": self.seed, "model": self.model, "bootstrap": self.bootstrap }),
-            "sample" => serde_json::json!({ "seed": self.seed, "rl_seed": self.rl_seed, "sample": self.sample }),
+            "bootstrap" => serde_json::json!({ "seed": self.seed, "model": self.model, "bootstrap": self.bootstrap, "prompt": self.prompt }),
+            "sample" => serde_json::json!({ "seed": self.seed, "rl_seed": self.rl_seed, "sample": self.sample, "prompt": self.prompt }),
             "segment" => serde_json::json!({ "segment": self.segment }),
             "fisher-reward" => serde_json::json!({ "reward": self.reward, "penalty": self.penalty }),
             "credit-assign" => serde_json::json!({ "credit": self.credit }),
             // The dr-grpo normaliser is the response token budget.
             "grpo-update" => serde_json::json!({ "seed": self.seed, "rl_seed": self.rl_seed, "update": self.update, "max_new_tokens": self.sample.max_new_tokens }),
             // The forced-termination suffix is the reward's `close`.
-            "eval" => serde_json::json!({ "seed": self.seed, "eval": self.eval, "close": self.reward.close }),
+            "eval" => serde_json::json!({ "seed": self.seed, "eval": self.eval, "close": self.reward.close, "prompt": self.prompt }),
             other => bail!("unknown stage {other:?}"),
         };
         Ok(v)

@@ -122,7 +122,7 @@ fn generate_batch(policy: &Policy, rows: &[Request], params: &SamplerParams) -> 
     let mut tokens = Vec::with_capacity(b * prompt_len);
     let mut positions = Vec::with_capacity(b * prompt_len);
     for (r, row) in rows.iter().enumerate() {
-        tokens.extend(std::iter::repeat(policy.eos_id).take(pad[r]).chain(row.prompt_ids.iter().copied()));
+        tokens.extend(std::iter::repeat(policy.pad_id).take(pad[r]).chain(row.prompt_ids.iter().copied()));
         positions.extend((0..prompt_len).map(|j| j.saturating_sub(pad[r]) as u32));
     }
     let mut cache = KvCache::new(policy.cfg.num_hidden_layers);
@@ -142,7 +142,7 @@ fn generate_batch(policy: &Policy, rows: &[Request], params: &SamplerParams) -> 
         let mut next = Vec::with_capacity(b);
         for r in 0..b {
             if done[r] {
-                next.push(policy.eos_id);
+                next.push(policy.pad_id);
                 continue;
             }
             let u: f64 = rngs[r].random();
@@ -150,7 +150,7 @@ fn generate_batch(policy: &Policy, rows: &[Request], params: &SamplerParams) -> 
             let logp = log_softmax(&last[r])[token as usize];
             gens[r].tokens.push(token);
             gens[r].logprobs.push(logp);
-            if token == policy.eos_id && !params.ignore_eos {
+            if policy.is_stop(token) && !params.ignore_eos {
                 gens[r].finish = FinishReason::Stop;
                 done[r] = true;
             }

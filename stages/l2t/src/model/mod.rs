@@ -1,7 +1,11 @@
-//! The policy: a Qwen2-family decoder, its tokenizer, and Hugging Face checkpoint directories
-//! (`config.json`, `model.safetensors`, `tokenizer.json`, `generation_config.json`).
+//! The policy: a Qwen2-family decoder, its tokenizer, and its checkpoints: Hugging Face
+//! directories (read and written) and GGUF files (read).
 
+pub mod chat;
+pub mod gguf;
+pub mod hf;
 pub mod qwen2;
+pub mod score;
 pub mod tokenizer;
 
 use crate::config::ModelShape;
@@ -12,15 +16,13 @@ use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
-pub use qwen2::{Config, KvCache, Model};
+pub use hf::{Checkpoint, CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE};
+pub use qwen2::{Config, KvCache, Model, TokenIds};
 
-pub const CONFIG_FILE: &str = "config.json";
-pub const WEIGHTS_FILE: &str = "model.safetensors";
-pub const TOKENIZER_FILE: &str = "tokenizer.json";
-pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
-/// The files a policy checkpoint consists of.
-pub const CHECKPOINT_FILES: &[&str] = &[CONFIG_FILE, GENERATION_CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE];
+/// The files of a checkpoint the pipeline writes.
+pub const CHECKPOINT_FILES: &[&str] = &[CONFIG_FILE, GENERATION_CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE];
 
 /// Weights by checkpoint name, in name order.
 pub type Weights = BTreeMap<String, Tensor>;
@@ -36,14 +38,32 @@ pub fn tiny_config(shape: &ModelShape, eos_id: u32) -> Config {
         num_hidden_layers: shape.num_hidden_layers,
         num_attention_heads: shape.num_attention_heads,
         num_key_value_heads: shape.num_key_value_heads,
+        head_dim: None,
         max_position_embeddings: shape.max_position_embeddings,
         rope_theta: shape.rope_theta,
         rms_norm_eps: 1e-6,
         tie_word_embeddings: shape.tie_word_embeddings,
-        bos_token_id: eos_id,
-        eos_token_id: eos_id,
+        attention_bias: None,
+        rope_scaling: None,
+        bos_token_id: Some(eos_id),
+        eos_token_id: Some(TokenIds::One(eos_id)),
         torch_dtype: "float32".into(),
+        extra: Default::default(),
     }
+}
+
+/// tokenizer_config.json of the tiny policy: its special tokens, no chat template (its prompts
+/// are raw text).
+pub fn tiny_tokenizer_config(max_len: usize) -> serde_json::Value {
+    serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": tokenizer::EOS,
+        "eos_token": tokenizer::EOS,
+        "pad_token": tokenizer::PAD,
+        "model_max_length": max_len,
+        "padding_side": "left",
+        "clean_up_tokenization_spaces": false,
+    })
 }
 
 /// Seeded initial weights: N(0, 0.02) matrices, residual projections scaled by 1/sqrt(2 layers)
@@ -93,7 +113,13 @@ pub struct Policy {
     pub model: Model,
     pub weights: Weights,
     pub tokenizer: tokenizers::Tokenizer,
+    pub tokenizer_config: serde_json::Value,
+    /// The token a response ends with (the first of `stop_ids`).
     pub eos_id: u32,
+    /// Every token that ends a response.
+    pub stop_ids: Vec<u32>,
+    /// Filler of padded batch positions (never attended to).
+    pub pad_id: u32,
     /// Content hash of `model.safetensors`: which policy produced a rollout.
     pub weights_hash: String,
     /// Content hash of `tokenizer.json`.
@@ -102,67 +128,109 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// A policy over weights in memory (not yet, or never, written as an artifact).
-    pub fn from_parts(cfg: &Config, weights: &Weights, tokenizer: tokenizers::Tokenizer, dev: &Device) -> Result<Self> {
-        let eos_id = tokenizer::required_id(&tokenizer, tokenizer::EOS)?;
+    /// A policy over a checkpoint in memory (not yet, or never, written as an artifact).
+    pub fn from_checkpoint(ckpt: Checkpoint, dev: &Device) -> Result<Self> {
+        let Checkpoint { cfg, weights, tokenizer, tokenizer_config } = ckpt;
+        let (eos_id, stop_ids, pad_id) = special_ids(&cfg, &tokenizer, &tokenizer_config)?;
         Ok(Self {
-            cfg: cfg.clone(),
-            model: build_model(cfg, weights, dev)?,
-            weights: weights.clone(),
+            model: build_model(&cfg, &weights, dev)?,
+            cfg,
+            weights,
             tokenizer,
+            tokenizer_config,
             eos_id,
+            stop_ids,
+            pad_id,
             weights_hash: String::new(),
             tokenizer_hash: String::new(),
             device: dev.clone(),
         })
     }
 
+    /// A tiny-task policy over weights in memory (tests, benchmarks).
+    pub fn from_parts(cfg: &Config, weights: &Weights, tokenizer: tokenizers::Tokenizer, dev: &Device) -> Result<Self> {
+        let tokenizer_config = tiny_tokenizer_config(cfg.max_position_embeddings);
+        Self::from_checkpoint(Checkpoint { cfg: cfg.clone(), weights: weights.clone(), tokenizer, tokenizer_config }, dev)
+    }
+
     /// Loads a checkpoint artifact, verifying each file against its manifest.
     pub fn load(artifact: &Artifact, dev: &Device) -> Result<Self> {
-        let cfg_path = artifact.file(CONFIG_FILE)?;
-        let cfg: Config = serde_json::from_slice(&std::fs::read(&cfg_path)?)
-            .with_context(|| format!("{}: not a supported config.json", cfg_path.display()))?;
-        if cfg.vocab_size == 0 || cfg.hidden_size == 0 || cfg.num_attention_heads == 0 || cfg.num_key_value_heads == 0 {
-            bail!("{}: vocab_size, hidden_size and the head counts must be positive", cfg_path.display());
-        }
-        let tok_path = artifact.file(TOKENIZER_FILE)?;
-        let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
-            .map_err(|e| anyhow!("{}: cannot load the tokenizer: {e}", tok_path.display()))?;
-        let tok_size = tokenizer.get_vocab_size(true);
-        if tok_size > cfg.vocab_size {
-            bail!(
-                "{}: tokenizer has {tok_size} tokens but the model's embedding has {} rows (mismatched tokenizer and model)",
-                tok_path.display(),
-                cfg.vocab_size
-            );
-        }
-        let weights_path = artifact.file(WEIGHTS_FILE)?;
-        let loaded = candle_core::safetensors::load(&weights_path, dev)
-            .with_context(|| format!("{}: cannot read the weights", weights_path.display()))?;
-        let weights: Weights = loaded.into_iter().collect();
-        let model = build_model(&cfg, &weights, dev).with_context(|| format!("{}", weights_path.display()))?;
-        let eos_id = tokenizer::required_id(&tokenizer, tokenizer::EOS).unwrap_or(cfg.eos_token_id);
-        Ok(Self {
-            cfg,
-            model,
-            weights,
-            tokenizer,
-            eos_id,
-            weights_hash: artifact.manifest.output(WEIGHTS_FILE)?.blake3.clone(),
-            tokenizer_hash: artifact.manifest.output(TOKENIZER_FILE)?.blake3.clone(),
-            device: dev.clone(),
-        })
+        let origin = artifact.dir.display().to_string();
+        let locate = |f: &str| -> Result<Option<std::path::PathBuf>> {
+            if artifact.manifest.output(f).is_ok() {
+                artifact.file(f).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let ckpt = hf::read(&origin, locate, dev)?;
+        let mut policy = Self::from_checkpoint(ckpt, dev)?;
+        policy.weights_hash = artifact.manifest.output(WEIGHTS_FILE)?.blake3.clone();
+        policy.tokenizer_hash = artifact.manifest.output(TOKENIZER_FILE)?.blake3.clone();
+        Ok(policy)
+    }
+
+    /// Whether `token` ends a response.
+    pub fn is_stop(&self, token: u32) -> bool {
+        self.stop_ids.contains(&token)
+    }
+
+    /// The checkpoint's own chat template, if it has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        hf::chat_template(&self.tokenizer_config)
     }
 }
 
+/// Reads a checkpoint from a GGUF file or a Hugging Face directory.
+pub fn read_checkpoint(path: &Path, dev: &Device) -> Result<Checkpoint> {
+    if path.is_dir() {
+        hf::read_dir(path, dev)
+    } else if path.extension().is_some_and(|e| e == "gguf") {
+        gguf::read(path, dev)
+    } else {
+        bail!("{}: neither a Hugging Face checkpoint directory nor a .gguf file", path.display())
+    }
+}
+
+/// End-of-response ids (config.json's `eos_token_id`, else the tokenizer's `eos_token` or
+/// `<|endoftext|>`) and the padding id (`pad_token`, else `<|pad|>`, else end of response).
+fn special_ids(cfg: &Config, tok: &tokenizers::Tokenizer, tok_cfg: &serde_json::Value) -> Result<(u32, Vec<u32>, u32)> {
+    let named = |key: &str| -> Option<u32> {
+        let v = tok_cfg.get(key)?;
+        let text = v.as_str().or_else(|| v.get("content")?.as_str())?;
+        tok.token_to_id(text)
+    };
+    let mut stops = cfg.eos_ids();
+    for extra in [named("eos_token"), tok.token_to_id(tokenizer::EOS)] {
+        if stops.is_empty() {
+            stops.extend(extra);
+        }
+    }
+    let Some(&eos) = stops.first() else {
+        bail!("the checkpoint names no end-of-sequence token (config.json eos_token_id, tokenizer_config.json eos_token)");
+    };
+    if let Some(bad) = stops.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+        bail!("end-of-sequence id {bad} is outside the vocabulary ({} rows)", cfg.vocab_size);
+    }
+    let pad = named("pad_token").or_else(|| tok.token_to_id(tokenizer::PAD)).unwrap_or(eos);
+    Ok((eos, stops, pad))
+}
+
 /// Writes a checkpoint as a Hugging Face directory into a stage's outputs.
-pub fn save_checkpoint(staging: &mut Staging, cfg: &Config, weights: &Weights, tokenizer: &tokenizers::Tokenizer) -> Result<()> {
+pub fn save_checkpoint(
+    staging: &mut Staging,
+    cfg: &Config,
+    weights: &Weights,
+    tokenizer: &tokenizers::Tokenizer,
+    tokenizer_config: &serde_json::Value,
+) -> Result<()> {
     let mut write = |file: &str, bytes: &[u8]| staging.write_file(file, bytes);
     write(CONFIG_FILE, serde_json::to_string_pretty(cfg)?.as_bytes())?;
     let generation = serde_json::json!({ "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id });
     write(GENERATION_CONFIG_FILE, serde_json::to_string_pretty(&generation)?.as_bytes())?;
     let tok = tokenizer.to_string(true).map_err(|e| anyhow!("serialising the tokenizer: {e}"))?;
     write(TOKENIZER_FILE, tok.as_bytes())?;
+    write(TOKENIZER_CONFIG_FILE, serde_json::to_string_pretty(tokenizer_config)?.as_bytes())?;
     let tensors: Vec<(&str, &Tensor)> = weights.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let bytes = safetensors::serialize(tensors, None).context("serialising the weights")?;
     write(WEIGHTS_FILE, &bytes)
@@ -344,7 +412,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::Store::new(dir.path());
         let mut staging = store.begin("ckpt").unwrap();
-        save_checkpoint(&mut staging, &cfg, &weights, &tok).unwrap();
+        save_checkpoint(&mut staging, &cfg, &weights, &tok, &tiny_tokenizer_config(64)).unwrap();
         let manifest = crate::store::Manifest::new("bootstrap", 1, "ckpt", serde_json::json!({}), vec![], 0);
         let art = staging.publish(manifest).unwrap();
         let policy = Policy::load(&art, &dev).unwrap();

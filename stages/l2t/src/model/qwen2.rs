@@ -1,6 +1,6 @@
-//! A Qwen2-family decoder (Qwen2 with q/k/v bias; Llama / SmolLM without), after
-//! `candle-transformers/src/models/qwen2.rs`, written with differentiable ops only: composed RMS
-//! norm, rotary embedding and softmax (the fused candle kernels drop gradients, design.md
+//! A Qwen2-family decoder (Qwen2 with q/k/v bias; Llama / SmolLM without; Qwen3 with q/k norm),
+//! after `candle-transformers/src/models/qwen2.rs`, written with differentiable ops only: composed
+//! RMS norm, rotary embedding and softmax (the fused candle kernels drop gradients, design.md
 //! "candle cautions").
 //!
 //! Every forward takes explicit per-row positions and an additive attention mask, so one batch can
@@ -10,9 +10,34 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{linear_b, linear_no_bias, Embedding, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-/// config.json, with its own keys.
+/// The model families this decoder implements (`model_type` in config.json).
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["qwen2", "llama", "qwen3"];
+
+/// Longest rotary table built up front; longer contexts are refused rather than allocated.
+const MAX_ROTARY_POSITIONS: usize = 32_768;
+
+/// A token id or a list of them (`eos_token_id` is either in Hugging Face configs).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    pub fn ids(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(id) => vec![*id],
+            TokenIds::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+/// config.json, with its own keys. Keys this decoder does not read are kept in `extra`, so a
+/// checkpoint written back carries them.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Config {
+    #[serde(default)]
     pub architectures: Vec<String>,
     pub model_type: String,
     pub vocab_size: usize,
@@ -21,40 +46,105 @@ pub struct Config {
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
+    /// Per-head width when it is not hidden_size / heads (Qwen3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
     pub max_position_embeddings: usize,
+    #[serde(default = "default_rope_theta")]
     pub rope_theta: f64,
     pub rms_norm_eps: f64,
+    #[serde(default)]
     pub tie_word_embeddings: bool,
-    pub bos_token_id: u32,
-    pub eos_token_id: u32,
+    /// Biases on q/k/v; absent means the family's default (Qwen2 has them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_bias: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<TokenIds>,
+    #[serde(default = "default_dtype")]
     pub torch_dtype: String,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+
+fn default_dtype() -> String {
+    "float32".into()
 }
 
 impl Config {
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
-    /// Qwen2 has biases on q/k/v; the Llama family has none.
+    /// Qwen2 has biases on q/k/v; the Llama family and Qwen3 have none unless the config says so.
     pub fn attention_bias(&self) -> bool {
-        self.model_type == "qwen2"
+        self.attention_bias.unwrap_or(self.model_type == "qwen2")
+    }
+
+    /// Qwen3 normalises each query and key head (RMS norm over head_dim) before rotary.
+    pub fn qk_norm(&self) -> bool {
+        self.model_type == "qwen3"
+    }
+
+    /// Refuses configs this decoder would misread: another family, rope scaling, inconsistent
+    /// head counts.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if !SUPPORTED_MODEL_TYPES.contains(&self.model_type.as_str()) {
+            return Err(format!("model_type {:?} is not supported (supported: {})", self.model_type, SUPPORTED_MODEL_TYPES.join(", ")));
+        }
+        if self.vocab_size == 0 || self.hidden_size == 0 || self.num_hidden_layers == 0 || self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
+            return Err("vocab_size, hidden_size, num_hidden_layers and the head counts must be positive".into());
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_attention_heads, self.num_key_value_heads
+            ));
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            return Err(format!("hidden_size {} is not a multiple of num_attention_heads {}", self.hidden_size, self.num_attention_heads));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(format!("head_dim {} must be even for rotary embeddings", self.head_dim()));
+        }
+        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err("rope_scaling is not supported (only plain rotary embeddings)".into());
+        }
+        Ok(())
+    }
+
+    /// Token ids that end a response: config.json's `eos_token_id` (one or several).
+    pub fn eos_ids(&self) -> Vec<u32> {
+        self.eos_token_id.as_ref().map(TokenIds::ids).unwrap_or_default()
     }
 
     /// Name and shape of every weight, in checkpoint naming.
     pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let (h, i, kv) = (self.hidden_size, self.intermediate_size, self.num_key_value_heads * self.head_dim());
+        let (h, i, d) = (self.hidden_size, self.intermediate_size, self.head_dim());
+        let (q, kv) = (self.num_attention_heads * d, self.num_key_value_heads * d);
         let mut shapes = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab_size, h])];
         for l in 0..self.num_hidden_layers {
             let p = format!("model.layers.{l}");
             shapes.push((format!("{p}.input_layernorm.weight"), vec![h]));
             shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-            for (name, out) in [("q_proj", h), ("k_proj", kv), ("v_proj", kv)] {
+            for (name, out) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
                 shapes.push((format!("{p}.self_attn.{name}.weight"), vec![out, h]));
                 if self.attention_bias() {
                     shapes.push((format!("{p}.self_attn.{name}.bias"), vec![out]));
                 }
             }
-            shapes.push((format!("{p}.self_attn.o_proj.weight"), vec![h, h]));
+            if self.qk_norm() {
+                shapes.push((format!("{p}.self_attn.q_norm.weight"), vec![d]));
+                shapes.push((format!("{p}.self_attn.k_norm.weight"), vec![d]));
+            }
+            shapes.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
             shapes.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
             shapes.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
             shapes.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
@@ -98,8 +188,9 @@ impl RotaryEmbedding {
         let inv_freq: Vec<f32> =
             (0..half).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim() as f64) as f32).collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, half), dev)?;
-        let t = Tensor::arange(0u32, cfg.max_position_embeddings as u32, dev)?.to_dtype(DType::F32)?;
-        let freqs = t.reshape((cfg.max_position_embeddings, 1))?.broadcast_mul(&inv_freq)?;
+        let n = cfg.max_position_embeddings.min(MAX_ROTARY_POSITIONS);
+        let t = Tensor::arange(0u32, n as u32, dev)?.to_dtype(DType::F32)?;
+        let freqs = t.reshape((n, 1))?.broadcast_mul(&inv_freq)?;
         Ok(Self { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
     }
 
@@ -204,6 +295,8 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// Qwen3's per-head RMS norms of queries and keys.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -212,12 +305,19 @@ struct Attention {
 impl Attention {
     fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let (h, head_dim, bias) = (cfg.hidden_size, cfg.head_dim(), cfg.attention_bias());
-        let kv = cfg.num_key_value_heads * head_dim;
+        let (q, kv) = (cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim);
+        let qk_norm = if cfg.qk_norm() {
+            let norm = |name: &str| RmsNorm::new(head_dim, cfg.rms_norm_eps, vb.pp(name));
+            Some((norm("q_norm")?, norm("k_norm")?))
+        } else {
+            None
+        };
         Ok(Self {
-            q_proj: linear_b(h, h, bias, vb.pp("q_proj"))?,
+            q_proj: linear_b(h, q, bias, vb.pp("q_proj"))?,
             k_proj: linear_b(h, kv, bias, vb.pp("k_proj"))?,
             v_proj: linear_b(h, kv, bias, vb.pp("v_proj"))?,
-            o_proj: linear_no_bias(h, h, vb.pp("o_proj"))?,
+            o_proj: linear_no_bias(q, h, vb.pp("o_proj"))?,
+            qk_norm,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim,
@@ -233,12 +333,17 @@ impl Attention {
         rotary: &RotaryEmbedding,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
-        let (b, t, hidden) = x.dims3()?;
+        let (b, t, _) = x.dims3()?;
         let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
             proj.forward(x)?.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
         };
-        let q = rotary.apply(&heads(&self.q_proj, self.num_heads)?, positions)?;
-        let mut k = rotary.apply(&heads(&self.k_proj, self.num_kv_heads)?, positions)?;
+        let (mut q, mut k) = (heads(&self.q_proj, self.num_heads)?, heads(&self.k_proj, self.num_kv_heads)?);
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            q = q_norm.forward(&q)?;
+            k = k_norm.forward(&k)?;
+        }
+        let q = rotary.apply(&q, positions)?;
+        let mut k = rotary.apply(&k, positions)?;
         let mut v = heads(&self.v_proj, self.num_kv_heads)?;
         if let Some(cache) = cache {
             if let Some((past_k, past_v)) = cache.as_ref() {
@@ -251,7 +356,7 @@ impl Attention {
         let v = repeat_kv(&v, self.num_heads / self.num_kv_heads)?;
         let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?.broadcast_add(mask)?;
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, hidden))?;
+        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
         self.o_proj.forward(&y)
     }
 }

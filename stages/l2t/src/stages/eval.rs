@@ -3,7 +3,7 @@
 use super::setup::rollout_seed;
 use super::{execute, progress_bar, Ctx, Summary, BOOTSTRAP_SLOT, EVAL_VERSION, PREPARE_SLOT};
 use crate::eval::{summarize, SampleResult};
-use crate::model::tokenizer;
+use crate::model::{chat, tokenizer};
 use crate::model::Policy;
 use crate::reward::segment::{extract_answer, outcome_reward, segment, token_char_ends, Rule};
 use crate::sample::{generate, Request, SamplerParams};
@@ -167,7 +167,7 @@ pub fn run_eval(ctx: &Ctx, target: EvalPolicy, on: &EvalPrompts) -> Result<Vec<S
         let policy = Policy::load(&policy_art, &ctx.device)?;
         let mut requests = Vec::with_capacity(rows.len() * e.k);
         for p in &rows {
-            let ids = tokenizer::encode(&policy.tokenizer, &p.prompt).with_context(|| format!("prompt {}", p.prompt_id))?;
+            let ids = chat::prompt_ids(&policy, &cfg.prompt, &p.prompt).with_context(|| format!("prompt {}", p.prompt_id))?;
             for j in 0..e.k as u32 {
                 requests.push(Request { prompt_ids: ids.clone(), seed: rollout_seed(cfg.seed, EVAL_DRAW, &p.prompt_id, j) });
             }

@@ -4,7 +4,7 @@ use super::{
     check_same_ids, check_sampled_by, episodes_by_rollout, execute, iteration_policy, policy_input, progress_bar, Ctx,
     Summary, BOOTSTRAP_SLOT, CREDIT_ASSIGN_VERSION, FISHER_REWARD_VERSION,
 };
-use crate::model::tokenizer::{self, PAD};
+use crate::model::tokenizer;
 use crate::model::{build_model_as, Policy};
 use crate::reward::episode_reward;
 use crate::reward::segment::{reasoning_tokens, token_char_ends};
@@ -57,7 +57,7 @@ pub fn run_fisher_reward(ctx: &Ctx, iteration: u32) -> Result<Summary> {
         let policy = Policy::load(&policy_art, &ctx.device)?;
         check_sampled_by(&policy, &rollout_rows, iteration)?;
         let base = Policy::load(&base_art, &ctx.device)?;
-        let pad = tokenizer::required_id(&policy.tokenizer, PAD).unwrap_or(policy.eos_id);
+        let pad = policy.pad_id;
         let gold: HashMap<&str, &str> = prompt_rows.iter().map(|p| (p.prompt_id.as_str(), p.gold_answer.as_str())).collect();
         let close = tokenizer::encode(&policy.tokenizer, &cfg.reward.close).context("reward.close")?;
         let mut answers: HashMap<&str, Vec<u32>> = HashMap::new();
@@ -74,7 +74,7 @@ pub fn run_fisher_reward(ctx: &Ctx, iteration: u32) -> Result<Summary> {
             .iter()
             .map(|r| {
                 let ends = token_char_ends(&tokenizer::decode_pieces(&policy.tokenizer, &r.token_ids)?);
-                let without_eos = r.token_ids.len() - usize::from(r.token_ids.last() == Some(&policy.eos_id));
+                let without_eos = r.token_ids.len() - usize::from(r.token_ids.last().is_some_and(|&t| policy.is_stop(t)));
                 Ok(reasoning_tokens(&r.text, &ends, without_eos))
             })
             .collect::<Result<_>>()?;

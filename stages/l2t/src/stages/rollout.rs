@@ -2,7 +2,7 @@
 
 use super::{data_cursor, execute, iteration_policy, iteration_prompts, policy_input, progress_bar, Ctx, Summary, PREPARE_SLOT, SAMPLE_VERSION, SEGMENT_VERSION};
 use super::setup::rollout_seed;
-use crate::model::tokenizer;
+use crate::model::{chat, tokenizer};
 use crate::model::{self, Policy};
 use crate::reward::segment::{outcome_reward, segment, span_bytes, token_char_ends, Rule};
 use crate::sample::{generate, Request, SamplerParams};
@@ -38,7 +38,7 @@ pub fn run_sample(ctx: &Ctx, iteration: u32) -> Result<Summary> {
         let mut requests = Vec::with_capacity(chosen.len() * s.group_size);
         let context = policy.cfg.max_position_embeddings;
         for p in &chosen {
-            let ids = tokenizer::encode(&policy.tokenizer, &p.prompt)?;
+            let ids = chat::prompt_ids(&policy, &cfg.prompt, &p.prompt).with_context(|| format!("prompt {}", p.prompt_id))?;
             if ids.len() + s.max_new_tokens > context {
                 bail!(
                     "prompt {}: {} tokens + sample.max_new_tokens {} exceed the model's context of {context} tokens",

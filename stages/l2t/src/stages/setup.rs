@@ -2,20 +2,32 @@
 
 use super::{execute, progress_bar, Ctx, Summary, BOOTSTRAP_SLOT, BOOTSTRAP_VERSION, PREPARE_SLOT, PREPARE_VERSION};
 use crate::model::tokenizer::{self, EOS, PAD};
-use crate::model::{self, Policy};
+use crate::model::{self, chat, Checkpoint, Policy};
 use crate::reward::segment::{outcome_reward, segment, span_bytes, token_char_ends, Rule};
 use crate::sample::{generate, Request, SamplerParams};
 use crate::table::prompts::{self, PromptRow};
 use crate::task::arith;
 use crate::train::sft::{self, Example, SftParams};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use std::path::Path;
 use std::time::Instant;
 
 /// `prepare`: the built-in task's train and eval splits.
 pub fn run_prepare(ctx: &Ctx) -> Result<Summary> {
     let cfg = &ctx.config;
-    execute(ctx, "prepare", PREPARE_VERSION, PREPARE_SLOT, cfg.stage_params("prepare")?, vec![], |staging| {
-        let (train, eval) = arith::generate(&cfg.task, cfg.seed)?;
+    let mut params = cfg.stage_params("prepare")?;
+    let eval_file = (!cfg.task.eval_file.is_empty()).then(|| Path::new(&cfg.task.eval_file));
+    if let Some(path) = eval_file {
+        params["eval_file_blake3"] = content_hash(path)?.into();
+    }
+    execute(ctx, "prepare", PREPARE_VERSION, PREPARE_SLOT, params, vec![], |staging| {
+        let (train, mut eval) = arith::generate(&cfg.task, cfg.seed)?;
+        if let Some(path) = eval_file {
+            eval = prompts::read(path).with_context(|| format!("task.eval_file {}", path.display()))?;
+            if eval.is_empty() {
+                bail!("task.eval_file {}: no prompts", path.display());
+            }
+        }
         prompts::write(staging, prompts::TRAIN_FILE, &train)?;
         prompts::write(staging, prompts::EVAL_FILE, &eval)?;
         let mean_redundant = train.iter().map(|r| f64::from(r.n_redundant)).sum::<f64>() / train.len() as f64;
@@ -28,9 +40,13 @@ pub fn rollout_seed(seed: u64, iteration: u32, prompt_id: &str, sample_idx: u32)
     crate::config::seed_of(&format!("{seed}/{iteration}/{prompt_id}/{sample_idx}"))
 }
 
-/// `bootstrap`: trains the tiny base policy on the train split's worked solutions, then samples
+/// `bootstrap`: the base policy. `bootstrap.source = "tiny"` trains the tiny policy on the train
+/// split's worked solutions; a checkpoint path imports that checkpoint. Either way it then samples
 /// the eval split once to report format-valid rate, accuracy and redundant episodes.
 pub fn run_bootstrap(ctx: &Ctx) -> Result<Summary> {
+    if ctx.config.bootstrap.source != "tiny" {
+        return import_base(ctx, Path::new(&ctx.config.bootstrap.source));
+    }
     let cfg = &ctx.config;
     let data = ctx.store.open_ref(&ctx.run, PREPARE_SLOT)?;
     let inputs = vec![data.manifest.as_input("data", &[prompts::TRAIN_FILE, prompts::EVAL_FILE])?];
@@ -65,9 +81,10 @@ pub fn run_bootstrap(ctx: &Ctx) -> Result<Summary> {
         })?;
         bar.finish_and_clear();
         let train_seconds = started.elapsed().as_secs_f64();
-        model::save_checkpoint(staging, &model_cfg, &weights, &tok)?;
-        // Evaluate the policy just written, through the same loader every later stage uses.
-        let policy = Policy::from_parts(&model_cfg, &weights, tok.clone(), &ctx.device)?;
+        let tokenizer_config = model::tiny_tokenizer_config(cfg.model.max_position_embeddings);
+        model::save_checkpoint(staging, &model_cfg, &weights, &tok, &tokenizer_config)?;
+        let ckpt = Checkpoint { cfg: model_cfg, weights, tokenizer: tok, tokenizer_config };
+        let policy = Policy::from_checkpoint(ckpt, &ctx.device)?;
         let eval_rows: Vec<&PromptRow> = eval.iter().take(b.eval_prompts).collect();
         let figures = eval_figures(ctx, &policy, &eval_rows)?;
         let tokens: usize = log.iter().map(|s| s.tokens).sum();
@@ -83,6 +100,56 @@ pub fn run_bootstrap(ctx: &Ctx) -> Result<Summary> {
             "eval": figures,
         }))
     })
+}
+
+/// Imports a checkpoint (GGUF or Hugging Face directory) as the run's base policy, written as a
+/// Hugging Face directory with f32 weights; its key covers the checkpoint's content.
+fn import_base(ctx: &Ctx, source: &Path) -> Result<Summary> {
+    let cfg = &ctx.config;
+    let data = ctx.store.open_ref(&ctx.run, PREPARE_SLOT)?;
+    let inputs = vec![data.manifest.as_input("data", &[prompts::EVAL_FILE])?];
+    let mut params = cfg.stage_params("bootstrap")?;
+    params["source_blake3"] = content_hash(source)?.into();
+    execute(ctx, "bootstrap", BOOTSTRAP_VERSION, BOOTSTRAP_SLOT, params, inputs, |staging| {
+        let started = Instant::now();
+        let ckpt = model::read_checkpoint(source, &ctx.device)?;
+        let load_seconds = started.elapsed().as_secs_f64();
+        model::save_checkpoint(staging, &ckpt.cfg, &ckpt.weights, &ckpt.tokenizer, &ckpt.tokenizer_config)?;
+        let params: usize = ckpt.weights.values().map(|t| t.elem_count()).sum();
+        let policy = Policy::from_checkpoint(ckpt, &ctx.device)?;
+        let eval = prompts::read(&data.file(prompts::EVAL_FILE)?)?;
+        let rows: Vec<&PromptRow> = eval.iter().take(cfg.bootstrap.eval_prompts).collect();
+        let figures = if rows.is_empty() { serde_json::Value::Null } else { eval_figures(ctx, &policy, &rows)? };
+        Ok(serde_json::json!({
+            "source": source.display().to_string(),
+            "model_type": policy.cfg.model_type,
+            "parameters": params,
+            "load_seconds": load_seconds,
+            "eval": figures,
+        }))
+    })
+}
+
+/// blake3 of a file, or of a directory's files (names and contents, in name order).
+fn content_hash(path: &Path) -> Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    let files: Vec<std::path::PathBuf> = if path.is_dir() {
+        let mut v: Vec<_> = std::fs::read_dir(path)
+            .with_context(|| format!("{}: cannot list", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    for f in files {
+        let mut file = std::fs::File::open(&f).with_context(|| format!("bootstrap.source {}: cannot open", f.display()))?;
+        hasher.update(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
+        hasher.update_reader(&mut file).with_context(|| format!("{}: cannot read", f.display()))?;
+    }
+    Ok(hasher.finalize().to_hex().to_string())
 }
 
 /// Prompt + worked-solution texts: the tokenizer's training corpus.
@@ -108,7 +175,7 @@ pub fn eval_figures(ctx: &Ctx, policy: &Policy, rows: &[&PromptRow]) -> Result<s
     let b = &ctx.config.bootstrap;
     let requests: Vec<Request> = rows
         .iter()
-        .map(|r| Ok(Request { prompt_ids: tokenizer::encode(&policy.tokenizer, &r.prompt)?, seed: rollout_seed(ctx.config.seed, u32::MAX, &r.prompt_id, 0) }))
+        .map(|r| Ok(Request { prompt_ids: chat::prompt_ids(policy, &ctx.config.prompt, &r.prompt)?, seed: rollout_seed(ctx.config.seed, u32::MAX, &r.prompt_id, 0) }))
         .collect::<Result<_>>()?;
     let params =
         SamplerParams { temperature: b.eval_temperature, top_p: 1.0, max_new_tokens: b.eval_max_new_tokens, ignore_eos: false };

@@ -4,7 +4,6 @@ use super::{
     check_same_ids, check_sampled_by, data_cursor, execute, iteration_policy, policy_input, progress_bar, rollout_ids, Ctx,
     Summary, BOOTSTRAP_SLOT, GRPO_UPDATE_VERSION,
 };
-use crate::model::tokenizer::{self, PAD};
 use crate::model::{self, response_logprobs, Policy};
 use crate::store::iter_slot;
 use crate::table::advantages::{self, AdvantageRow};
@@ -54,7 +53,7 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
         }
         let policy = Policy::load(&policy_art, &ctx.device)?;
         check_sampled_by(&policy, &rollout_rows, iteration)?;
-        let pad = tokenizer::required_id(&policy.tokenizer, PAD).unwrap_or(policy.eos_id);
+        let pad = policy.pad_id;
 
         let included: Vec<(&RolloutRow, &AdvantageRow)> = rollout_rows.iter().zip(&adv_rows).filter(|(_, a)| !a.excluded).collect();
         let mut seqs: Vec<Sequence> = included
@@ -123,7 +122,7 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
         let updated = model::build_model(&policy.cfg, &weights, &ctx.device)?;
         let loss_after = grpo::batch_loss(&seqs, &response_logprobs(&updated, &pairs, pad, SCORE_ROWS)?, &params);
 
-        model::save_checkpoint(staging, &policy.cfg, &weights, &policy.tokenizer)?;
+        model::save_checkpoint(staging, &policy.cfg, &weights, &policy.tokenizer, &policy.tokenizer_config)?;
         checkpoint::save_optimizer(staging, &names, &state)?;
         let trainer = TrainerState {
             iteration,

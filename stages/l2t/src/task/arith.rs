@@ -79,19 +79,23 @@ impl Problem {
     /// The prompt text: one numbered line per operation, so that episode k can find its
     /// operation by its number. It states the output format, since the model sees nothing else.
     pub fn prompt(&self) -> String {
-        let steps: String = self
-            .ops
+        format!("Problem: start with {}.\n{}Think in <episode_k> steps, then give \\boxed{{answer}}.\nSolution: ", self.start, self.step_lines())
+    }
+
+    /// The bare question, for a chat model whose instructions come from its prompt template.
+    pub fn question(&self) -> String {
+        format!("Start with {}, then apply these operations in order:\n{}What number do you end with?", self.start, self.step_lines())
+    }
+
+    fn step_lines(&self) -> String {
+        self.ops
             .iter()
             .enumerate()
             .map(|(i, op)| {
                 let (sym, operand) = op.symbol();
                 format!("{}: {sym} {operand}\n", i + 1)
             })
-            .collect();
-        format!(
-            "Problem: start with {}.\n{steps}Think in <episode_k> steps, then give \\boxed{{answer}}.\nSolution: ",
-            self.start
-        )
+            .collect()
     }
 
     /// A worked solution with `checks` redundant episodes, placed by `rng`.
@@ -163,7 +167,7 @@ pub fn generate(cfg: &TaskConfig, seed: u64) -> Result<(Vec<PromptRow>, Vec<Prom
                 prompt_id: format!("arith-{split}-{:06}", rows.len()),
                 data_source: DATA_SOURCE.into(),
                 split: split.into(),
-                prompt: problem.prompt(),
+                prompt: if cfg.prompt_style == "question" { problem.question() } else { problem.prompt() },
                 gold_answer: problem.answer().to_string(),
                 solution: Some(problem.solution(rng, checks)),
                 n_steps: problem.ops.len() as u32,
