@@ -79,8 +79,9 @@ pub fn chat_template(tokenizer_config: &serde_json::Value) -> Option<&str> {
 pub fn read(origin: &str, locate: impl Fn(&str) -> Result<Option<PathBuf>>, dev: &Device) -> Result<Checkpoint> {
     let need = |file: &str| locate(file)?.ok_or_else(|| anyhow!("{origin}: no {file}"));
     let cfg_path = need(CONFIG_FILE)?;
-    let cfg: Config = serde_json::from_slice(&std::fs::read(&cfg_path)?)
+    let mut cfg: Config = serde_json::from_slice(&std::fs::read(&cfg_path)?)
         .with_context(|| format!("{}: not a supported config.json", cfg_path.display()))?;
+    cfg.resolve_rope_theta();
     cfg.validate().map_err(|e| anyhow!("{}: {e}", cfg_path.display()))?;
     let tok_path = need(TOKENIZER_FILE)?;
     let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)

@@ -225,7 +225,13 @@ pub fn save_checkpoint(
     tokenizer_config: &serde_json::Value,
 ) -> Result<()> {
     let mut write = |file: &str, bytes: &[u8]| staging.write_file(file, bytes);
-    write(CONFIG_FILE, serde_json::to_string_pretty(cfg)?.as_bytes())?;
+    // The weights are written in f32, whatever the source's dtype.
+    let mut cfg = cfg.clone();
+    cfg.torch_dtype = "float32".into();
+    if cfg.extra.contains_key("dtype") {
+        cfg.extra.insert("dtype".into(), "float32".into());
+    }
+    write(CONFIG_FILE, serde_json::to_string_pretty(&cfg)?.as_bytes())?;
     let generation = serde_json::json!({ "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id });
     write(GENERATION_CONFIG_FILE, serde_json::to_string_pretty(&generation)?.as_bytes())?;
     let tok = tokenizer.to_string(true).map_err(|e| anyhow!("serialising the tokenizer: {e}"))?;

@@ -117,7 +117,24 @@ impl Config {
         if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
             return Err("rope_scaling is not supported (only plain rotary embeddings)".into());
         }
+        if let Some(rope) = self.extra.get("rope_parameters") {
+            let kind = rope.get("rope_type").and_then(|t| t.as_str()).unwrap_or("default");
+            if kind != "default" {
+                return Err(format!("rope_parameters.rope_type {kind:?} is not supported (only plain rotary embeddings)"));
+            }
+        }
+        if self.extra.get("mlp_bias").is_some_and(|b| b.as_bool() == Some(true)) {
+            return Err("mlp_bias = true is not supported".into());
+        }
         Ok(())
+    }
+
+    /// Reads the rotary base from `rope_parameters` (transformers >= 5 writes it there instead of
+    /// a top-level `rope_theta`).
+    pub fn resolve_rope_theta(&mut self) {
+        if let Some(theta) = self.extra.get("rope_parameters").and_then(|r| r.get("rope_theta")).and_then(|t| t.as_f64()) {
+            self.rope_theta = theta;
+        }
     }
 
     /// Token ids that end a response: config.json's `eos_token_id` (one or several).
