@@ -36,7 +36,7 @@ pub fn render(template: &str, messages: &[Message], add_generation_prompt: bool,
     let tmpl = env.get_template("chat").map_err(|e| anyhow!("{e}"))?;
     let messages: Vec<Value> = messages
         .iter()
-        .map(|m| Value::from_iter([("role", Value::from(m.role.as_str())), ("content", Value::from(m.content.as_str()))]))
+        .map(|m| Value::from(std::collections::BTreeMap::from([("role", m.role.clone()), ("content", m.content.clone())])))
         .collect();
     tmpl.render(context! {
         messages => Value::from(messages),

@@ -14,7 +14,7 @@
 //! - no parseable episode: one episode over the whole response, `format_ok = false`.
 
 use crate::table::rollouts::FinishReason;
-use crate::task::grade::{grade_integer, Grade};
+use crate::task::grade::{grade_answer, Grade};
 use crate::task::{BOXED_OPEN, THINK_CLOSE, THINK_OPEN};
 use anyhow::{bail, Context, Result};
 
@@ -244,8 +244,8 @@ pub struct Outcome {
 pub fn outcome_reward(text: &str, gold: &str, finish: FinishReason, format_ok: bool, format_penalty: f64) -> Outcome {
     let answer = extract_answer(text);
     let grade = match &answer {
-        Some(a) => grade_integer(a, gold),
-        None if grade_integer("0", gold) == Grade::GoldUnparsable => Grade::GoldUnparsable,
+        Some(a) => grade_answer(a, gold),
+        None if grade_answer("0", gold) == Grade::GoldUnparsable => Grade::GoldUnparsable,
         None => Grade::Unparsable,
     };
     let solved = grade == Grade::Correct && finish == FinishReason::Stop;
@@ -363,7 +363,7 @@ mod tests {
     #[test]
     fn truncated_rollout_gets_zero_and_unparsable_gold_is_excluded() {
         assert_eq!(outcome_reward(GOOD, "10", FinishReason::Length, true, -0.01).r_out, 0.0);
-        let out = outcome_reward(GOOD, "ten-ish", FinishReason::Stop, true, -0.01);
+        let out = outcome_reward(GOOD, "\\frac{1}{", FinishReason::Stop, true, -0.01);
         assert!(out.excluded);
         assert_eq!(out.r_out, 0.0);
     }

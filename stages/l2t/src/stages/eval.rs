@@ -12,7 +12,7 @@ use crate::table::eval_samples::{self, EvalSampleRow};
 use crate::table::eval_summary::{self, EvalSummaryRow};
 use crate::table::prompts::{self, PromptRow};
 use crate::table::rollouts::FinishReason;
-use crate::task::grade::{grade_integer, Grade};
+use crate::task::grade::{grade_answer, Grade};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -223,7 +223,7 @@ pub fn run_eval(ctx: &Ctx, target: EvalPolicy, on: &EvalPrompts) -> Result<Vec<S
             for ((i, b, _), a) in forced.iter().zip(answers) {
                 let text = format!("{}{}", cfg.reward.close, tokenizer::decode_pieces(&policy.tokenizer, &a.tokens)?.concat());
                 let gold = &rows[i / e.k].gold_answer;
-                let correct = extract_answer(&text).is_some_and(|ans| grade_integer(&ans, gold) == Grade::Correct);
+                let correct = extract_answer(&text).is_some_and(|ans| grade_answer(&ans, gold) == Grade::Correct);
                 samples[*i].correct_at_budget[*b] = u32::from(correct);
             }
         }

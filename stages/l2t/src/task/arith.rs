@@ -195,7 +195,7 @@ pub fn is_check_episode(episode_text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::task::grade::{grade_integer, Grade};
+    use crate::task::grade::{grade_answer, Grade};
 
     fn cfg() -> TaskConfig {
         TaskConfig { n_train: 300, n_eval: 50, ..TaskConfig::default() }
@@ -213,7 +213,7 @@ mod tests {
             // The worked solution's boxed answer is the gold answer.
             let solution = row.solution.as_ref().unwrap();
             let boxed = solution.rsplit(BOXED_OPEN).next().unwrap().trim_end_matches('}');
-            assert_eq!(grade_integer(boxed, &row.gold_answer), Grade::Correct);
+            assert_eq!(grade_answer(boxed, &row.gold_answer), Grade::Correct);
             let episodes = solution.matches("</episode_").count() as u32;
             assert_eq!(episodes, row.n_steps + row.n_redundant);
             assert_eq!(solution.matches(CHECK_PREFIX).count() as u32, row.n_redundant);

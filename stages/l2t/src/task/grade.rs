@@ -1,5 +1,17 @@
-//! The outcome grader (l2t-spec section 3): tri-state, and an unparsable gold answer never
-//! counts as correct. This version compares integers, which is all the built-in task needs.
+//! The outcome grader (l2t-spec section 3): tri-state, and an unparsable gold answer never counts
+//! as correct.
+//!
+//! Answers are the contents of a `\boxed{}` (see `reward::segment::extract_answer`). They are
+//! normalized in the Hendrycks MATH / PRM800K style (`\left`/`\right`, `\!`, `\dfrac`, `\text{}`
+//! and units, degrees, percent, `$`, thousands separators, `x = ` prefixes), then compared:
+//! numbers exactly as rationals (integers, decimals, fractions, mixed numbers); tuples,
+//! intervals, sets and bare lists elementwise (a bare list or set in any order); anything else
+//! symbolically, by evaluating both expressions (with `exmex`) at seeded random points. The
+//! fixtures in tests/fixtures/grader hold the verdicts of the Python oracle `math-verify` on
+//! MATH-500 answers and perturbations of them.
+
+use num_rational::Ratio;
+use std::time::{Duration, Instant};
 
 /// A prediction's verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +34,27 @@ impl Grade {
     }
 }
 
+/// Time one comparison may take before it is given up as wrong.
+pub const DEADLINE: Duration = Duration::from_millis(200);
+
+/// Grades a predicted answer against a gold answer.
+pub fn grade_answer(prediction: &str, gold: &str) -> Grade {
+    grade_with_deadline(prediction, gold, DEADLINE)
+}
+
+/// [`grade_answer`] with an explicit time budget: a comparison still undecided when it runs out
+/// is wrong.
+pub fn grade_with_deadline(prediction: &str, gold: &str, budget: Duration) -> Grade {
+    let deadline = Instant::now() + budget;
+    let Some(gold) = normalize(gold) else { return Grade::GoldUnparsable };
+    let Some(prediction) = normalize(prediction) else { return Grade::Unparsable };
+    if prediction == gold || equivalent(&prediction, &gold, deadline) {
+        Grade::Correct
+    } else {
+        Grade::Wrong
+    }
+}
+
 /// Reads an integer the way people write one: surrounding spaces and `$`, a leading `+`,
 /// thousands separators (`1,234`), and a trailing `.0`.
 pub fn parse_integer(text: &str) -> Option<i64> {
@@ -32,25 +65,618 @@ pub fn parse_integer(text: &str) -> Option<i64> {
         Some(rest) => (true, rest),
         None => (false, t),
     };
-    let groups: Vec<&str> = digits.split(',').collect();
-    let grouped_ok = groups.len() == 1
-        || (!groups[0].is_empty() && groups[0].len() <= 3 && groups[1..].iter().all(|g| g.len() == 3));
-    let plain: String = groups.concat();
-    if !grouped_ok || plain.is_empty() || !plain.bytes().all(|b| b.is_ascii_digit()) {
+    let plain = strip_thousands(digits)?;
+    if plain.is_empty() || !plain.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     let value: i64 = plain.parse().ok()?;
     Some(if negative { -value } else { value })
 }
 
-/// Grades a predicted answer against a gold answer as integers.
-pub fn grade_integer(prediction: &str, gold: &str) -> Grade {
-    let Some(gold) = parse_integer(gold) else { return Grade::GoldUnparsable };
-    match parse_integer(prediction) {
-        None => Grade::Unparsable,
-        Some(p) if p == gold => Grade::Correct,
-        Some(_) => Grade::Wrong,
+/// `1,234,567` -> `1234567`; a number without commas as is; misplaced commas -> None.
+fn strip_thousands(digits: &str) -> Option<String> {
+    let (int, frac) = digits.split_once('.').map_or((digits, None), |(i, f)| (i, Some(f)));
+    let groups: Vec<&str> = int.split(',').collect();
+    let grouped_ok = groups.len() == 1
+        || (!groups[0].is_empty() && groups[0].len() <= 3 && groups[1..].iter().all(|g| g.len() == 3 && g.bytes().all(|b| b.is_ascii_digit())));
+    grouped_ok.then(|| groups.concat() + &frac.map(|f| format!(".{f}")).unwrap_or_default())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Normalization
+
+/// Commands whose argument is plain text: a trailing one after an answer is a unit, otherwise
+/// its content is the answer.
+const TEXT_COMMANDS: &[&str] = &["\\text", "\\textbf", "\\textit", "\\mbox", "\\mathrm", "\\textnormal", "\\mathbf", "\\operatorname"];
+
+/// The canonical form of an answer, or None when nothing can be read (empty, unbalanced braces).
+pub fn normalize(answer: &str) -> Option<String> {
+    let mut s = answer.trim().to_string();
+    if s.matches('{').count() != s.matches('}').count() {
+        return None;
     }
+    for (from, to) in [
+        ("\\left", ""),
+        ("\\right", ""),
+        ("\\bigl", ""),
+        ("\\bigr", ""),
+        ("\\Bigl", ""),
+        ("\\Bigr", ""),
+        ("\\displaystyle", ""),
+        ("\\dfrac", "\\frac"),
+        ("\\tfrac", "\\frac"),
+        ("\\!", ""),
+        ("\\,", ""),
+        ("\\;", ""),
+        ("\\:", ""),
+        ("\\ ", " "),
+        ("\\$", ""),
+        ("$", ""),
+        ("\\%", ""),
+        ("%", ""),
+        ("^{\\circ}", ""),
+        ("^\\circ", ""),
+        ("\\circ", ""),
+        ("\\degree", ""),
+        ("°", ""),
+        ("\\le ", "\\le"),
+        ("\\neq", "\\ne"),
+        ("\\leq", "\\le"),
+        ("\\geq", "\\ge"),
+        ("~", " "),
+        ("\n", " "),
+    ] {
+        s = s.replace(from, to);
+    }
+    s = strip_variable_prefix(&s);
+    s = strip_text_commands(&s);
+    let mut s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+    s = fix_short_args(&s);
+    if let Some(rest) = s.strip_prefix('.') {
+        s = format!("0.{rest}");
+    }
+    s = s.replace("-.", "-0.").replace("{.", "{0.").replace("(.", "(0.").replace(",.", ",0.");
+    while s.ends_with('.') && !s.ends_with("..") {
+        s.pop();
+    }
+    if let Some(plain) = s.strip_prefix('-').map_or_else(|| strip_thousands(&s), |rest| strip_thousands(rest).map(|p| format!("-{p}"))) {
+        if plain.bytes().all(|b| b.is_ascii_digit() || b == b'.' || b == b'-') {
+            s = plain;
+        }
+    }
+    (!s.is_empty()).then_some(s)
+}
+
+/// `\text{..}` and its kin: a trailing one after an answer that is not itself text is a unit and
+/// goes (with an exponent on it, `\text{cm}^2`); every other keeps its content.
+fn strip_text_commands(s: &str) -> String {
+    let mut out = drop_trailing_unit(s);
+    while let Some((at, cmd)) = first_text_command(&out) {
+        let open = at + cmd.len();
+        let Some(close) = matching_brace(&out, open) else { return out };
+        out = format!("{}{}{}", &out[..at], &out[open + 1..close], &out[close + 1..]);
+    }
+    out
+}
+
+fn first_text_command(s: &str) -> Option<(usize, &'static str)> {
+    TEXT_COMMANDS.iter().filter_map(|c| find_command(s, c).map(|i| (i, *c))).min_by_key(|(i, _)| *i)
+}
+
+/// `12\text{ cm}^2` -> `12`; `\text{(B)}\text{ units}` stays (a text answer has no unit).
+fn drop_trailing_unit(s: &str) -> String {
+    let t = s.trim_end();
+    let body = match t.rfind('^') {
+        Some(i) if t[i + 1..].trim_matches(|c| c == '{' || c == '}').chars().all(|c| c.is_ascii_digit()) && !t[i + 1..].is_empty() => &t[..i],
+        _ => t,
+    };
+    let Some(close) = body.strip_suffix('}').map(|b| b.len()) else { return s.to_string() };
+    let Some((at, cmd)) = TEXT_COMMANDS
+        .iter()
+        .filter_map(|c| body.rfind(&format!("{c}{{")).map(|i| (i, *c)))
+        .max_by_key(|(i, _)| *i)
+    else {
+        return s.to_string();
+    };
+    let open = at + cmd.len();
+    let unit = &body[open + 1..close];
+    let before = body[..at].trim();
+    if matching_brace(body, open) != Some(close)
+        || before.is_empty()
+        || first_text_command(before).is_some()
+        || !unit.chars().all(|c| c.is_alphabetic() || c == ' ' || c == '.')
+    {
+        return s.to_string();
+    }
+    before.to_string()
+}
+
+/// Position of `cmd` followed by `{` (not a longer command name).
+fn find_command(s: &str, cmd: &str) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = s[from..].find(cmd) {
+        let at = from + i;
+        let after = s[at + cmd.len()..].trim_start();
+        if after.starts_with('{') {
+            // Normalize `\text {x}` to `\text{x}` so the brace follows directly.
+            return (s[at + cmd.len()..].starts_with('{')).then_some(at).or_else(|| {
+                let gap = s[at + cmd.len()..].len() - after.len();
+                (gap == 0).then_some(at)
+            });
+        }
+        from = at + cmd.len();
+    }
+    None
+}
+
+/// Index of the `}` matching the `{` at `open`.
+fn matching_brace(s: &str, open: usize) -> Option<usize> {
+    if s.as_bytes().get(open) != Some(&b'{') {
+        return None;
+    }
+    let mut depth = 0;
+    for (i, b) in s.bytes().enumerate().skip(open) {
+        match b {
+            b'{' => depth += 1,
+            b'}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(i);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// `x = 3` -> `3`, `k=2` -> `2`, `x \in [1, 2]` -> `[1, 2]`: a short variable name on the left of
+/// the only `=`.
+fn strip_variable_prefix(s: &str) -> String {
+    let t = s.trim();
+    if let Some(rest) = t.strip_prefix("x\\in").or_else(|| t.strip_prefix("x \\in")) {
+        return rest.trim().to_string();
+    }
+    if t.matches('=').count() == 1 {
+        let (lhs, rhs) = t.split_once('=').expect("one '='");
+        let lhs = lhs.trim();
+        let rhs_is_text = first_text_command(rhs).is_some();
+        if !lhs.is_empty() && lhs.len() <= 2 && lhs.chars().all(|c| c.is_ascii_alphabetic()) && !rhs.trim().is_empty() && !rhs_is_text {
+            return rhs.trim().to_string();
+        }
+    }
+    t.to_string()
+}
+
+/// `\frac12` -> `\frac{1}{2}`, `\frac1{2}` -> `\frac{1}{2}`, `\sqrt2` -> `\sqrt{2}`.
+fn fix_short_args(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 8);
+    let mut rest = s;
+    while !rest.is_empty() {
+        let (cmd, args) = if rest.starts_with("\\frac") && !rest[5..].starts_with(|c: char| c.is_ascii_alphabetic()) {
+            ("\\frac", 2)
+        } else if rest.starts_with("\\sqrt") && !rest[5..].starts_with('[') {
+            ("\\sqrt", 1)
+        } else {
+            let c = rest.chars().next().expect("non-empty");
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+            continue;
+        };
+        out.push_str(cmd);
+        rest = &rest[cmd.len()..];
+        for _ in 0..args {
+            match rest.chars().next() {
+                Some('{') => {
+                    let close = matching_brace(rest, 0).unwrap_or(rest.len() - 1);
+                    out.push_str(&rest[..=close]);
+                    rest = &rest[close + 1..];
+                }
+                Some(c) if c != '\\' => {
+                    out.push('{');
+                    out.push(c);
+                    out.push('}');
+                    rest = &rest[c.len_utf8()..];
+                }
+                _ => break,
+            }
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Comparison
+
+/// Two normalized answers: same structure and equivalent parts.
+fn equivalent(a: &str, b: &str, deadline: Instant) -> bool {
+    match (Structure::of(a), Structure::of(b)) {
+        (Structure::Union(x), Structure::Union(y)) => x.len() == y.len() && unordered_match(&x, &y, deadline),
+        (Structure::Seq { open: o1, close: c1, items: x }, Structure::Seq { open: o2, close: c2, items: y }) => {
+            if x.len() != y.len() || o1 != o2 || c1 != c2 {
+                return false;
+            }
+            if o1 == "\\{" || o1.is_empty() {
+                unordered_match(&x, &y, deadline)
+            } else {
+                x.iter().zip(&y).all(|(p, q)| p == q || scalar_equivalent(p, q, deadline))
+            }
+        }
+        (Structure::Scalar(x), Structure::Scalar(y)) => scalar_equivalent(&x, &y, deadline),
+        _ => false,
+    }
+}
+
+/// Every item of `x` pairs with a distinct equivalent item of `y`.
+fn unordered_match(x: &[String], y: &[String], deadline: Instant) -> bool {
+    let mut used = vec![false; y.len()];
+    x.iter().all(|p| {
+        let hit = (0..y.len()).find(|&j| !used[j] && (p == &y[j] || equivalent(p, &y[j], deadline)));
+        hit.map(|j| used[j] = true).is_some()
+    })
+}
+
+/// The shape of an answer.
+#[derive(Debug, PartialEq)]
+enum Structure {
+    /// `A \cup B \cup ..`
+    Union(Vec<String>),
+    /// `(a, b)`, `[a, b)`, `\{a, b\}`, or a bare `a, b` (open and close empty).
+    Seq { open: String, close: String, items: Vec<String> },
+    Scalar(String),
+}
+
+impl Structure {
+    fn of(s: &str) -> Self {
+        let parts = split_top_level(s, "\\cup");
+        if parts.len() > 1 {
+            return Structure::Union(parts);
+        }
+        for (open, closes) in [("\\{", &["\\}"][..]), ("(", &[")", "]"][..]), ("[", &["]", ")"][..])] {
+            if let Some(inner) = s.strip_prefix(open) {
+                for close in closes {
+                    if let Some(inner) = inner.strip_suffix(close) {
+                        if enclosing(s, open.len(), s.len() - close.len()) {
+                            let items = split_top_level(inner, ",");
+                            if items.len() > 1 || open == "\\{" {
+                                return Structure::Seq { open: open.into(), close: (*close).into(), items };
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let items = split_top_level(s, ",");
+        if items.len() > 1 {
+            return Structure::Seq { open: String::new(), close: String::new(), items };
+        }
+        Structure::Scalar(s.to_string())
+    }
+}
+
+/// Whether the bracket opened before `from` closes at `to` (the whole of `s` is one group).
+fn enclosing(s: &str, from: usize, to: usize) -> bool {
+    let mut depth = 0i32;
+    for c in s[from..to].chars() {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+    }
+    depth == 0
+}
+
+/// Splits on `sep` outside any brackets.
+fn split_top_level(s: &str, sep: &str) -> Vec<String> {
+    let mut parts = Vec::new();
+    let (mut depth, mut start, mut i) = (0i32, 0usize, 0usize);
+    let bytes = s.as_bytes();
+    while i < s.len() {
+        if depth == 0 && s[i..].starts_with(sep) {
+            parts.push(s[start..i].to_string());
+            i += sep.len();
+            start = i;
+            continue;
+        }
+        match bytes[i] {
+            b'(' | b'[' | b'{' => depth += 1,
+            b')' | b']' | b'}' => depth -= 1,
+            _ => {}
+        }
+        i += 1;
+    }
+    parts.push(s[start..].to_string());
+    parts
+}
+
+fn scalar_equivalent(a: &str, b: &str, deadline: Instant) -> bool {
+    if a == b {
+        return true;
+    }
+    if let (Some(x), Some(y)) = (parse_rational(a), parse_rational(b)) {
+        // A decimal written to 6 or more places stands for the number it rounds (math-verify's
+        // convention): 0.722222 is 13/18.
+        if decimal_places(a).max(decimal_places(b)) >= ROUNDED_PLACES {
+            return round_places(x) == round_places(y);
+        }
+        return x == y;
+    }
+    symbolic_equivalent(a, b, deadline)
+}
+
+type Q = Ratio<i128>;
+
+/// Decimal places at which a written decimal is read as rounded.
+const ROUNDED_PLACES: usize = 6;
+
+fn decimal_places(s: &str) -> usize {
+    s.split_once('.').map_or(0, |(_, f)| f.len())
+}
+
+/// `x` rounded half away from zero to [`ROUNDED_PLACES`] decimals, as an integer count of units.
+fn round_places(x: Q) -> Option<i128> {
+    let scaled = Q::new(x.numer().checked_mul(10i128.pow(ROUNDED_PLACES as u32))?, *x.denom());
+    Some(scaled.round().to_integer())
+}
+
+/// An exact number: integer, decimal, `a/b`, `\frac{a}{b}`, mixed `n\frac{a}{b}`, with a sign.
+fn parse_rational(s: &str) -> Option<Q> {
+    let (negative, body) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    let value = if let Some(rest) = body.strip_prefix("\\frac{") {
+        let close = matching_brace(body, 5)?;
+        let num = decimal(&rest[..close - 6])?;
+        let den_part = &body[close + 1..];
+        let den = decimal(den_part.strip_prefix('{')?.strip_suffix('}')?)?;
+        (den != Q::from_integer(0)).then(|| num / den)?
+    } else if let Some(at) = body.find("\\frac{") {
+        // A mixed number: whole part, then a proper fraction.
+        let whole = decimal(&body[..at])?;
+        if !whole.is_integer() {
+            return None;
+        }
+        let frac = parse_rational(&body[at..])?;
+        let numer = whole.numer().checked_mul(*frac.denom())?.checked_add(*frac.numer())?;
+        Q::new(numer, *frac.denom())
+    } else if let Some((num, den)) = body.split_once('/') {
+        let den = decimal(den)?;
+        (den != Q::from_integer(0)).then(|| decimal(num).map(|n| n / den))??
+    } else {
+        decimal(body)?
+    };
+    Some(if negative { -value } else { value })
+}
+
+/// An integer or a finite decimal, of at most 18 digits so that products of two fit in i128.
+fn decimal(s: &str) -> Option<Q> {
+    let (int, frac) = s.split_once('.').map_or((s, ""), |(i, f)| (i, f));
+    let int = int.trim_start_matches('0');
+    if int.is_empty() && frac.is_empty() && !s.starts_with('0')
+        || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
+        || int.len() + frac.len() > 18
+    {
+        return None;
+    }
+    let digits: i128 = format!("0{int}{frac}").parse().ok()?;
+    let scale = 10i128.checked_pow(frac.len() as u32)?;
+    Some(Q::new(digits, scale))
+}
+
+/// Points each variable takes; both expressions must agree at every point where both are
+/// defined, and be defined at enough of them.
+const POINTS: usize = 6;
+
+fn symbolic_equivalent(a: &str, b: &str, deadline: Instant) -> bool {
+    let (Some(x), Some(y)) = (to_expression(a), to_expression(b)) else { return false };
+    if Instant::now() > deadline {
+        return false;
+    }
+    let (Ok(fx), Ok(fy)) = (exmex::parse::<f64>(&x), exmex::parse::<f64>(&y)) else { return false };
+    use exmex::Express;
+    let mut names: Vec<String> = fx.var_names().iter().chain(fy.var_names()).cloned().collect();
+    names.sort();
+    names.dedup();
+    let mut agreeing = 0;
+    for point in 0..POINTS {
+        if Instant::now() > deadline {
+            return false;
+        }
+        // Seeded, irregular values in [0.6, 2.4) so square roots and logs stay real.
+        let value_of = |name: &str| -> f64 {
+            let h = crate::config::seed_of(&format!("{name}/{point}"));
+            0.6 + 1.8 * (h >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let eval = |f: &exmex::FlatEx<f64>| -> f64 {
+            let args: Vec<f64> = f.var_names().iter().map(|n| value_of(n)).collect();
+            f.eval(&args).unwrap_or(f64::NAN)
+        };
+        let (u, v) = (eval(&fx), eval(&fy));
+        if !u.is_finite() && !v.is_finite() {
+            continue;
+        }
+        if !u.is_finite() || !v.is_finite() || (u - v).abs() > 1e-8 * u.abs().max(v.abs()).max(1.0) {
+            return false;
+        }
+        agreeing += 1;
+    }
+    agreeing >= POINTS / 2
+}
+
+/// Functions written as LaTeX commands, and their exmex names.
+const FUNCTIONS: &[(&str, &str)] = &[
+    ("\\sin", "sin"),
+    ("\\cos", "cos"),
+    ("\\tan", "tan"),
+    ("\\arcsin", "asin"),
+    ("\\arccos", "acos"),
+    ("\\arctan", "atan"),
+    ("\\ln", "ln"),
+    ("\\log", "ln"),
+    ("\\exp", "exp"),
+];
+
+const GREEK: &[&str] = &["alpha", "beta", "gamma", "delta", "theta", "lambda", "mu", "phi", "omega", "sigma", "tau", "rho"];
+
+/// A normalized LaTeX answer as an exmex expression: `\frac`, `\sqrt` (and `\sqrt[n]`), powers,
+/// `\pi`, `\cdot`/`\times`, functions, single-letter variables and implicit products. None for
+/// what is not an expression (relations, `\pm`, `\infty`, text).
+fn to_expression(s: &str) -> Option<String> {
+    let mut tokens = Vec::new();
+    tokenize(s, &mut tokens)?;
+    if tokens.is_empty() {
+        return None;
+    }
+    // Implicit products: a value followed by the start of another value.
+    let mut out = String::new();
+    let mut prev: Option<&Tok> = None;
+    for t in &tokens {
+        if prev.is_some_and(|p| p.ends_value()) && t.starts_value() {
+            out.push('*');
+        }
+        out.push_str(&t.text());
+        prev = Some(t);
+    }
+    Some(out)
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Tok {
+    Num(String),
+    Var(String),
+    Const(&'static str),
+    Func(&'static str),
+    Op(char),
+    Open,
+    Close,
+}
+
+impl Tok {
+    fn ends_value(&self) -> bool {
+        matches!(self, Tok::Num(_) | Tok::Var(_) | Tok::Const(_) | Tok::Close)
+    }
+
+    fn starts_value(&self) -> bool {
+        matches!(self, Tok::Num(_) | Tok::Var(_) | Tok::Const(_) | Tok::Func(_) | Tok::Open)
+    }
+
+    fn text(&self) -> String {
+        match self {
+            Tok::Num(n) => n.clone(),
+            Tok::Var(v) => format!("v_{v}"),
+            Tok::Const(c) => (*c).to_string(),
+            Tok::Func(f) => (*f).to_string(),
+            Tok::Op(c) => c.to_string(),
+            Tok::Open => "(".into(),
+            Tok::Close => ")".into(),
+        }
+    }
+}
+
+/// Appends the tokens of `s`; None on anything that is not part of an expression.
+fn tokenize(s: &str, out: &mut Vec<Tok>) -> Option<()> {
+    let mut rest = s;
+    while let Some(c) = rest.chars().next() {
+        if c.is_ascii_digit() || c == '.' {
+            let n = rest.find(|ch: char| !(ch.is_ascii_digit() || ch == '.')).unwrap_or(rest.len());
+            out.push(Tok::Num(rest[..n].to_string()));
+            rest = &rest[n..];
+        } else if c.is_ascii_alphabetic() {
+            out.push(Tok::Var(c.to_string()));
+            rest = &rest[1..];
+        } else if let Some(r) = rest.strip_prefix("\\frac") {
+            let (num, r) = braced(r)?;
+            let (den, r) = braced(r)?;
+            out.push(Tok::Open);
+            group(num, out)?;
+            out.push(Tok::Op('/'));
+            group(den, out)?;
+            out.push(Tok::Close);
+            rest = r;
+        } else if let Some(r) = rest.strip_prefix("\\sqrt") {
+            let (index, r) = match r.strip_prefix('[') {
+                Some(r) => {
+                    let close = r.find(']')?;
+                    (Some(&r[..close]), &r[close + 1..])
+                }
+                None => (None, r),
+            };
+            let (arg, r) = braced(r)?;
+            out.push(Tok::Open);
+            group(arg, out)?;
+            out.push(Tok::Op('^'));
+            out.push(Tok::Open);
+            out.push(Tok::Num("1".into()));
+            out.push(Tok::Op('/'));
+            match index {
+                Some(n) => group(n, out)?,
+                None => out.push(Tok::Num("2".into())),
+            }
+            out.push(Tok::Close);
+            out.push(Tok::Close);
+            rest = r;
+        } else if let Some((cmd, name)) = FUNCTIONS.iter().find(|(cmd, _)| rest.starts_with(cmd) && !rest[cmd.len()..].starts_with(|ch: char| ch.is_ascii_alphabetic())) {
+            out.push(Tok::Func(name));
+            rest = &rest[cmd.len()..];
+            // An argument without parentheses: the next atom.
+            if !rest.starts_with('(') && !rest.starts_with('{') && !rest.starts_with('^') {
+                let n = rest.find(|ch: char| !ch.is_ascii_alphanumeric()).unwrap_or(rest.len()).max(1.min(rest.len()));
+                out.push(Tok::Open);
+                tokenize(&rest[..n], out)?;
+                out.push(Tok::Close);
+                rest = &rest[n..];
+            }
+        } else if let Some(r) = rest.strip_prefix("\\pi") {
+            out.push(Tok::Const("PI"));
+            rest = r;
+        } else if let Some(r) = rest.strip_prefix("\\cdot").or_else(|| rest.strip_prefix("\\times")).or_else(|| rest.strip_prefix('*')) {
+            out.push(Tok::Op('*'));
+            rest = r;
+        } else if let Some(r) = rest.strip_prefix("\\div") {
+            out.push(Tok::Op('/'));
+            rest = r;
+        } else if let Some(g) = GREEK.iter().find(|g| rest.strip_prefix('\\').is_some_and(|r| r.starts_with(**g))) {
+            out.push(Tok::Var((*g).to_string()));
+            rest = &rest[1 + g.len()..];
+        } else if "+-/^".contains(c) {
+            out.push(Tok::Op(c));
+            rest = &rest[1..];
+        } else if c == '(' || c == '[' {
+            out.push(Tok::Open);
+            rest = &rest[1..];
+        } else if c == ')' || c == ']' {
+            out.push(Tok::Close);
+            rest = &rest[1..];
+        } else if c == '{' {
+            let (inner, r) = braced(rest)?;
+            group(inner, out)?;
+            rest = r;
+        } else {
+            return None;
+        }
+    }
+    Some(())
+}
+
+/// `inner` as one parenthesized group.
+fn group(inner: &str, out: &mut Vec<Tok>) -> Option<()> {
+    out.push(Tok::Open);
+    tokenize(inner, out)?;
+    out.push(Tok::Close);
+    Some(())
+}
+
+/// The contents of the `{..}` that `s` starts with, and what follows it.
+fn braced(s: &str) -> Option<(&str, &str)> {
+    let close = matching_brace(s, 0)?;
+    Some((&s[1..close], &s[close + 1..]))
 }
 
 #[cfg(test)]
@@ -69,10 +695,114 @@ mod tests {
 
     #[test]
     fn tri_state_and_unparsable_gold() {
-        assert_eq!(grade_integer("187", "187"), Grade::Correct);
-        assert_eq!(grade_integer("186", "187"), Grade::Wrong);
-        assert_eq!(grade_integer("x", "187"), Grade::Unparsable);
+        assert_eq!(grade_answer("187", "187"), Grade::Correct);
+        assert_eq!(grade_answer("186", "187"), Grade::Wrong);
+        assert_eq!(grade_answer("", "187"), Grade::Unparsable);
         // An unparsable gold answer never makes a prediction correct, even an identical one.
-        assert_eq!(grade_integer("n/a", "n/a"), Grade::GoldUnparsable);
+        assert_eq!(grade_answer("", ""), Grade::GoldUnparsable);
+        assert_eq!(grade_answer("\\frac{1}{", "\\frac{1}{"), Grade::GoldUnparsable);
+    }
+
+    #[test]
+    fn numbers_compare_exactly_as_rationals() {
+        for (a, b) in [
+            ("\\frac{1}{2}", "0.5"),
+            ("\\dfrac{3}{4}", "3/4"),
+            ("\\frac{6}{8}", "\\tfrac34"),
+            ("2\\frac{1}{3}", "\\frac{7}{3}"),
+            ("1,000,000", "1000000"),
+            ("50\\%", "50"),
+            ("-\\frac{1}{2}", "-.5"),
+            ("10.", "10"),
+            ("\\$5.00", "5"),
+        ] {
+            assert_eq!(grade_answer(a, b), Grade::Correct, "{a} vs {b}");
+        }
+        // Six or more decimal places are read as rounded: 1/3 is 0.333333 but not 0.33333.
+        assert_eq!(grade_answer("\\frac{1}{3}", "0.333333"), Grade::Correct);
+        for (a, b) in [("\\frac{1}{3}", "0.33333"), ("\\frac{2}{3}", "\\frac{3}{2}"), ("-1", "1"), ("0.1", "0.100001")] {
+            assert_eq!(grade_answer(a, b), Grade::Wrong, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn notation_units_and_prefixes_are_normalized() {
+        for (a, b) in [
+            ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"),
+            ("90^\\circ", "90"),
+            ("12\\text{ cm}^2", "12"),
+            ("\\text{(B)}", "(B)"),
+            ("x = 5", "5"),
+            ("10,\\!080", "10080"),
+            ("\\text{Evelyn}", "Evelyn"),
+        ] {
+            assert_eq!(grade_answer(a, b), Grade::Correct, "{a} vs {b}");
+        }
+        // A word answer with a unit after it stays a different text.
+        assert_eq!(grade_answer("\\text{even}\\text{ units}", "\\text{even}"), Grade::Wrong);
+    }
+
+    #[test]
+    fn tuples_intervals_and_sets_elementwise() {
+        assert_eq!(grade_answer("(1, \\frac{1}{2})", "(1,0.5)"), Grade::Correct);
+        assert_eq!(grade_answer("(2, 1)", "(1,2)"), Grade::Wrong, "tuples are ordered");
+        assert_eq!(grade_answer("[1, 2)", "[1,2]"), Grade::Wrong, "interval ends matter");
+        assert_eq!(grade_answer("\\{3, 1\\}", "\\{1,3\\}"), Grade::Correct, "sets are not");
+        assert_eq!(grade_answer("-2, 1", "1,-2"), Grade::Correct, "bare lists are sets");
+        assert_eq!(grade_answer("(3,4) \\cup (-\\infty, 0]", "(-\\infty,0]\\cup(3,4)"), Grade::Correct);
+        assert_eq!(grade_answer("(1,2)", "1"), Grade::Wrong);
+    }
+
+    #[test]
+    fn expressions_by_evaluation() {
+        for (a, b) in [
+            ("2\\sqrt{3}", "\\sqrt{12}"),
+            ("\\frac{\\sqrt{3}}{2}", "\\frac{1}{2}\\sqrt3"),
+            ("x^2+2x+1", "(x+1)^2"),
+            ("2x + 3", "3+2x"),
+            ("\\frac{\\pi}{4}", "0.25\\pi"),
+            ("\\sqrt[3]{8}", "2"),
+            ("a\\cdot b", "ba"),
+        ] {
+            assert_eq!(grade_answer(a, b), Grade::Correct, "{a} vs {b}");
+        }
+        for (a, b) in [("x^2+2x", "(x+1)^2"), ("\\sqrt{3}", "3"), ("\\pi", "3.14"), ("x", "y")] {
+            assert_eq!(grade_answer(a, b), Grade::Wrong, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn a_spent_deadline_gives_up_as_wrong() {
+        assert_eq!(grade_with_deadline("2\\sqrt{3}", "\\sqrt{12}", Duration::ZERO), Grade::Wrong);
+        // Identical answers need no time.
+        assert_eq!(grade_with_deadline("x+1", "x+1", Duration::ZERO), Grade::Correct);
+    }
+
+    /// Agreement with the Python oracle math-verify on MATH-500 answers and perturbations of
+    /// them (tests/fixtures/grader, regenerated by its script).
+    #[test]
+    fn agrees_with_math_verify_on_the_fixtures() {
+        let text = include_str!("../../../../tests/fixtures/grader/math_verify.jsonl");
+        let (mut total, mut agree) = (0usize, 0usize);
+        let mut disagreements = Vec::new();
+        for line in text.lines() {
+            let row: serde_json::Value = serde_json::from_str(line).unwrap();
+            let (gold, pred) = (row["gold"].as_str().unwrap(), row["prediction"].as_str().unwrap());
+            let oracle = row["math_verify"].as_bool().unwrap();
+            let ours = grade_with_deadline(pred, gold, Duration::from_secs(5)) == Grade::Correct;
+            total += 1;
+            if ours == oracle {
+                agree += 1;
+            } else {
+                disagreements.push(format!("{}: gold {gold:?} prediction {pred:?}: math-verify {oracle}, ours {ours}", row["id"]));
+            }
+        }
+        let rate = agree as f64 / total as f64;
+        eprintln!("grader agreement with math-verify: {agree}/{total} = {:.2}%", 100.0 * rate);
+        for d in &disagreements {
+            eprintln!("  {d}");
+        }
+        assert!(total >= 500, "{total} fixture pairs");
+        assert!(rate >= 0.99, "agreement {rate:.4} below 0.99");
     }
 }
