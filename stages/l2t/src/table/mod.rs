@@ -76,16 +76,33 @@ pub fn write_table(staging: &mut Staging, file: &str, schema: Schema, columns: V
     let schema: SchemaRef = Arc::new(schema);
     let batch = RecordBatch::try_new(schema.clone(), columns).with_context(|| format!("{file}: building the record batch"))?;
     let rows = batch.num_rows() as u64;
-    let props = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .set_max_row_group_row_count(Some(8192))
-        .set_created_by(CREATED_BY.to_string())
-        .build();
     let sink = staging.create(file)?;
-    let mut writer = ArrowWriter::try_new(sink, schema, Some(props))?;
+    let mut writer = ArrowWriter::try_new(sink, schema, Some(writer_properties()))?;
     writer.write(&batch).with_context(|| format!("{file}: write failed"))?;
     let sink = writer.into_inner().with_context(|| format!("{file}: closing the Parquet writer"))?;
     staging.record(file, sink, Some(rows))
+}
+
+/// Writes a table to a plain path outside the store (prepared inputs such as `make data`'s),
+/// through a temporary file renamed into place.
+pub fn write_table_at(path: &Path, schema: Schema, columns: Vec<ArrayRef>) -> Result<()> {
+    let name = path.display().to_string();
+    let schema: SchemaRef = Arc::new(schema);
+    let batch = RecordBatch::try_new(schema.clone(), columns).with_context(|| format!("{name}: building the record batch"))?;
+    let tmp = path.with_extension("parquet.tmp");
+    let file = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    let mut writer = ArrowWriter::try_new(file, schema, Some(writer_properties()))?;
+    writer.write(&batch).with_context(|| format!("{name}: write failed"))?;
+    writer.close().with_context(|| format!("{name}: closing the Parquet writer"))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{name}: cannot rename into place"))
+}
+
+fn writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(8192))
+        .set_created_by(CREATED_BY.to_string())
+        .build()
 }
 
 /// A whole table read into memory, with typed column access whose errors name the file and column.

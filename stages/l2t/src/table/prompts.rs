@@ -51,8 +51,17 @@ pub struct PromptRow {
 }
 
 pub fn write(staging: &mut Staging, file: &str, rows: &[PromptRow]) -> Result<()> {
+    super::write_table(staging, file, schema(), columns(rows))
+}
+
+/// Writes prompts to a plain path (the benchmark tables of `make data`).
+pub fn write_at(path: &Path, rows: &[PromptRow]) -> Result<()> {
+    super::write_table_at(path, schema(), columns(rows))
+}
+
+fn columns(rows: &[PromptRow]) -> Vec<arrow::array::ArrayRef> {
     let solutions: Vec<Option<String>> = rows.iter().map(|r| r.solution.clone()).collect();
-    let columns = vec![
+    vec![
         utf8(rows.iter().map(|r| &r.prompt_id)),
         utf8(rows.iter().map(|r| &r.data_source)),
         utf8(rows.iter().map(|r| &r.split)),
@@ -61,8 +70,7 @@ pub fn write(staging: &mut Staging, file: &str, rows: &[PromptRow]) -> Result<()
         opt_utf8(&solutions),
         u32s(rows.iter().map(|r| r.n_steps)),
         u32s(rows.iter().map(|r| r.n_redundant)),
-    ];
-    super::write_table(staging, file, schema(), columns)
+    ]
 }
 
 pub fn read(path: &Path) -> Result<Vec<PromptRow>> {

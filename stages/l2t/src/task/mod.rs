@@ -1,6 +1,7 @@
-//! Tasks: the built-in synthetic arithmetic task and the answer grader.
+//! Tasks: the built-in synthetic arithmetic task, the real benchmarks, and the answer grader.
 
 pub mod arith;
+pub mod benchmarks;
 pub mod grade;
 
 /// Opening of the reasoning block.
