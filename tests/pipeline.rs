@@ -269,6 +269,46 @@ fn each_update_lowers_the_loss_on_its_batch() {
     }
 }
 
+/// SmolLM2-135M-Instruct, imported from its GGUF (`make models`), through one whole iteration at
+/// micro size: 2 prompts x 2 samples x 32 tokens, prompts through its chat template.
+#[test]
+fn smollm2_micro_iteration_runs_from_the_gguf() {
+    let gguf = repo().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(gguf.exists(), "{} is missing: run `make models` (make test does)", gguf.display());
+    let env = Env::new(&format!(
+        r#"
+task.prompt_style = "question"
+prompt.template = "chat"
+prompt.system = "You are a careful math tutor."
+prompt.instructions = "Solve step by step. Finish with \\boxed{{answer}}."
+bootstrap.source = "{}"
+bootstrap.eval_prompts = 0
+sample.prompts_per_iter = 2
+sample.group_size = 2
+sample.max_new_tokens = 32
+segment.rule = "paragraphs"
+reward.batch_rows = 4
+update.micro_batch = 2
+update.lr = 2e-6
+"#,
+        gguf.display()
+    ));
+    env.chain();
+    let base = env.manifest("bootstrap");
+    assert_eq!(base["metrics"]["model_type"], "llama");
+    let config: serde_json::Value = serde_json::from_slice(&fs::read(env.slot("iter-0000/grpo-update").join("config.json")).unwrap()).unwrap();
+    assert_eq!((config["model_type"].as_str(), config["vocab_size"].as_u64()), (Some("llama"), Some(49152)));
+    let tok_cfg: serde_json::Value =
+        serde_json::from_slice(&fs::read(env.slot("iter-0000/grpo-update").join("tokenizer_config.json")).unwrap()).unwrap();
+    assert!(tok_cfg["chat_template"].as_str().is_some_and(|t| t.contains("<|im_start|>")), "the chat template travels with the policy");
+    let sample = env.manifest("iter-0000/sample");
+    assert_eq!(sample["metrics"]["rollouts"], 4, "{sample}");
+    let hash = |m: &serde_json::Value| {
+        m["outputs"].as_array().unwrap().iter().find(|o| o["file"] == "model.safetensors").unwrap()["blake3"].clone()
+    };
+    assert_ne!(hash(&base), hash(&env.manifest("iter-0000/grpo-update")), "the update changed the weights");
+}
+
 #[test]
 fn retuning_alpha_or_beta_reruns_only_credit_assign_and_grpo_update() {
     // Iteration 1, where the policy has moved from the base, so C (and with it beta) matters.
