@@ -461,7 +461,7 @@ impl Config {
     pub fn stage_params(&self, stage: &str) -> Result<serde_json::Value> {
         let v = match stage {
             "prepare" => serde_json::json!({ "seed": self.seed, "task": self.task }),
-            "bootstrap" => serde_json::json!({ "seed": self.seed, "model": self.model, "bootstrap": self.bootstrap, "prompt": self.prompt }),
+            "bootstrap" => serde_json::json!({ "seed": self.seed, "model": self.model, "bootstrap": self.bootstrap, "prompt": self.prompt, "segment_rule": self.segment.rule }),
             "sample" => serde_json::json!({ "seed": self.seed, "rl_seed": self.rl_seed, "sample": self.sample, "prompt": self.prompt }),
             "segment" => serde_json::json!({ "segment": self.segment }),
             "fisher-reward" => serde_json::json!({ "reward": self.reward, "penalty": self.penalty }),

@@ -173,6 +173,7 @@ pub fn sft_examples(rows: &[PromptRow], tok: &tokenizers::Tokenizer) -> Result<V
 /// Samples `rows` once each at the bootstrap's eval temperature and reports the targets.
 pub fn eval_figures(ctx: &Ctx, policy: &Policy, rows: &[&PromptRow]) -> Result<serde_json::Value> {
     let b = &ctx.config.bootstrap;
+    let rule = Rule::parse(&ctx.config.segment.rule)?;
     let requests: Vec<Request> = rows
         .iter()
         .map(|r| Ok(Request { prompt_ids: chat::prompt_ids(policy, &ctx.config.prompt, &r.prompt)?, seed: rollout_seed(ctx.config.seed, u32::MAX, &r.prompt_id, 0) }))
@@ -187,7 +188,7 @@ pub fn eval_figures(ctx: &Ctx, policy: &Policy, rows: &[&PromptRow]) -> Result<s
         let pieces = tokenizer::decode_pieces(&policy.tokenizer, &g.tokens)?;
         let text = pieces.concat();
         let ends = token_char_ends(&pieces);
-        let seg = segment(Rule::Tags, &text, &ends);
+        let seg = segment(rule, &text, &ends);
         let out = outcome_reward(&text, &row.gold_answer, g.finish, seg.format_ok, 0.0);
         format_valid += usize::from(seg.well_formed && out.answer.is_some());
         correct += usize::from(out.r_out >= 1.0);
