@@ -110,6 +110,7 @@ pub fn normalize(answer: &str) -> Option<String> {
         ("\\;", ""),
         ("\\:", ""),
         ("\\ ", " "),
+        ("\\text {", "\\text{"),
         ("\\$", ""),
         ("$", ""),
         ("\\%", ""),
@@ -191,18 +192,13 @@ fn drop_trailing_unit(s: &str) -> String {
     before.to_string()
 }
 
-/// Position of `cmd` followed by `{` (not a longer command name).
+/// Position of `cmd` directly followed by `{` (so `\\text` does not match `\\textbf{`).
 fn find_command(s: &str, cmd: &str) -> Option<usize> {
     let mut from = 0;
     while let Some(i) = s[from..].find(cmd) {
         let at = from + i;
-        let after = s[at + cmd.len()..].trim_start();
-        if after.starts_with('{') {
-            // Normalize `\text {x}` to `\text{x}` so the brace follows directly.
-            return (s[at + cmd.len()..].starts_with('{')).then_some(at).or_else(|| {
-                let gap = s[at + cmd.len()..].len() - after.len();
-                (gap == 0).then_some(at)
-            });
+        if s[at + cmd.len()..].starts_with('{') {
+            return Some(at);
         }
         from = at + cmd.len();
     }
@@ -378,6 +374,11 @@ fn split_top_level(s: &str, sep: &str) -> Vec<String> {
     let (mut depth, mut start, mut i) = (0i32, 0usize, 0usize);
     let bytes = s.as_bytes();
     while i < s.len() {
+        // Separators and brackets are ASCII, so only byte positions that start a character matter.
+        if !s.is_char_boundary(i) {
+            i += 1;
+            continue;
+        }
         if depth == 0 && s[i..].starts_with(sep) {
             parts.push(s[start..i].to_string());
             i += sep.len();
@@ -627,7 +628,10 @@ fn tokenize(s: &str, out: &mut Vec<Tok>) -> Option<()> {
             rest = &rest[cmd.len()..];
             // An argument without parentheses: the next atom.
             if !rest.starts_with('(') && !rest.starts_with('{') && !rest.starts_with('^') {
-                let n = rest.find(|ch: char| !ch.is_ascii_alphanumeric()).unwrap_or(rest.len()).max(1.min(rest.len()));
+                let n = match rest.find(|ch: char| !ch.is_ascii_alphanumeric()).unwrap_or(rest.len()) {
+                    0 => rest.chars().next().map_or(0, char::len_utf8),
+                    n => n,
+                };
                 out.push(Tok::Open);
                 tokenize(&rest[..n], out)?;
                 out.push(Tok::Close);
@@ -769,6 +773,21 @@ mod tests {
         for (a, b) in [("x^2+2x", "(x+1)^2"), ("\\sqrt{3}", "3"), ("\\pi", "3.14"), ("x", "y")] {
             assert_eq!(grade_answer(a, b), Grade::Wrong, "{a} vs {b}");
         }
+    }
+
+    #[test]
+    fn odd_input_gets_a_verdict_not_a_panic() {
+        let odd = [
+            "\\sin é", "é", "\\frac", "\\sqrt[", "{{}}", "^", "\\text{", "}{", "1/0", "\\frac{1}{0}", "((((", "]", "\\sqrt[3",
+            "0.0000000000000000000001", "99999999999999999999999", "x^^2", "\\frac{a}", "\\left(", "$", "\\%", "12 \\text {cm}",
+        ];
+        for a in odd {
+            for b in odd {
+                let _ = grade_answer(a, b);
+            }
+        }
+        assert_eq!(grade_answer("12 \\text {cm}", "12"), Grade::Correct);
+        assert_eq!(grade_answer("1/0", "2/0"), Grade::Wrong);
     }
 
     #[test]
