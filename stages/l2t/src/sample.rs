@@ -40,13 +40,6 @@ pub struct Generation {
     pub finish: FinishReason,
 }
 
-/// log-softmax of one row of logits.
-pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let log_sum = logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32;
-    logits.iter().map(|&l| l - max - log_sum).collect()
-}
-
 /// Draws a token from `logits` with temperature and nucleus (top-p) truncation, using one uniform
 /// draw `u` in [0, 1). Ties in probability are ordered by token id, so the draw is deterministic.
 pub fn draw_token(logits: &[f32], temperature: f64, top_p: f64, u: f64) -> u32 {
@@ -62,17 +55,27 @@ pub fn draw_token(logits: &[f32], temperature: f64, top_p: f64, u: f64) -> u32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let weights: Vec<f64> = logits.iter().map(|&l| ((l as f64 - max) / temperature).exp()).collect();
     let total: f64 = weights.iter().sum();
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    if top_p < 1.0 {
-        order.sort_by(|&a, &b| weights[b].total_cmp(&weights[a]).then(a.cmp(&b)));
-        let mut kept = 0.0;
-        let mut n = 0;
-        while n < order.len() && kept < top_p * total {
-            kept += weights[order[n]];
-            n += 1;
+    if top_p >= 1.0 {
+        // No truncation: walk the cumulative distribution in id order, no candidate list.
+        let target = u * total;
+        let mut acc = 0.0;
+        for (i, w) in weights.iter().enumerate() {
+            acc += w;
+            if acc > target {
+                return i as u32;
+            }
         }
-        order.truncate(n.max(1));
+        return (weights.len() - 1) as u32;
     }
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| weights[b].total_cmp(&weights[a]).then(a.cmp(&b)));
+    let mut kept = 0.0;
+    let mut n = 0;
+    while n < order.len() && kept < top_p * total {
+        kept += weights[order[n]];
+        n += 1;
+    }
+    order.truncate(n.max(1));
     let mass: f64 = order.iter().map(|&i| weights[i]).sum();
     let target = u * mass;
     let mut acc = 0.0;
@@ -114,56 +117,79 @@ pub fn generate(
     Ok(out)
 }
 
+/// One batch: the distinct prompts are prefilled once (a group's G rows share their prompt's
+/// keys and values), then every row decodes from its own copy of the cache; rows that finish
+/// leave the batch, so the remaining steps compute only live rows.
 fn generate_batch(policy: &Policy, rows: &[Request], params: &SamplerParams) -> Result<Vec<Generation>> {
     let dev = &policy.device;
     let b = rows.len();
-    let prompt_len = rows.iter().map(|r| r.prompt_ids.len()).max().unwrap_or(0);
-    let pad: Vec<usize> = rows.iter().map(|r| prompt_len - r.prompt_ids.len()).collect();
-    let mut tokens = Vec::with_capacity(b * prompt_len);
-    let mut positions = Vec::with_capacity(b * prompt_len);
-    for (r, row) in rows.iter().enumerate() {
-        tokens.extend(std::iter::repeat(policy.pad_id).take(pad[r]).chain(row.prompt_ids.iter().copied()));
-        positions.extend((0..prompt_len).map(|j| j.saturating_sub(pad[r]) as u32));
+    // Distinct prompts, and the distinct prompt of each row.
+    let mut prompts: Vec<&[u32]> = Vec::new();
+    let mut source = Vec::with_capacity(b);
+    for r in rows {
+        let i = prompts.iter().position(|p| *p == r.prompt_ids.as_slice()).unwrap_or_else(|| {
+            prompts.push(&r.prompt_ids);
+            prompts.len() - 1
+        });
+        source.push(i as u32);
     }
-    let mut cache = KvCache::new(policy.cfg.num_hidden_layers);
-    let mut logits = policy.model.forward(
-        &Tensor::from_vec(tokens, (b, prompt_len), dev)?,
-        &Tensor::from_vec(positions, (b, prompt_len), dev)?,
-        &padded_mask(&pad, 0, prompt_len, dev)?,
+    let prompt_len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let prompt_pad: Vec<usize> = prompts.iter().map(|p| prompt_len - p.len()).collect();
+    let mut tokens = Vec::with_capacity(prompts.len() * prompt_len);
+    let mut positions = Vec::with_capacity(prompts.len() * prompt_len);
+    for (p, prompt) in prompts.iter().enumerate() {
+        tokens.extend(std::iter::repeat(policy.pad_id).take(prompt_pad[p]).chain(prompt.iter().copied()));
+        positions.extend((0..prompt_len).map(|j| j.saturating_sub(prompt_pad[p]) as u32));
+    }
+    let u = prompts.len();
+    let mut cache = KvCache::with_capacity(policy.cfg.num_hidden_layers, prompt_len + params.max_new_tokens);
+    let mut logits = policy.model.forward_last(
+        &Tensor::from_vec(tokens, (u, prompt_len), dev)?,
+        &Tensor::from_vec(positions, (u, prompt_len), dev)?,
+        &padded_mask(&prompt_pad, 0, prompt_len, dev)?,
         Some(&mut cache),
     )?;
+    if u < b {
+        let select = Tensor::from_vec(source.clone(), b, dev)?;
+        cache = cache.select_rows(&select)?;
+        logits = logits.index_select(&select, 0)?;
+    }
     let mut rngs: Vec<ChaCha8Rng> = rows.iter().map(|r| ChaCha8Rng::seed_from_u64(r.seed)).collect();
     let mut gens: Vec<Generation> =
         (0..b).map(|_| Generation { tokens: Vec::new(), logprobs: Vec::new(), finish: FinishReason::Length }).collect();
-    let mut done = vec![false; b];
+    // The rows still decoding, in batch order, and their left padding.
+    let mut live: Vec<usize> = (0..b).collect();
+    let mut pad: Vec<usize> = source.iter().map(|&i| prompt_pad[i as usize]).collect();
     for step in 0..params.max_new_tokens {
-        let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.squeeze(1)?;
-        let last: Vec<Vec<f32>> = last.to_vec2()?;
-        let mut next = Vec::with_capacity(b);
-        for r in 0..b {
-            if done[r] {
-                next.push(policy.pad_id);
-                continue;
-            }
+        let last: Vec<Vec<f32>> = logits.to_vec2()?;
+        let mut next = Vec::with_capacity(live.len());
+        let mut keep = Vec::with_capacity(live.len());
+        for (j, &r) in live.iter().enumerate() {
             let u: f64 = rngs[r].random();
-            let token = draw_token(&last[r], params.temperature, params.top_p, u);
-            let logp = log_softmax(&last[r])[token as usize];
+            let token = draw_token(&last[j], params.temperature, params.top_p, u);
             gens[r].tokens.push(token);
-            gens[r].logprobs.push(logp);
+            gens[r].logprobs.push(token_logprob(&last[j], token));
             if policy.is_stop(token) && !params.ignore_eos {
                 gens[r].finish = FinishReason::Stop;
-                done[r] = true;
+            } else {
+                keep.push(j);
+                next.push(token);
             }
-            next.push(token);
         }
-        if done.iter().all(|&d| d) || step + 1 == params.max_new_tokens {
+        if keep.is_empty() || step + 1 == params.max_new_tokens {
             break;
+        }
+        if keep.len() < live.len() {
+            let select = Tensor::from_vec(keep.iter().map(|&j| j as u32).collect::<Vec<_>>(), keep.len(), dev)?;
+            cache = cache.select_rows(&select)?;
+            live = keep.iter().map(|&j| live[j]).collect();
+            pad = keep.iter().map(|&j| pad[j]).collect();
         }
         let past = prompt_len + step;
         let positions: Vec<u32> = pad.iter().map(|&p| (past - p) as u32).collect();
-        logits = policy.model.forward(
-            &Tensor::from_vec(next, (b, 1), dev)?,
-            &Tensor::from_vec(positions, (b, 1), dev)?,
+        logits = policy.model.forward_last(
+            &Tensor::from_vec(next, (live.len(), 1), dev)?,
+            &Tensor::from_vec(positions, (live.len(), 1), dev)?,
             &padded_mask(&pad, past, 1, dev)?,
             Some(&mut cache),
         )?;
@@ -171,16 +197,112 @@ fn generate_batch(policy: &Policy, rows: &[Request], params: &SamplerParams) -> 
     Ok(gens)
 }
 
+/// log-softmax of one row at `token`, without materialising the whole row.
+pub fn token_logprob(logits: &[f32], token: u32) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32;
+    logits[token as usize] - max - log_sum
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{self, tokenizer};
+    use candle_core::Device;
+
+    /// A random tiny policy (GQA: 4 query heads over 2 kv heads) with a tokenizer.
+    fn policy() -> Policy {
+        let dev = Device::Cpu;
+        let tok = tokenizer::train(&vec!["<think><episode_1>12 + 3 = 15</episode_1></think>\n\\boxed{15}".to_string(); 8], 300).unwrap();
+        let cfg = model::test_config(32, 64, 2, 4, 2);
+        Policy::from_parts(&cfg, &model::init_weights(&cfg, 7, &dev).unwrap(), tok, &dev).unwrap()
+    }
+
+    fn requests() -> Vec<Request> {
+        // Two groups of three rows sharing a prompt, and a single row; prompts of three lengths.
+        let prompts: [&[u32]; 3] = [&[5, 6, 7, 8, 9], &[10, 11], &[12, 13, 14]];
+        [0usize, 0, 0, 1, 1, 1, 2].iter().enumerate().map(|(i, &p)| Request { prompt_ids: prompts[p].to_vec(), seed: 100 + i as u64 }).collect()
+    }
 
     #[test]
-    fn log_softmax_normalises() {
-        let lp = log_softmax(&[1.0, 2.0, 3.0]);
-        let total: f32 = lp.iter().map(|l| l.exp()).sum();
+    fn batched_and_single_row_sampling_give_the_same_tokens() {
+        let policy = policy();
+        let params = SamplerParams { temperature: 1.0, top_p: 1.0, max_new_tokens: 12, ignore_eos: false };
+        let batched = generate(&policy, &requests(), &params, 7, |_| {}).unwrap();
+        let single = generate(&policy, &requests(), &params, 1, |_| {}).unwrap();
+        for (i, (a, b)) in batched.iter().zip(&single).enumerate() {
+            assert_eq!((&a.tokens, a.finish), (&b.tokens, b.finish), "row {i}");
+            for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+                assert!((x - y).abs() < 1e-5, "row {i}: logprob {x} vs {y}");
+            }
+        }
+        // Rows left the batch as they finished: some stopped early, others ran on.
+        let lengths: Vec<usize> = batched.iter().map(|g| g.tokens.len()).collect();
+        assert!(lengths.iter().any(|&n| n < 12) || lengths.iter().all(|&n| n == 12), "{lengths:?}");
+        let fixed = SamplerParams { ignore_eos: true, ..params };
+        assert!(generate(&policy, &requests(), &fixed, 7, |_| {}).unwrap().iter().all(|g| g.tokens.len() == 12));
+    }
+
+    #[test]
+    fn prefix_shared_and_unshared_prefill_give_the_same_logits() {
+        let policy = policy();
+        let dev = Device::Cpu;
+        let rows = requests();
+        let len = rows.iter().map(|r| r.prompt_ids.len()).max().unwrap();
+        let pad: Vec<usize> = rows.iter().map(|r| len - r.prompt_ids.len()).collect();
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        for (r, row) in rows.iter().enumerate() {
+            tokens.extend(std::iter::repeat(policy.pad_id).take(pad[r]).chain(row.prompt_ids.iter().copied()));
+            positions.extend((0..len).map(|j| j.saturating_sub(pad[r]) as u32));
+        }
+        let b = rows.len();
+        let mut cache = KvCache::new(policy.cfg.num_hidden_layers);
+        let unshared = policy
+            .model
+            .forward_last(&Tensor::from_vec(tokens, (b, len), &dev).unwrap(), &Tensor::from_vec(positions, (b, len), &dev).unwrap(),
+                &padded_mask(&pad, 0, len, &dev).unwrap(), Some(&mut cache))
+            .unwrap();
+        // The sampler's path: distinct prompts once, then rows selected; compare its first draws'
+        // distribution through the logprob of every token.
+        let params = SamplerParams { temperature: 1.0, top_p: 1.0, max_new_tokens: 1, ignore_eos: true };
+        let shared = generate(&policy, &rows, &params, b, |_| {}).unwrap();
+        let unshared: Vec<Vec<f32>> = unshared.to_vec2().unwrap();
+        for (r, g) in shared.iter().enumerate() {
+            let want = token_logprob(&unshared[r], g.tokens[0]);
+            assert!((g.logprobs[0] - want).abs() < 1e-5, "row {r}: {} vs {want}", g.logprobs[0]);
+        }
+        // And the logits themselves: prefill of the distinct prompts, rows selected.
+        let distinct = [0usize, 3, 6];
+        let sel = Tensor::from_vec(vec![0u32, 0, 0, 1, 1, 1, 2], 7, &dev).unwrap();
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        for &r in &distinct {
+            tokens.extend(std::iter::repeat(policy.pad_id).take(pad[r]).chain(rows[r].prompt_ids.iter().copied()));
+            positions.extend((0..len).map(|j| j.saturating_sub(pad[r]) as u32));
+        }
+        let dpad: Vec<usize> = distinct.iter().map(|&r| pad[r]).collect();
+        let mut cache = KvCache::new(policy.cfg.num_hidden_layers);
+        let logits = policy
+            .model
+            .forward_last(&Tensor::from_vec(tokens, (3, len), &dev).unwrap(), &Tensor::from_vec(positions, (3, len), &dev).unwrap(),
+                &padded_mask(&dpad, 0, len, &dev).unwrap(), Some(&mut cache))
+            .unwrap()
+            .index_select(&sel, 0)
+            .unwrap();
+        let shared: Vec<Vec<f32>> = logits.to_vec2().unwrap();
+        for r in 0..b {
+            let diff = shared[r].iter().zip(&unshared[r]).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-5, "row {r}: max abs logit difference {diff}");
+        }
+    }
+
+    #[test]
+    fn token_logprob_normalises() {
+        let logits = [1.0, 2.0, 3.0];
+        let total: f32 = (0..3).map(|t| token_logprob(&logits, t).exp()).sum();
         assert!((total - 1.0).abs() < 1e-6);
-        assert!((lp[2] - lp[1] - 1.0).abs() < 1e-6);
+        assert!((token_logprob(&logits, 2) - token_logprob(&logits, 1) - 1.0).abs() < 1e-6);
     }
 
     #[test]

@@ -243,9 +243,16 @@ pub fn save_checkpoint(
 }
 
 /// log p(target) under logits: (b, t, vocab), (b, t) u32 -> (b, t). Differentiable.
+///
+/// The target's logit minus the log-sum-exp of its row ("selective log-softmax"): the full
+/// log-softmax over the vocabulary is never materialised, which saves a (b, t, vocab) buffer in
+/// the forward pass and another in the backward pass.
 pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    Ok(logp.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?)
+    // The shift keeps exp in range; log-sum-exp does not depend on it, so no gradient flows to it.
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?;
+    let picked = logits.gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?;
+    Ok((picked - lse)?.squeeze(D::Minus1)?)
 }
 
 /// A teacher-forced batch over prompt + response sequences, right-padded, starting at position 0.

@@ -275,20 +275,65 @@ impl Mlp {
     }
 }
 
-/// Keys and values of the positions seen so far, per layer: (b, kv_heads, t, head_dim).
+/// One layer's keys and values: (b, kv_heads, capacity, head_dim) buffers of which the first
+/// `len` positions are filled.
+#[derive(Debug, Clone)]
+struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl LayerCache {
+    /// Writes `k_new`, `v_new` (b, kv_heads, t, head_dim) after the filled positions, growing the
+    /// buffers when they are full, and returns views of all filled positions.
+    fn append(slot: &mut Option<Self>, k_new: &Tensor, v_new: &Tensor, reserve: usize) -> Result<(Tensor, Tensor)> {
+        let t = k_new.dim(2)?;
+        let len = slot.as_ref().map_or(0, |c| c.len);
+        let capacity = slot.as_ref().map_or(0, |c| c.k.dim(2).unwrap_or(0));
+        if len + t > capacity {
+            // Allocate once for the whole expected length (`reserve`), or exactly what is needed.
+            let (b, heads, _, d) = k_new.dims4()?;
+            let cap = reserve.max(len + t);
+            let k = Tensor::zeros((b, heads, cap, d), k_new.dtype(), k_new.device())?;
+            let v = Tensor::zeros((b, heads, cap, d), v_new.dtype(), v_new.device())?;
+            if let Some(old) = slot.as_ref() {
+                k.slice_set(&old.k.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                v.slice_set(&old.v.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            }
+            *slot = Some(Self { k, v, len });
+        }
+        let cache = slot.as_mut().expect("allocated above");
+        cache.k.slice_set(&k_new.contiguous()?, 2, len)?;
+        cache.v.slice_set(&v_new.contiguous()?, 2, len)?;
+        cache.len = len + t;
+        Ok((cache.k.narrow(2, 0, cache.len)?, cache.v.narrow(2, 0, cache.len)?))
+    }
+}
+
+/// Keys and values of the positions seen so far, per layer, in buffers written in place (no
+/// per-step concatenation).
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerCache>>,
+    /// Positions each layer's buffer is sized for when first allocated.
+    reserve: usize,
 }
 
 impl KvCache {
     pub fn new(layers: usize) -> Self {
-        Self { layers: vec![None; layers] }
+        Self { layers: vec![None; layers], reserve: 0 }
+    }
+
+    /// A cache whose buffers hold `positions` positions without growing (a sampler's prompt plus
+    /// its token budget).
+    pub fn with_capacity(layers: usize, positions: usize) -> Self {
+        Self { layers: vec![None; layers], reserve: positions }
     }
 
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |c| c.len)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -300,9 +345,13 @@ impl KvCache {
         let layers = self
             .layers
             .iter()
-            .map(|l| l.as_ref().map(|(k, v)| Ok((k.index_select(rows, 0)?, v.index_select(rows, 0)?))).transpose())
+            .map(|l| {
+                l.as_ref()
+                    .map(|c| Ok(LayerCache { k: c.k.index_select(rows, 0)?, v: c.v.index_select(rows, 0)?, len: c.len }))
+                    .transpose()
+            })
             .collect::<Result<_>>()?;
-        Ok(Self { layers })
+        Ok(Self { layers, reserve: self.reserve })
     }
 }
 
@@ -342,14 +391,7 @@ impl Attention {
     }
 
     /// x: (b, t, hidden); mask: (b, 1, t, t_kv) additive; cache: this layer's past keys/values.
-    fn forward(
-        &self,
-        x: &Tensor,
-        positions: &Tensor,
-        mask: &Tensor,
-        rotary: &RotaryEmbedding,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, positions: &Tensor, mask: &Tensor, rotary: &RotaryEmbedding, cache: Option<LayerSlot>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
             proj.forward(x)?.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
@@ -360,32 +402,27 @@ impl Attention {
             k = k_norm.forward(&k)?;
         }
         let q = rotary.apply(&q, positions)?;
-        let mut k = rotary.apply(&k, positions)?;
-        let mut v = heads(&self.v_proj, self.num_kv_heads)?;
-        if let Some(cache) = cache {
-            if let Some((past_k, past_v)) = cache.as_ref() {
-                k = Tensor::cat(&[past_k, &k], 2)?;
-                v = Tensor::cat(&[past_v, &v], 2)?;
-            }
-            *cache = Some((k.clone(), v.clone()));
-        }
-        let k = repeat_kv(&k, self.num_heads / self.num_kv_heads)?;
-        let v = repeat_kv(&v, self.num_heads / self.num_kv_heads)?;
-        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
-        self.o_proj.forward(&y)
+        let k = rotary.apply(&k, positions)?;
+        let v = heads(&self.v_proj, self.num_kv_heads)?;
+        let (k, v) = match cache {
+            Some((slot, reserve)) => LayerCache::append(slot, &k, &v, reserve)?,
+            None => (k, v),
+        };
+        // Grouped-query attention without copying keys and values per query head: the query
+        // heads that share a kv head are stacked along the time axis, (b, kv, n_rep * t, d), a
+        // view of q (its heads are ordered kv head by kv head).
+        let (kv, n_rep, total) = (self.num_kv_heads, self.num_heads / self.num_kv_heads, k.dim(2)?);
+        let q = q.reshape((b, kv, n_rep * t, self.head_dim))?;
+        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
+        let scores = scores.reshape((b, kv, n_rep, t, total))?.broadcast_add(&mask.unsqueeze(2)?)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.reshape((b, kv, n_rep * t, total))?;
+        let y = probs.matmul(&v)?.reshape((b, self.num_heads, t, self.head_dim))?;
+        self.o_proj.forward(&y.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?)
     }
 }
 
-/// (b, kv_heads, t, d) -> (b, kv_heads * n_rep, t, d), each kv head shared by n_rep query heads.
-fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, kv, t, d) = x.dims4()?;
-    x.unsqueeze(2)?.expand((b, kv, n_rep, t, d))?.reshape((b, kv * n_rep, t, d))
-}
+/// A layer's cache slot and the capacity to reserve when it is first allocated.
+type LayerSlot<'a> = (&'a mut Option<LayerCache>, usize);
 
 #[derive(Debug, Clone)]
 struct DecoderLayer {
@@ -412,7 +449,7 @@ impl DecoderLayer {
         positions: &Tensor,
         mask: &Tensor,
         rotary: &RotaryEmbedding,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<LayerSlot>,
     ) -> Result<Tensor> {
         let h = self.self_attn.forward(&self.input_layernorm.forward(&x)?, positions, mask, rotary, cache)?;
         x + h
@@ -424,7 +461,7 @@ impl DecoderLayer {
         positions: &Tensor,
         mask: &Tensor,
         rotary: &RotaryEmbedding,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<LayerSlot>,
     ) -> Result<Tensor> {
         let x = self.attend(x, positions, mask, rotary, cache)?;
         let h = self.mlp.weights.forward(&self.post_attention_layernorm.forward(&x)?)?;
@@ -502,20 +539,27 @@ impl Model {
     }
 
     /// Layers `from..` then the final norm and the head.
-    fn run_layers(
-        &self,
-        mut x: Tensor,
-        from: usize,
-        positions: &Tensor,
-        mask: &Tensor,
-        mut cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
+    fn run_layers(&self, x: Tensor, from: usize, positions: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let h = self.run_hidden(x, from, positions, mask, cache)?;
+        self.lm_head.forward(&self.norm.forward(&h)?)
+    }
+
+    /// The residual stream after layers `from..`, before the final norm.
+    fn run_hidden(&self, mut x: Tensor, from: usize, positions: &Tensor, mask: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let mask = mask.to_dtype(self.dtype())?;
         for (l, layer) in self.layers.iter().enumerate().skip(from) {
-            let slot = cache.as_mut().map(|c| &mut c.layers[l]);
+            let slot = cache.as_mut().map(|c| (&mut c.layers[l], c.reserve));
             x = layer.forward(x, positions, &mask, &self.rotary, slot)?;
         }
-        self.lm_head.forward(&self.norm.forward(&x)?)
+        Ok(x)
+    }
+
+    /// Logits (b, vocab) of the last position only, for tokens (b, t): what a sampler needs after
+    /// a prefill (the head over every prompt position would be wasted work).
+    pub fn forward_last(&self, tokens: &Tensor, positions: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let h = self.run_hidden(self.embed_tokens.forward(tokens)?, 0, positions, mask, cache)?;
+        let last = h.narrow(1, h.dim(1)? - 1, 1)?.squeeze(1)?;
+        self.lm_head.forward(&self.norm.forward(&last)?)
     }
 }
 

@@ -72,12 +72,29 @@ pub fn train(
     pad_id: u32,
     params: &SftParams,
     dev: &Device,
+    on_step: impl FnMut(&StepLog),
+) -> Result<(Weights, Vec<StepLog>)> {
+    train_micro(cfg, weights, examples, pad_id, params, params.batch_size, dev, on_step)
+}
+
+/// [`train`] with each batch processed `micro_batch` examples per forward/backward pass and the
+/// gradients accumulated: the same update, with the activations of fewer sequences alive at once.
+#[allow(clippy::too_many_arguments)]
+pub fn train_micro(
+    cfg: &Config,
+    weights: Weights,
+    examples: &[Example],
+    pad_id: u32,
+    params: &SftParams,
+    micro_batch: usize,
+    dev: &Device,
     mut on_step: impl FnMut(&StepLog),
 ) -> Result<(Weights, Vec<StepLog>)> {
     let vars: Vec<(String, Var)> =
         weights.into_iter().map(|(k, t)| Ok((k, Var::from_tensor(&t)?))).collect::<Result<_>>()?;
     let model_weights: Weights = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
     let model = build_model(cfg, &model_weights, dev)?;
+    drop(model_weights);
     let adam = AdamWParams { weight_decay: params.weight_decay, ..AdamWParams::default() };
     let mut opt = AdamW::new(vars, adam)?;
     let mut rng = ChaCha8Rng::seed_from_u64(params.seed ^ 0x7366_74); // "sft"
@@ -86,17 +103,23 @@ pub fn train(
     for step in 0..params.steps {
         let batch: Vec<&Example> =
             (0..params.batch_size).map(|_| &examples[rng.random_range(0..examples.len())]).collect();
-        let (inputs, targets, mask, n_targets) = batch_tensors(&batch, pad_id, dev)?;
-        let (b, t) = inputs.dims2()?;
-        let positions = Tensor::arange(0u32, t as u32, dev)?.unsqueeze(0)?.expand((b, t))?.contiguous()?;
-        let logits = model.forward(&inputs, &positions, &causal_mask(b, t, dev)?, None)?;
-        let nll = (token_logprobs(&logits, &targets)? * &mask)?.sum_all()?.neg()?;
-        let loss = (nll / n_targets.max(1) as f64)?;
-        let grads = opt.grads_of(&loss.backward()?);
+        let chunks: Vec<_> = batch.chunks(micro_batch.max(1)).map(|c| batch_tensors(c, pad_id, dev)).collect::<Result<_>>()?;
+        let n_targets: usize = chunks.iter().map(|c| c.3).sum::<usize>().max(1);
+        let (mut grads, mut loss_sum, mut tokens) = (Vec::new(), 0f64, 0usize);
+        for (inputs, targets, mask, _) in &chunks {
+            let (b, t) = inputs.dims2()?;
+            let positions = Tensor::arange(0u32, t as u32, dev)?.unsqueeze(0)?.expand((b, t))?.contiguous()?;
+            let logits = model.forward(inputs, &positions, &causal_mask(b, t, dev)?, None)?;
+            let nll = (token_logprobs(&logits, targets)? * mask)?.sum_all()?.neg()?;
+            let loss = (nll / n_targets as f64)?;
+            opt.accumulate(&mut grads, &loss.backward()?)?;
+            loss_sum += f64::from(loss.to_scalar::<f32>()?);
+            tokens += b * t;
+        }
         let grad_norm = AdamW::grad_norm(&grads)?;
         let lr = cosine_lr(step, params.steps, warmup, params.lr, 0.1);
         opt.step(&grads, lr, clip_scale(grad_norm, params.max_grad_norm))?;
-        let entry = StepLog { step, loss: f64::from(loss.to_scalar::<f32>()?), lr, grad_norm, tokens: b * t };
+        let entry = StepLog { step, loss: loss_sum, lr, grad_norm, tokens };
         on_step(&entry);
         log.push(entry);
     }
