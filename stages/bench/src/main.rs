@@ -304,3 +304,4 @@ fn stage_times(ctx: &l2t::stages::Ctx) -> Result<()> {
     }
     Ok(())
 }
+

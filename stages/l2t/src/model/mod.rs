@@ -132,6 +132,7 @@ impl Policy {
     pub fn from_checkpoint(ckpt: Checkpoint, dev: &Device) -> Result<Self> {
         let Checkpoint { cfg, weights, tokenizer, tokenizer_config } = ckpt;
         let (eos_id, stop_ids, pad_id) = special_ids(&cfg, &tokenizer, &tokenizer_config)?;
+        let weights = inference_layout(weights)?;
         Ok(Self {
             model: build_model(&cfg, &weights, dev)?,
             cfg,
@@ -179,6 +180,21 @@ impl Policy {
     pub fn chat_template(&self) -> Option<&str> {
         hf::chat_template(&self.tokenizer_config)
     }
+}
+
+/// The projection matrices stored transposed: `(in, out)` in memory, viewed as the same
+/// `(out, in)` matrix. A product `x W^T` then reads `W^T` row-major, which the matmul kernels
+/// use without repacking the weights on every call: 2-5x faster at the 16 rows of a decode step
+/// on this CPU, about even at thousands of rows. Values and shapes are unchanged; a trainer copies
+/// them into contiguous variables of its own.
+fn inference_layout(weights: Weights) -> Result<Weights> {
+    weights
+        .into_iter()
+        .map(|(name, w)| {
+            let w = if name.ends_with("_proj.weight") { w.t()?.contiguous()?.t()? } else { w };
+            Ok((name, w))
+        })
+        .collect()
 }
 
 /// Reads a checkpoint from a GGUF file or a Hugging Face directory.
@@ -430,7 +446,7 @@ mod tests {
         let art = staging.publish(manifest).unwrap();
         let policy = Policy::load(&art, &dev).unwrap();
         assert_eq!(policy.cfg, cfg);
-        let original = build_model(&cfg, &weights, &dev).unwrap();
+        let original = Policy::from_parts(&cfg, &weights, tok, &dev).unwrap().model;
         let tokens = Tensor::from_vec(vec![1u32, 2, 3], (1, 3), &dev).unwrap();
         let pos = positions(vec![vec![0, 1, 2]]);
         let mask = causal_mask(1, 3, &dev).unwrap();

@@ -174,6 +174,27 @@ impl Config {
     }
 }
 
+/// `x W^T (+ b)` as one matrix product over every leading position: candle's `Linear` runs one
+/// product per batch row (with M = t, a matrix-vector product per row when decoding) and repacks
+/// the weights for each.
+fn matmul_t(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims();
+    let (lead, n_in) = dims.split_at(dims.len() - 1);
+    let rows: usize = lead.iter().product();
+    let y = x.reshape((rows, n_in[0]))?.matmul(&w.t()?)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut shape = lead.to_vec();
+    shape.push(w.dim(0)?);
+    y.reshape(shape)
+}
+
+fn project(layer: &Linear, x: &Tensor) -> Result<Tensor> {
+    matmul_t(x, layer.weight(), layer.bias())
+}
+
 /// RMS norm from differentiable ops (`candle_nn::RmsNorm::forward` may take the fused path).
 #[derive(Debug, Clone)]
 struct RmsNorm {
@@ -254,9 +275,8 @@ impl MlpWeights {
 
     /// down(silu(gate x) * up x).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let proj = |w: &Tensor, x: &Tensor| Linear::new(w.clone(), None).forward(x);
-        let gate = proj(&self.gate_proj, x)?.silu()?;
-        proj(&self.down_proj, &(gate * proj(&self.up_proj, x)?)?)
+        let gate = matmul_t(x, &self.gate_proj, None)?.silu()?;
+        matmul_t(&(gate * matmul_t(x, &self.up_proj, None)?)?, &self.down_proj, None)
     }
 }
 
@@ -394,7 +414,7 @@ impl Attention {
     fn forward(&self, x: &Tensor, positions: &Tensor, mask: &Tensor, rotary: &RotaryEmbedding, cache: Option<LayerSlot>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
-            proj.forward(x)?.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
+            project(proj, x)?.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
         };
         let (mut q, mut k) = (heads(&self.q_proj, self.num_heads)?, heads(&self.k_proj, self.num_kv_heads)?);
         if let Some((q_norm, k_norm)) = &self.qk_norm {
@@ -417,7 +437,7 @@ impl Attention {
         let scores = scores.reshape((b, kv, n_rep, t, total))?.broadcast_add(&mask.unsqueeze(2)?)?;
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.reshape((b, kv, n_rep * t, total))?;
         let y = probs.matmul(&v)?.reshape((b, self.num_heads, t, self.head_dim))?;
-        self.o_proj.forward(&y.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?)
+        project(&self.o_proj, &y.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?)
     }
 }
 
@@ -541,7 +561,7 @@ impl Model {
     /// Layers `from..` then the final norm and the head.
     fn run_layers(&self, x: Tensor, from: usize, positions: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.run_hidden(x, from, positions, mask, cache)?;
-        self.lm_head.forward(&self.norm.forward(&h)?)
+        project(&self.lm_head, &self.norm.forward(&h)?)
     }
 
     /// The residual stream after layers `from..`, before the final norm.
@@ -559,7 +579,7 @@ impl Model {
     pub fn forward_last(&self, tokens: &Tensor, positions: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.run_hidden(self.embed_tokens.forward(tokens)?, 0, positions, mask, cache)?;
         let last = h.narrow(1, h.dim(1)? - 1, 1)?.squeeze(1)?;
-        self.lm_head.forward(&self.norm.forward(&last)?)
+        project(&self.lm_head, &self.norm.forward(&last)?)
     }
 }
 
