@@ -236,7 +236,9 @@ fn strip_variable_prefix(s: &str) -> String {
     if t.matches('=').count() == 1 {
         let (lhs, rhs) = t.split_once('=').expect("one '='");
         let lhs = lhs.trim();
-        let rhs_is_text = first_text_command(rhs).is_some();
+        // `x = \text{(E)}` stays whole (math-verify reads it as text); `x = 15\text{ cm}^2` does not.
+        let rhs = rhs.trim();
+        let rhs_is_text = first_text_command(rhs).is_some_and(|(at, cmd)| at == 0 && matching_brace(rhs, cmd.len()) == Some(rhs.len() - 1));
         if !lhs.is_empty() && lhs.len() <= 2 && lhs.chars().all(|c| c.is_ascii_alphabetic()) && !rhs.trim().is_empty() && !rhs_is_text {
             return rhs.trim().to_string();
         }
