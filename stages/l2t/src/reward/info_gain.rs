@@ -85,8 +85,11 @@ pub fn j_values(model: &Model, pad_id: u32, requests: &[JRequest], mode: JMode) 
         positions.extend((0..l).map(|j| j.saturating_sub(pad[r]) as u32));
     }
     let b = requests.len();
-    let mut cache = KvCache::new(model.cfg.num_hidden_layers);
-    model.forward(
+    // Room for the continuations of pass 2, so the row-selected copies never grow; only the
+    // cache is needed here, not the head's logits over every position.
+    let c = requests.iter().map(|r| r.continuation.len() - 1).max().unwrap_or(1);
+    let mut cache = KvCache::with_capacity(model.cfg.num_hidden_layers, l + c);
+    model.forward_last(
         &Tensor::from_vec(tokens, (b, l), &dev)?,
         &Tensor::from_vec(positions, (b, l), &dev)?,
         &padded_mask(&pad, 0, l, &dev)?,
@@ -99,7 +102,6 @@ pub fn j_values(model: &Model, pad_id: u32, requests: &[JRequest], mode: JMode) 
         rows.push((r, req.prompt.len()));
         rows.extend(req.ends.iter().map(|&e| (r, req.prompt.len() + e)));
     }
-    let c = requests.iter().map(|r| r.continuation.len() - 1).max().unwrap_or(1);
     let n = rows.len();
     let (mut inputs, mut targets, mut pos) = (vec![pad_id; n * c], vec![pad_id; n * c], vec![0u32; n * c]);
     let mut mask = vec![MASKED; n * c * (l + c)];
