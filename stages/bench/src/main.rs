@@ -107,12 +107,18 @@ fn main() {
 fn run(args: &Args, workload: &str) -> Result<()> {
     let dev = candle_core::Device::Cpu;
     let ctx = args.common.ctx()?;
-    let (model_name, rest) = workload.split_once('-').map(|(m, r)| if m == "tiny" && r.starts_with("qwen2") { ("tiny-qwen2", &r[6..]) } else { (m, r) }).unwrap_or((workload, ""));
-    let policy = match model_name {
-        "smollm2" => Policy::from_checkpoint(model::read_checkpoint(&args.smollm2, &dev).with_context(|| "run `make models` first")?, &dev)?,
-        "tiny-qwen2" => tiny_qwen2(&dev)?,
-        "tiny" if rest == "iteration-stages" => return stage_times(&ctx),
-        _ => bail!("unknown workload {workload:?} (`--workload list` lists them)"),
+    let unknown = || anyhow::anyhow!("unknown workload {workload:?} (`--workload list` lists them)");
+    if workload == "tiny-iteration-stages" {
+        return stage_times(&ctx);
+    }
+    let (model_name, rest) = ["smollm2", "tiny-qwen2"]
+        .iter()
+        .find_map(|m| workload.strip_prefix(m).and_then(|r| r.strip_prefix('-')).map(|r| (*m, r)))
+        .ok_or_else(unknown)?;
+    let policy = if model_name == "smollm2" {
+        Policy::from_checkpoint(model::read_checkpoint(&args.smollm2, &dev).with_context(|| "run `make models` first")?, &dev)?
+    } else {
+        tiny_qwen2(&dev)?
     };
     let prompts = prompts(&policy, model_name)?;
     match rest {
@@ -123,8 +129,8 @@ fn run(args: &Args, workload: &str) -> Result<()> {
         }
         "score" => bench_score(args, workload, &policy),
         "train-step" => bench_train(args, workload, policy),
-        "l2t-iteration" => bench_l2t_iteration(args, &ctx.config),
-        _ => bail!("unknown workload {workload:?} (`--workload list` lists them)"),
+        "l2t-iteration" if model_name == "smollm2" => bench_l2t_iteration(args, &ctx.config),
+        _ => Err(unknown()),
     }
 }
 
