@@ -119,7 +119,7 @@ fn score(model: &std::path::Path, text: Option<String>, text_file: Option<PathBu
 fn grade(input: &std::path::Path, bare: bool) -> anyhow::Result<()> {
     use anyhow::Context;
     use l2t::reward::segment::extract_answer;
-    use l2t::task::grade::{grade_answer, Grade};
+    use l2t::task::grade::{grade_optional, Grade};
     use std::io::{BufRead, Write};
     let reader: Box<dyn BufRead> = if input.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
@@ -139,11 +139,7 @@ fn grade(input: &std::path::Path, bare: bool) -> anyhow::Result<()> {
         };
         let (gold, prediction) = (field("gold")?, field("prediction")?);
         let answer = if bare { Some(prediction.to_string()) } else { extract_answer(prediction) };
-        let grade = match &answer {
-            Some(a) => grade_answer(a, gold),
-            None if grade_answer("0", gold) == Grade::GoldUnparsable => Grade::GoldUnparsable,
-            None => Grade::Unparsable,
-        };
+        let grade = grade_optional(answer.as_deref(), gold);
         let verdict = match grade {
             Grade::Correct => "correct",
             Grade::Wrong => "wrong",

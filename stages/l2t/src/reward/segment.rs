@@ -14,7 +14,7 @@
 //! - no parseable episode: one episode over the whole response, `format_ok = false`.
 
 use crate::table::rollouts::FinishReason;
-use crate::task::grade::{grade_answer, Grade};
+use crate::task::grade::{grade_optional, Grade};
 use crate::task::{BOXED_OPEN, THINK_CLOSE, THINK_OPEN};
 use anyhow::{bail, Context, Result};
 
@@ -244,11 +244,7 @@ pub struct Outcome {
 /// `r_out = 1` iff the answer equals the gold answer and the rollout was not truncated.
 pub fn outcome_reward(text: &str, gold: &str, finish: FinishReason, format_ok: bool, format_penalty: f64) -> Outcome {
     let answer = extract_answer(text);
-    let grade = match &answer {
-        Some(a) => grade_answer(a, gold),
-        None if grade_answer("0", gold) == Grade::GoldUnparsable => Grade::GoldUnparsable,
-        None => Grade::Unparsable,
-    };
+    let grade = grade_optional(answer.as_deref(), gold);
     let solved = grade == Grade::Correct && finish == FinishReason::Stop;
     let penalty = if format_ok { 0.0 } else { format_penalty };
     Outcome { answer, grade, excluded: grade == Grade::GoldUnparsable, r_out: (f64::from(u8::from(solved)) + penalty) as f32 }

@@ -42,6 +42,16 @@ pub fn grade_answer(prediction: &str, gold: &str) -> Grade {
     grade_with_deadline(prediction, gold, DEADLINE)
 }
 
+/// Grades an answer that may be missing (no `\\boxed{}` in the response): a missing answer is
+/// unparsable, unless the gold answer itself is, which excludes the prompt.
+pub fn grade_optional(prediction: Option<&str>, gold: &str) -> Grade {
+    match prediction {
+        Some(p) => grade_answer(p, gold),
+        None if normalize(gold).is_none() => Grade::GoldUnparsable,
+        None => Grade::Unparsable,
+    }
+}
+
 /// [`grade_answer`] with an explicit time budget: a comparison still undecided when it runs out
 /// is wrong.
 pub fn grade_with_deadline(prediction: &str, gold: &str, budget: Duration) -> Grade {
