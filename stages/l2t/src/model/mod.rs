@@ -4,9 +4,11 @@
 pub mod chat;
 pub mod gguf;
 pub mod hf;
+pub mod packed;
 pub mod qwen2;
 pub mod score;
 pub mod tokenizer;
+pub mod vexp;
 
 use crate::config::ModelShape;
 use crate::store::{Artifact, Staging};
@@ -132,9 +134,10 @@ impl Policy {
     pub fn from_checkpoint(ckpt: Checkpoint, dev: &Device) -> Result<Self> {
         let Checkpoint { cfg, weights, tokenizer, tokenizer_config } = ckpt;
         let (eos_id, stop_ids, pad_id) = special_ids(&cfg, &tokenizer, &tokenizer_config)?;
-        let weights = inference_layout(weights)?;
+        let mut model = build_model(&cfg, &weights, dev)?;
+        model.pack_for_inference()?;
         Ok(Self {
-            model: build_model(&cfg, &weights, dev)?,
+            model,
             cfg,
             weights,
             tokenizer,
@@ -180,21 +183,6 @@ impl Policy {
     pub fn chat_template(&self) -> Option<&str> {
         hf::chat_template(&self.tokenizer_config)
     }
-}
-
-/// The projection matrices stored transposed: `(in, out)` in memory, viewed as the same
-/// `(out, in)` matrix. A product `x W^T` then reads `W^T` row-major, which the matmul kernels
-/// use without repacking the weights on every call: 2-5x faster at the 16 rows of a decode step
-/// on this CPU, about even at thousands of rows. Values and shapes are unchanged; a trainer copies
-/// them into contiguous variables of its own.
-fn inference_layout(weights: Weights) -> Result<Weights> {
-    weights
-        .into_iter()
-        .map(|(name, w)| {
-            let w = if name.ends_with("_proj.weight") { w.t()?.contiguous()?.t()? } else { w };
-            Ok((name, w))
-        })
-        .collect()
 }
 
 /// Reads a checkpoint from a GGUF file or a Hugging Face directory.
@@ -263,12 +251,12 @@ pub fn save_checkpoint(
 /// The target's logit minus the log-sum-exp of its row ("selective log-softmax"): the full
 /// log-softmax over the vocabulary is never materialised, which saves a (b, t, vocab) buffer in
 /// the forward pass and another in the backward pass.
-pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
     // The shift keeps exp in range; log-sum-exp does not depend on it, so no gradient flows to it.
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?;
     let picked = logits.gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?;
-    Ok((picked - lse)?.squeeze(D::Minus1)?)
+    (picked - lse)?.squeeze(D::Minus1)
 }
 
 /// A teacher-forced batch over prompt + response sequences, right-padded, starting at position 0.
@@ -309,8 +297,7 @@ impl TeacherForced {
 
     /// Log-probs (b, t) of the targets under `model`.
     pub fn logprobs(&self, model: &Model) -> Result<Tensor> {
-        let logits = model.forward(&self.inputs, &self.positions, &self.mask, None)?;
-        token_logprobs(&logits, &self.targets)
+        Ok(model.target_logprobs(&self.inputs, &self.positions, &self.mask, &self.targets)?)
     }
 }
 

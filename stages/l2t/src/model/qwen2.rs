@@ -1,14 +1,17 @@
 //! A Qwen2-family decoder (Qwen2 with q/k/v bias; Llama / SmolLM without; Qwen3 with q/k norm),
-//! after `candle-transformers/src/models/qwen2.rs`, written with differentiable ops only: composed
-//! RMS norm, rotary embedding and softmax (the fused candle kernels drop gradients, design.md
-//! "candle cautions").
+//! after `candle-transformers/src/models/qwen2.rs`. While gradients are tracked it runs
+//! differentiable ops only: composed RMS norm, rotary embedding and softmax (the fused candle
+//! kernels drop gradients, design.md "candle cautions"). Without gradients (sampling, scoring) it
+//! runs the fused kernels and, once [`Model::pack_for_inference`] has run, packed projections.
 //!
 //! Every forward takes explicit per-row positions and an additive attention mask, so one batch can
 //! hold prompts of different lengths (left padding) and decode from a KV cache.
 
+use super::packed::PackedLinear;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{linear_b, linear_no_bias, Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// The model families this decoder implements (`model_type` in config.json).
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &["qwen2", "llama", "qwen3"];
@@ -191,8 +194,39 @@ fn matmul_t(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     y.reshape(shape)
 }
 
-fn project(layer: &Linear, x: &Tensor) -> Result<Tensor> {
-    matmul_t(x, layer.weight(), layer.bias())
+/// Whether the fused, gradient-free kernels may run: no operand tracks gradients.
+fn gradient_free(tensors: &[&Tensor]) -> bool {
+    !tensors.iter().any(|t| t.track_op())
+}
+
+/// One projection `x W^T (+ b)`, W (out, in); an inference model also holds W packed.
+#[derive(Debug, Clone)]
+struct Proj {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    packed: Option<Arc<PackedLinear>>,
+}
+
+impl Proj {
+    fn new(n_in: usize, n_out: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        let bias = if bias { Some(vb.get(n_out, "bias")?) } else { None };
+        Ok(Self { weight: vb.get((n_out, n_in), "weight")?, bias, packed: None })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.packed {
+            Some(packed) if gradient_free(&[x]) => packed.forward(x),
+            _ => matmul_t(x, &self.weight, self.bias.as_ref()),
+        }
+    }
+
+    /// Packs the weights of an f32 CPU model that will not be trained.
+    fn pack(&mut self) -> Result<()> {
+        if self.weight.dtype() == DType::F32 && self.weight.device().is_cpu() && gradient_free(&[&self.weight]) {
+            self.packed = Some(Arc::new(PackedLinear::new(&self.weight, self.bias.as_ref())?));
+        }
+        Ok(())
+    }
 }
 
 /// RMS norm from differentiable ops (`candle_nn::RmsNorm::forward` may take the fused path).
@@ -208,6 +242,9 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() == DType::F32 && gradient_free(&[x, &self.weight]) {
+            return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32);
+        }
         let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
         x.broadcast_div(&(mean_sq + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)
     }
@@ -237,8 +274,12 @@ impl RotaryEmbedding {
         let (b, _heads, t, head_dim) = x.dims4()?;
         let half = head_dim / 2;
         let flat = positions.flatten_all()?;
+        let rows = |table: &Tensor| table.index_select(&flat, 0)?.reshape((b, t, half));
+        if gradient_free(&[x, &self.cos]) {
+            return candle_nn::rotary_emb::rope(&x.contiguous()?, &rows(&self.cos)?, &rows(&self.sin)?);
+        }
         let gather = |table: &Tensor| -> Result<Tensor> {
-            let g = table.index_select(&flat, 0)?.reshape((b, 1, t, half))?;
+            let g = rows(table)?.unsqueeze(1)?;
             Tensor::cat(&[&g, &g], D::Minus1)
         };
         let (cos, sin) = (gather(&self.cos)?, gather(&self.sin)?);
@@ -275,23 +316,39 @@ impl MlpWeights {
 
     /// down(silu(gate x) * up x).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = matmul_t(x, &self.gate_proj, None)?.silu()?;
-        matmul_t(&(gate * matmul_t(x, &self.up_proj, None)?)?, &self.down_proj, None)
+        let hidden = swiglu(matmul_t(x, &self.gate_proj, None)?, matmul_t(x, &self.up_proj, None)?)?;
+        matmul_t(&hidden, &self.down_proj, None)
     }
+}
+
+/// silu(gate) * up, the MLP's gated activation.
+fn swiglu(gate: Tensor, up: Tensor) -> Result<Tensor> {
+    gate.silu()? * up
 }
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    weights: MlpWeights,
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
 }
 
 impl Mlp {
     fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let get = |rows: usize, cols: usize, name: &str| vb.pp(name).get((rows, cols), "weight");
         Ok(Self {
-            weights: MlpWeights { gate_proj: get(i, h, "gate_proj")?, up_proj: get(i, h, "up_proj")?, down_proj: get(h, i, "down_proj")? },
+            gate_proj: Proj::new(h, i, false, vb.pp("gate_proj"))?,
+            up_proj: Proj::new(h, i, false, vb.pp("up_proj"))?,
+            down_proj: Proj::new(i, h, false, vb.pp("down_proj"))?,
         })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.down_proj.forward(&swiglu(self.gate_proj.forward(x)?, self.up_proj.forward(x)?)?)
+    }
+
+    fn projections(&mut self) -> [&mut Proj; 3] {
+        [&mut self.gate_proj, &mut self.up_proj, &mut self.down_proj]
     }
 }
 
@@ -377,10 +434,10 @@ impl KvCache {
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
     /// Qwen3's per-head RMS norms of queries and keys.
     qk_norm: Option<(RmsNorm, RmsNorm)>,
     num_heads: usize,
@@ -399,10 +456,10 @@ impl Attention {
             None
         };
         Ok(Self {
-            q_proj: linear_b(h, q, bias, vb.pp("q_proj"))?,
-            k_proj: linear_b(h, kv, bias, vb.pp("k_proj"))?,
-            v_proj: linear_b(h, kv, bias, vb.pp("v_proj"))?,
-            o_proj: linear_no_bias(q, h, vb.pp("o_proj"))?,
+            q_proj: Proj::new(h, q, bias, vb.pp("q_proj"))?,
+            k_proj: Proj::new(h, kv, bias, vb.pp("k_proj"))?,
+            v_proj: Proj::new(h, kv, bias, vb.pp("v_proj"))?,
+            o_proj: Proj::new(q, h, false, vb.pp("o_proj"))?,
             qk_norm,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
@@ -413,8 +470,8 @@ impl Attention {
     /// x: (b, t, hidden); mask: (b, 1, t, t_kv) additive; cache: this layer's past keys/values.
     fn forward(&self, x: &Tensor, positions: &Tensor, mask: &Tensor, rotary: &RotaryEmbedding, cache: Option<LayerSlot>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
-            project(proj, x)?.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
+        let heads = |proj: &Proj, n: usize| -> Result<Tensor> {
+            proj.forward(x)?.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
         };
         let (mut q, mut k) = (heads(&self.q_proj, self.num_heads)?, heads(&self.k_proj, self.num_kv_heads)?);
         if let Some((q_norm, k_norm)) = &self.qk_norm {
@@ -435,9 +492,13 @@ impl Attention {
         let q = q.reshape((b, kv, n_rep * t, self.head_dim))?;
         let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
         let scores = scores.reshape((b, kv, n_rep, t, total))?.broadcast_add(&mask.unsqueeze(2)?)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.reshape((b, kv, n_rep * t, total))?;
-        let y = probs.matmul(&v)?.reshape((b, self.num_heads, t, self.head_dim))?;
-        project(&self.o_proj, &y.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?)
+        let probs = if gradient_free(&[&scores]) {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        } else {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        };
+        let y = probs.reshape((b, kv, n_rep * t, total))?.matmul(&v)?.reshape((b, self.num_heads, t, self.head_dim))?;
+        self.o_proj.forward(&y.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?)
     }
 }
 
@@ -484,7 +545,7 @@ impl DecoderLayer {
         cache: Option<LayerSlot>,
     ) -> Result<Tensor> {
         let x = self.attend(x, positions, mask, rotary, cache)?;
-        let h = self.mlp.weights.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         x + h
     }
 }
@@ -495,7 +556,7 @@ pub struct Model {
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: Proj,
     rotary: RotaryEmbedding,
     pub cfg: Config,
 }
@@ -512,9 +573,9 @@ impl Model {
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_tokens.embeddings().clone(), None)
+            Proj { weight: embed_tokens.embeddings().clone(), bias: None, packed: None }
         } else {
-            linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
+            Proj::new(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?
         };
         let rotary = RotaryEmbedding::new(cfg, vb.dtype(), vb.device())?;
         Ok(Self { embed_tokens, layers, norm, lm_head, rotary, cfg: cfg.clone() })
@@ -547,7 +608,20 @@ impl Model {
 
     /// The weights of layer `layer`'s MLP block.
     pub fn mlp_weights(&self, layer: usize) -> MlpWeights {
-        self.layers[layer].mlp.weights.clone()
+        let mlp = &self.layers[layer].mlp;
+        MlpWeights { gate_proj: mlp.gate_proj.weight.clone(), up_proj: mlp.up_proj.weight.clone(), down_proj: mlp.down_proj.weight.clone() }
+    }
+
+    /// Packs every projection for gradient-free products (an f32 CPU model that samples and
+    /// scores but is never trained); costs one more copy of the projection weights.
+    pub fn pack_for_inference(&mut self) -> Result<()> {
+        for layer in &mut self.layers {
+            let attn = &mut layer.self_attn;
+            for proj in [&mut attn.q_proj, &mut attn.k_proj, &mut attn.v_proj, &mut attn.o_proj].into_iter().chain(layer.mlp.projections()) {
+                proj.pack()?;
+            }
+        }
+        self.lm_head.pack()
     }
 
     pub fn dtype(&self) -> DType {
@@ -561,7 +635,7 @@ impl Model {
     /// Layers `from..` then the final norm and the head.
     fn run_layers(&self, x: Tensor, from: usize, positions: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.run_hidden(x, from, positions, mask, cache)?;
-        project(&self.lm_head, &self.norm.forward(&h)?)
+        self.lm_head.forward(&self.norm.forward(&h)?)
     }
 
     /// The residual stream after layers `from..`, before the final norm.
@@ -574,12 +648,28 @@ impl Model {
         Ok(x)
     }
 
+    /// log p(target) (b, t) of `targets` (b, t) after `tokens` (b, t): the logits of a packed
+    /// head are reduced a chunk of rows at a time (never all held at once); otherwise the full
+    /// logits go through [`super::token_logprobs`] (differentiable).
+    pub fn target_logprobs(&self, tokens: &Tensor, positions: &Tensor, mask: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let h = self.norm.forward(&self.run_hidden(self.embed_tokens.forward(tokens)?, 0, positions, mask, None)?)?;
+        match &self.lm_head.packed {
+            Some(head) if gradient_free(&[&h]) => {
+                let (b, t, _) = h.dims3()?;
+                let x: Vec<f32> = h.flatten_all()?.to_vec1()?;
+                let logp = head.target_logprobs(&x, &targets.flatten_all()?.to_vec1()?)?;
+                Tensor::from_vec(logp, (b, t), h.device())
+            }
+            _ => super::token_logprobs(&self.lm_head.forward(&h)?, targets),
+        }
+    }
+
     /// Logits (b, vocab) of the last position only, for tokens (b, t): what a sampler needs after
     /// a prefill (the head over every prompt position would be wasted work).
     pub fn forward_last(&self, tokens: &Tensor, positions: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.run_hidden(self.embed_tokens.forward(tokens)?, 0, positions, mask, cache)?;
         let last = h.narrow(1, h.dim(1)? - 1, 1)?.squeeze(1)?;
-        project(&self.lm_head, &self.norm.forward(&last)?)
+        self.lm_head.forward(&self.norm.forward(&last)?)
     }
 }
 
