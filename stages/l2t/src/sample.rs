@@ -5,12 +5,13 @@
 //! rollout does not depend on which rows it was batched with.
 
 use crate::model::qwen2::padded_mask;
-use crate::model::{KvCache, Policy};
+use crate::model::{vexp, KvCache, Policy};
 use crate::table::rollouts::FinishReason;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 /// How to draw tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -52,15 +53,16 @@ pub fn draw_token(logits: &[f32], temperature: f64, top_p: f64, u: f64) -> u32 {
         }
         return best as u32;
     }
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let weights: Vec<f64> = logits.iter().map(|&l| ((l as f64 - max) / temperature).exp()).collect();
-    let total: f64 = weights.iter().sum();
+    // Weights exp((l - max) / T) in f32 (vectorised), summed and walked in f64.
+    let mut weights = vec![0f32; logits.len()];
+    vexp::exp_scaled(logits, vexp::max(logits), (1.0 / temperature) as f32, Some(&mut weights));
+    let total: f64 = weights.iter().map(|&w| w as f64).sum();
     if top_p >= 1.0 {
         // No truncation: walk the cumulative distribution in id order, no candidate list.
         let target = u * total;
         let mut acc = 0.0;
-        for (i, w) in weights.iter().enumerate() {
-            acc += w;
+        for (i, &w) in weights.iter().enumerate() {
+            acc += w as f64;
             if acc > target {
                 return i as u32;
             }
@@ -72,15 +74,15 @@ pub fn draw_token(logits: &[f32], temperature: f64, top_p: f64, u: f64) -> u32 {
     let mut kept = 0.0;
     let mut n = 0;
     while n < order.len() && kept < top_p * total {
-        kept += weights[order[n]];
+        kept += weights[order[n]] as f64;
         n += 1;
     }
     order.truncate(n.max(1));
-    let mass: f64 = order.iter().map(|&i| weights[i]).sum();
+    let mass: f64 = order.iter().map(|&i| weights[i] as f64).sum();
     let target = u * mass;
     let mut acc = 0.0;
     for &i in &order {
-        acc += weights[i];
+        acc += weights[i] as f64;
         if acc > target {
             return i as u32;
         }
@@ -162,13 +164,21 @@ fn generate_batch(policy: &Policy, rows: &[Request], params: &SamplerParams) -> 
     let mut pad: Vec<usize> = source.iter().map(|&i| prompt_pad[i as usize]).collect();
     for step in 0..params.max_new_tokens {
         let last: Vec<Vec<f32>> = logits.to_vec2()?;
+        // Each row's uniform comes from its own generator, so the rows draw in parallel.
+        let uniforms: Vec<f64> = live.iter().map(|&r| rngs[r].random()).collect();
+        let drawn: Vec<(u32, f32)> = last
+            .par_iter()
+            .zip(uniforms.par_iter())
+            .map(|(row, &u)| {
+                let token = draw_token(row, params.temperature, params.top_p, u);
+                (token, token_logprob(row, token))
+            })
+            .collect();
         let mut next = Vec::with_capacity(live.len());
         let mut keep = Vec::with_capacity(live.len());
-        for (j, &r) in live.iter().enumerate() {
-            let u: f64 = rngs[r].random();
-            let token = draw_token(&last[j], params.temperature, params.top_p, u);
+        for (j, (&r, &(token, logprob))) in live.iter().zip(&drawn).enumerate() {
             gens[r].tokens.push(token);
-            gens[r].logprobs.push(token_logprob(&last[j], token));
+            gens[r].logprobs.push(logprob);
             if policy.is_stop(token) && !params.ignore_eos {
                 gens[r].finish = FinishReason::Stop;
             } else {
@@ -199,9 +209,7 @@ fn generate_batch(policy: &Policy, rows: &[Request], params: &SamplerParams) -> 
 
 /// log-softmax of one row at `token`, without materialising the whole row.
 pub fn token_logprob(logits: &[f32], token: u32) -> f32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let log_sum = logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32;
-    logits[token as usize] - max - log_sum
+    logits[token as usize] - vexp::log_sum_exp(logits)
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! directories (read and written) and GGUF files (read).
 
 pub mod chat;
+pub mod fused;
 pub mod gguf;
 pub mod hf;
 pub mod packed;

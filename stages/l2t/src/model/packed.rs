@@ -15,6 +15,8 @@ use rayon::prelude::*;
 const PANEL: usize = 64;
 /// Rows per register block (6 rows x 4 registers = 24 accumulators of the 32 registers).
 const ROWS: usize = 6;
+/// Input positions per pass of the row blocks over a panel: a 32 KB slice that stays in L1.
+const STEPS: usize = 128;
 /// Rows per parallel task, so a task's activations stay in cache while its panels stream by.
 const ROW_CHUNK: usize = 16 * ROWS;
 /// Panel bytes a task may touch, about one core's L2 cache.
@@ -110,18 +112,31 @@ impl PackedLinear {
                 let panel = &self.panels[p * k * PANEL..(p + 1) * k * PANEL];
                 let bias = self.bias.as_ref().map(|b| &b[p * PANEL..(p + 1) * PANEL]);
                 let cols = PANEL.min(n - p * PANEL);
-                // The next panel is fetched into cache while this one is computed, a share per
-                // row block: with few rows the product would otherwise wait on memory.
-                let next = if p + 1 < n_panels { &self.panels[(p + 1) * k * PANEL..(p + 2) * k * PANEL] } else { &[] };
-                let blocks = row_range.len().div_ceil(ROWS);
-                let share = next.len().div_ceil(blocks);
-                for b in 0..blocks {
-                    let r = row_range.start + b * ROWS;
-                    let block = ROWS.min(row_range.end - r);
-                    let prefetch = &next[(b * share).min(next.len())..((b + 1) * share).min(next.len())];
-                    // SAFETY: tasks write disjoint (row, column) blocks of `y`, which outlives
-                    // the parallel loop; `x` holds `rows * k` values.
-                    unsafe { kernel.run(block, &x[r * k..(r + block) * k], k, panel, bias, prefetch, out.at(r * n + p * PANEL), n, cols) };
+                // Every row block takes the same slice of the panel in turn, so the panel streams
+                // from memory once, at an even pace, and is reused from L1 by the other blocks;
+                // the next slice is prefetched meanwhile, a share per block.
+                for steps in (0..k).step_by(STEPS).map(|i| i..(i + STEPS).min(k)) {
+                    let next = (steps.end < k).then(|| &panel[steps.end * PANEL..(steps.end + STEPS).min(k) * PANEL]).unwrap_or(&[]);
+                    let blocks = row_range.len().div_ceil(ROWS);
+                    let share = next.len().div_ceil(blocks);
+                    for b in 0..blocks {
+                        let r = row_range.start + b * ROWS;
+                        let prefetch = &next[(b * share).min(next.len())..((b + 1) * share).min(next.len())];
+                        let block = Block {
+                            rows: ROWS.min(row_range.end - r),
+                            x: &x[r * k..],
+                            k,
+                            panel,
+                            bias,
+                            // SAFETY: tasks write disjoint (row, column) blocks of `y`, which
+                            // outlives the parallel loop.
+                            y: unsafe { out.at(r * n + p * PANEL) },
+                            y_stride: n,
+                            cols,
+                        };
+                        // SAFETY: the block's rows and columns lie inside `x`, `panel` and `y`.
+                        unsafe { kernel.run(&block, steps.clone(), prefetch) };
+                    }
                 }
             }
         });
@@ -142,6 +157,20 @@ impl OutPtr {
     }
 }
 
+/// One register block: `rows` rows of x times one panel, into `y`.
+struct Block<'a> {
+    rows: usize,
+    /// x from the block's first row on, rows `k` apart.
+    x: &'a [f32],
+    k: usize,
+    panel: &'a [f32],
+    bias: Option<&'a [f32]>,
+    /// The block's first output; rows `y_stride` apart, `cols` (<= PANEL) columns written.
+    y: *mut f32,
+    y_stride: usize,
+    cols: usize,
+}
+
 /// The register-block kernel this CPU runs.
 #[derive(Clone, Copy)]
 enum Kernel {
@@ -159,23 +188,21 @@ impl Kernel {
         Kernel::Portable
     }
 
-    /// y[r][c] = bias[c] + sum_i x[r][i] * panel[i][c] for `rows` rows (<= ROWS) and the first
-    /// `cols` columns; row `r` of y starts at `y + r * y_stride`. `prefetch` is brought into
-    /// cache along the way.
+    /// Adds sum_{i in steps} x[r][i] * panel[i][c] to the block's outputs, which start from the
+    /// bias (or zero) when `steps` starts at 0; `prefetch` is brought into cache along the way.
     ///
     /// # Safety
-    /// `y` must be valid for those writes; `x` holds `rows * k` values, `panel` `k * PANEL`.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn run(self, rows: usize, x: &[f32], k: usize, panel: &[f32], bias: Option<&[f32]>, prefetch: &[f32], y: *mut f32, y_stride: usize, cols: usize) {
+    /// The block's rows, steps and columns must lie inside `x`, `panel` and `y`.
+    unsafe fn run(self, block: &Block, steps: std::ops::Range<usize>, prefetch: &[f32]) {
         macro_rules! dispatch {
             ($f:ident $(, $extra:expr)*) => {
-                match rows {
-                    1 => $f::<1>(x, k, panel, bias, $($extra,)* y, y_stride, cols),
-                    2 => $f::<2>(x, k, panel, bias, $($extra,)* y, y_stride, cols),
-                    3 => $f::<3>(x, k, panel, bias, $($extra,)* y, y_stride, cols),
-                    4 => $f::<4>(x, k, panel, bias, $($extra,)* y, y_stride, cols),
-                    5 => $f::<5>(x, k, panel, bias, $($extra,)* y, y_stride, cols),
-                    _ => $f::<ROWS>(x, k, panel, bias, $($extra,)* y, y_stride, cols),
+                match block.rows {
+                    1 => $f::<1>(block, steps $(, $extra)*),
+                    2 => $f::<2>(block, steps $(, $extra)*),
+                    3 => $f::<3>(block, steps $(, $extra)*),
+                    4 => $f::<4>(block, steps $(, $extra)*),
+                    5 => $f::<5>(block, steps $(, $extra)*),
+                    _ => $f::<ROWS>(block, steps $(, $extra)*),
                 }
             };
         }
@@ -189,68 +216,75 @@ impl Kernel {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_avx512<const R: usize>(x: &[f32], k: usize, panel: &[f32], bias: Option<&[f32]>, prefetch: &[f32], y: *mut f32, y_stride: usize, cols: usize) {
+unsafe fn block_avx512<const R: usize>(block: &Block, steps: std::ops::Range<usize>, prefetch: &[f32]) {
     use std::arch::x86_64::*;
     const LINE: usize = 16; // f32 per cache line
-    let lines_per_step = (prefetch.len() / LINE).div_ceil(k.max(1));
+    let masks: [u16; 4] = std::array::from_fn(|j| match block.cols.saturating_sub(16 * j) {
+        0 => 0,
+        c if c >= 16 => u16::MAX,
+        c => ((1u32 << c) - 1) as u16,
+    });
+    let mut acc = [[_mm512_setzero_ps(); 4]; R];
+    for (r, row) in acc.iter_mut().enumerate() {
+        for (j, a) in row.iter_mut().enumerate() {
+            *a = if steps.start > 0 {
+                _mm512_maskz_loadu_ps(masks[j], block.y.add(r * block.y_stride + 16 * j))
+            } else if let Some(b) = block.bias {
+                _mm512_loadu_ps(b.as_ptr().add(16 * j))
+            } else {
+                _mm512_setzero_ps()
+            };
+        }
+    }
+    let lines_per_step = (prefetch.len() / LINE).div_ceil(steps.len().max(1));
     let mut next_line = 0;
-    let w = panel.as_ptr();
-    let start = match bias {
-        Some(b) => [0, 1, 2, 3].map(|j| _mm512_loadu_ps(b.as_ptr().add(16 * j))),
-        None => [_mm512_setzero_ps(); 4],
-    };
-    let mut acc = [start; R];
-    let xp = x.as_ptr();
-    for i in 0..k {
-        let wi = w.add(i * PANEL);
+    let (w, x) = (block.panel.as_ptr(), block.x.as_ptr());
+    for i in steps {
         for _ in 0..lines_per_step {
             if next_line * LINE < prefetch.len() {
-                _mm_prefetch::<_MM_HINT_T1>(prefetch.as_ptr().add(next_line * LINE) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(prefetch.as_ptr().add(next_line * LINE) as *const i8);
                 next_line += 1;
             }
         }
+        let wi = w.add(i * PANEL);
         let wv = [0, 1, 2, 3].map(|j| _mm512_loadu_ps(wi.add(16 * j)));
         for (r, row) in acc.iter_mut().enumerate() {
-            let xv = _mm512_set1_ps(*xp.add(r * k + i));
+            let xv = _mm512_set1_ps(*x.add(r * block.k + i));
             for j in 0..4 {
                 row[j] = _mm512_fmadd_ps(xv, wv[j], row[j]);
             }
         }
     }
     for (r, row) in acc.iter().enumerate() {
-        let yr = y.add(r * y_stride);
         for (j, v) in row.iter().enumerate() {
-            let lo = 16 * j;
-            if lo + 16 <= cols {
-                _mm512_storeu_ps(yr.add(lo), *v);
-            } else if lo < cols {
-                _mm512_mask_storeu_ps(yr.add(lo), ((1u32 << (cols - lo)) - 1) as u16, *v);
-            }
+            _mm512_mask_storeu_ps(block.y.add(r * block.y_stride + 16 * j), masks[j], *v);
         }
     }
 }
 
 /// The same block in plain Rust for CPUs without AVX-512 (vectorised by the compiler; rounding
 /// differs from the fused multiply-adds above).
-unsafe fn block_portable<const R: usize>(x: &[f32], k: usize, panel: &[f32], bias: Option<&[f32]>, y: *mut f32, y_stride: usize, cols: usize) {
+unsafe fn block_portable<const R: usize>(block: &Block, steps: std::ops::Range<usize>) {
+    let cols = block.cols;
     let mut acc = [[0f32; PANEL]; R];
-    if let Some(b) = bias {
-        for row in acc.iter_mut() {
+    for (r, row) in acc.iter_mut().enumerate() {
+        if steps.start > 0 {
+            std::ptr::copy_nonoverlapping(block.y.add(r * block.y_stride), row.as_mut_ptr(), cols);
+        } else if let Some(b) = block.bias {
             row.copy_from_slice(&b[..PANEL]);
         }
     }
-    for i in 0..k {
-        let wi = &panel[i * PANEL..(i + 1) * PANEL];
+    for i in steps {
+        let wi = &block.panel[i * PANEL..(i + 1) * PANEL];
         for (r, row) in acc.iter_mut().enumerate() {
-            let xv = x[r * k + i];
+            let xv = block.x[r * block.k + i];
             for (a, &w) in row.iter_mut().zip(wi) {
                 *a += xv * w;
             }
         }
     }
     for (r, row) in acc.iter().enumerate() {
-        std::ptr::copy_nonoverlapping(row.as_ptr(), y.add(r * y_stride), cols);
+        std::ptr::copy_nonoverlapping(row.as_ptr(), block.y.add(r * block.y_stride), cols);
     }
 }
 
@@ -326,8 +360,12 @@ mod tests {
         }
         let mut portable = vec![0f32; 100];
         for p in 0..2 {
-            let cols = 64.min(100 - p * 64);
-            unsafe { Kernel::Portable.run(1, &xs[..96], 96, &packed.panels[p * 96 * PANEL..(p + 1) * 96 * PANEL], None, &[], portable.as_mut_ptr().add(p * 64), 100, cols) };
+            let panel = &packed.panels[p * 96 * PANEL..(p + 1) * 96 * PANEL];
+            let y = unsafe { portable.as_mut_ptr().add(p * 64) };
+            let block = Block { rows: 1, x: &xs[..96], k: 96, panel, bias: None, y, y_stride: 100, cols: 64.min(100 - p * 64) };
+            // Two passes over the inputs, as the parallel product makes them.
+            unsafe { Kernel::Portable.run(&block, 0..50, &[]) };
+            unsafe { Kernel::Portable.run(&block, 50..96, &[]) };
         }
         let diff = portable.iter().zip(&all[..100]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(diff < 1e-5, "portable vs detected kernel: {diff}");

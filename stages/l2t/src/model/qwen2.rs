@@ -323,6 +323,9 @@ impl MlpWeights {
 
 /// silu(gate) * up, the MLP's gated activation.
 fn swiglu(gate: Tensor, up: Tensor) -> Result<Tensor> {
+    if gradient_free(&[&gate, &up]) {
+        return super::fused::swiglu(&gate, &up);
+    }
     gate.silu()? * up
 }
 
@@ -493,7 +496,7 @@ impl Attention {
         let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
         let scores = scores.reshape((b, kv, n_rep, t, total))?.broadcast_add(&mask.unsqueeze(2)?)?;
         let probs = if gradient_free(&[&scores]) {
-            candle_nn::ops::softmax_last_dim(&scores)?
+            super::fused::softmax_last_dim(&scores)?
         } else {
             candle_nn::ops::softmax(&scores, D::Minus1)?
         };

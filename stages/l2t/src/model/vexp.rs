@@ -1,6 +1,7 @@
-//! Vectorised exponentials over vocabulary-sized rows: log-sum-exp for scoring and the sampling
-//! weights exp((l - max) / T). libm's scalar `expf` costs a few nanoseconds a value, which over a
-//! 49k-token vocabulary is a large share of a decode step or a scoring pass.
+//! Vectorised exponentials: log-sum-exp and softmax rows, the sampling weights exp((l - max) / T)
+//! and the MLP's silu gate. libm's scalar `expf` costs a few nanoseconds a value (far more on an
+//! underflow), which over vocabulary rows, attention rows and MLP activations was a large share
+//! of a decode step or a scoring pass.
 
 /// Largest value of a row (-inf for an empty row).
 pub fn max(row: &[f32]) -> f32 {
@@ -32,6 +33,48 @@ pub fn exp_scaled(row: &[f32], shift: f32, scale: f32, out: Option<&mut [f32]>) 
     }
 }
 
+/// Softmax of a row, in place.
+pub fn softmax_in_place(row: &mut [f32]) {
+    let m = max(row);
+    let mut exps = vec![0f32; row.len()];
+    let sum = exp_scaled(row, m, 1.0, Some(&mut exps));
+    let inv = 1.0 / sum;
+    for (r, e) in row.iter_mut().zip(&exps) {
+        *r = e * inv;
+    }
+}
+
+/// gate <- silu(gate) * up = gate / (1 + exp(-gate)) * up.
+pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        return unsafe { swiglu_avx512(gate, up) };
+    }
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn swiglu_avx512(gate: &mut [f32], up: &[f32]) {
+    use std::arch::x86_64::*;
+    let n = gate.len().min(up.len());
+    let one = _mm512_set1_ps(1.0);
+    let mut i = 0;
+    while i < n {
+        let lanes = (n - i).min(16);
+        let mask: u16 = if lanes == 16 { u16::MAX } else { (1u16 << lanes) - 1 };
+        let g = _mm512_maskz_loadu_ps(mask, gate.as_ptr().add(i));
+        let u = _mm512_maskz_loadu_ps(mask, up.as_ptr().add(i));
+        let e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        let y = _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), u);
+        _mm512_mask_storeu_ps(gate.as_mut_ptr().add(i), mask, y);
+        i += 16;
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn exp_scaled_avx512(row: &[f32], shift: f32, scale: f32, mut out: Option<&mut [f32]>) -> f32 {
@@ -56,12 +99,14 @@ unsafe fn exp_scaled_avx512(row: &[f32], shift: f32, scale: f32, mut out: Option
 }
 
 /// exp(x) to about 1 ulp: x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for exp(r)
-/// (Cephes' expf coefficients), then scaled by 2^n.
+/// (Cephes' expf coefficients), then scaled by 2^n. Below the smallest normal result it gives 0
+/// (no denormals, which are slow to compute with), above the largest f32 +inf.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
-    let x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.72)), _mm512_set1_ps(-103.0));
+    let normal = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(-87.33));
+    let x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.73)), _mm512_set1_ps(-87.33));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
     let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
     let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
@@ -70,7 +115,7 @@ unsafe fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(coeff));
     }
     let y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0));
-    _mm512_scalef_ps(y, n)
+    _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(y, n))
 }
 
 #[cfg(test)]
@@ -94,7 +139,26 @@ mod tests {
         assert!(((sum as f64 - want_sum) / want_sum).abs() < 1e-5);
         let lse: f64 = row.iter().map(|&l| (l as f64).exp()).sum::<f64>().ln();
         assert!((log_sum_exp(&row) as f64 - lse).abs() < 1e-5);
-        assert_eq!(exp_scaled(&[-200.0, 0.0], 0.0, 1.0, None), 1.0, "underflow gives 0");
+        let mut under = [0f32; 3];
+        exp_scaled(&[-1e9, -88.0, 0.0], 0.0, 1.0, Some(&mut under));
+        assert_eq!(under, [0.0, 0.0, 1.0], "underflow gives 0");
         assert_eq!(log_sum_exp(&[]), f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn softmax_and_swiglu_by_hand() {
+        let mut row = [1.0f32, 2.0, 3.0, -1e9];
+        softmax_in_place(&mut row);
+        let z = 1f32.exp() + 2f32.exp() + 3f32.exp();
+        for (got, want) in row.iter().zip([1f32.exp() / z, 2f32.exp() / z, 3f32.exp() / z, 0.0]) {
+            assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        }
+        let up: Vec<f32> = (0..37).map(|i| i as f32 * 0.1 - 1.0).collect();
+        let mut gate: Vec<f32> = (0..37).map(|i| (i as f32 - 18.0) * 0.7).collect();
+        let want: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
+        swiglu_in_place(&mut gate, &up);
+        for (got, want) in gate.iter().zip(&want) {
+            assert!((got - want).abs() < 1e-5 * want.abs().max(1.0), "{got} vs {want}");
+        }
     }
 }
