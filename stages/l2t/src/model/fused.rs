@@ -1,34 +1,75 @@
-//! Gradient-free kernels over contiguous f32 tensors (sampling and scoring) on the vectorised
-//! exponential: softmax over the last dimension and the MLP's silu(gate) * up. Other dtypes take
-//! candle's own ops.
+//! Fused kernels over f32 CPU tensors, each one pass over its rows instead of candle's chain of
+//! elementwise ops (each with its own buffer, and as many again in the backward pass): softmax
+//! over the last dimension, silu(gate) * up, RMS norm, rotary embedding and the token log-prob
+//! of a target under a row of logits. Each carries its hand-written backward pass, so training
+//! takes the same kernels; the unit tests check values and gradients against the composed ops.
+//! Other dtypes and devices fall back to the composed ops (the callers').
 
 use super::vexp;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-/// Rows handed to one parallel task at least (small rows are not worth a task each).
+/// Values handed to one parallel task at least (small rows are not worth a task each).
 const MIN_TASK_VALUES: usize = 1 << 14;
 
-/// Softmax over the last dimension (no gradient).
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.dtype() != DType::F32 || !x.device().is_cpu() {
-        return candle_nn::ops::softmax_last_dim(x);
-    }
-    x.contiguous()?.apply_op1_no_bwd(&Softmax)
+/// Whether the fused kernels apply: f32 on the CPU.
+pub fn applies(x: &Tensor) -> bool {
+    x.dtype() == DType::F32 && x.device().is_cpu()
 }
 
-/// silu(gate) * up (no gradient).
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+/// silu(gate) * up.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if gate.dtype() != DType::F32 || !gate.device().is_cpu() || gate.shape() != up.shape() {
-        return gate.silu()? * up;
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+/// x / sqrt(mean(x^2) + eps) * weight over the last dimension.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&weight.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+/// Rotary embedding of x (b, heads, t, d) with per-row tables cos, sin (b, t, d / 2): the first
+/// and second halves of each head are rotated as pairs (`rotate_half`, as in transformers).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, _, t, d) = x.dims4()?;
+    if cos.dims() != [b, t, d / 2] || sin.dims() != [b, t, d / 2] {
+        candle_core::bail!("rope: tables {:?} / {:?} do not match x {:?}", cos.dims(), sin.dims(), x.dims());
     }
-    gate.contiguous()?.apply_op2_no_bwd(&up.contiguous()?, &SwiGlu)
+    let table = |x: &Tensor| -> Result<Vec<f32>> { x.flatten_all()?.to_vec1() };
+    x.contiguous()?.apply_op1(Rope { cos: table(cos)?, sin: table(sin)?, t, d })
+}
+
+/// log softmax(logits)[target] over the last dimension: (.., vocab), (..) u32 -> (..).
+pub fn target_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let targets: Vec<u32> = targets.flatten_all()?.to_vec1()?;
+    let vocab = logits.dim(D::Minus1)?;
+    if let Some(bad) = targets.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("target token {bad} is outside the vocabulary ({vocab} rows)");
+    }
+    logits.contiguous()?.apply_op1(TargetLogprob { targets })
 }
 
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else { candle_core::bail!("{op}: f32 input expected") };
     let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("{op}: contiguous input expected") };
     Ok(&data[start..end])
+}
+
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1()
+}
+
+fn like(values: Vec<f32>, t: &Tensor) -> Result<Tensor> {
+    Tensor::from_vec(values, t.shape(), t.device())
+}
+
+/// Rows of `width` values per parallel task.
+fn task_rows(width: usize) -> usize {
+    (MIN_TASK_VALUES / width.max(1)).max(1)
 }
 
 struct Softmax;
@@ -42,9 +83,21 @@ impl CustomOp1 for Softmax {
         let x = contiguous_f32(storage, layout, self.name())?;
         let width = layout.shape().dim(D::Minus1)?.max(1);
         let mut y = x.to_vec();
-        let rows_per_task = (MIN_TASK_VALUES / width).max(1);
-        y.par_chunks_mut(rows_per_task * width).for_each(|rows| rows.chunks_mut(width).for_each(vexp::softmax_in_place));
+        y.par_chunks_mut(task_rows(width) * width).for_each(|rows| rows.chunks_mut(width).for_each(vexp::softmax_in_place));
         Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    /// dx = y * (g - sum(g * y)) per row.
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let width = y.dim(D::Minus1)?.max(1);
+        let (yv, mut gv) = (values(y)?, values(g)?);
+        gv.par_chunks_mut(task_rows(width) * width).zip(yv.par_chunks(task_rows(width) * width)).for_each(|(gs, ys)| {
+            for (g, y) in gs.chunks_mut(width).zip(ys.chunks(width)) {
+                let dot: f32 = g.iter().zip(y).map(|(a, b)| a * b).sum();
+                g.iter_mut().zip(y).for_each(|(g, &y)| *g = y * (*g - dot));
+            }
+        });
+        Ok(Some(like(gv, y)?))
     }
 }
 
@@ -56,26 +109,233 @@ impl CustomOp2 for SwiGlu {
     }
 
     fn cpu_fwd(&self, gate: &CpuStorage, gate_layout: &Layout, up: &CpuStorage, up_layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        if gate_layout.shape() != up_layout.shape() {
+            candle_core::bail!("swiglu: gate {:?} and up {:?} differ", gate_layout.shape(), up_layout.shape());
+        }
         let mut y = contiguous_f32(gate, gate_layout, self.name())?.to_vec();
         let up = contiguous_f32(up, up_layout, self.name())?;
         y.par_chunks_mut(MIN_TASK_VALUES).zip(up.par_chunks(MIN_TASK_VALUES)).for_each(|(g, u)| vexp::swiglu_in_place(g, u));
         Ok((CpuStorage::F32(y), gate_layout.shape().clone()))
+    }
+
+    /// d gate = g * up * s * (1 + gate * (1 - s)), d up = g * gate * s, with s = sigmoid(gate).
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (mut a, mut u, gv) = (values(gate)?, values(up)?, values(g)?);
+        a.par_chunks_mut(MIN_TASK_VALUES).zip(u.par_chunks_mut(MIN_TASK_VALUES)).zip(gv.par_chunks(MIN_TASK_VALUES)).for_each(|((a, u), g)| {
+            for ((a, u), &g) in a.iter_mut().zip(u.iter_mut()).zip(g) {
+                let s = 1.0 / (1.0 + (-*a).exp());
+                let (d_gate, d_up) = (g * *u * s * (1.0 + *a * (1.0 - s)), g * *a * s);
+                (*a, *u) = (d_gate, d_up);
+            }
+        });
+        Ok((Some(like(a, gate)?), Some(like(u, up)?)))
+    }
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl RmsNorm {
+    /// 1 / sqrt(mean(x^2) + eps) of one row.
+    fn inv_rms(&self, row: &[f32]) -> f32 {
+        let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / row.len().max(1) as f32;
+        1.0 / (mean_sq + self.eps).sqrt()
+    }
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout, w: &CpuStorage, w_layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let width = x_layout.shape().dim(D::Minus1)?;
+        let w = contiguous_f32(w, w_layout, self.name())?;
+        if w.len() != width {
+            candle_core::bail!("rms-norm: weight of {} values for rows of {width}", w.len());
+        }
+        let mut y = contiguous_f32(x, x_layout, self.name())?.to_vec();
+        y.par_chunks_mut(task_rows(width) * width).for_each(|rows| {
+            for row in rows.chunks_mut(width) {
+                let r = self.inv_rms(row);
+                row.iter_mut().zip(w).for_each(|(v, &w)| *v *= r * w);
+            }
+        });
+        Ok((CpuStorage::F32(y), x_layout.shape().clone()))
+    }
+
+    /// dx = r * g * w - x * r^3 * sum(g * w * x) / n, dw = sum over rows of g * x * r.
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let width = w.dim(0)?;
+        let (xv, wv, mut gv) = (values(x)?, values(w)?, values(g)?);
+        let chunk = task_rows(width) * width;
+        let dw = gv
+            .par_chunks_mut(chunk)
+            .zip(xv.par_chunks(chunk))
+            .map(|(gs, xs)| {
+                let mut dw = vec![0f32; width];
+                for (g, x) in gs.chunks_mut(width).zip(xs.chunks(width)) {
+                    let r = self.inv_rms(x);
+                    let dot: f32 = g.iter().zip(&wv).zip(x).map(|((g, w), x)| g * w * x).sum();
+                    let k = r * r * r * dot / width as f32;
+                    for (((g, &w), &x), dw) in g.iter_mut().zip(&wv).zip(x).zip(dw.iter_mut()) {
+                        *dw += *g * x * r;
+                        *g = r * *g * w - x * k;
+                    }
+                }
+                dw
+            })
+            .reduce(|| vec![0f32; width], |a, b| a.iter().zip(&b).map(|(a, b)| a + b).collect());
+        Ok((Some(like(gv, x)?), Some(like(dw, w)?)))
+    }
+}
+
+struct Rope {
+    /// (b, t, d / 2) tables.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    t: usize,
+    d: usize,
+}
+
+impl Rope {
+    /// y1 = x1 cos - sign * x2 sin, y2 = sign * x1 sin + x2 cos per head position; the backward
+    /// pass is the same rotation with sign -1.
+    fn rotate(&self, x: &mut [f32], heads: usize, sign: f32) {
+        let (t, d, half) = (self.t, self.d, self.d / 2);
+        x.par_chunks_mut(t * d).with_min_len(task_rows(t * d)).enumerate().for_each(|(bh, head)| {
+            let b = bh / heads;
+            for (p, v) in head.chunks_mut(d).enumerate() {
+                let at = (b * t + p) * half;
+                let (cos, sin) = (&self.cos[at..at + half], &self.sin[at..at + half]);
+                let (x1, x2) = v.split_at_mut(half);
+                for i in 0..half {
+                    let (a, c) = (x1[i], x2[i]);
+                    x1[i] = a * cos[i] - sign * c * sin[i];
+                    x2[i] = sign * a * sin[i] + c * cos[i];
+                }
+            }
+        });
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, heads, _, _) = layout.shape().dims4()?;
+        let mut y = contiguous_f32(storage, layout, self.name())?.to_vec();
+        self.rotate(&mut y, heads, 1.0);
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let (_, heads, _, _) = x.dims4()?;
+        let mut gv = values(g)?;
+        self.rotate(&mut gv, heads, -1.0);
+        Ok(Some(like(gv, x)?))
+    }
+}
+
+struct TargetLogprob {
+    targets: Vec<u32>,
+}
+
+impl CustomOp1 for TargetLogprob {
+    fn name(&self) -> &'static str {
+        "target-logprob"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let logits = contiguous_f32(storage, layout, self.name())?;
+        let dims = layout.dims();
+        let vocab = *dims.last().unwrap_or(&1);
+        if logits.len() != self.targets.len() * vocab {
+            candle_core::bail!("target-logprob: {} targets for logits {dims:?}", self.targets.len());
+        }
+        let y: Vec<f32> =
+            logits.par_chunks(vocab).zip(self.targets.par_iter()).map(|(row, &t)| row[t as usize] - vexp::log_sum_exp(row)).collect();
+        Ok((CpuStorage::F32(y), Shape::from(&dims[..dims.len() - 1])))
+    }
+
+    /// d logits = g * (onehot(target) - softmax(logits)) per row.
+    fn bwd(&self, logits: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let vocab = logits.dim(D::Minus1)?;
+        let (mut grad, gv) = (values(logits)?, values(g)?);
+        grad.par_chunks_mut(vocab).zip(gv.par_iter()).zip(self.targets.par_iter()).for_each(|((row, &g), &t)| {
+            vexp::softmax_in_place(row);
+            row.iter_mut().for_each(|p| *p *= -g);
+            row[t as usize] += g;
+        });
+        Ok(Some(like(grad, logits)?))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{Device, Var};
 
-    /// The fused kernels agree with candle's composed ops on tensors wider than one task.
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// Values and gradients (of a random linear function of the output) of a fused op and its
+    /// composed twin agree.
+    fn check(inputs: &[Tensor], fused: impl Fn(&[Tensor]) -> Tensor, composed: impl Fn(&[Tensor]) -> Tensor, tol: f32) {
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let (a, b) = (fused(&ts), composed(&ts));
+        assert!(max_diff(&a, &b) < tol, "values differ by {}", max_diff(&a, &b));
+        let probe = Tensor::randn(0f32, 1.0, a.shape(), a.device()).unwrap();
+        let (ga, gb) = ((&a * &probe).unwrap().sum_all().unwrap().backward().unwrap(), (&b * &probe).unwrap().sum_all().unwrap().backward().unwrap());
+        for (i, v) in vars.iter().enumerate() {
+            let (x, y) = (ga.get(v.as_tensor()).unwrap(), gb.get(v.as_tensor()).unwrap());
+            assert!(max_diff(x, y) < tol * 10.0, "gradient of input {i} differs by {}", max_diff(x, y));
+        }
+    }
+
     #[test]
-    fn fused_kernels_match_candle() {
+    fn fused_ops_match_composed_values_and_gradients() {
         let dev = Device::Cpu;
-        let x = (Tensor::randn(0f32, 3.0, (3, 40, 300), &dev).unwrap()).contiguous().unwrap();
-        let y = Tensor::randn(0f32, 1.0, (3, 40, 300), &dev).unwrap();
-        let max_diff = |a: Tensor, b: Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(max_diff(softmax_last_dim(&x).unwrap(), candle_nn::ops::softmax(&x, D::Minus1).unwrap()) < 1e-6);
-        assert!(max_diff(swiglu(&x, &y).unwrap(), (x.silu().unwrap() * &y).unwrap()) < 1e-5);
+        let randn = |shape: &[usize], std: f32| Tensor::randn(0f32, std, shape, &dev).unwrap();
+        check(&[randn(&[3, 40, 300], 3.0)], |t| softmax_last_dim(&t[0]).unwrap(), |t| candle_nn::ops::softmax(&t[0], D::Minus1).unwrap(), 1e-6);
+        check(
+            &[randn(&[2, 70, 300], 2.0), randn(&[2, 70, 300], 1.0)],
+            |t| swiglu(&t[0], &t[1]).unwrap(),
+            |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
+            1e-5,
+        );
+        check(
+            &[randn(&[2, 50, 96], 1.5), randn(&[96], 1.0)],
+            |t| rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+            |t| {
+                let ms = t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                t[0].broadcast_div(&(ms + 1e-5).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&t[1]).unwrap()
+            },
+            1e-5,
+        );
+        let (cos, sin) = (randn(&[2, 5, 4], 1.0), randn(&[2, 5, 4], 1.0));
+        check(
+            &[randn(&[2, 3, 5, 8], 1.0)],
+            |t| rope(&t[0], &cos, &sin).unwrap(),
+            |t| {
+                let full = |c: &Tensor| Tensor::cat(&[c, c], D::Minus1).unwrap().unsqueeze(1).unwrap();
+                let (x1, x2) = (t[0].narrow(D::Minus1, 0, 4).unwrap(), t[0].narrow(D::Minus1, 4, 4).unwrap());
+                let rotated = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
+                (t[0].broadcast_mul(&full(&cos)).unwrap() + rotated.broadcast_mul(&full(&sin)).unwrap()).unwrap()
+            },
+            1e-5,
+        );
+        let targets = Tensor::from_vec((0..42u32).map(|i| (i * 37) % 500).collect::<Vec<_>>(), (6, 7), &dev).unwrap();
+        check(
+            &[randn(&[6, 7, 500], 4.0)],
+            |t| target_logprobs(&t[0], &targets).unwrap(),
+            |t| candle_nn::ops::log_softmax(&t[0], D::Minus1).unwrap().gather(&targets.unsqueeze(2).unwrap(), 2).unwrap().squeeze(2).unwrap(),
+            1e-5,
+        );
     }
 }

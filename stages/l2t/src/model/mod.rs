@@ -250,9 +250,12 @@ pub fn save_checkpoint(
 /// log p(target) under logits: (b, t, vocab), (b, t) u32 -> (b, t). Differentiable.
 ///
 /// The target's logit minus the log-sum-exp of its row ("selective log-softmax"): the full
-/// log-softmax over the vocabulary is never materialised, which saves a (b, t, vocab) buffer in
-/// the forward pass and another in the backward pass.
+/// log-softmax over the vocabulary is never materialised. In f32 on the CPU one fused kernel
+/// does it (its backward pass writes the one (b, t, vocab) gradient); otherwise composed ops.
 pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    if fused::applies(logits) {
+        return fused::target_logprobs(logits, targets);
+    }
     // The shift keeps exp in range; log-sum-exp does not depend on it, so no gradient flows to it.
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?;

@@ -1,12 +1,14 @@
 //! A Qwen2-family decoder (Qwen2 with q/k/v bias; Llama / SmolLM without; Qwen3 with q/k norm),
-//! after `candle-transformers/src/models/qwen2.rs`. While gradients are tracked it runs
-//! differentiable ops only: composed RMS norm, rotary embedding and softmax (the fused candle
-//! kernels drop gradients, design.md "candle cautions"). Without gradients (sampling, scoring) it
-//! runs the fused kernels and, once [`Model::pack_for_inference`] has run, packed projections.
+//! after `candle-transformers/src/models/qwen2.rs`. In f32 on the CPU, RMS norm, rotary
+//! embedding, softmax and the gated MLP activation run as our fused kernels, which carry their
+//! own backward passes (candle's fused kernels drop gradients, design.md "candle cautions");
+//! other dtypes (the penalty's f64 tail) take the composed ops. Without gradients (sampling,
+//! scoring) the projections run packed, once [`Model::pack_for_inference`] has run.
 //!
 //! Every forward takes explicit per-row positions and an additive attention mask, so one batch can
 //! hold prompts of different lengths (left padding) and decode from a KV cache.
 
+use super::fused;
 use super::packed::PackedLinear;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
@@ -229,7 +231,7 @@ impl Proj {
     }
 }
 
-/// RMS norm from differentiable ops (`candle_nn::RmsNorm::forward` may take the fused path).
+/// RMS norm (`candle_nn::RmsNorm::forward` may take candle's fused path, which drops gradients).
 #[derive(Debug, Clone)]
 struct RmsNorm {
     weight: Tensor,
@@ -242,8 +244,8 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.dtype() == DType::F32 && gradient_free(&[x, &self.weight]) {
-            return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32);
+        if fused::applies(x) {
+            return fused::rms_norm(x, &self.weight, self.eps);
         }
         let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
         x.broadcast_div(&(mean_sq + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)
@@ -275,8 +277,8 @@ impl RotaryEmbedding {
         let half = head_dim / 2;
         let flat = positions.flatten_all()?;
         let rows = |table: &Tensor| table.index_select(&flat, 0)?.reshape((b, t, half));
-        if gradient_free(&[x, &self.cos]) {
-            return candle_nn::rotary_emb::rope(&x.contiguous()?, &rows(&self.cos)?, &rows(&self.sin)?);
+        if fused::applies(x) {
+            return fused::rope(x, &rows(&self.cos)?, &rows(&self.sin)?);
         }
         let gather = |table: &Tensor| -> Result<Tensor> {
             let g = rows(table)?.unsqueeze(1)?;
@@ -323,8 +325,8 @@ impl MlpWeights {
 
 /// silu(gate) * up, the MLP's gated activation.
 fn swiglu(gate: Tensor, up: Tensor) -> Result<Tensor> {
-    if gradient_free(&[&gate, &up]) {
-        return super::fused::swiglu(&gate, &up);
+    if fused::applies(&gate) {
+        return fused::swiglu(&gate, &up);
     }
     gate.silu()? * up
 }
@@ -495,8 +497,8 @@ impl Attention {
         let q = q.reshape((b, kv, n_rep * t, self.head_dim))?;
         let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
         let scores = scores.reshape((b, kv, n_rep, t, total))?.broadcast_add(&mask.unsqueeze(2)?)?;
-        let probs = if gradient_free(&[&scores]) {
-            super::fused::softmax_last_dim(&scores)?
+        let probs = if fused::applies(&scores) {
+            fused::softmax_last_dim(&scores)?
         } else {
             candle_nn::ops::softmax(&scores, D::Minus1)?
         };
