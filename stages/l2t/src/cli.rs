@@ -28,6 +28,7 @@ impl Common {
 
 /// Runs a binary's body; on error prints `name: error: context: cause` and exits 1.
 pub fn run_main(name: &str, body: impl FnOnce() -> Result<()>) {
+    crate::keep_freed_memory();
     if let Err(e) = body() {
         // A closed pipe (e.g. `| head`) is not a failure.
         if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {

@@ -22,6 +22,16 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Softmax)
 }
 
+/// softmax(x * scale + mask) over the last dimension for attention scores x (b, heads, t, total)
+/// under an additive mask (b, 1, t, total) shared by the heads (no gradient flows to the mask).
+pub fn masked_softmax(x: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, heads, t, total) = x.dims4()?;
+    if mask.dims() != [b, 1, t, total] {
+        candle_core::bail!("masked softmax: mask {:?} for scores {:?}", mask.dims(), x.dims());
+    }
+    x.contiguous()?.apply_op1(MaskedSoftmax { mask: values(mask)?, scale: scale as f32, heads, t, total })
+}
+
 /// silu(gate) * up.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
@@ -87,17 +97,63 @@ impl CustomOp1 for Softmax {
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
-    /// dx = y * (g - sum(g * y)) per row.
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let width = y.dim(D::Minus1)?.max(1);
-        let (yv, mut gv) = (values(y)?, values(g)?);
-        gv.par_chunks_mut(task_rows(width) * width).zip(yv.par_chunks(task_rows(width) * width)).for_each(|(gs, ys)| {
-            for (g, y) in gs.chunks_mut(width).zip(ys.chunks(width)) {
-                let dot: f32 = g.iter().zip(y).map(|(a, b)| a * b).sum();
-                g.iter_mut().zip(y).for_each(|(g, &y)| *g = y * (*g - dot));
+        softmax_backward(y, g, 1.0).map(Some)
+    }
+}
+
+/// The gradient of softmax(scale * x) given its output y and the output's gradient g:
+/// scale * y * (g - sum(g * y)) per row.
+fn softmax_backward(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
+    let width = y.dim(D::Minus1)?.max(1);
+    let (yv, mut gv) = (values(y)?, values(g)?);
+    gv.par_chunks_mut(task_rows(width) * width).zip(yv.par_chunks(task_rows(width) * width)).for_each(|(gs, ys)| {
+        for (g, y) in gs.chunks_mut(width).zip(ys.chunks(width)) {
+            let dot: f32 = g.iter().zip(y).map(|(a, b)| a * b).sum();
+            g.iter_mut().zip(y).for_each(|(g, &y)| *g = scale * y * (*g - dot));
+        }
+    });
+    like(gv, y)
+}
+
+struct MaskedSoftmax {
+    /// (b, t, total) additive mask.
+    mask: Vec<f32>,
+    scale: f32,
+    heads: usize,
+    t: usize,
+    total: usize,
+}
+
+impl MaskedSoftmax {
+    /// The mask row of score row `r` (rows ordered batch, head, query).
+    fn mask_row(&self, r: usize) -> &[f32] {
+        let (batch, query) = (r / (self.heads * self.t), r % self.t);
+        let at = (batch * self.t + query) * self.total;
+        &self.mask[at..at + self.total]
+    }
+}
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let width = self.total.max(1);
+        let mut y = contiguous_f32(storage, layout, self.name())?.to_vec();
+        let rows = task_rows(width);
+        y.par_chunks_mut(rows * width).enumerate().for_each(|(task, chunk)| {
+            for (i, row) in chunk.chunks_mut(width).enumerate() {
+                row.iter_mut().zip(self.mask_row(task * rows + i)).for_each(|(v, &m)| *v = *v * self.scale + m);
+                vexp::softmax_in_place(row);
             }
         });
-        Ok(Some(like(gv, y)?))
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        softmax_backward(y, g, self.scale).map(Some)
     }
 }
 
@@ -303,6 +359,13 @@ mod tests {
         let dev = Device::Cpu;
         let randn = |shape: &[usize], std: f32| Tensor::randn(0f32, std, shape, &dev).unwrap();
         check(&[randn(&[3, 40, 300], 3.0)], |t| softmax_last_dim(&t[0]).unwrap(), |t| candle_nn::ops::softmax(&t[0], D::Minus1).unwrap(), 1e-6);
+        let mask = crate::model::qwen2::padded_mask(&[0, 3], 2, 5, &dev).unwrap();
+        check(
+            &[randn(&[2, 3, 5, 7], 3.0)],
+            |t| masked_softmax(&t[0], &mask, 0.125).unwrap(),
+            |t| candle_nn::ops::softmax(&(&t[0] * 0.125).unwrap().broadcast_add(&mask).unwrap(), D::Minus1).unwrap(),
+            1e-6,
+        );
         check(
             &[randn(&[2, 70, 300], 2.0), randn(&[2, 70, 300], 1.0)],
             |t| swiglu(&t[0], &t[1]).unwrap(),

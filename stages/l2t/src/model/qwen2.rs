@@ -495,11 +495,11 @@ impl Attention {
         // view of q (its heads are ordered kv head by kv head).
         let (kv, n_rep, total) = (self.num_kv_heads, self.num_heads / self.num_kv_heads, k.dim(2)?);
         let q = q.reshape((b, kv, n_rep * t, self.head_dim))?;
-        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-        let scores = scores.reshape((b, kv, n_rep, t, total))?.broadcast_add(&mask.unsqueeze(2)?)?;
+        let (scores, scale) = (q.matmul(&k.t()?)?, 1.0 / (self.head_dim as f64).sqrt());
         let probs = if fused::applies(&scores) {
-            fused::softmax_last_dim(&scores)?
+            fused::masked_softmax(&scores.reshape((b, self.num_heads, t, total))?, mask, scale)?
         } else {
+            let scores = (scores * scale)?.reshape((b, kv, n_rep, t, total))?.broadcast_add(&mask.unsqueeze(2)?)?;
             candle_nn::ops::softmax(&scores, D::Minus1)?
         };
         let y = probs.reshape((b, kv, n_rep * t, total))?.matmul(&v)?.reshape((b, self.num_heads, t, self.head_dim))?;
