@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWParams {
@@ -35,8 +35,9 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(vars: Vec<(String, Var)>, params: AdamWParams) -> Result<Self> {
-        let m = vars.iter().map(|(_, v)| v.as_tensor().zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
-        let v = m.clone();
+        // Separate buffers: the step updates them in place.
+        let zeros = || vars.iter().map(|(_, v)| v.as_tensor().zeros_like()).collect::<candle_core::Result<Vec<_>>>();
+        let (m, v) = (zeros()?, zeros()?);
         Ok(Self { vars, m, v, step: 0, params })
     }
 
@@ -45,12 +46,18 @@ impl AdamW {
         self.vars.iter().map(|(_, v)| store.get(v.as_tensor()).cloned()).collect()
     }
 
-    /// Adds one backward pass's gradients into an accumulator (gradient accumulation).
+    /// Adds one backward pass's gradients into an accumulator (gradient accumulation), in place
+    /// for f32 CPU tensors (into a copy of the first pass's gradients, which the store owns).
     pub fn accumulate(&self, acc: &mut Grads, store: &GradStore) -> Result<()> {
         acc.resize(self.vars.len(), None);
         for (slot, g) in acc.iter_mut().zip(self.grads_of(store)) {
             *slot = match (slot.take(), g) {
+                (Some(a), Some(g)) if in_place(&a) => {
+                    a.inplace_op2(&g, &Fused::AddAssign)?;
+                    Some(a)
+                }
                 (Some(a), Some(g)) => Some((a + g)?),
+                (None, Some(g)) if in_place(&g) => Some(g.copy()?),
                 (a, g) => a.or(g),
             };
         }
@@ -74,13 +81,91 @@ impl AdamW {
         let (bias1, bias2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
         for (i, (name, var)) in self.vars.iter().enumerate() {
             let Some(g) = grads.get(i).and_then(Option::as_ref) else { continue };
+            let decay = if var.rank() >= 2 { 1.0 - lr * weight_decay } else { 1.0 };
+            if in_place(var.as_tensor()) {
+                // One pass per buffer, no allocation: the same formulas as below.
+                let f = |x: f64| x as f32;
+                self.m[i].inplace_op2(g, &Fused::Moment { beta: f(beta1), scale: f(grad_scale), square: false })?;
+                self.v[i].inplace_op2(g, &Fused::Moment { beta: f(beta2), scale: f(grad_scale), square: true })?;
+                let update = Fused::Update { lr: f(lr), decay: f(decay), bias1: f(bias1), bias2: f(bias2), eps: f(eps) };
+                var.as_tensor().inplace_op3(&self.m[i], &self.v[i], &update).with_context(|| format!("updating {name}"))?;
+                continue;
+            }
             let g = (g * grad_scale)?;
             self.m[i] = ((&self.m[i] * beta1)? + (&g * (1.0 - beta1))?)?;
             self.v[i] = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
             let update = ((&self.m[i] / bias1)? / ((&self.v[i] / bias2)?.sqrt()? + eps)?)?;
-            let theta = var.as_tensor().detach();
-            let decayed = if var.rank() >= 2 { (&theta * (1.0 - lr * weight_decay))? } else { theta };
+            let decayed = (var.as_tensor().detach() * decay)?;
             var.set(&(decayed - (update * lr)?)?).with_context(|| format!("updating {name}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether a buffer takes the in-place kernels: f32, on the CPU, contiguous.
+fn in_place(t: &Tensor) -> bool {
+    t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous()
+}
+
+/// The optimizer's elementwise updates, in place over contiguous f32 CPU buffers.
+enum Fused {
+    /// dst += g.
+    AddAssign,
+    /// dst = beta * dst + (1 - beta) * (scale * g), or (scale * g)^2 when `square`.
+    Moment { beta: f32, scale: f32, square: bool },
+    /// theta = decay * theta - lr * (m / bias1) / (sqrt(v / bias2) + eps).
+    Update { lr: f32, decay: f32, bias1: f32, bias2: f32, eps: f32 },
+}
+
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
+        _ => candle_core::bail!("optimizer kernels take contiguous f32 buffers"),
+    }
+}
+
+fn f32_slice_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&mut data[start..end]),
+        _ => candle_core::bail!("optimizer kernels take contiguous f32 buffers"),
+    }
+}
+
+impl InplaceOp2 for Fused {
+    fn name(&self) -> &'static str {
+        "adamw-inplace"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, g: &CpuStorage, g_l: &Layout) -> candle_core::Result<()> {
+        let (dst, g) = (f32_slice_mut(dst, dst_l)?, f32_slice(g, g_l)?);
+        if dst.len() != g.len() {
+            candle_core::bail!("optimizer kernels: {} values and a gradient of {}", dst.len(), g.len());
+        }
+        match *self {
+            Fused::AddAssign => dst.iter_mut().zip(g).for_each(|(a, g)| *a += g),
+            Fused::Moment { beta, scale, square } => dst.iter_mut().zip(g).for_each(|(m, &g)| {
+                let g = scale * g;
+                *m = beta * *m + (1.0 - beta) * if square { g * g } else { g };
+            }),
+            Fused::Update { .. } => candle_core::bail!("the update reads two moments"),
+        }
+        Ok(())
+    }
+}
+
+impl InplaceOp3 for Fused {
+    fn name(&self) -> &'static str {
+        "adamw-inplace"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, m: &CpuStorage, m_l: &Layout, v: &CpuStorage, v_l: &Layout) -> candle_core::Result<()> {
+        let Fused::Update { lr, decay, bias1, bias2, eps } = *self else { candle_core::bail!("only the update reads two moments") };
+        let (theta, m, v) = (f32_slice_mut(dst, dst_l)?, f32_slice(m, m_l)?, f32_slice(v, v_l)?);
+        if theta.len() != m.len() || theta.len() != v.len() {
+            candle_core::bail!("optimizer kernels: {} values, moments of {} and {}", theta.len(), m.len(), v.len());
+        }
+        for ((t, &m), &v) in theta.iter_mut().zip(m).zip(v) {
+            *t = decay * *t - lr * ((m / bias1) / ((v / bias2).sqrt() + eps));
         }
         Ok(())
     }
@@ -134,5 +219,32 @@ mod tests {
         assert!((AdamW::grad_norm(&acc).unwrap() - 10.0).abs() < 1e-5);
         assert!((clip_scale(5.0, 1.0) - 0.2).abs() < 1e-6);
         assert_eq!(clip_scale(0.5, 1.0), 1.0);
+    }
+
+    /// The in-place f32 kernels take the same steps as the composed ops (run here in f64).
+    #[test]
+    fn in_place_steps_match_the_composed_ones() {
+        let dev = Device::Cpu;
+        let init: Vec<f32> = (0..12).map(|i| (i as f32 * 0.7).sin()).collect();
+        let target = Tensor::from_vec((0..12).map(|i| (i as f32 * 1.3).cos()).collect::<Vec<f32>>(), (3, 4), &dev).unwrap();
+        let run = |dtype: DType| -> Vec<f32> {
+            let w = Var::from_tensor(&Tensor::from_vec(init.clone(), (3, 4), &dev).unwrap().to_dtype(dtype).unwrap()).unwrap();
+            let mut opt = AdamW::new(vec![("w".into(), w.clone())], AdamWParams { weight_decay: 0.1, ..Default::default() }).unwrap();
+            for step in 0..4 {
+                let mut acc = Grads::new();
+                for _ in 0..2 {
+                    let diff = (w.as_tensor() - target.to_dtype(dtype).unwrap()).unwrap();
+                    let grads = diff.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                    opt.accumulate(&mut acc, &grads).unwrap();
+                }
+                opt.step(&acc, 0.05, 0.5 + 0.1 * step as f64).unwrap();
+            }
+            w.as_tensor().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let (fused, composed) = (run(DType::F32), run(DType::F64));
+        for (a, b) in fused.iter().zip(&composed) {
+            assert!((a - b).abs() < 1e-5, "{fused:?} vs {composed:?}");
+        }
+        assert!(fused.iter().zip(&init).any(|(a, b)| (a - b).abs() > 0.05), "the steps moved the weights");
     }
 }
