@@ -119,7 +119,8 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
         })?;
         bar.finish_and_clear();
         let seconds = started.elapsed().as_secs_f64();
-        let updated = model::build_model(&policy.cfg, &weights, &ctx.device)?;
+        let mut updated = model::build_model(&policy.cfg, &weights, &ctx.device)?;
+        updated.pack_for_inference()?;
         let loss_after = grpo::batch_loss(&seqs, &response_logprobs(&updated, &pairs, pad, SCORE_ROWS)?, &params);
 
         model::save_checkpoint(staging, &policy.cfg, &weights, &policy.tokenizer, &policy.tokenizer_config)?;
