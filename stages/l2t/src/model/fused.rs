@@ -63,10 +63,18 @@ pub fn target_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     logits.contiguous()?.apply_op1(TargetLogprob { targets })
 }
 
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+/// The values of a contiguous f32 CPU buffer (the custom ops' inputs).
+pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else { candle_core::bail!("{op}: f32 input expected") };
     let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("{op}: contiguous input expected") };
     Ok(&data[start..end])
+}
+
+/// [`contiguous_f32`], writable (the in-place ops' destination).
+pub(crate) fn contiguous_f32_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout, op: &str) -> Result<&'a mut [f32]> {
+    let CpuStorage::F32(data) = storage else { candle_core::bail!("{op}: f32 input expected") };
+    let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("{op}: contiguous input expected") };
+    Ok(&mut data[start..end])
 }
 
 fn values(t: &Tensor) -> Result<Vec<f32>> {

@@ -306,21 +306,15 @@ impl CustomOp1 for &PackedLinear {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("packed-linear: f32 input expected");
+        let x = super::fused::contiguous_f32(storage, layout, self.name())?;
+        let Some((&n_in, lead)) = layout.dims().split_last() else {
+            candle_core::bail!("packed-linear: a scalar input");
         };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("packed-linear: contiguous input expected");
-        };
-        let dims = layout.dims();
-        let n_in = *dims.last().unwrap_or(&0);
         if n_in != self.n_in {
             candle_core::bail!("packed-linear: input width {n_in}, weights expect {}", self.n_in);
         }
-        let rows = dims[..dims.len() - 1].iter().product();
-        let y = self.matmul(&data[start..end], rows);
-        let mut shape = dims.to_vec();
-        *shape.last_mut().expect("checked above") = self.n_out;
+        let y = self.matmul(x, lead.iter().product());
+        let shape: Vec<usize> = lead.iter().copied().chain([self.n_out]).collect();
         Ok((CpuStorage::F32(y), Shape::from(shape)))
     }
 }

@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
+use crate::model::fused::{contiguous_f32, contiguous_f32_mut};
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -117,27 +118,13 @@ enum Fused {
     Update { lr: f32, decay: f32, bias1: f32, bias2: f32, eps: f32 },
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => candle_core::bail!("optimizer kernels take contiguous f32 buffers"),
-    }
-}
-
-fn f32_slice_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout) -> candle_core::Result<&'a mut [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&mut data[start..end]),
-        _ => candle_core::bail!("optimizer kernels take contiguous f32 buffers"),
-    }
-}
-
 impl InplaceOp2 for Fused {
     fn name(&self) -> &'static str {
         "adamw-inplace"
     }
 
     fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, g: &CpuStorage, g_l: &Layout) -> candle_core::Result<()> {
-        let (dst, g) = (f32_slice_mut(dst, dst_l)?, f32_slice(g, g_l)?);
+        let (dst, g) = (contiguous_f32_mut(dst, dst_l, "adamw")?, contiguous_f32(g, g_l, "adamw")?);
         if dst.len() != g.len() {
             candle_core::bail!("optimizer kernels: {} values and a gradient of {}", dst.len(), g.len());
         }
@@ -160,7 +147,7 @@ impl InplaceOp3 for Fused {
 
     fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, m: &CpuStorage, m_l: &Layout, v: &CpuStorage, v_l: &Layout) -> candle_core::Result<()> {
         let Fused::Update { lr, decay, bias1, bias2, eps } = *self else { candle_core::bail!("only the update reads two moments") };
-        let (theta, m, v) = (f32_slice_mut(dst, dst_l)?, f32_slice(m, m_l)?, f32_slice(v, v_l)?);
+        let (theta, m, v) = (contiguous_f32_mut(dst, dst_l, "adamw")?, contiguous_f32(m, m_l, "adamw")?, contiguous_f32(v, v_l, "adamw")?);
         if theta.len() != m.len() || theta.len() != v.len() {
             candle_core::bail!("optimizer kernels: {} values, moments of {} and {}", theta.len(), m.len(), v.len());
         }
