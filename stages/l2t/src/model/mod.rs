@@ -423,6 +423,27 @@ mod tests {
     }
 
     #[test]
+    fn packed_inference_matches_the_trainable_model() {
+        // Qwen2-style biases, and more rows than one chunk of the packed head's log-probs.
+        let mut cfg = test_config(48, 80, 2, 4, 2);
+        cfg.attention_bias = Some(true);
+        cfg.max_position_embeddings = 200;
+        let dev = Device::Cpu;
+        let weights = init_weights(&cfg, 4, &dev).unwrap();
+        let trainable = build_model(&cfg, &weights, &dev).unwrap();
+        let mut packed = build_model(&cfg, &weights, &dev).unwrap();
+        packed.pack_for_inference().unwrap();
+        let seqs: Vec<Vec<u32>> = (0..3u32).map(|r| (0..150).map(|i| (i * 7 + r * 31) % 300).collect()).collect();
+        let pairs: Vec<(&[u32], &[u32])> = seqs.iter().map(|s| (&s[..5], &s[5..])).collect();
+        let batch = TeacherForced::new(&pairs, 0, &dev).unwrap();
+        let max_diff = |a: Tensor, b: Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let logits = |m: &Model| m.forward(&batch.inputs, &batch.positions, &batch.mask, None).unwrap();
+        assert!(max_diff(logits(&trainable), logits(&packed)) < 1e-5);
+        let want = token_logprobs(&logits(&trainable), &batch.targets).unwrap();
+        assert!(max_diff(batch.logprobs(&packed).unwrap(), want) < 1e-5);
+    }
+
+    #[test]
     fn checkpoint_round_trip_gives_identical_logits() {
         let cfg = small_cfg();
         let dev = Device::Cpu;
