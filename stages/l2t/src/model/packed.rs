@@ -77,6 +77,9 @@ impl PackedLinear {
     /// a time, so the (rows, vocabulary) logits are never held at once.
     pub fn target_logprobs(&self, x: &[f32], targets: &[u32]) -> Result<Vec<f32>> {
         const CHUNK: usize = 4 * ROW_CHUNK;
+        if x.len() != targets.len() * self.n_in {
+            candle_core::bail!("{} input values for {} targets of width {}", x.len(), targets.len(), self.n_in);
+        }
         if let Some(bad) = targets.iter().find(|&&t| t as usize >= self.n_out) {
             candle_core::bail!("target token {bad} is outside the vocabulary ({} rows)", self.n_out);
         }
@@ -95,8 +98,9 @@ impl PackedLinear {
     /// [`Self::matmul`] into a caller's buffer of `rows * out` values.
     pub fn matmul_into(&self, x: &[f32], rows: usize, y: &mut [f32]) {
         let (k, n) = (self.n_in, self.n_out);
-        debug_assert_eq!(x.len(), rows * k);
-        debug_assert_eq!(y.len(), rows * n);
+        // The kernels read and write through raw pointers: the lengths are checked, not assumed.
+        assert_eq!(x.len(), rows * k, "packed matmul: input length");
+        assert_eq!(y.len(), rows * n, "packed matmul: output length");
         if rows == 0 || n == 0 {
             return;
         }
