@@ -1,6 +1,6 @@
 //! Fused kernels over f32 CPU tensors, each one pass over its rows instead of candle's chain of
-//! elementwise ops (each with its own buffer, and as many again in the backward pass): softmax
-//! over the last dimension, silu(gate) * up, RMS norm, rotary embedding and the token log-prob
+//! elementwise ops (each with its own buffer, and as many again in the backward pass): attention's
+//! scaled and masked softmax, silu(gate) * up, RMS norm, rotary embedding and the token log-prob
 //! of a target under a row of logits. Each carries its hand-written backward pass, so training
 //! takes the same kernels; the unit tests check values and gradients against the composed ops.
 //! Other dtypes and devices fall back to the composed ops (the callers').
@@ -15,11 +15,6 @@ const MIN_TASK_VALUES: usize = 1 << 14;
 /// Whether the fused kernels apply: f32 on the CPU.
 pub fn applies(x: &Tensor) -> bool {
     x.dtype() == DType::F32 && x.device().is_cpu()
-}
-
-/// Softmax over the last dimension.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Softmax)
 }
 
 /// softmax(x * scale + mask) over the last dimension for attention scores x (b, heads, t, total)
@@ -88,26 +83,6 @@ fn like(values: Vec<f32>, t: &Tensor) -> Result<Tensor> {
 /// Rows of `width` values per parallel task.
 fn task_rows(width: usize) -> usize {
     (MIN_TASK_VALUES / width.max(1)).max(1)
-}
-
-struct Softmax;
-
-impl CustomOp1 for Softmax {
-    fn name(&self) -> &'static str {
-        "softmax-last-dim"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(storage, layout, self.name())?;
-        let width = layout.shape().dim(D::Minus1)?.max(1);
-        let mut y = x.to_vec();
-        y.par_chunks_mut(task_rows(width) * width).for_each(|rows| rows.chunks_mut(width).for_each(vexp::softmax_in_place));
-        Ok((CpuStorage::F32(y), layout.shape().clone()))
-    }
-
-    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        softmax_backward(y, g, 1.0).map(Some)
-    }
 }
 
 /// The gradient of softmax(scale * x) given its output y and the output's gradient g:
@@ -366,7 +341,6 @@ mod tests {
     fn fused_ops_match_composed_values_and_gradients() {
         let dev = Device::Cpu;
         let randn = |shape: &[usize], std: f32| Tensor::randn(0f32, std, shape, &dev).unwrap();
-        check(&[randn(&[3, 40, 300], 3.0)], |t| softmax_last_dim(&t[0]).unwrap(), |t| candle_nn::ops::softmax(&t[0], D::Minus1).unwrap(), 1e-6);
         let mask = crate::model::qwen2::padded_mask(&[0, 3], 2, 5, &dev).unwrap();
         check(
             &[randn(&[2, 3, 5, 7], 3.0)],

@@ -57,10 +57,6 @@ impl PackedLinear {
         Ok(Self { n_in, n_out, panels, bias })
     }
 
-    pub fn n_out(&self) -> usize {
-        self.n_out
-    }
-
     /// y (rows, out) for x (rows, in), row-major.
     pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let len = rows * self.n_out;
@@ -107,7 +103,10 @@ impl PackedLinear {
         if k == 0 {
             // No inputs: every output is its bias.
             for row in y.chunks_mut(n) {
-                row.copy_from_slice(self.bias.as_ref().map_or(&vec![0.0; n][..], |b| &b[..n]));
+                match &self.bias {
+                    Some(b) => row.copy_from_slice(&b[..n]),
+                    None => row.fill(0.0),
+                }
             }
             return;
         }
