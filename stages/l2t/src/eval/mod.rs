@@ -1,6 +1,7 @@
 //! Evaluation (l2t-spec section 9): `k` samples per held-out prompt, pass@1, unbiased pass@k,
 //! response tokens (all / correct), format-valid rate, and accuracy at token budgets (truncate,
-//! force `close`, read the answer).
+//! force `close`, read the answer; a response that answered within the budget keeps its answer,
+//! see [`at_budget`]).
 
 /// Unbiased pass@k of one prompt from `n` samples with `c` correct (Chen et al. 2021):
 /// `1 - C(n - c, k) / C(n, k)`, computed as a product to stay exact for large `n`.
@@ -9,6 +10,33 @@ pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
         return if c > 0 { 1.0 } else { 0.0 };
     }
     1.0 - (n - c + 1..=n).map(|i| 1.0 - k as f64 / i as f64).product::<f64>()
+}
+
+/// How a sample is graded at a token budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AtBudget {
+    /// The response's own final answer: it ended, or wrote that answer, within the budget.
+    Own,
+    /// Keep this many response tokens, force `close` and grade the answer the policy then gives.
+    Force(usize),
+}
+
+/// Where accuracy at `budget` cuts one response of `n_tokens` tokens. `stopped`: it ended with
+/// end-of-sequence; `answer_end`: tokens up to the `}` that closes its final answer
+/// ([`crate::reward::segment::answer_tokens`]); `reasoning_end`: tokens before its own `</think>`,
+/// a final end-of-sequence token excluded (`reasoning_tokens`, as `fisher-reward` cuts for `J`).
+///
+/// A response whose final answer is complete within the budget is graded on that answer, as if it
+/// had stopped there (even when it then ran past `max_new_tokens`). Any other cut lands no later
+/// than the response's own `</think>`: cutting after it would append `close` to a closed reasoning
+/// (`...</think>\n</think>\n\boxed{`), an out-of-distribution prefix graded wrong whatever the
+/// response had worked out.
+pub fn at_budget(budget: usize, n_tokens: usize, stopped: bool, answer_end: Option<usize>, reasoning_end: usize) -> AtBudget {
+    if (stopped && n_tokens <= budget) || answer_end.is_some_and(|end| end <= budget) {
+        AtBudget::Own
+    } else {
+        AtBudget::Force(budget.min(reasoning_end))
+    }
 }
 
 /// One evaluated sample.
@@ -71,6 +99,59 @@ mod tests {
         assert_eq!(pass_at_k(4, 3, 2), 1.0);
         // n = 5, c = 2, k = 3: 1 - C(3,3)/C(5,3) = 1 - 1/10 = 0.9.
         assert!((pass_at_k(5, 2, 3) - 0.9).abs() < 1e-12);
+    }
+
+    /// The counts `at_budget` reads, from a response given as its decoded pieces, the way
+    /// `eval` computes them (`eos`: the last piece is the end-of-sequence token).
+    fn counts(pieces: &[&str], eos: bool) -> (usize, Option<usize>, usize) {
+        use crate::reward::segment::{answer_tokens, reasoning_tokens, token_char_ends};
+        let pieces: Vec<String> = pieces.iter().map(|p| p.to_string()).collect();
+        let (text, ends) = (pieces.concat(), token_char_ends(&pieces));
+        (pieces.len(), answer_tokens(&text, &ends), reasoning_tokens(&text, &ends, pieces.len() - usize::from(eos)))
+    }
+
+    #[test]
+    fn a_response_that_ends_within_the_budget_keeps_its_own_answer() {
+        // 0 <think>, 1 a, 2 </think>, 3 \boxed{, 4 3, 5 }, 6 eos: 7 tokens, answer closed in token 5.
+        let (n, answer, reasoning) = counts(&["<think>", "a", "</think>", "\\boxed{", "3", "}", ""], true);
+        assert_eq!((n, answer, reasoning), (7, Some(6), 2));
+        assert_eq!(at_budget(7, n, true, answer, reasoning), AtBudget::Own);
+        assert_eq!(at_budget(100, n, true, answer, reasoning), AtBudget::Own);
+        // Ended within the budget without an answer: still its own (wrong) outcome, nothing forced.
+        let (n, answer, reasoning) = counts(&["<think>", "a", "</think>", "no", ""], true);
+        assert_eq!(answer, None);
+        assert_eq!(at_budget(5, n, true, answer, reasoning), AtBudget::Own);
+    }
+
+    #[test]
+    fn reasoning_closed_within_the_budget_is_never_cut_after_its_think_close() {
+        // 0 <think>, 1 a, 2 b, 3 </think>, 4 \boxed{, 5 12, 6 }, 7 " then", 8 " more", 9 eos.
+        let (n, answer, reasoning) = counts(&["<think>", "a", "b", "</think>", "\\boxed{", "12", "}", " then", " more", ""], true);
+        assert_eq!((n, answer, reasoning), (10, Some(7), 3));
+        // eos lies past budgets 7 and 8, but the answer closed in token 6: graded as its own.
+        assert_eq!(at_budget(7, n, true, answer, reasoning), AtBudget::Own);
+        assert_eq!(at_budget(8, n, true, answer, reasoning), AtBudget::Own);
+        // Budgets 4 to 6 end after `</think>` (token 3) but inside the answer: cut before `</think>`
+        // (3 tokens kept), where `close` continues the reasoning as it does for `J`.
+        for budget in 4..=6 {
+            assert_eq!(at_budget(budget, n, true, answer, reasoning), AtBudget::Force(3), "budget {budget}");
+        }
+        // Truncated by max_new_tokens after a complete answer: the answer within budget counts.
+        assert_eq!(at_budget(8, n, false, answer, reasoning), AtBudget::Own);
+    }
+
+    #[test]
+    fn reasoning_still_open_at_the_budget_is_cut_at_the_budget() {
+        // 0 <think>, 1 a, 2 b, 3 c, 4 </think>, 5 \boxed{, 6 1, 7 }, 8 eos.
+        let (n, answer, reasoning) = counts(&["<think>", "a", "b", "c", "</think>", "\\boxed{", "1", "}", ""], true);
+        assert_eq!((n, answer, reasoning), (9, Some(8), 4));
+        assert_eq!(at_budget(2, n, true, answer, reasoning), AtBudget::Force(2));
+        assert_eq!(at_budget(4, n, true, answer, reasoning), AtBudget::Force(4));
+        // Never closed its reasoning and ran out of tokens: cut at the budget, or at its end.
+        let (n, answer, reasoning) = counts(&["<think>", "a", "b", "c"], false);
+        assert_eq!((answer, reasoning), (None, 4));
+        assert_eq!(at_budget(3, n, false, answer, reasoning), AtBudget::Force(3));
+        assert_eq!(at_budget(10, n, false, answer, reasoning), AtBudget::Force(4));
     }
 
     #[test]

@@ -199,8 +199,9 @@ pub fn segment_chunks(n_tokens: usize, size: usize, text: &str) -> Segmentation 
     Segmentation { spans, format_ok: true, well_formed: extract_answer(text).is_some() }
 }
 
-/// Content of the `\boxed{...}` that opens at `start`, with brace matching.
-fn boxed_content(text: &str, start: usize) -> Option<&str> {
+/// Byte range `[body, close)` of the contents of the `\boxed{...}` that opens at `start`, with
+/// brace matching: `close` is the offset of the matching `}`.
+fn boxed_span(text: &str, start: usize) -> Option<(usize, usize)> {
     let body = start + BOXED_OPEN.len();
     let mut depth = 1usize;
     for (i, c) in text[body..].char_indices() {
@@ -209,7 +210,7 @@ fn boxed_content(text: &str, start: usize) -> Option<&str> {
             '}' => {
                 depth -= 1;
                 if depth == 0 {
-                    return Some(&text[body..body + i]);
+                    return Some((body, body + i));
                 }
             }
             _ => {}
@@ -218,16 +219,35 @@ fn boxed_content(text: &str, start: usize) -> Option<&str> {
     None
 }
 
+/// The span of the last complete `\boxed{}` of `text`.
+fn last_boxed_span(text: &str) -> Option<(usize, usize)> {
+    text.match_indices(BOXED_OPEN).filter_map(|(i, _)| boxed_span(text, i)).last()
+}
+
+/// Where the final answer is looked for: after the first `</think>`, or the whole text.
+fn answer_region(text: &str) -> usize {
+    text.find(THINK_CLOSE).map_or(0, |p| p + THINK_CLOSE.len())
+}
+
 /// The final answer: the last complete `\boxed{}` after the first `</think>`; a response with no
 /// `</think>` falls back to the last complete `\boxed{}` anywhere in it.
 pub fn extract_answer(text: &str) -> Option<String> {
-    let from = text.find(THINK_CLOSE).map_or(0, |p| p + THINK_CLOSE.len());
-    last_boxed(&text[from..])
+    last_boxed(&text[answer_region(text)..])
 }
 
 /// The contents of the last complete `\boxed{}` of `text` (braces matched), trimmed.
 pub fn last_boxed(text: &str) -> Option<String> {
-    text.match_indices(BOXED_OPEN).filter_map(|(i, _)| boxed_content(text, i)).last().map(|s| s.trim().to_string())
+    last_boxed_span(text).map(|(from, to)| text[from..to].trim().to_string())
+}
+
+/// Tokens up to and including the one holding the `}` that closes the final answer (the one
+/// [`extract_answer`] reads), or `None` without a final answer. A response cut after this many
+/// tokens still gives the same final answer, which is how `eval` tells that a response answered
+/// within a token budget although it ran on past it.
+pub fn answer_tokens(text: &str, ends: &[usize]) -> Option<usize> {
+    let from = answer_region(text);
+    let (_, close) = last_boxed_span(&text[from..])?;
+    Some(token_at(ends, from + close) + 1)
 }
 
 /// Outcome of one rollout (l2t-spec section 3).
@@ -237,6 +257,9 @@ pub struct Outcome {
     pub grade: Grade,
     /// The gold answer is unparsable: the prompt takes no part in training.
     pub excluded: bool,
+    /// The answer equals the gold answer and the rollout was not truncated. Accuracy counts this,
+    /// not `r_out >= 1`, which the format penalty would turn false for a correct answer.
+    pub correct: bool,
     /// r_out in {0, 1} plus the format penalty when `format_ok` is false.
     pub r_out: f32,
 }
@@ -245,9 +268,9 @@ pub struct Outcome {
 pub fn outcome_reward(text: &str, gold: &str, finish: FinishReason, format_ok: bool, format_penalty: f64) -> Outcome {
     let answer = extract_answer(text);
     let grade = grade_optional(answer.as_deref(), gold);
-    let solved = grade == Grade::Correct && finish == FinishReason::Stop;
+    let correct = grade == Grade::Correct && finish == FinishReason::Stop;
     let penalty = if format_ok { 0.0 } else { format_penalty };
-    Outcome { answer, grade, excluded: grade == Grade::GoldUnparsable, r_out: (f64::from(u8::from(solved)) + penalty) as f32 }
+    Outcome { answer, grade, excluded: grade == Grade::GoldUnparsable, correct, r_out: (f64::from(u8::from(correct)) + penalty) as f32 }
 }
 
 #[cfg(test)]
@@ -285,6 +308,24 @@ mod tests {
     }
 
     #[test]
+    fn answer_ends_at_the_token_that_closes_the_final_box() {
+        // Tokens:  0         1    2           3          4   5     6   7       8    9
+        let pieces: Vec<String> =
+            ["<think>", "a", "\\boxed{1}", "</think>", "\\", "boxed{", "2", "} ok", " \\boxed{", "3"].iter().map(|p| p.to_string()).collect();
+        let text = pieces.concat();
+        let ends = token_char_ends(&pieces);
+        // The final answer is `2` (the box after `</think>`; `\boxed{3` never closes), closed in token 7.
+        assert_eq!(extract_answer(&text).as_deref(), Some("2"));
+        assert_eq!(answer_tokens(&text, &ends), Some(8));
+        // Nothing after `</think>`: no final answer, whatever the reasoning boxed.
+        let open: Vec<String> = ["<think>", "\\boxed{1}", "</think>", "so"].iter().map(|p| p.to_string()).collect();
+        assert_eq!(answer_tokens(&open.concat(), &token_char_ends(&open)), None);
+        // No `</think>`: the last complete box anywhere, here closed in token 1.
+        let bare: Vec<String> = ["\\boxed{4", "}", " done"].iter().map(|p| p.to_string()).collect();
+        assert_eq!(answer_tokens(&bare.concat(), &token_char_ends(&bare)), Some(2));
+    }
+
+    #[test]
     fn well_formed_response() {
         let seg = segment_tags(GOOD, &char_ends(GOOD));
         assert_partition(&seg, GOOD.len());
@@ -308,7 +349,10 @@ mod tests {
         assert!(!seg.format_ok && !seg.well_formed);
         let out = outcome_reward(text, "10", FinishReason::Stop, seg.format_ok, -0.01);
         assert_eq!(out.r_out, 0.99);
-        assert_eq!(outcome_reward(text, "11", FinishReason::Stop, false, -0.01).r_out, -0.01);
+        // The penalty lowers the reward, not the verdict: the answer is still correct.
+        assert!(out.correct);
+        let wrong = outcome_reward(text, "11", FinishReason::Stop, false, -0.01);
+        assert_eq!((wrong.r_out, wrong.correct), (-0.01, false));
     }
 
     #[test]
@@ -359,9 +403,10 @@ mod tests {
 
     #[test]
     fn truncated_rollout_gets_zero_and_unparsable_gold_is_excluded() {
-        assert_eq!(outcome_reward(GOOD, "10", FinishReason::Length, true, -0.01).r_out, 0.0);
+        let truncated = outcome_reward(GOOD, "10", FinishReason::Length, true, -0.01);
+        assert_eq!((truncated.grade, truncated.correct, truncated.r_out), (Grade::Correct, false, 0.0));
         let out = outcome_reward(GOOD, "\\frac{1}{", FinishReason::Stop, true, -0.01);
-        assert!(out.excluded);
+        assert!(out.excluded && !out.correct);
         assert_eq!(out.r_out, 0.0);
     }
 

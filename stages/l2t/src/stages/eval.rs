@@ -2,10 +2,10 @@
 
 use super::setup::rollout_seed;
 use super::{execute, progress_bar, Ctx, Summary, BOOTSTRAP_SLOT, EVAL_VERSION, PREPARE_SLOT};
-use crate::eval::{summarize, SampleResult};
+use crate::eval::{at_budget, summarize, AtBudget, SampleResult};
 use crate::model::{chat, tokenizer};
 use crate::model::Policy;
-use crate::reward::segment::{extract_answer, outcome_reward, segment, token_char_ends, Rule};
+use crate::reward::segment::{answer_tokens, extract_answer, outcome_reward, reasoning_tokens, segment, token_char_ends, Rule};
 use crate::sample::{generate, Request, SamplerParams};
 use crate::store::{self, iter_slot, Artifact, InputRef, EVALS_DIR};
 use crate::table::eval_samples::{self, EvalSampleRow};
@@ -159,7 +159,11 @@ pub fn run_eval(ctx: &Ctx, target: EvalPolicy, on: &EvalPrompts) -> Result<Vec<S
         }
     };
     let slot = eval_slot(&split, target);
-    let summary = execute(ctx, "eval", EVAL_VERSION, &slot, cfg.stage_params("eval")?, inputs, |staging| {
+    // The format-valid rate reads the episodes as `segment` cuts them.
+    let rule = Rule::parse(&cfg.segment.rule).context("segment.rule")?;
+    let mut params = cfg.stage_params("eval")?;
+    params["segment_rule"] = cfg.segment.rule.clone().into();
+    let summary = execute(ctx, "eval", EVAL_VERSION, &slot, params, inputs, |staging| {
         let rows: Vec<&PromptRow> = rows.iter().take(if e.prompts == 0 { usize::MAX } else { e.prompts }).collect();
         if rows.is_empty() {
             bail!("no prompts to evaluate");
@@ -184,18 +188,24 @@ pub fn run_eval(ctx: &Ctx, target: EvalPolicy, on: &EvalPrompts) -> Result<Vec<S
             let p = rows[i / e.k];
             let pieces = tokenizer::decode_pieces(&policy.tokenizer, &g.tokens)?;
             let text = pieces.concat();
-            let seg = segment(Rule::Tags, &text, &token_char_ends(&pieces));
+            let ends = token_char_ends(&pieces);
+            let seg = segment(rule, &text, &ends);
             let out = outcome_reward(&text, &p.gold_answer, g.finish, seg.format_ok, 0.0);
-            let correct = out.r_out >= 1.0;
+            let correct = out.correct;
             let format_valid = seg.well_formed && out.answer.is_some();
+            // Cut as `fisher-reward` cuts for `J`: before the response's own `</think>`, never
+            // after a final end-of-sequence token (a stopped response's last token).
+            let stopped = g.finish == FinishReason::Stop;
+            let reasoning_end = reasoning_tokens(&text, &ends, g.tokens.len() - usize::from(stopped));
+            let answer_end = answer_tokens(&text, &ends);
             let mut correct_at_budget = vec![0u32; e.budgets.len()];
             for (b, &budget) in e.budgets.iter().enumerate() {
-                if g.finish == FinishReason::Stop && g.tokens.len() <= budget {
-                    correct_at_budget[b] = u32::from(correct);
-                } else {
-                    let cut = budget.min(g.tokens.len());
-                    let prompt_ids = [&requests[i].prompt_ids[..], &g.tokens[..cut], &close[..]].concat();
-                    forced.push((i, b, Request { prompt_ids, seed: 0 }));
+                match at_budget(budget, g.tokens.len(), stopped, answer_end, reasoning_end) {
+                    AtBudget::Own => correct_at_budget[b] = u32::from(out.grade == Grade::Correct),
+                    AtBudget::Force(cut) => {
+                        let prompt_ids = [&requests[i].prompt_ids[..], &g.tokens[..cut], &close[..]].concat();
+                        forced.push((i, b, Request { prompt_ids, seed: 0 }));
+                    }
                 }
             }
             samples.push(EvalSampleRow {

@@ -41,7 +41,7 @@ pub const SEGMENT_VERSION: u32 = 1;
 pub const FISHER_REWARD_VERSION: u32 = 2;
 pub const CREDIT_ASSIGN_VERSION: u32 = 1;
 pub const GRPO_UPDATE_VERSION: u32 = 1;
-pub const EVAL_VERSION: u32 = 1;
+pub const EVAL_VERSION: u32 = 2;
 
 /// Run-level slots (iteration stages use [`iter_slot`]).
 pub const PREPARE_SLOT: &str = "prepare";

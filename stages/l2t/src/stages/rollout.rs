@@ -134,7 +134,7 @@ pub fn run_segment(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summary> {
             let seg = segment(rule, &text, &ends);
             let out = outcome_reward(&text, gold, r.finish_reason, seg.format_ok, cfg.segment.format_penalty);
             format_ok += usize::from(seg.format_ok);
-            correct += usize::from(out.r_out >= 1.0);
+            correct += usize::from(out.correct);
             let k = seg.spans.len() as u32;
             for (e, &(start, end)) in seg.spans.iter().enumerate() {
                 let (from, to) = span_bytes(&ends, (start, end));

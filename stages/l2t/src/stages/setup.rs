@@ -191,7 +191,7 @@ pub fn eval_figures(ctx: &Ctx, policy: &Policy, rows: &[&PromptRow]) -> Result<s
         let seg = segment(rule, &text, &ends);
         let out = outcome_reward(&text, &row.gold_answer, g.finish, seg.format_ok, 0.0);
         format_valid += usize::from(seg.well_formed && out.answer.is_some());
-        correct += usize::from(out.r_out >= 1.0);
+        correct += usize::from(out.correct);
         redundant += seg
             .spans
             .iter()

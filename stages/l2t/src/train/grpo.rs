@@ -161,16 +161,25 @@ fn micro_loss(
     let tensor = |v: Vec<f32>| Tensor::from_vec(v, (b, t), dev);
     let (old, reference, adv, w) = (tensor(old)?, tensor(reference)?, tensor(adv)?, tensor(w)?);
     let logp = batch.logprobs(model)?;
-    let ratio = (&logp - &old)?.exp()?;
+    formula_loss(&logp, &old, &reference, &adv, &w, p)
+}
+
+/// The formula above on `(B, T)` tensors whose positions outside the responses (prompt, padding)
+/// have weight 0 and `old = reference = 0`. The log-ratio to the reference is set to 0 there
+/// before the exponential: a prompt or padding token's log-prob can be very negative (or `-inf`),
+/// `exp(0 - logp)` then overflows to inf, and inf times a zero weight is NaN in the loss and its
+/// gradient.
+fn formula_loss(logp: &Tensor, old: &Tensor, reference: &Tensor, adv: &Tensor, w: &Tensor, p: &GrpoParams) -> Result<MicroLoss> {
+    let ratio = (logp - old)?.exp()?;
     let clipped_ratio = ratio.clamp(1.0 - p.eps_low, 1.0 + p.eps_high)?;
-    let pg = (ratio.broadcast_mul(&adv)?.minimum(&clipped_ratio.broadcast_mul(&adv)?)?).neg()?;
-    let pg_loss = (&pg * &w)?.sum_all()?;
+    let pg = (ratio.broadcast_mul(adv)?.minimum(&clipped_ratio.broadcast_mul(adv)?)?).neg()?;
+    let pg_loss = (&pg * w)?.sum_all()?;
     let (loss, kl_loss, kl_sum) = if p.beta_kl > 0.0 {
-        let d = (&reference - &logp)?;
+        let in_response = w.ne(0f32)?;
+        let d = in_response.where_cond(&(reference - logp)?, &reference.zeros_like()?)?;
         let k3 = ((d.exp()? - &d)? - 1.0)?;
-        let mask = w.ne(0f32)?.to_dtype(candle_core::DType::F32)?;
-        let kl_sum = f64::from((&k3 * &mask)?.sum_all()?.to_scalar::<f32>()?);
-        let kl_loss = ((&k3 * &w)?.sum_all()? * p.beta_kl)?;
+        let kl_sum = f64::from(k3.sum_all()?.to_scalar::<f32>()?);
+        let kl_loss = ((&k3 * w)?.sum_all()? * p.beta_kl)?;
         let kl_value = f64::from(kl_loss.to_scalar::<f32>()?);
         ((&pg_loss + kl_loss)?, kl_value, kl_sum)
     } else {
@@ -342,6 +351,38 @@ mod tests {
         // A < 0: ratio 0.5 is clipped to 0.8 -> -(0.8 * -1) = 0.8; ratio 1.5 is not -> 1.5.
         assert!((clipped_surrogate(0.5, -1.0, 0.2, 0.2) - 0.8).abs() < 1e-12);
         assert!((clipped_surrogate(1.5, -1.0, 0.2, 0.2) - 1.5).abs() < 1e-12);
+    }
+
+    /// One sequence `[prompt, z_1, z_2]` as `formula_loss` sees it: position 0 lies outside the
+    /// response (weight 0, `old = reference = 0`) and holds the log-prob `outside`.
+    fn loss_with_outside_logp(outside: f32) -> (f64, f64, Vec<f32>) {
+        let dev = Device::Cpu;
+        let row = |v: [f32; 3]| Tensor::from_vec(v.to_vec(), (1, 3), &dev).unwrap();
+        let logp = Var::from_tensor(&row([outside, -1.0, -2.0])).unwrap();
+        let (old, reference, adv, w) = (row([0.0, -1.2, -1.9]), row([0.0, -0.8, -2.5]), row([0.0, 1.0, -1.0]), row([0.0, 0.5, 0.5]));
+        let m = formula_loss(logp.as_tensor(), &old, &reference, &adv, &w, &params()).unwrap();
+        let grads = m.loss.backward().unwrap();
+        let g: Vec<f32> = grads.get(logp.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        (f64::from(m.loss.to_scalar::<f32>().unwrap()), m.kl_sum, g)
+    }
+
+    #[test]
+    fn an_extreme_log_prob_outside_the_response_leaves_the_loss_alone() {
+        // Before masking, -1e4 gave k3 = exp(1e4) - ... = inf at weight 0, so a NaN loss.
+        let (loss, kl_sum, grad) = loss_with_outside_logp(-1.0);
+        // By hand (beta_kl = 0.1, weights 0.5):
+        //   z_1: ratio e^0.2 = 1.2214 > 1.2, A = 1 -> pg = -1.2;  k3(0.2) = e^0.2 - 1.2 = 0.021403
+        //   z_2: ratio e^-0.1 = 0.9048, A = -1 -> pg = 0.9048;    k3(-0.5) = e^-0.5 - 0.5 = 0.106531
+        let (k1, k2) = (0.2f64.exp() - 1.2, (-0.5f64).exp() - 0.5);
+        let by_hand = 0.5 * (-1.2 + (-0.1f64).exp()) + 0.1 * 0.5 * (k1 + k2);
+        assert!((loss - by_hand).abs() < 1e-6, "{loss} vs {by_hand}");
+        assert!((kl_sum - (k1 + k2)).abs() < 1e-6);
+        for outside in [-100.0, -1e4, f32::NEG_INFINITY] {
+            let (l, k, g) = loss_with_outside_logp(outside);
+            assert_eq!((l, k), (loss, kl_sum), "log-prob {outside} outside the response");
+            assert_eq!(g, grad, "log-prob {outside}: gradient");
+            assert_eq!(g[0], 0.0);
+        }
     }
 
     #[test]
