@@ -495,6 +495,12 @@ fn audit_sees_one_rollout_row_per_prompt_and_sample() {
     let out = env.make_ok(&["audit", &format!("SQL={sql}")]);
     // Every one of the micro policy's 14 tensors gets a gradient in every step.
     assert!(out.contains("steps=2 grads=14"), "{out}");
+    // No L2T rollout's credit is inverted: its mean token advantage has A_i's sign (l2t-spec 7,
+    // token_scale = regularised).
+    let sql = "SELECT 'inverted=' || count(*) FROM advantages WHERE method = 'l2t' AND NOT excluded AND NOT zero_std \
+               AND abs(a_i) > 1e-3 AND a_i * list_avg(a_t) < 0";
+    let out = env.make_ok(&["audit", &format!("SQL={sql}")]);
+    assert!(out.contains("inverted=0"), "{out}");
     let sql = "SELECT 'stages=' || string_agg(stage, ',' ORDER BY stage) FROM manifests";
     let out = env.make_ok(&["audit", &format!("SQL={sql}")]);
     assert!(out.contains("stages=bootstrap,credit-assign,fisher-reward,grpo-update,prepare,sample,segment"), "{out}");
@@ -528,14 +534,15 @@ fn eval_reports_every_figure_from_its_own_samples_and_against_the_base() {
 
 #[test]
 fn compare_writes_its_report_and_redraws_it_from_cache() {
-    let env = Env::new("");
+    let env = Env::new("task.n_test = 6");
     let run = || {
         let out = Command::new(bin("compare"))
             .arg("--artifacts")
             .arg(env.artifacts())
             .arg("--config")
             .arg(env.config())
-            .args(["--iters", "2", "--seeds", "1", "--methods", "l2t,outcome,length-penalty,mrt", "--eval-every", "1"])
+            .args(["--iters", "2", "--seeds", "1,2", "--eval-every", "1", "--split", "test", "--ablation-seeds", "1"])
+            .args(["--arms", "l2t,outcome,length-penalty,mrt,l2t+credit.token_scale=rollout"])
             .output()
             .unwrap();
         assert!(out.status.success(), "compare failed:\n{}", String::from_utf8_lossy(&out.stderr));
@@ -543,20 +550,48 @@ fn compare_writes_its_report_and_redraws_it_from_cache() {
     };
     let first = run();
     assert!(first.contains("computed"), "{first}");
+    // The ablation ran its one seed only; the others both.
+    assert!(first.contains("-l2t_credit_token_scale_rollout-s1: ") && !first.contains("-l2t_credit_token_scale_rollout-s2: "), "{first}");
+    assert!(first.contains("-mrt-s2: "), "{first}");
     let reports: Vec<PathBuf> = fs::read_dir(env.artifacts().join("reports")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(reports.len(), 1, "{reports:?}");
     let report = fs::read_to_string(reports[0].join("report.md")).unwrap();
-    for needle in ["| l2t |", "| outcome |", "| length-penalty |", "| mrt |", "**Outcome.** L2T", "Against `mrt`"] {
+    for needle in [
+        "the **test** split (5 prompts",
+        "| l2t | 2 |",
+        "| outcome | 2 |",
+        "| length-penalty | 2 |",
+        "| mrt | 2 |",
+        "| l2t+credit.token_scale=rollout | 1 |",
+        "## The pre-registered criterion",
+        "**Outcome: L2T",
+        "## Episodes per response",
+        "## Learning curves",
+        "## The reward's terms, arm `l2t`",
+        "## The reward's terms, arm `l2t+credit.token_scale=rollout`",
+    ] {
         assert!(report.contains(needle), "{needle} missing from:\n{report}");
     }
     for png in ["accuracy_vs_iteration.png", "tokens_vs_iteration.png", "accuracy_vs_budget.png"] {
         let bytes = fs::read(reports[0].join(png)).unwrap();
         assert!(bytes.starts_with(b"\x89PNG") && bytes.len() > 5000, "{png}: {} bytes", bytes.len());
     }
-    // Nothing changed: every stage is a cache hit and the report is the same.
+    // Nothing changed: every stage is a cache hit and the report is the same but for its wall time.
     let second = run();
     assert!(!second.contains(": computed"), "{second}");
-    assert_eq!(fs::read_to_string(reports[0].join("report.md")).unwrap(), report);
+    let strip = |r: &str| r.lines().filter(|l| !l.contains("wall time")).collect::<Vec<_>>().join("\n");
+    assert_eq!(strip(&fs::read_to_string(reports[0].join("report.md")).unwrap()), strip(&report));
+    // A bad arm is refused before anything runs.
+    let out = Command::new(bin("compare"))
+        .arg("--artifacts")
+        .arg(env.artifacts())
+        .arg("--config")
+        .arg(env.config())
+        .args(["--arms", "l2t+credit.betta=0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("credit.betta: unknown knob"), "{stderr}");
 }
 
 #[test]

@@ -1,15 +1,23 @@
-//! `compare`: the baselines experiment. From one base policy, runs each credit method (`l2t`,
-//! `outcome`, `length-penalty`, `mrt`) for the same iterations and seeds, evaluates each on the
-//! held-out split every few iterations, and writes a report (Markdown table and PNG plots) whose
-//! numbers all come from the runs' `eval_summary` artifacts. Every stage run is cached, so a
+//! `compare`: the baselines experiment. From one base policy, runs each arm (a credit method,
+//! possibly with knobs changed: `l2t+credit.beta=0`) for the same iterations and `rl_seed`s,
+//! evaluates the final policies (and, with `--eval-every`, intermediate ones) on one split, and
+//! writes a report (Markdown and PNG plots) whose numbers all come from the runs' artifacts. Arms
+//! are paired: every run of a seed starts from the same base policy and the same iteration-0
+//! rollouts, and every evaluation draws the same random numbers. Every stage run is cached, so a
 //! second invocation with nothing changed only re-reads the artifacts and redraws the report.
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use l2t::config::Config;
-use l2t::stages::{self, eval_slot, run_eval, Ctx, EvalPolicy, EvalPrompts};
+use l2t::eval::stats::{paired_difference, ratio_interval, t_interval, Interval};
+use l2t::reward::segment::{segment, span_bytes, Rule};
+use l2t::stages::{self, eval_slot, run_eval, Ctx, EvalPolicy, EvalPrompts, PREPARE_SLOT};
+use l2t::store::{iter_slot, Store};
+use l2t::table::eval_samples::{self, EvalSampleRow};
 use l2t::table::eval_summary::{self, EvalSummaryRow};
+use l2t::table::{advantages, episode_rewards, episodes, prompts, rollouts};
+use l2t::task::{episode_kind, EpisodeKind};
 use plotters::prelude::*;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -23,105 +31,221 @@ struct Args {
     /// The artifact store.
     #[arg(long, default_value = "artifacts")]
     artifacts: PathBuf,
-    /// The configuration every method shares (each run overrides `credit.method` and `rl_seed`).
+    /// The configuration every arm shares (each run overrides `credit.method`, `rl_seed` and the
+    /// arm's knobs).
     #[arg(long, default_value = "compare.toml")]
     config: PathBuf,
-    /// Iterations per method and seed.
+    /// Iterations per arm and seed.
     #[arg(long, default_value_t = 10)]
     iters: u32,
     /// `rl_seed`s (comma-separated): the data and the base policy are shared, the iterations' draws differ.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     seeds: Vec<u64>,
-    /// Credit methods (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "l2t,outcome,length-penalty,mrt")]
-    methods: Vec<String>,
-    /// Evaluate every this many iterations (and after the last).
+    /// Arms (comma-separated): a credit method, then `+knob=value` changes (`l2t+credit.beta=0`).
+    #[arg(long, alias = "methods", value_delimiter = ',', default_value = "l2t,outcome,length-penalty,mrt")]
+    arms: Vec<String>,
+    /// Arms with knob changes (the ablations) run only the first this many seeds (0 = all).
+    #[arg(long, default_value_t = 0)]
+    ablation_seeds: usize,
+    /// Also evaluate every this many iterations (0 = the final policies only).
     #[arg(long, default_value_t = 5)]
     eval_every: u32,
+    /// The split the policies are evaluated on: `eval` (validation) or `test` (the pre-registered
+    /// comparison; no knob may be chosen on it).
+    #[arg(long, default_value = "eval")]
+    split: String,
+}
+
+/// One arm of the experiment: a credit method and knob changes.
+#[derive(Debug, Clone)]
+struct Arm {
+    name: String,
+    method: String,
+    overrides: Vec<(String, String)>,
+}
+
+impl Arm {
+    /// `method[+key=value...]`.
+    fn parse(text: &str) -> Result<Self> {
+        let mut parts = text.split('+');
+        let method = parts.next().unwrap_or_default().to_string();
+        l2t::train::credit::Method::parse(&method).with_context(|| format!("arm {text:?}"))?;
+        let overrides = parts
+            .map(|p| p.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).with_context(|| format!("arm {text:?}: {p:?} is not key=value")))
+            .collect::<Result<_>>()?;
+        Ok(Self { name: text.to_string(), method, overrides })
+    }
+
+    fn is_ablation(&self) -> bool {
+        !self.overrides.is_empty()
+    }
+
+    /// The arm's part of a run name: letters, digits and '-'.
+    fn slug(&self) -> String {
+        self.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect()
+    }
+
+    fn config(&self, base: &Config, seed: u64) -> Result<Config> {
+        let mut cfg = base.with_override("credit.method", &self.method)?;
+        for (k, v) in &self.overrides {
+            cfg = cfg.with_override(k, v).with_context(|| format!("arm {}", self.name))?;
+        }
+        cfg.rl_seed = seed;
+        Ok(cfg)
+    }
 }
 
 /// One evaluation of one run.
 struct Point {
-    method: String,
+    arm: String,
     seed: u64,
     /// Iterations done (0 = the base policy).
     after: u32,
     eval: EvalSummaryRow,
+    samples: Vec<EvalSampleRow>,
+}
+
+/// Training figures of one iteration of one run, from its tables.
+#[derive(Debug, Clone, Copy, Default)]
+struct IterFigures {
+    accuracy: f64,
+    tokens: f64,
+    /// The L2T reward's terms per episode: `r_out / K`, `alpha dI`, `-alpha beta C~`.
+    outcome_term: f64,
+    gain_term: f64,
+    penalty_term: f64,
+    /// Per rollout with a signal: the guard binds, the credit is inverted; per token: clipped.
+    guard: f64,
+    inverted: f64,
+    clipped: f64,
 }
 
 fn main() {
     l2t::cli::run_main("compare", || {
         let args = Args::parse();
-        if args.iters == 0 || args.eval_every == 0 || args.seeds.is_empty() || args.methods.is_empty() {
-            bail!("--iters, --eval-every, --seeds and --methods must not be empty or zero");
+        if args.iters == 0 || args.seeds.is_empty() || args.arms.is_empty() {
+            bail!("--iters, --seeds and --arms must not be empty or zero");
         }
         let base = Config::load(&args.config)?;
-        for m in &args.methods {
-            l2t::train::credit::Method::parse(m).context("--methods")?;
+        let arms: Vec<Arm> = args.arms.iter().map(|a| Arm::parse(a)).collect::<Result<_>>()?;
+        for arm in &arms {
+            arm.config(&base, 0)?;
         }
         let spec = serde_json::json!({
-            "config": base, "iters": args.iters, "seeds": args.seeds, "methods": args.methods, "eval_every": args.eval_every,
+            "config": base, "iters": args.iters, "seeds": args.seeds, "arms": args.arms,
+            "ablation_seeds": args.ablation_seeds, "eval_every": args.eval_every, "split": args.split,
         });
         let id = blake3::hash(spec.to_string().as_bytes()).to_hex()[..12].to_string();
         let started = Instant::now();
-        let split = EvalPrompts::Split("eval".into());
+        let split = EvalPrompts::Split(args.split.clone());
         let mut points = Vec::new();
+        let mut curves: BTreeMap<(String, u64), Vec<IterFigures>> = BTreeMap::new();
         let mut stage_seconds: BTreeMap<String, f64> = BTreeMap::new();
-        for &seed in &args.seeds {
-            for method in &args.methods {
-                let mut cfg = base.clone();
-                cfg.credit.method = method.clone();
-                cfg.rl_seed = seed;
-                let run = format!("compare-{id}-{method}-s{seed}");
-                let ctx = Ctx::new(args.artifacts.clone(), &run, cfg)?;
-                let log = |s: stages::Summary| {
-                    println!("{run}: {s}");
-                    s
-                };
+        for arm in &arms {
+            for &seed in seeds_of(&args, arm) {
+                let run = run_name(&id, arm, seed);
+                let cfg = arm.config(&base, seed)?;
+                let ctx = Ctx::new(args.artifacts.clone(), &run, cfg.clone())?;
+                let log = |s: stages::Summary| println!("{run}: {s}");
                 log(stages::run_prepare(&ctx)?);
                 log(stages::run_bootstrap(&ctx)?);
-                for s in run_eval(&ctx, EvalPolicy::Base, &split)? {
-                    log(s);
-                }
-                points.push(Point { method: method.clone(), seed, after: 0, eval: read_eval(&ctx, EvalPolicy::Base)? });
+                let mut evaluate = |policy: EvalPolicy, after: u32| -> Result<()> {
+                    run_eval(&ctx, policy, &split)?.into_iter().for_each(log);
+                    let (eval, samples) = read_eval(&ctx, &args.split, policy)?;
+                    points.push(Point { arm: arm.name.clone(), seed, after, eval, samples });
+                    Ok(())
+                };
+                evaluate(EvalPolicy::Base, 0)?;
+                let mut figures = Vec::new();
                 for it in 0..args.iters {
                     log(stages::run_sample(&ctx, it)?);
                     log(stages::run_segment(&ctx, it, 0)?);
                     log(stages::run_fisher_reward(&ctx, it)?);
                     log(stages::run_credit_assign(&ctx, it, 0)?);
                     log(stages::run_grpo_update(&ctx, it)?);
-                    if (it + 1) % args.eval_every == 0 || it + 1 == args.iters {
-                        for s in run_eval(&ctx, EvalPolicy::Iteration(it), &split)? {
-                            log(s);
-                        }
-                        points.push(Point { method: method.clone(), seed, after: it + 1, eval: read_eval(&ctx, EvalPolicy::Iteration(it))? });
+                    figures.push(iteration_figures(&ctx.store, &run, it, &cfg)?);
+                    if it + 1 == args.iters || (args.eval_every > 0 && (it + 1) % args.eval_every == 0) {
+                        evaluate(EvalPolicy::Iteration(it), it + 1)?;
                     }
                 }
+                curves.insert((arm.name.clone(), seed), figures);
                 collect_stage_seconds(&args.artifacts.join("runs").join(&run), &mut stage_seconds)?;
             }
         }
+        let store = Store::new(args.artifacts.clone());
+        let first_run = run_name(&id, &arms[0], args.seeds[0]);
+        let prompt_rows = prompts::read(&store.open_ref(&first_run, PREPARE_SLOT)?.file(split_file(&args.split)?)?)?;
+        let tiers: HashMap<String, u32> = prompt_rows.iter().map(|p| (p.prompt_id.clone(), p.n_hard)).collect();
+
         let dir = args.artifacts.join("reports").join(format!("compare-{id}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-        let mut report = report_markdown(&args, &id, &points, stage_seconds.values().sum());
-        if args.methods.iter().any(|m| m == "l2t") {
-            report.push_str(&reward_terms_markdown(&args, &id, &base)?);
-        }
-        std::fs::write(dir.join("report.md"), &report).with_context(|| format!("{}: cannot write", dir.display()))?;
-        plot_against_iteration(&dir.join("accuracy_vs_iteration.png"), &args, &points, "pass@1 on the eval split", |e| e.summary.pass_at_1)?;
-        plot_against_iteration(&dir.join("tokens_vs_iteration.png"), &args, &points, "mean response tokens", |e| e.summary.mean_tokens)?;
-        plot_budgets(&dir.join("accuracy_vs_budget.png"), &args, &points)?;
-        println!("{report}");
+        let report = Report { args: &args, arms: &arms, id: &id, points: &points, curves: &curves, tiers: &tiers };
+        let md = report.markdown(stage_seconds.values().sum(), started.elapsed().as_secs_f64());
+        std::fs::write(dir.join("report.md"), &md).with_context(|| format!("{}: cannot write", dir.display()))?;
+        report.plot_curves(&dir.join("accuracy_vs_iteration.png"), "training accuracy", |f| f.accuracy)?;
+        report.plot_curves(&dir.join("tokens_vs_iteration.png"), "mean response tokens (training rollouts)", |f| f.tokens)?;
+        report.plot_budgets(&dir.join("accuracy_vs_budget.png"))?;
+        println!("{md}");
         println!("compare: report in {} ({:.1}s)", dir.display(), started.elapsed().as_secs_f64());
         Ok(())
     })
 }
 
-fn read_eval(ctx: &Ctx, policy: EvalPolicy) -> Result<EvalSummaryRow> {
-    let art = ctx.store.open_ref(&ctx.run, &eval_slot("eval", policy))?;
-    eval_summary::read(&art.file(eval_summary::FILE)?)
+/// The seeds an arm runs: ablations may run fewer (`--ablation-seeds`).
+fn seeds_of<'a>(args: &'a Args, arm: &Arm) -> &'a [u64] {
+    if arm.is_ablation() && args.ablation_seeds > 0 {
+        &args.seeds[..args.ablation_seeds.min(args.seeds.len())]
+    } else {
+        &args.seeds
+    }
 }
 
-/// Wall time of every stage run of the experiment under `dir`, by key: runs shared between methods
+fn run_name(id: &str, arm: &Arm, seed: u64) -> String {
+    format!("compare-{id}-{}-s{seed}", arm.slug())
+}
+
+fn split_file(split: &str) -> Result<&'static str> {
+    match split {
+        "eval" => Ok(prompts::EVAL_FILE),
+        "test" => Ok(prompts::TEST_FILE),
+        "train" => Ok(prompts::TRAIN_FILE),
+        other => bail!("--split {other:?}: expected eval or test"),
+    }
+}
+
+fn read_eval(ctx: &Ctx, split: &str, policy: EvalPolicy) -> Result<(EvalSummaryRow, Vec<EvalSampleRow>)> {
+    let art = ctx.store.open_ref(&ctx.run, &eval_slot(split, policy))?;
+    Ok((eval_summary::read(&art.file(eval_summary::FILE)?)?, eval_samples::read(&art.file(eval_samples::FILE)?)?))
+}
+
+/// Training accuracy and tokens of an iteration's rollouts, and the L2T reward's parts.
+fn iteration_figures(store: &Store, run: &str, it: u32, cfg: &Config) -> Result<IterFigures> {
+    let open = |stage: &str| store.open_ref(run, &iter_slot(it, stage));
+    let roll = rollouts::read(&open("sample")?.file(rollouts::FILE)?)?;
+    let eps = episodes::read(&open("segment")?.file(episodes::FILE)?)?;
+    let rw = episode_rewards::read(&open("fisher-reward")?.file(episode_rewards::FILE)?)?;
+    let adv = advantages::read(&open("credit-assign")?.file(advantages::FILE)?)?;
+    let (n_eps, n_roll) = (eps.len().max(1) as f64, roll.len().max(1) as f64);
+    let c = &cfg.credit;
+    let firsts: Vec<&episodes::EpisodeRow> = eps.iter().filter(|e| e.episode_idx == 0).collect();
+    let correct = firsts.iter().zip(&roll).filter(|(e, r)| e.grade == "correct" && r.finish_reason == rollouts::FinishReason::Stop).count();
+    let signal: Vec<&advantages::AdvantageRow> = adv.iter().filter(|a| !a.excluded && !a.zero_std).collect();
+    let n_signal = signal.len().max(1) as f64;
+    let tokens: usize = adv.iter().map(|a| a.a_t.len()).sum();
+    let a_t = |a: &advantages::AdvantageRow| a.a_t.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+    Ok(IterFigures {
+        accuracy: correct as f64 / n_roll,
+        tokens: roll.iter().map(|r| r.token_ids.len() as f64).sum::<f64>() / n_roll,
+        outcome_term: eps.iter().map(|e| f64::from(e.r_out) / f64::from(e.k.max(1))).sum::<f64>() / n_eps,
+        gain_term: rw.iter().map(|r| c.alpha * r.d_i).sum::<f64>() / n_eps,
+        penalty_term: rw.iter().map(|r| -c.alpha * c.beta * r.c_scaled).sum::<f64>() / n_eps,
+        guard: signal.iter().filter(|a| a.guard_binds).count() as f64 / n_signal,
+        inverted: signal.iter().filter(|a| l2t::train::credit::is_inverted(a.a_i, &a_t(a))).count() as f64 / n_signal,
+        clipped: adv.iter().map(|a| f64::from(a.n_clipped)).sum::<f64>() / tokens.max(1) as f64,
+    })
+}
+
+/// Wall time of every stage run of the experiment under `dir`, by key: runs shared between arms
 /// (iteration 0's sampling, the base policy's evaluation) count once, and `prepare` and `bootstrap`
 /// (made before the experiment, shared with `make iterate`) not at all. Read from the manifests,
 /// so the figure is the experiment's compute time however often the report is redrawn.
@@ -140,189 +264,355 @@ fn collect_stage_seconds(dir: &Path, seconds: &mut BTreeMap<String, f64>) -> Res
     Ok(())
 }
 
-/// Mean and population std of the values.
-fn mean_std(values: &[f64]) -> (f64, f64) {
-    let n = values.len().max(1) as f64;
-    let mean = values.iter().sum::<f64>() / n;
-    (mean, (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt())
-}
-
-/// The final evaluations of one method, one per seed.
-fn finals<'a>(points: &'a [Point], method: &str, iters: u32) -> Vec<&'a EvalSummaryRow> {
-    points.iter().filter(|p| p.method == method && p.after == iters).map(|p| &p.eval).collect()
-}
-
-fn report_markdown(args: &Args, id: &str, points: &[Point], compute_seconds: f64) -> String {
-    let base = &points[0].eval;
-    let mut md = String::new();
-    let _ = writeln!(md, "# L2T against its baselines (compare-{id})\n");
-    let _ = writeln!(
-        md,
-        "Config `{}`; {} iterations per method from one base policy; rl_seeds {:?}; evaluation on the \
-         eval split every {} iterations ({} prompts x {} samples, pass@{} unbiased). Compute time of \
-         the experiment's stage runs (from their manifests; the base policy's bootstrap not \
-         included): {:.1} min.\n",
-        args.config.display(),
-        args.iters,
-        args.seeds,
-        args.eval_every,
-        base.summary.prompts,
-        base.summary.k,
-        base.summary.k,
-        compute_seconds / 60.0
-    );
-    let _ = writeln!(md, "| method | pass@1 | pass@{} | mean tokens | tokens vs base | format-valid |", base.summary.k);
-    let _ = writeln!(md, "|---|---|---|---|---|---|");
-    let fmt = |v: (f64, f64), pct: bool| {
-        if pct {
-            format!("{:.1}% +- {:.1}", 100.0 * v.0, 100.0 * v.1)
-        } else {
-            format!("{:.1} +- {:.1}", v.0, v.1)
-        }
-    };
-    let _ = writeln!(
-        md,
-        "| base policy | {:.1}% | {:.1}% | {:.1} | 1.00 | {:.1}% |",
-        100.0 * base.summary.pass_at_1,
-        100.0 * base.summary.pass_at_k,
-        base.summary.mean_tokens,
-        100.0 * base.summary.format_valid_rate
-    );
-    let mut by_method: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
-    for method in &args.methods {
-        let f = finals(points, method, args.iters);
-        let stat = |g: fn(&EvalSummaryRow) -> f64| mean_std(&f.iter().map(|e| g(e)).collect::<Vec<_>>());
-        let (p1, tokens) = (stat(|e| e.summary.pass_at_1), stat(|e| e.summary.mean_tokens));
-        by_method.insert(method, (p1.0, tokens.0));
-        let _ = writeln!(
-            md,
-            "| {method} | {} | {} | {} | {:.2} | {} |",
-            fmt(p1, true),
-            fmt(stat(|e| e.summary.pass_at_k), true),
-            fmt(tokens, false),
-            stat(|e| e.token_efficiency).0,
-            fmt(stat(|e| e.summary.format_valid_rate), true)
-        );
+/// Episodes of each kind in one sample's response (tags rule).
+fn episode_counts(text: &str) -> BTreeMap<EpisodeKind, usize> {
+    let ends: Vec<usize> = (1..=text.len()).collect();
+    let mut counts = BTreeMap::new();
+    for span in segment(Rule::Tags, text, &ends).spans {
+        let (from, to) = span_bytes(&ends, span);
+        *counts.entry(episode_kind(&text[from..to])).or_default() += 1;
     }
-    let _ = writeln!(md, "\n(+- is the spread over seeds: the population std; 0 with one seed.)\n");
-    if let (Some(&(l2t_acc, l2t_tok)), Some(&(grpo_acc, grpo_tok))) = (by_method.get("l2t"), by_method.get("outcome")) {
-        let within = l2t_acc >= grpo_acc - 0.01;
-        let shorter = l2t_tok <= 0.7 * grpo_tok;
+    counts
+}
+
+fn pct(i: &Interval) -> String {
+    if i.n < 2 {
+        return format!("{:.1}%", 100.0 * i.mean);
+    }
+    format!("{:.1}% [{:.1}, {:.1}]", 100.0 * i.mean, 100.0 * i.lo, 100.0 * i.hi)
+}
+
+fn num(i: &Interval) -> String {
+    if i.n < 2 {
+        return format!("{:.1}", i.mean);
+    }
+    format!("{:.1} [{:.1}, {:.1}]", i.mean, i.lo, i.hi)
+}
+
+/// What the report is drawn from.
+struct Report<'a> {
+    args: &'a Args,
+    arms: &'a [Arm],
+    id: &'a str,
+    points: &'a [Point],
+    curves: &'a BTreeMap<(String, u64), Vec<IterFigures>>,
+    /// Hard steps (the testbed's tier) of each prompt of the split.
+    tiers: &'a HashMap<String, u32>,
+}
+
+impl Report<'_> {
+    fn base(&self) -> &Point {
+        &self.points[0]
+    }
+
+    /// The final evaluations of one arm, in seed order.
+    fn finals(&self, arm: &str) -> Vec<&Point> {
+        self.points.iter().filter(|p| p.arm == arm && p.after == self.args.iters).collect()
+    }
+
+    /// The final evaluations of `arm` on the seeds `other` ran too, in seed order.
+    fn paired(&self, arm: &str, other: &str) -> (Vec<&Point>, Vec<&Point>) {
+        let b = self.finals(other);
+        let a: Vec<&Point> = self.finals(arm).into_iter().filter(|p| b.iter().any(|q| q.seed == p.seed)).collect();
+        let b = b.into_iter().filter(|q| a.iter().any(|p| p.seed == q.seed)).collect();
+        (a, b)
+    }
+
+    fn markdown(&self, compute_seconds: f64, wall_seconds: f64) -> String {
+        let (args, base) = (self.args, &self.base().eval);
+        let mut md = String::new();
+        let _ = writeln!(md, "# L2T against its baselines (compare-{})\n", self.id);
         let _ = writeln!(
             md,
-            "**Outcome.** L2T {} accuracy within 1 point of outcome GRPO ({:.1}% vs {:.1}%) and {} at most 0.7x its \
-             mean response tokens ({:.1} vs {:.1}, {:.2}x): the paper's claim {} on this run.",
-            if within { "reached" } else { "did not reach" },
-            100.0 * l2t_acc,
-            100.0 * grpo_acc,
-            if shorter { "used" } else { "did not use" },
-            l2t_tok,
-            grpo_tok,
-            l2t_tok / grpo_tok.max(1e-9),
-            if within && shorter { "holds" } else { "does not hold" }
+            "Config `{}`; {} iterations per arm from one base policy; rl_seeds {:?}{}; every policy evaluated on \
+             the **{}** split ({} prompts x {} samples, pass@{} unbiased). Compute time of the experiment's \
+             stage runs (from their manifests; the base policy's bootstrap not included): {:.1} min; this \
+             invocation's wall time: {:.1} min.\n",
+            args.config.display(),
+            args.iters,
+            args.seeds,
+            if args.ablation_seeds > 0 { format!(" (ablations: the first {})", args.ablation_seeds) } else { String::new() },
+            args.split,
+            base.summary.prompts,
+            base.summary.k,
+            base.summary.k,
+            compute_seconds / 60.0,
+            wall_seconds / 60.0
         );
-        for other in ["length-penalty", "mrt"] {
-            if let Some(&(acc, tok)) = by_method.get(other) {
-                let _ = writeln!(
-                    md,
-                    "Against `{other}`: accuracy {:+.1} points, tokens {:.2}x.",
-                    100.0 * (l2t_acc - acc),
-                    l2t_tok / tok.max(1e-9)
-                );
+        let _ = writeln!(md, "| arm | seeds | pass@1 | pass@{} | mean tokens | tokens vs base | format-valid |", base.summary.k);
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            md,
+            "| base policy | - | {:.1}% | {:.1}% | {:.1} | 1.00 | {:.1}% |",
+            100.0 * base.summary.pass_at_1,
+            100.0 * base.summary.pass_at_k,
+            base.summary.mean_tokens,
+            100.0 * base.summary.format_valid_rate
+        );
+        for arm in self.arms {
+            let f = self.finals(&arm.name);
+            let stat = |g: fn(&EvalSummaryRow) -> f64| t_interval(&f.iter().map(|p| g(&p.eval)).collect::<Vec<_>>());
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {:.2} | {:.1}% |",
+                arm.name,
+                f.len(),
+                pct(&stat(|e| e.summary.pass_at_1)),
+                pct(&stat(|e| e.summary.pass_at_k)),
+                num(&stat(|e| e.summary.mean_tokens)),
+                stat(|e| e.token_efficiency).mean,
+                100.0 * stat(|e| e.summary.format_valid_rate).mean
+            );
+        }
+        let _ = writeln!(md, "\n(Brackets: 95% confidence intervals over seeds, Student t.)\n");
+        self.criterion(&mut md);
+        self.tiers_markdown(&mut md);
+        self.episodes_markdown(&mut md);
+        self.curves_markdown(&mut md);
+        self.reward_terms_markdown(&mut md);
+        self.budgets_markdown(&mut md);
+        let _ = writeln!(
+            md,
+            "\nEvery number above is in the runs' tables: `make audit RUN='compare-{}-*' \
+             SQL=\"SELECT run, iteration, pass_at_1, mean_tokens FROM eval_summary ORDER BY ALL\"`.",
+            self.id
+        );
+        md
+    }
+
+    /// The pre-registered criterion: L2T passes if the lower 95% bound of the paired pass@1
+    /// difference L2T - GRPO is at least -2 points and the upper 95% bound of the token ratio
+    /// L2T / GRPO is at most 0.7.
+    fn criterion(&self, md: &mut String) {
+        let have = |a: &str| self.arms.iter().any(|x| x.name == a);
+        if !have("l2t") || !have("outcome") {
+            return;
+        }
+        let _ = writeln!(md, "## The pre-registered criterion\n");
+        let _ = writeln!(
+            md,
+            "L2T passes if the lower 95% bound of the paired pass@1 difference (L2T - GRPO) is at least -2 points \
+             and the upper 95% bound of the token ratio L2T / GRPO is at most 0.7 (paired by rl_seed; the ratio's \
+             interval is a t-interval of the log ratios).\n"
+        );
+        let _ = writeln!(md, "| arm vs outcome GRPO | seeds | pass@1 difference (points) | token ratio |");
+        let _ = writeln!(md, "|---|---|---|---|");
+        let mut verdict = None;
+        for arm in self.arms.iter().filter(|a| a.name != "outcome") {
+            let (a, b) = self.paired(&arm.name, "outcome");
+            let get = |ps: &[&Point], g: fn(&EvalSummaryRow) -> f64| ps.iter().map(|p| g(&p.eval)).collect::<Vec<_>>();
+            let diff = paired_difference(&get(&a, |e| e.summary.pass_at_1), &get(&b, |e| e.summary.pass_at_1));
+            let ratio = ratio_interval(&get(&a, |e| e.summary.mean_tokens), &get(&b, |e| e.summary.mean_tokens));
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:+.1} [{:+.1}, {:+.1}] | {:.2} [{:.2}, {:.2}] |",
+                arm.name,
+                diff.n,
+                100.0 * diff.mean,
+                100.0 * diff.lo,
+                100.0 * diff.hi,
+                ratio.mean,
+                ratio.lo,
+                ratio.hi
+            );
+            if arm.name == "l2t" {
+                verdict = Some((diff, ratio));
             }
         }
-    }
-    let _ = writeln!(md, "\n## Accuracy at token budgets (final policies, mean over seeds)\n");
-    let budgets = &base.budgets;
-    let _ = writeln!(md, "| method | {} |", budgets.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(" | "));
-    let _ = writeln!(md, "|---|{}", "---|".repeat(budgets.len()));
-    let row = |name: &str, evals: &[&EvalSummaryRow]| {
-        let cells: Vec<String> = (0..budgets.len())
-            .map(|b| format!("{:.1}%", 100.0 * mean_std(&evals.iter().map(|e| e.summary.accuracy_at_budget[b]).collect::<Vec<_>>()).0))
-            .collect();
-        format!("| {name} | {} |", cells.join(" | "))
-    };
-    let _ = writeln!(md, "{}", row("base policy", &[base]));
-    for method in &args.methods {
-        let _ = writeln!(md, "{}", row(method, &finals(points, method, args.iters)));
-    }
-    let _ = writeln!(md, "\n## Every evaluation\n");
-    let _ = writeln!(md, "| method | rl_seed | iterations | pass@1 | mean tokens | format-valid |");
-    let _ = writeln!(md, "|---|---|---|---|---|---|");
-    for p in points.iter().filter(|p| p.after > 0) {
-        let _ = writeln!(
-            md,
-            "| {} | {} | {} | {:.1}% | {:.1} | {:.1}% |",
-            p.method,
-            p.seed,
-            p.after,
-            100.0 * p.eval.summary.pass_at_1,
-            p.eval.summary.mean_tokens,
-            100.0 * p.eval.summary.format_valid_rate
-        );
-    }
-    let _ = writeln!(
-        md,
-        "\nEvery number above is in the runs' `eval_summary` tables: `make audit RUN='compare-{id}-*' \
-         SQL=\"SELECT run, iteration, pass_at_1, mean_tokens FROM eval_summary ORDER BY ALL\"`."
-    );
-    md
-}
-
-/// The L2T reward's parts per iteration, averaged over seeds: where the signal comes from, and
-/// how often the token advantage takes the sign opposite to the rollout's (l2t-spec 7 divides by
-/// `|rbar|`).
-fn reward_terms_markdown(args: &Args, id: &str, base: &Config) -> Result<String> {
-    use l2t::store::iter_slot;
-    use l2t::table::{advantages, episode_rewards, episodes};
-    let c = &base.credit;
-    let mut rows: BTreeMap<u32, Vec<[f64; 7]>> = BTreeMap::new();
-    for &seed in &args.seeds {
-        let run = format!("compare-{id}-l2t-s{seed}");
-        let store = l2t::store::Store::new(args.artifacts.clone());
-        for it in 0..args.iters {
-            let open = |stage: &str| store.open_ref(&run, &iter_slot(it, stage));
-            let eps = episodes::read(&open("segment")?.file(episodes::FILE)?)?;
-            let rw = episode_rewards::read(&open("fisher-reward")?.file(episode_rewards::FILE)?)?;
-            let adv = advantages::read(&open("credit-assign")?.file(advantages::FILE)?)?;
-            let n = eps.len().max(1) as f64;
-            let outcome_term = eps.iter().map(|e| f64::from(e.r_out) / f64::from(e.k.max(1))).sum::<f64>() / n;
-            let gain_term = rw.iter().map(|r| c.alpha * r.d_i).sum::<f64>() / n;
-            let penalty_term = rw.iter().map(|r| -c.alpha * c.beta * r.c_scaled).sum::<f64>() / n;
-            let rollouts = adv.len().max(1) as f64;
-            let negative_rbar = adv.iter().filter(|a| a.rbar < 0.0).count() as f64 / rollouts;
-            let below = adv.iter().filter(|a| a.a_i < 0.0).count().max(1) as f64;
-            let flipped = adv.iter().filter(|a| a.a_i < 0.0 && a.a_t.iter().map(|&x| f64::from(x)).sum::<f64>() > 0.0).count() as f64 / below;
-            let tokens: usize = adv.iter().map(|a| a.a_t.len()).sum();
-            let clip = adv.iter().map(|a| f64::from(a.n_clipped)).sum::<f64>() / tokens.max(1) as f64;
-            let correct = eps.iter().filter(|e| e.episode_idx == 0 && e.r_out >= 1.0).count() as f64 / rollouts;
-            rows.entry(it).or_default().push([outcome_term, gain_term, penalty_term, negative_rbar, flipped, clip, correct]);
+        if let Some((diff, ratio)) = verdict {
+            let accuracy_ok = diff.lo >= -0.02;
+            let tokens_ok = ratio.hi <= 0.7;
+            let _ = writeln!(
+                md,
+                "\n**Outcome: L2T {}.** Accuracy: the lower bound of the pass@1 difference is {:+.1} points ({} -2); \
+                 tokens: the upper bound of the ratio is {:.2} ({} 0.7).\n",
+                if accuracy_ok && tokens_ok { "passes" } else { "fails" },
+                100.0 * diff.lo,
+                if accuracy_ok { ">=" } else { "<" },
+                ratio.hi,
+                if tokens_ok { "<=" } else { ">" }
+            );
         }
     }
-    let mut md = String::from(
-        "\n## The L2T reward over iterations (l2t runs, mean over seeds)\n\n\
-         Per episode: the outcome term `r_out / K`, the information-gain term `alpha dI` and the penalty term \
-         `-alpha beta C` (C batch-median scaled); per rollout: the share with `rbar < 0`, the share of \
-         below-average rollouts (`A_i < 0`) whose token advantages sum to a positive number (the sign flip of \
-         `r_t / |rbar|`), the share of token ratios clipped at `c`, and training accuracy.\n\n\
-         | iteration | r_out / K | alpha dI | -alpha beta C | rbar < 0 | A_i < 0 but sum A_t > 0 | clipped | training accuracy |\n\
-         |---|---|---|---|---|---|---|---|\n",
-    );
-    for (it, seeds) in &rows {
-        let mean = |i: usize| seeds.iter().map(|r| r[i]).sum::<f64>() / seeds.len() as f64;
+
+    /// Accuracy and tokens by tier (hard steps), mean over seeds.
+    fn tiers_markdown(&self, md: &mut String) {
+        let mut tiers: Vec<u32> = self.tiers.values().copied().collect();
+        tiers.sort_unstable();
+        tiers.dedup();
+        if tiers.len() < 2 {
+            return;
+        }
+        let _ = writeln!(md, "## By difficulty tier (hard steps; final policies, mean over seeds)\n");
+        let header: Vec<String> = tiers.iter().map(|t| format!("tier {t}: pass@1 / tokens")).collect();
+        let _ = writeln!(md, "| arm | {} |", header.join(" | "));
+        let _ = writeln!(md, "|---|{}", "---|".repeat(tiers.len()));
+        let row = |name: &str, points: &[&Point]| {
+            let cells: Vec<String> = tiers
+                .iter()
+                .map(|&t| {
+                    let per_seed: Vec<(f64, f64)> = points
+                        .iter()
+                        .map(|p| {
+                            let s: Vec<&EvalSampleRow> = p.samples.iter().filter(|s| self.tiers.get(&s.prompt_id) == Some(&t)).collect();
+                            let n = s.len().max(1) as f64;
+                            (s.iter().filter(|s| s.correct).count() as f64 / n, s.iter().map(|s| f64::from(s.n_tokens)).sum::<f64>() / n)
+                        })
+                        .collect();
+                    let m = per_seed.len().max(1) as f64;
+                    format!("{:.1}% / {:.1}", 100.0 * per_seed.iter().map(|x| x.0).sum::<f64>() / m, per_seed.iter().map(|x| x.1).sum::<f64>() / m)
+                })
+                .collect();
+            format!("| {name} | {} |", cells.join(" | "))
+        };
+        let _ = writeln!(md, "{}", row("base policy", &[self.base()]));
+        for arm in self.arms {
+            let _ = writeln!(md, "{}", row(&arm.name, &self.finals(&arm.name)));
+        }
+        let _ = writeln!(md);
+    }
+
+    /// Episodes per response by kind, overall and useful splits per tier (final policies).
+    fn episodes_markdown(&self, md: &mut String) {
+        let kinds = [EpisodeKind::Step, EpisodeKind::UsefulSplit, EpisodeKind::FillerSplit, EpisodeKind::Check, EpisodeKind::Other];
+        let _ = writeln!(md, "## Episodes per response (final policies, mean over seeds)\n");
+        let _ = writeln!(md, "| arm | {} | useful splits per hard step |", kinds.map(|k| k.as_str()).join(" | "));
+        let _ = writeln!(md, "|---|{}---|", "---|".repeat(kinds.len()));
+        let row = |name: &str, points: &[&Point]| {
+            let mut totals: BTreeMap<EpisodeKind, usize> = BTreeMap::new();
+            let (mut samples, mut hard) = (0usize, 0u64);
+            for p in points {
+                for s in &p.samples {
+                    samples += 1;
+                    hard += u64::from(self.tiers.get(&s.prompt_id).copied().unwrap_or(0));
+                    for (k, n) in episode_counts(&s.text) {
+                        *totals.entry(k).or_default() += n;
+                    }
+                }
+            }
+            let per = |k: EpisodeKind| totals.get(&k).copied().unwrap_or(0) as f64 / samples.max(1) as f64;
+            let useful_per_hard = totals.get(&EpisodeKind::UsefulSplit).copied().unwrap_or(0) as f64 / hard.max(1) as f64;
+            format!("| {name} | {} | {useful_per_hard:.2} |", kinds.map(|k| format!("{:.2}", per(k))).join(" | "))
+        };
+        let _ = writeln!(md, "{}", row("base policy", &[self.base()]));
+        for arm in self.arms {
+            let _ = writeln!(md, "{}", row(&arm.name, &self.finals(&arm.name)));
+        }
         let _ = writeln!(
             md,
-            "| {it} | {:+.3} | {:+.3} | {:+.3} | {:.0}% | {:.0}% | {:.1}% | {:.1}% |",
-            mean(0),
-            mean(1),
-            mean(2),
-            100.0 * mean(3),
-            100.0 * mean(4),
-            100.0 * mean(5),
-            100.0 * mean(6)
+            "\n(`useful-split`: a decomposition before a hard step; `filler-split`: one before an easy step; `check`: a \
+             restated or inverted step. An efficient policy has one useful split per hard step and no filler.)\n"
         );
     }
-    Ok(md)
+
+    /// Training accuracy and tokens every few iterations, mean over seeds.
+    fn curves_markdown(&self, md: &mut String) {
+        let _ = writeln!(md, "## Learning curves (training rollouts, mean over seeds)\n");
+        let _ = writeln!(md, "| arm | {} |", (0..self.args.iters).map(|i| format!("it {i}")).collect::<Vec<_>>().join(" | "));
+        let _ = writeln!(md, "|---|{}", "---|".repeat(self.args.iters as usize));
+        for arm in self.arms {
+            let cells: Vec<String> = (0..self.args.iters as usize)
+                .map(|i| {
+                    let v: Vec<IterFigures> = self.curves.iter().filter(|((a, _), _)| a == &arm.name).map(|(_, f)| f[i]).collect();
+                    let m = v.len().max(1) as f64;
+                    format!("{:.0}% / {:.0}", 100.0 * v.iter().map(|f| f.accuracy).sum::<f64>() / m, v.iter().map(|f| f.tokens).sum::<f64>() / m)
+                })
+                .collect();
+            let _ = writeln!(md, "| {} | {} |", arm.name, cells.join(" | "));
+        }
+        let evals: Vec<&Point> = self.points.iter().filter(|p| p.after > 0 && p.after < self.args.iters).collect();
+        if !evals.is_empty() {
+            let _ = writeln!(md, "\nIntermediate evaluations on the {} split:\n", self.args.split);
+            let _ = writeln!(md, "| arm | rl_seed | iterations | pass@1 | mean tokens |");
+            let _ = writeln!(md, "|---|---|---|---|---|");
+            for p in evals {
+                let _ = writeln!(md, "| {} | {} | {} | {:.1}% | {:.1} |", p.arm, p.seed, p.after, 100.0 * p.eval.summary.pass_at_1, p.eval.summary.mean_tokens);
+            }
+        }
+        let _ = writeln!(md);
+    }
+
+    /// The L2T reward's parts per iteration for each l2t arm (mean over seeds): where the signal
+    /// comes from, how often the regularised guard binds, and how often credit is inverted.
+    fn reward_terms_markdown(&self, md: &mut String) {
+        for arm in self.arms.iter().filter(|a| a.method == "l2t") {
+            let _ = writeln!(
+                md,
+                "## The reward's terms, arm `{}` (per episode; shares of rollouts with a signal)\n\n\
+                 | iteration | r_out / K | alpha dI | -alpha beta C~ | guard binds | inverted | clipped tokens | training accuracy |\n\
+                 |---|---|---|---|---|---|---|---|",
+                arm.name
+            );
+            for i in 0..self.args.iters as usize {
+                let v: Vec<IterFigures> = self.curves.iter().filter(|((a, _), _)| a == &arm.name).map(|(_, f)| f[i]).collect();
+                let m = |g: fn(&IterFigures) -> f64| v.iter().map(g).sum::<f64>() / v.len().max(1) as f64;
+                let _ = writeln!(
+                    md,
+                    "| {i} | {:+.3} | {:+.3} | {:+.3} | {:.0}% | {:.1}% | {:.2}% | {:.1}% |",
+                    m(|f| f.outcome_term),
+                    m(|f| f.gain_term),
+                    m(|f| f.penalty_term),
+                    100.0 * m(|f| f.guard),
+                    100.0 * m(|f| f.inverted),
+                    100.0 * m(|f| f.clipped),
+                    100.0 * m(|f| f.accuracy)
+                );
+            }
+            let _ = writeln!(md);
+        }
+    }
+
+    fn budgets_markdown(&self, md: &mut String) {
+        let budgets = &self.base().eval.budgets;
+        let _ = writeln!(md, "## Accuracy at token budgets (final policies, mean over seeds)\n");
+        let _ = writeln!(md, "| arm | {} |", budgets.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(" | "));
+        let _ = writeln!(md, "|---|{}", "---|".repeat(budgets.len()));
+        let _ = writeln!(md, "| base policy | {} |", self.budget_curve(&[self.base()]).iter().map(|(_, a)| format!("{:.1}%", 100.0 * a)).collect::<Vec<_>>().join(" | "));
+        for arm in self.arms {
+            let curve = self.budget_curve(&self.finals(&arm.name));
+            let _ = writeln!(md, "| {} | {} |", arm.name, curve.iter().map(|(_, a)| format!("{:.1}%", 100.0 * a)).collect::<Vec<_>>().join(" | "));
+        }
+    }
+
+    /// (budget, accuracy) averaged over the evaluations.
+    fn budget_curve(&self, points: &[&Point]) -> Vec<(f64, f64)> {
+        let budgets = &self.base().eval.budgets;
+        budgets
+            .iter()
+            .enumerate()
+            .map(|(b, &x)| (f64::from(x), points.iter().map(|p| p.eval.summary.accuracy_at_budget[b]).sum::<f64>() / points.len().max(1) as f64))
+            .collect()
+    }
+
+    /// One line per arm: the seed mean of a training figure against iterations.
+    fn plot_curves(&self, path: &Path, what: &str, value: fn(&IterFigures) -> f64) -> Result<()> {
+        let lines: Vec<(String, RGBColor, Vec<(f64, f64)>)> = self
+            .arms
+            .iter()
+            .enumerate()
+            .map(|(i, arm)| {
+                let runs: Vec<&Vec<IterFigures>> = self.curves.iter().filter(|((a, _), _)| a == &arm.name).map(|(_, f)| f).collect();
+                let line = (0..self.args.iters as usize)
+                    .map(|it| (it as f64, runs.iter().map(|f| value(&f[it])).sum::<f64>() / runs.len().max(1) as f64))
+                    .collect();
+                (arm.name.clone(), COLORS[i % COLORS.len()], line)
+            })
+            .collect();
+        let ys = lines.iter().flat_map(|(_, _, l)| l.iter().map(|p| p.1));
+        let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), y| (lo.min(y), hi.max(y)));
+        let pad = ((hi - lo) * 0.1).max(1e-3);
+        let ranges = (0f64..f64::from(self.args.iters.max(2) - 1), (lo - pad)..(hi + pad));
+        draw_lines(path, &format!("{what} against iterations"), ("iteration", what), ranges, &lines, SeriesLabelPosition::UpperRight)
+    }
+
+    /// Accuracy against the token budget for the base policy and each arm's final policies.
+    fn plot_budgets(&self, path: &Path) -> Result<()> {
+        let mut lines = vec![("base policy".to_string(), BLACK, self.budget_curve(&[self.base()]))];
+        lines.extend(self.arms.iter().enumerate().map(|(i, a)| (a.name.clone(), COLORS[i % COLORS.len()], self.budget_curve(&self.finals(&a.name)))));
+        let max_x = self.base().eval.budgets.iter().map(|&b| f64::from(b)).fold(1.0, f64::max);
+        let ranges = (0f64..max_x * 1.05, 0f64..1f64);
+        draw_lines(path, "accuracy at a token budget (truncate, force the answer)", ("token budget", "accuracy"), ranges, &lines, SeriesLabelPosition::UpperLeft)
+    }
 }
 
 const COLORS: [RGBColor; 6] = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189), RGBColor(140, 86, 75)];
@@ -371,41 +661,3 @@ fn draw_lines(
     Ok(())
 }
 
-/// One line per method: the seed mean of `value` against iterations done.
-fn plot_against_iteration(path: &Path, args: &Args, points: &[Point], what: &str, value: fn(&EvalSummaryRow) -> f64) -> Result<()> {
-    let lines: Vec<(String, RGBColor, Vec<(f64, f64)>)> = args
-        .methods
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let mut by_x: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
-            for p in points.iter().filter(|p| &p.method == m) {
-                by_x.entry(p.after).or_default().push(value(&p.eval));
-            }
-            (m.clone(), COLORS[i % COLORS.len()], by_x.into_iter().map(|(x, v)| (f64::from(x), mean_std(&v).0)).collect())
-        })
-        .collect();
-    let ys = lines.iter().flat_map(|(_, _, l)| l.iter().map(|p| p.1));
-    let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), y| (lo.min(y), hi.max(y)));
-    let pad = ((hi - lo) * 0.1).max(1e-3);
-    let ranges = (0f64..f64::from(args.iters), (lo - pad)..(hi + pad));
-    draw_lines(path, &format!("{what} against iterations"), ("iterations", what), ranges, &lines, SeriesLabelPosition::UpperRight)
-}
-
-/// Accuracy against the token budget for the base policy and each method's final policies.
-fn plot_budgets(path: &Path, args: &Args, points: &[Point]) -> Result<()> {
-    let base = &points[0].eval;
-    let budgets: Vec<f64> = base.budgets.iter().map(|&b| f64::from(b)).collect();
-    let curve = |evals: &[&EvalSummaryRow]| -> Vec<(f64, f64)> {
-        budgets
-            .iter()
-            .enumerate()
-            .map(|(b, &x)| (x, mean_std(&evals.iter().map(|e| e.summary.accuracy_at_budget[b]).collect::<Vec<_>>()).0))
-            .collect()
-    };
-    let mut lines = vec![("base policy".to_string(), BLACK, curve(&[base]))];
-    lines.extend(args.methods.iter().enumerate().map(|(i, m)| (m.clone(), COLORS[i % COLORS.len()], curve(&finals(points, m, args.iters)))));
-    let max_x = budgets.iter().copied().fold(1.0, f64::max);
-    let ranges = (0f64..max_x * 1.05, 0f64..1f64);
-    draw_lines(path, "accuracy at a token budget (truncate, force the answer)", ("token budget", "accuracy"), ranges, &lines, SeriesLabelPosition::UpperLeft)
-}

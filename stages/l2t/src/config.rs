@@ -86,10 +86,14 @@ impl Default for EvalConfig {
     }
 }
 
-/// The built-in synthetic arithmetic task (the `tiny` profile's data).
+/// The built-in synthetic task (the `tiny` profile's data).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TaskConfig {
+    /// `arith` (small-number arithmetic with redundant checks) or `decompose` (the testbed: walks
+    /// over a table of links whose two-link moves need a decomposition episode, with filler
+    /// splits and checks; see `task/decompose.rs`).
+    pub kind: String,
     /// Operations per problem: the main difficulty knob.
     pub steps: usize,
     /// Largest starting value and largest added/subtracted operand.
@@ -99,11 +103,23 @@ pub struct TaskConfig {
     /// Every intermediate value stays in [0, max_value].
     pub max_value: u32,
     pub n_train: usize,
+    /// The validation split (knobs are chosen on it; `make eval`'s default).
     pub n_eval: usize,
+    /// The test split, kept for the pre-registered comparison alone (0 = none).
+    pub n_test: usize,
     /// Share of worked solutions that carry redundant "Check:" episodes.
     pub redundant_share: f64,
     /// Most redundant episodes in one worked solution (at least 1 when present).
     pub max_redundant: usize,
+    /// `decompose`: links (nodes) in a problem's table.
+    pub links: usize,
+    /// `decompose`: most hard moves in a problem; tiers 0..=max_hard have equal shares.
+    pub max_hard: usize,
+    /// `decompose`: probability of a "Split:" episode before each move of a worked solution,
+    /// whatever the move (useful before a hard move, filler before an easy one).
+    pub split_share: f64,
+    /// `decompose`: probability that a hard move written without its split is wrong.
+    pub direct_error: f64,
     /// `completion`: the prompt text carries the format line and ends where the solution starts
     /// (the tiny policy, raw prompts); `question`: the bare question, for chat models whose
     /// template and `prompt.instructions` carry the format.
@@ -116,14 +132,20 @@ pub struct TaskConfig {
 impl Default for TaskConfig {
     fn default() -> Self {
         Self {
+            kind: "arith".into(),
             steps: 2,
             max_operand: 9,
             max_multiplier: 3,
             max_value: 20,
             n_train: 1_800,
             n_eval: 256,
+            n_test: 0,
             redundant_share: 0.9,
             max_redundant: 2,
+            links: 8,
+            max_hard: 2,
+            split_share: 0.5,
+            direct_error: 0.7,
             prompt_style: "completion".into(),
             eval_file: String::new(),
         }
@@ -287,13 +309,23 @@ pub struct PenaltyConfig {
     pub estimator: String,
     /// Step of the finite difference along `D~`.
     pub eps: f64,
-    /// `batch-median` or `none`.
+    /// `gain-matched` (default), `batch-median` or `none`.
     pub scale: String,
+    /// `gain-matched`: the quantile of the batch's nonzero `C` at which each `C` is capped.
+    pub cap_quantile: f64,
 }
 
 impl Default for PenaltyConfig {
     fn default() -> Self {
-        Self { block: -1, rank_fraction: 0.05, damping: 1e-5, estimator: "fd".into(), eps: 1e-3, scale: "batch-median".into() }
+        Self {
+            block: -1,
+            rank_fraction: 0.05,
+            damping: 1e-5,
+            estimator: "fd".into(),
+            eps: 1e-3,
+            scale: "gain-matched".into(),
+            cap_quantile: 0.9,
+        }
     }
 }
 
@@ -307,17 +339,28 @@ pub struct CreditConfig {
     pub beta: f64,
     /// Share of token rewards dropped from the rollout mean, half from each tail.
     pub trim: f64,
-    /// `c`: bound on `|r_t / rbar|`.
+    /// `c`: bound on a token's relative contribution `x_t` (or `|r_t / rbar|`).
     pub clip: f64,
-    /// `abs` (the spec's `r_t / |rbar|`) or `signed` (`r_t / rbar`).
+    /// `regularised` (default), `signed`, `rollout` or `abs` (l2t-spec 7).
     pub token_scale: String,
+    /// `rho` of `regularised`: the guard near a zero rollout mean.
+    pub rho: f64,
     /// `a_lp` of the `length-penalty` baseline.
     pub a_lp: f64,
 }
 
 impl Default for CreditConfig {
     fn default() -> Self {
-        Self { method: "l2t".into(), alpha: 0.8, beta: 0.6, trim: 0.05, clip: 10.0, token_scale: "abs".into(), a_lp: 0.2 }
+        Self {
+            method: "l2t".into(),
+            alpha: 0.8,
+            beta: 0.6,
+            trim: 0.05,
+            clip: 10.0,
+            token_scale: "regularised".into(),
+            rho: 0.25,
+            a_lp: 0.2,
+        }
     }
 }
 
@@ -343,6 +386,8 @@ pub struct UpdateConfig {
     pub micro_batch: usize,
     /// Iterations the run plans: the length of the cosine schedule.
     pub planned_iterations: usize,
+    /// The cosine schedule decays to this share of `lr` (0 = to zero).
+    pub min_lr_ratio: f64,
 }
 
 impl Default for UpdateConfig {
@@ -360,6 +405,7 @@ impl Default for UpdateConfig {
             minibatches: 2,
             micro_batch: 16,
             planned_iterations: 20,
+            min_lr_ratio: 0.0,
         }
     }
 }
@@ -387,6 +433,30 @@ impl Config {
         Ok(config)
     }
 
+    /// This configuration with one knob set, named by its dotted path (`credit.beta`); the value is
+    /// TOML (`0`, `"rollout"`, `[32, 64]`), or a bare word taken as a string. The result is
+    /// validated like a file.
+    pub fn with_override(&self, key: &str, value: &str) -> Result<Self> {
+        let mut root = toml::Value::try_from(self).context("the configuration as TOML")?;
+        let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .map(|mut t| t.remove("v").expect("the table has v"))
+            .unwrap_or_else(|_| toml::Value::String(value.to_string()));
+        let mut at = &mut root;
+        let parts: Vec<&str> = key.split('.').collect();
+        for part in &parts[..parts.len() - 1] {
+            at = at.get_mut(*part).filter(|v| v.is_table()).with_context(|| format!("{key}: no section {part:?}"))?;
+        }
+        let leaf = parts[parts.len() - 1];
+        let table = at.as_table_mut().with_context(|| format!("{key}: not a knob"))?;
+        if !table.contains_key(leaf) {
+            bail!("{key}: unknown knob");
+        }
+        table.insert(leaf.to_string(), parsed);
+        let config: Config = root.try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("{key} = {value}: {}", e.to_string().trim_end()))?;
+        config.validate().with_context(|| format!("{key} = {value}"))?;
+        Ok(config)
+    }
+
     /// Refuses values no stage can run with, naming the key.
     pub fn validate(&self) -> Result<()> {
         let t = &self.task;
@@ -404,6 +474,11 @@ impl Config {
             (["raw", "chat"].contains(&self.prompt.template.as_str()), "prompt.template must be raw or chat"),
             (!b.source.is_empty(), "bootstrap.source must be tiny or a checkpoint path"),
             ((0.0..=1.0).contains(&t.redundant_share), "task.redundant_share must lie in [0, 1]"),
+            (["arith", "decompose"].contains(&t.kind.as_str()), "task.kind must be arith or decompose"),
+            ((0.0..=1.0).contains(&t.split_share) && (0.0..=1.0).contains(&t.direct_error),
+                "task.split_share and task.direct_error must lie in [0, 1]"),
+            (t.kind != "decompose" || (t.max_hard <= t.steps && (3..=90).contains(&t.links)),
+                "task.kind = decompose needs task.max_hard <= task.steps and task.links in 3..=90"),
             (m.hidden_size % m.num_attention_heads.max(1) == 0, "model.hidden_size must be a multiple of model.num_attention_heads"),
             (m.num_key_value_heads >= 1 && m.num_attention_heads % m.num_key_value_heads.max(1) == 0,
                 "model.num_attention_heads must be a multiple of model.num_key_value_heads"),
@@ -423,12 +498,15 @@ impl Config {
             (p.rank_fraction > 0.0 && p.rank_fraction <= 1.0, "penalty.rank_fraction must lie in (0, 1]"),
             (p.damping >= 0.0 && p.damping.is_finite(), "penalty.damping must be >= 0"),
             (p.eps > 0.0 && p.eps.is_finite(), "penalty.eps must be positive"),
+            (p.cap_quantile > 0.0 && p.cap_quantile <= 1.0, "penalty.cap_quantile must lie in (0, 1]"),
+            (c.rho > 0.0 && c.rho.is_finite(), "credit.rho must be positive"),
             (c.alpha.is_finite() && c.beta.is_finite(), "credit.alpha and credit.beta must be finite numbers"),
             ((0.0..1.0).contains(&c.trim), "credit.trim must lie in [0, 1)"),
             (c.clip > 0.0, "credit.clip must be positive"),
             ((0.0..=1.0).contains(&c.a_lp), "credit.a_lp must lie in [0, 1]"),
             (u.lr > 0.0 && u.lr.is_finite(), "update.lr must be positive"),
             ((0.0..=1.0).contains(&u.warmup_frac), "update.warmup_frac must lie in [0, 1]"),
+            ((0.0..=1.0).contains(&u.min_lr_ratio), "update.min_lr_ratio must lie in [0, 1]"),
             (u.weight_decay >= 0.0 && u.max_grad_norm > 0.0, "update.weight_decay must be >= 0 and update.max_grad_norm positive"),
             ((0.0..1.0).contains(&u.eps_low) && u.eps_high >= 0.0, "update.eps_low must lie in [0, 1) and update.eps_high be >= 0"),
             (u.beta_kl >= 0.0 && u.beta_kl.is_finite(), "update.beta_kl must be >= 0"),
@@ -500,6 +578,19 @@ mod tests {
     fn unknown_key_is_refused_with_its_name() {
         let err = Config::parse("[sample]\ngroup_sise = 4\n").unwrap_err();
         assert!(format!("{err:#}").contains("group_sise"), "{err:#}");
+    }
+
+    #[test]
+    fn a_knob_is_overridden_by_its_dotted_path() {
+        let c = Config::default().with_override("credit.beta", "0").unwrap();
+        assert_eq!(c.credit.beta, 0.0);
+        let c = c.with_override("credit.token_scale", "rollout").unwrap().with_override("eval.budgets", "[8, 16]").unwrap();
+        assert_eq!((c.credit.token_scale.as_str(), c.eval.budgets.clone()), ("rollout", vec![8, 16]));
+        assert_eq!(Config::default().with_override("rl_seed", "4").unwrap().rl_seed, 4);
+        for (key, value, want) in [("credit.betta", "0", "unknown knob"), ("credits.beta", "0", "no section"), ("credit.token_scale", "up", "token_scale"), ("sample.top_p", "2", "sample.top_p")] {
+            let err = format!("{:#}", Config::default().with_override(key, value).unwrap_err());
+            assert!(err.contains(want), "{key}: {err}");
+        }
     }
 
     #[test]

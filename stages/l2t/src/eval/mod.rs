@@ -3,6 +3,9 @@
 //! force `close`, read the answer; a response that answered within the budget keeps its answer,
 //! see [`at_budget`]).
 
+
+pub mod stats;
+
 /// Unbiased pass@k of one prompt from `n` samples with `c` correct (Chen et al. 2021):
 /// `1 - C(n - c, k) / C(n, k)`, computed as a product to stay exact for large `n`.
 pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {

@@ -105,7 +105,7 @@ mod tests {
 
     fn corpus() -> Vec<String> {
         let cfg = crate::config::TaskConfig { n_train: 200, n_eval: 10, ..Default::default() };
-        let (train, _) = crate::task::arith::generate(&cfg, 0).unwrap();
+        let train = crate::task::generate(&cfg, 0).unwrap().train;
         train.iter().map(|r| format!("{}{}", r.prompt, r.solution.as_ref().unwrap())).collect()
     }
 

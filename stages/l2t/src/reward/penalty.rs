@@ -36,10 +36,13 @@ impl Estimator {
     }
 }
 
-/// How raw `C` is put on the scale of `dI` (knob `penalty.scale`).
+/// How raw `C` is put on the scale of `dI` (knob `penalty.scale`, spec 5 revised 2026-12-01).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scale {
-    /// Divide by the median of the batch's nonzero `C` (default).
+    /// Cap at a quantile of the nonzero `C`, then scale so that the batch's mean penalty equals
+    /// its mean `|dI|`: `beta` is the penalty-to-gain ratio (default).
+    GainMatched,
+    /// Divide by the median of the batch's nonzero `C` (the first reading; an ablation).
     BatchMedian,
     /// Keep the raw values.
     None,
@@ -48,9 +51,10 @@ pub enum Scale {
 impl Scale {
     pub fn parse(text: &str) -> Result<Self> {
         match text {
+            "gain-matched" => Ok(Self::GainMatched),
             "batch-median" => Ok(Self::BatchMedian),
             "none" => Ok(Self::None),
-            other => bail!("unknown scale {other:?} (expected batch-median or none)"),
+            other => bail!("unknown scale {other:?} (expected gain-matched, batch-median or none)"),
         }
     }
 }
@@ -96,6 +100,53 @@ pub fn scale_by_batch_median(c: &[f64]) -> Vec<f64> {
     let n = nonzero.len();
     let median = if n % 2 == 1 { nonzero[n / 2] } else { 0.5 * (nonzero[n / 2 - 1] + nonzero[n / 2]) };
     c.iter().map(|v| v / median).collect()
+}
+
+/// The `p`-quantile of `values` with linear interpolation between order statistics (numpy's
+/// default); `None` for no values.
+pub fn quantile(values: &[f64], p: f64) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let h = (sorted.len() - 1) as f64 * p.clamp(0.0, 1.0);
+    let (lo, hi) = (h.floor() as usize, h.ceil() as usize);
+    Some(sorted[lo] + (h - lo as f64) * (sorted[hi] - sorted[lo]))
+}
+
+/// `gain-matched` scaling of one batch (spec 5, revised 2026-12-01), with the figures it used.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GainMatched {
+    /// `C~(e)` for every episode given.
+    pub c_scaled: Vec<f64>,
+    /// `q`, the cap: the `cap_quantile` of the nonzero `C` over `E` (0 when there is none).
+    pub q: f64,
+    /// `mean_E |dI(e)|`.
+    pub mean_abs_d_i: f64,
+    /// `mean_E C^(e)`, the capped penalty's mean.
+    pub mean_c_capped: f64,
+}
+
+/// ```text
+/// q      = cap_quantile of the nonzero C(e), e in E
+/// C^(e)  = min(C(e), q)
+/// C~(e)  = C^(e) * mean_E |dI(e)| / mean_E C^(e)        (C~ = 0 when every C is 0)
+/// ```
+///
+/// `in_e` marks the episodes of `E` (those of rollouts that take part in training); the figures
+/// come from `E` alone, and every episode is scaled with them.
+pub fn scale_gain_matched(c: &[f64], d_i: &[f64], in_e: &[bool], cap_quantile: f64) -> GainMatched {
+    let members = || c.iter().zip(d_i).zip(in_e).filter(|(_, &m)| m).map(|((&c, &d), _)| (c, d));
+    let nonzero: Vec<f64> = members().map(|(c, _)| c).filter(|&c| c != 0.0).collect();
+    let Some(q) = quantile(&nonzero, cap_quantile) else {
+        return GainMatched { c_scaled: vec![0.0; c.len()], q: 0.0, mean_abs_d_i: 0.0, mean_c_capped: 0.0 };
+    };
+    let n = members().count() as f64;
+    let mean_abs_d_i = members().map(|(_, d)| d.abs()).sum::<f64>() / n;
+    let mean_c_capped = members().map(|(c, _)| c.min(q)).sum::<f64>() / n;
+    let factor = mean_abs_d_i / mean_c_capped;
+    GainMatched { c_scaled: c.iter().map(|&c| c.min(q) * factor).collect(), q, mean_abs_d_i, mean_c_capped }
 }
 
 /// The proxy block's update direction, projected.
@@ -288,6 +339,47 @@ mod tests {
         }
         assert_eq!(scale_by_batch_median(&[0.0, 0.0]), vec![0.0, 0.0]);
         assert!((fd_directional(1.5, 0.5, 0.25) - 2.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn quantile_interpolates_like_numpy() {
+        // np.quantile([1, 2, 3, 4, 100], 0.9): h = 4 * 0.9 = 3.6 -> 4 + 0.6 * 96 = 61.6.
+        assert!((quantile(&[100.0, 2.0, 1.0, 4.0, 3.0], 0.9).unwrap() - 61.6).abs() < 1e-12);
+        assert_eq!(quantile(&[5.0], 0.9), Some(5.0));
+        assert_eq!(quantile(&[], 0.9), None);
+    }
+
+    #[test]
+    fn gain_matched_caps_and_makes_beta_the_ratio_of_means() {
+        // E = the first five episodes; the sixth (an excluded rollout's) is scaled but not counted.
+        let c = [1.0, 2.0, 0.0, 4.0, 100.0, 1000.0];
+        let d_i = [0.5, -0.3, 0.1, 0.2, -0.4, 9.0];
+        let in_e = [true, true, true, true, true, false];
+        let g = scale_gain_matched(&c, &d_i, &in_e, 0.9);
+        // nonzero C over E {1, 2, 4, 100}: h = 3 * 0.9 = 2.7 -> 4 + 0.7 * 96 = 71.2.
+        assert!((g.q - 71.2).abs() < 1e-12, "{g:?}");
+        // C^ over E = {1, 2, 0, 4, 71.2}: mean 78.2 / 5 = 15.64; mean |dI| = 1.5 / 5 = 0.3.
+        assert!((g.mean_c_capped - 15.64).abs() < 1e-12 && (g.mean_abs_d_i - 0.3).abs() < 1e-12, "{g:?}");
+        let factor = 0.3 / 15.64;
+        let want = [1.0 * factor, 2.0 * factor, 0.0, 4.0 * factor, 71.2 * factor, 71.2 * factor];
+        for (a, b) in g.c_scaled.iter().zip(want) {
+            assert!((a - b).abs() < 1e-12, "{g:?}");
+        }
+        // beta as the ratio: over E, mean beta * C~ = beta * mean |dI|.
+        let mean_c_tilde = g.c_scaled[..5].iter().sum::<f64>() / 5.0;
+        assert!((0.6 * mean_c_tilde - 0.6 * 0.3).abs() < 1e-12);
+        // No single episode's penalty exceeds the cap's share: C~ <= q * factor.
+        assert!(g.c_scaled.iter().all(|&v| v <= 71.2 * factor + 1e-12));
+    }
+
+    #[test]
+    fn gain_matched_all_zero_gives_zero() {
+        // Iteration 0 (D~ = 0): every C is 0, so C~ = 0 and no figure is NaN.
+        let g = scale_gain_matched(&[0.0, 0.0, 0.0], &[0.4, -0.2, 0.0], &[true; 3], 0.9);
+        assert_eq!(g, GainMatched { c_scaled: vec![0.0; 3], q: 0.0, mean_abs_d_i: 0.0, mean_c_capped: 0.0 });
+        // Nonzero C only outside E: nothing to match against, so zero too.
+        let g = scale_gain_matched(&[0.0, 5.0], &[0.4, 0.1], &[true, false], 0.9);
+        assert_eq!(g.c_scaled, vec![0.0, 0.0]);
     }
 
     fn small() -> (crate::model::Config, Weights) {

@@ -453,7 +453,7 @@ mod tests {
     fn spans_partition_damaged_responses_under_every_rule() {
         use rand::{Rng, SeedableRng};
         let cfg = crate::config::TaskConfig { n_train: 50, n_eval: 1, ..Default::default() };
-        let (rows, _) = crate::task::arith::generate(&cfg, 1).unwrap();
+        let rows = crate::task::generate(&cfg, 1).unwrap().train;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
         for row in &rows {
             let full = row.solution.clone().unwrap();

@@ -59,7 +59,7 @@ impl EvalPolicy {
 /// What to evaluate on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EvalPrompts {
-    /// A split that `prepare` wrote: `eval` or `train`.
+    /// A split that `prepare` wrote: `eval` (validation), `test` or `train`.
     Split(String),
     /// A prompts file: Parquet in the prompts schema, or JSONL with at least `prompt_id`,
     /// `prompt` and `gold_answer`.
@@ -88,7 +88,8 @@ impl EvalPrompts {
                 let file = match split.as_str() {
                     "eval" => prompts::EVAL_FILE,
                     "train" => prompts::TRAIN_FILE,
-                    other => bail!("unknown split {other:?} (expected eval or train, or give a prompts file)"),
+                    "test" => prompts::TEST_FILE,
+                    other => bail!("unknown split {other:?} (expected eval, test or train, or give a prompts file)"),
                 };
                 let data = ctx.store.open_ref(&ctx.run, PREPARE_SLOT)?;
                 Ok((data.manifest.as_input("prompts", &[file])?, prompts::read(&data.file(file)?)?))
@@ -132,6 +133,7 @@ fn read_jsonl(path: &Path) -> Result<Vec<PromptRow>> {
                 solution: None,
                 n_steps: 0,
                 n_redundant: 0,
+                n_hard: 0,
             })
         })
         .collect()

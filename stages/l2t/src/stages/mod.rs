@@ -34,12 +34,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 /// Stage versions: bump one when its output for the same inputs changes.
-pub const PREPARE_VERSION: u32 = 2;
+pub const PREPARE_VERSION: u32 = 3;
 pub const BOOTSTRAP_VERSION: u32 = 2;
 pub const SAMPLE_VERSION: u32 = 1;
 pub const SEGMENT_VERSION: u32 = 1;
-pub const FISHER_REWARD_VERSION: u32 = 2;
-pub const CREDIT_ASSIGN_VERSION: u32 = 1;
+pub const FISHER_REWARD_VERSION: u32 = 3;
+pub const CREDIT_ASSIGN_VERSION: u32 = 2;
 pub const GRPO_UPDATE_VERSION: u32 = 1;
 pub const EVAL_VERSION: u32 = 2;
 

@@ -15,8 +15,10 @@ use crate::table::advantages::{self, AdvantageRow};
 use crate::table::episode_rewards::{self, EpisodeRewardRow};
 use crate::table::episodes::{self, EpisodeRow};
 use crate::table::prompts::{self, PromptRow};
-use crate::table::rollouts::{self, RolloutRow};
-use crate::train::credit::{assign_group, CreditParams, Method, RolloutSignal, TokenScale};
+use crate::table::rollouts::{self, FinishReason, RolloutRow};
+use crate::task::episode_kind;
+use crate::task::grade::Grade;
+use crate::train::credit::{assign_group, is_inverted, CreditParams, Method, RolloutSignal, TokenScale};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use std::collections::HashMap;
@@ -135,14 +137,22 @@ pub fn run_fisher_reward(ctx: &Ctx, iteration: u32) -> Result<Summary> {
         };
         let c_seconds = started.elapsed().as_secs_f64();
         let c_raw: Vec<f64> = g_dot_d.iter().flatten().map(|&gd| c_fisher(gd, dir.norm_sq, cfg.penalty.damping)).collect();
-        let c_scaled = match scale {
-            Scale::BatchMedian => penalty::scale_by_batch_median(&c_raw),
-            Scale::None => c_raw.clone(),
+        let d_i: Vec<Vec<f64>> = j.iter().map(|j| delta_i(j)).collect();
+        // E: the episodes of rollouts that take part in training.
+        let in_e: Vec<bool> = by_rollout.iter().flat_map(|eps| eps.iter().map(|e| !e.excluded)).collect();
+        let (c_scaled, scale_metrics) = match scale {
+            Scale::GainMatched => {
+                let g = penalty::scale_gain_matched(&c_raw, &d_i.concat(), &in_e, cfg.penalty.cap_quantile);
+                let metrics = serde_json::json!({ "q": g.q, "mean_abs_d_i": g.mean_abs_d_i, "mean_c_capped": g.mean_c_capped });
+                (g.c_scaled, metrics)
+            }
+            Scale::BatchMedian => (penalty::scale_by_batch_median(&c_raw), serde_json::Value::Null),
+            Scale::None => (c_raw.clone(), serde_json::Value::Null),
         };
 
         let mut rows = Vec::with_capacity(c_raw.len());
         for (i, r) in rollout_rows.iter().enumerate() {
-            let d = delta_i(&j[i]);
+            let d = &d_i[i];
             for (k, e) in by_rollout[i].iter().enumerate() {
                 let at = rows.len();
                 rows.push(EpisodeRewardRow {
@@ -167,7 +177,20 @@ pub fn run_fisher_reward(ctx: &Ctx, iteration: u32) -> Result<Summary> {
         let n = rows.len().max(1) as f64;
         let mean = |f: fn(&EpisodeRewardRow) -> f64| rows.iter().map(f).sum::<f64>() / n;
         let n_rollouts = rollout_rows.len().max(1) as f64;
+        // Mean dI and C~ by what the episode does, where the task can tell (spec 5: report C~
+        // separately for redundant and useful episodes).
+        let mut by_kind: std::collections::BTreeMap<&str, (usize, f64, f64)> = Default::default();
+        for (e, rw) in by_rollout.iter().flat_map(|eps| eps.iter()).zip(&rows) {
+            let kind = by_kind.entry(episode_kind(&e.text).as_str()).or_default();
+            *kind = (kind.0 + 1, kind.1 + rw.d_i, kind.2 + rw.c_scaled);
+        }
+        let by_kind: serde_json::Map<String, serde_json::Value> = by_kind
+            .into_iter()
+            .map(|(k, (n, d, c))| (k.to_string(), serde_json::json!({ "episodes": n, "mean_d_i": d / n as f64, "mean_c_scaled": c / n as f64 })))
+            .collect();
         Ok(serde_json::json!({
+            "scale": scale_metrics,
+            "by_kind": by_kind,
             "episodes": rows.len(),
             "mean_j0": j.iter().map(|j| j[0]).sum::<f64>() / n_rollouts,
             "mean_j_final": j.iter().map(|j| j[j.len() - 1]).sum::<f64>() / n_rollouts,
@@ -201,6 +224,7 @@ pub fn run_credit_assign(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summa
         trim: cfg.credit.trim,
         clip: cfg.credit.clip,
         token_scale: TokenScale::parse(&cfg.credit.token_scale)?,
+        rho: cfg.credit.rho,
         a_lp: cfg.credit.a_lp,
     };
     let c = &cfg.credit;
@@ -238,10 +262,14 @@ pub fn run_credit_assign(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summa
                 episode_rewards: rewards.iter().map(|rw| episode_reward(r_out, k_i, rw.d_i, rw.c_scaled, c.alpha, c.beta)).collect(),
                 d_i: rewards.iter().map(|rw| rw.d_i).collect(),
                 r_out,
+                correct: eps[0].grade == Grade::Correct.as_str() && rollout_rows[i].finish_reason == FinishReason::Stop,
             }
         };
         let mut rows: Vec<Option<AdvantageRow>> = vec![None; rollout_rows.len()];
         let (mut zero_std_groups, mut excluded_groups, mut clipped, mut tokens) = (0usize, 0usize, 0usize, 0usize);
+        // Rollouts that carry a signal (not excluded, in a group with spread), and of those the
+        // ones where the regularised guard binds and whose credit is inverted.
+        let (mut signal_rollouts, mut guarded, mut inverted) = (0usize, 0usize, 0usize);
         for members in &groups {
             let signals: Vec<RolloutSignal> = members.iter().map(|&i| signal(i)).collect();
             let excluded = by_rollout[members[0]][0].excluded;
@@ -259,6 +287,11 @@ pub fn run_credit_assign(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summa
                 let r = &rollout_rows[i];
                 clipped += credit.n_clipped;
                 tokens += credit.a_t.len();
+                if !excluded && !zero_std {
+                    signal_rollouts += 1;
+                    guarded += usize::from(credit.guard_binds);
+                    inverted += usize::from(is_inverted(credit.a_i, &credit.a_t));
+                }
                 let to_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
                 rows[i] = Some(AdvantageRow {
                     iteration,
@@ -272,6 +305,7 @@ pub fn run_credit_assign(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summa
                     rbar: credit.rbar,
                     a_i: credit.a_i,
                     n_clipped: credit.n_clipped as u32,
+                    guard_binds: credit.guard_binds,
                     zero_std,
                     excluded,
                 });
@@ -287,7 +321,10 @@ pub fn run_credit_assign(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summa
         Ok(serde_json::json!({
             "rollouts": rows.len(),
             "method": cfg.credit.method,
+            "token_scale": cfg.credit.token_scale,
             "frac_zero_std": zero_std_groups as f64 / groups_n,
+            "frac_guard_binds": guarded as f64 / signal_rollouts.max(1) as f64,
+            "frac_inverted": inverted as f64 / signal_rollouts.max(1) as f64,
             "excluded_groups": excluded_groups,
             "clipped_tokens": clipped,
             "clip_frac": clipped as f64 / tokens.max(1) as f64,
@@ -364,6 +401,7 @@ mod tests {
             solution: None,
             n_steps: 1,
             n_redundant: 0,
+            n_hard: 0,
         }
     }
 

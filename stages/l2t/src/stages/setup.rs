@@ -6,13 +6,13 @@ use crate::model::{self, chat, Checkpoint, Policy};
 use crate::reward::segment::{outcome_reward, segment, span_bytes, token_char_ends, Rule};
 use crate::sample::{generate, Request, SamplerParams};
 use crate::table::prompts::{self, PromptRow};
-use crate::task::arith;
+use crate::task::{self, episode_kind, Splits};
 use crate::train::sft::{self, Example, SftParams};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::time::Instant;
 
-/// `prepare`: the built-in task's train and eval splits.
+/// `prepare`: the built-in task's train, eval (validation) and test splits.
 pub fn run_prepare(ctx: &Ctx) -> Result<Summary> {
     let cfg = &ctx.config;
     let mut params = cfg.stage_params("prepare")?;
@@ -21,7 +21,7 @@ pub fn run_prepare(ctx: &Ctx) -> Result<Summary> {
         params["eval_file_blake3"] = content_hash(path)?.into();
     }
     execute(ctx, "prepare", PREPARE_VERSION, PREPARE_SLOT, params, vec![], |staging| {
-        let (train, mut eval) = arith::generate(&cfg.task, cfg.seed)?;
+        let Splits { train, mut eval, test } = task::generate(&cfg.task, cfg.seed)?;
         if let Some(path) = eval_file {
             eval = prompts::read(path).with_context(|| format!("task.eval_file {}", path.display()))?;
             if eval.is_empty() {
@@ -30,8 +30,14 @@ pub fn run_prepare(ctx: &Ctx) -> Result<Summary> {
         }
         prompts::write(staging, prompts::TRAIN_FILE, &train)?;
         prompts::write(staging, prompts::EVAL_FILE, &eval)?;
+        prompts::write(staging, prompts::TEST_FILE, &test)?;
         let mean_redundant = train.iter().map(|r| f64::from(r.n_redundant)).sum::<f64>() / train.len() as f64;
-        Ok(serde_json::json!({ "train_rows": train.len(), "eval_rows": eval.len(), "train_mean_redundant": mean_redundant }))
+        Ok(serde_json::json!({
+            "train_rows": train.len(),
+            "eval_rows": eval.len(),
+            "test_rows": test.len(),
+            "train_mean_redundant": mean_redundant,
+        }))
     })
 }
 
@@ -197,7 +203,7 @@ pub fn eval_figures(ctx: &Ctx, policy: &Policy, rows: &[&PromptRow]) -> Result<s
             .iter()
             .filter(|&&span| {
                 let (from, to) = span_bytes(&ends, span);
-                arith::is_check_episode(&text[from..to])
+                episode_kind(&text[from..to]).is_filler()
             })
             .count();
         tokens += g.tokens.len();

@@ -105,10 +105,11 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
             minibatches: u.minibatches,
             micro_batch: u.micro_batch,
             planned_steps: u.planned_iterations * u.ppo_epochs * u.minibatches,
+            min_lr_ratio: u.min_lr_ratio,
             max_new_tokens: cfg.sample.max_new_tokens,
         };
         if previous.as_ref().is_some_and(|p| p.optimizer_step >= params.planned_steps) {
-            eprintln!("warning: iteration {iteration} is past update.planned_iterations; the cosine schedule is at lr 0");
+            eprintln!("warning: iteration {iteration} is past update.planned_iterations; the cosine schedule is at its floor (update.min_lr_ratio)");
         }
         let loss_before = grpo::batch_loss(&seqs, &recomputed, &params);
         let bar = progress_bar((u.ppo_epochs * u.minibatches.min(seqs.len())) as u64, "grpo-update");

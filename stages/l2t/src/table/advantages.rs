@@ -20,6 +20,7 @@ pub const A_T: &str = "a_t";
 pub const RBAR: &str = "rbar";
 pub const A_I: &str = "a_i";
 pub const N_CLIPPED: &str = "n_clipped";
+pub const GUARD_BINDS: &str = "guard_binds";
 pub const ZERO_STD: &str = "zero_std";
 pub const EXCLUDED: &str = "excluded";
 
@@ -36,6 +37,7 @@ pub fn schema() -> Schema {
         Field::new(RBAR, DataType::Float64, false),
         Field::new(A_I, DataType::Float64, false),
         Field::new(N_CLIPPED, DataType::UInt32, false),
+        Field::new(GUARD_BINDS, DataType::Boolean, false),
         Field::new(ZERO_STD, DataType::Boolean, false),
         Field::new(EXCLUDED, DataType::Boolean, false),
     ])
@@ -57,8 +59,10 @@ pub struct AdvantageRow {
     /// The rollout's reward (`l2t`: trimmed mean of `r_t`; `outcome`: `r_out`) and advantage.
     pub rbar: f64,
     pub a_i: f64,
-    /// Tokens whose `r_t / |rbar|` was clipped at `c`.
+    /// Tokens whose relative contribution was clipped at `c`.
     pub n_clipped: u32,
+    /// `regularised`: `|mu_i| < rho m_i`, the rollout's mean reward is near 0.
+    pub guard_binds: bool,
     /// The rollout's group had zero spread (so `A_i = 0`).
     pub zero_std: bool,
     /// The prompt's gold answer is unparsable: the rollout takes no part in the update.
@@ -79,6 +83,7 @@ pub fn write(staging: &mut Staging, rows: &[AdvantageRow]) -> Result<()> {
         f64s(rows.iter().map(|r| r.rbar)),
         f64s(rows.iter().map(|r| r.a_i)),
         u32s(rows.iter().map(|r| r.n_clipped)),
+        bools(rows.iter().map(|r| r.guard_binds)),
         bools(rows.iter().map(|r| r.zero_std)),
         bools(rows.iter().map(|r| r.excluded)),
     ];
@@ -91,6 +96,7 @@ pub fn read(path: &Path) -> Result<Vec<AdvantageRow>> {
     let (iterations, prompt_ids, sample_idx, methods) = (t.u32(ITERATION)?, t.str(PROMPT_ID)?, t.u32(SAMPLE_IDX)?, t.str(METHOD)?);
     let (r_episode, w, r_t, a_t) = (t.list_f32(R_EPISODE)?, t.list_f32(W)?, t.list_f32(R_T)?, t.list_f32(A_T)?);
     let (rbar, a_i, n_clipped, zero_std, excluded) = (t.f64(RBAR)?, t.f64(A_I)?, t.u32(N_CLIPPED)?, t.bool(ZERO_STD)?, t.bool(EXCLUDED)?);
+    let guard_binds = t.bool(GUARD_BINDS)?;
     let mut rows = Vec::with_capacity(t.rows());
     for i in 0..t.rows() {
         if w[i].len() != a_t[i].len() || r_t[i].len() != a_t[i].len() {
@@ -108,6 +114,7 @@ pub fn read(path: &Path) -> Result<Vec<AdvantageRow>> {
             rbar: rbar[i],
             a_i: a_i[i],
             n_clipped: n_clipped[i],
+            guard_binds: guard_binds[i],
             zero_std: zero_std[i],
             excluded: excluded[i],
         });

@@ -132,6 +132,11 @@ impl TableReader {
         self.batch.num_rows()
     }
 
+    /// Whether the table has the column (for columns added after files were written).
+    pub fn has(&self, col: &str) -> bool {
+        self.batch.column_by_name(col).is_some()
+    }
+
     fn column(&self, col: &str, want: &str) -> Result<&ArrayRef> {
         let array = self
             .batch
@@ -401,6 +406,7 @@ mod tests {
             rbar: 0.5,
             a_i: 1.0,
             n_clipped: 0,
+            guard_binds: false,
             zero_std: false,
             excluded: false,
         };

@@ -8,8 +8,10 @@ use std::path::Path;
 
 /// Train split written by `prepare`.
 pub const TRAIN_FILE: &str = "train.parquet";
-/// Held-out split written by `prepare`.
+/// Validation split written by `prepare`.
 pub const EVAL_FILE: &str = "eval.parquet";
+/// Test split written by `prepare` (when `task.n_test > 0`), for the pre-registered comparison.
+pub const TEST_FILE: &str = "test.parquet";
 /// The prompts of one iteration, written by `sample`.
 pub const ITERATION_FILE: &str = "prompts.parquet";
 
@@ -21,6 +23,7 @@ pub const GOLD_ANSWER: &str = "gold_answer";
 pub const SOLUTION: &str = "solution";
 pub const N_STEPS: &str = "n_steps";
 pub const N_REDUNDANT: &str = "n_redundant";
+pub const N_HARD: &str = "n_hard";
 
 pub fn schema() -> Schema {
     Schema::new(vec![
@@ -32,6 +35,7 @@ pub fn schema() -> Schema {
         Field::new(SOLUTION, DataType::Utf8, true),
         Field::new(N_STEPS, DataType::UInt32, false),
         Field::new(N_REDUNDANT, DataType::UInt32, false),
+        Field::new(N_HARD, DataType::UInt32, false),
     ])
 }
 
@@ -46,8 +50,10 @@ pub struct PromptRow {
     pub solution: Option<String>,
     /// Reasoning steps the problem needs.
     pub n_steps: u32,
-    /// Redundant "Check:" episodes in the worked solution.
+    /// Filler episodes in the worked solution (checks; `decompose`: also splits of easy steps).
     pub n_redundant: u32,
+    /// `decompose`: hard steps, the difficulty tier (0 elsewhere).
+    pub n_hard: u32,
 }
 
 pub fn write(staging: &mut Staging, file: &str, rows: &[PromptRow]) -> Result<()> {
@@ -70,6 +76,7 @@ fn columns(rows: &[PromptRow]) -> Vec<arrow::array::ArrayRef> {
         opt_utf8(&solutions),
         u32s(rows.iter().map(|r| r.n_steps)),
         u32s(rows.iter().map(|r| r.n_redundant)),
+        u32s(rows.iter().map(|r| r.n_hard)),
     ]
 }
 
@@ -78,6 +85,8 @@ pub fn read(path: &Path) -> Result<Vec<PromptRow>> {
     let (ids, sources, splits, prompts, golds) =
         (t.str(PROMPT_ID)?, t.str(DATA_SOURCE)?, t.str(SPLIT)?, t.str(PROMPT)?, t.str(GOLD_ANSWER)?);
     let (solutions, steps, redundant) = (t.opt_str(SOLUTION)?, t.u32(N_STEPS)?, t.u32(N_REDUNDANT)?);
+    // Benchmark tables written by `make data` before the column existed have no tiers.
+    let hard = if t.has(N_HARD) { t.u32(N_HARD)? } else { vec![0; t.rows()] };
     Ok((0..t.rows())
         .map(|i| PromptRow {
             prompt_id: ids[i].clone(),
@@ -88,6 +97,7 @@ pub fn read(path: &Path) -> Result<Vec<PromptRow>> {
             solution: solutions[i].clone(),
             n_steps: steps[i],
             n_redundant: redundant[i],
+            n_hard: hard[i],
         })
         .collect())
 }

@@ -5,11 +5,11 @@
 //! solution. A share of solutions also carries redundant "Check:" episodes that restate or invert an
 //! earlier step: the "one more thought" habit the L2T reward is meant to remove.
 
-use super::{episode_close, episode_open, BOXED_OPEN, THINK_CLOSE, THINK_OPEN};
+use super::{distinct_rows, episode_close, episode_open, BOXED_OPEN, THINK_CLOSE, THINK_OPEN};
 use crate::config::TaskConfig;
 use crate::table::prompts::PromptRow;
-use anyhow::{bail, Result};
-use rand::{Rng, SeedableRng};
+use anyhow::Result;
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashSet;
 
@@ -113,92 +113,87 @@ impl Problem {
         check_after.sort_unstable();
         let mut episodes: Vec<String> = Vec::new();
         let mut next_check = 0;
-        for (step, &(a, op, b)) in trace.iter().enumerate() {
-            let (sym, operand) = op.symbol();
-            // Restate the prompt's line for this step, then apply it.
-            episodes.push(format!("{}: {sym} {operand}, {a} {sym} {operand} = {b}", step + 1));
+        for (step, &(a, _, b)) in trace.iter().enumerate() {
+            episodes.push(self.step_episode(step, a, b));
             while next_check < check_after.len() && check_after[next_check] == step + 1 {
-                let (ca, cop, cb) = trace[rng.random_range(0..=step)];
-                let (csym, coperand) = cop.symbol();
-                let check = match (rng.random_bool(0.5), cop) {
-                    // Invert the step: undo it from the result.
-                    (true, Op::Add(_)) => format!("{cb} - {coperand} = {ca}"),
-                    (true, Op::Sub(_)) => format!("{cb} + {coperand} = {ca}"),
-                    (true, Op::Mul(_)) => format!("{cb} / {coperand} = {ca}"),
-                    // Restate the step.
-                    (false, _) => format!("{ca} {csym} {coperand} = {cb}"),
-                };
-                episodes.push(format!("{CHECK_PREFIX} {check}"));
+                let checked = trace[rng.random_range(0..=step)];
+                episodes.push(check_episode(rng, checked));
                 next_check += 1;
             }
         }
-        let body: String = episodes
-            .iter()
-            .enumerate()
-            .map(|(i, text)| format!("{}{text}{}", episode_open(i + 1), episode_close(i + 1)))
-            .collect();
-        format!("{THINK_OPEN}{body}{THINK_CLOSE}\n{BOXED_OPEN}{}}}", self.answer())
+        worked_solution(&episodes, self.answer())
+    }
+
+    /// The episode that applies step `step` (0-based) to `before`, giving `after` as written.
+    fn step_episode(&self, step: usize, before: i64, after: i64) -> String {
+        let (sym, operand) = self.ops[step].symbol();
+        // Restate the prompt's line for this step, then apply it.
+        format!("{}: {sym} {operand}, {before} {sym} {operand} = {after}", step + 1)
     }
 }
 
-/// Generates the train and eval splits: `n_eval` then `n_train` distinct problems, no problem in
-/// both, every train row with a worked solution.
-pub fn generate(cfg: &TaskConfig, seed: u64) -> Result<(Vec<PromptRow>, Vec<PromptRow>)> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7461_736b); // "task"
+/// Episodes in tags inside the reasoning block, then the boxed answer.
+pub(crate) fn worked_solution(episodes: &[String], answer: i64) -> String {
+    let body: String =
+        episodes.iter().enumerate().map(|(i, text)| format!("{}{text}{}", episode_open(i + 1), episode_close(i + 1))).collect();
+    format!("{THINK_OPEN}{body}{THINK_CLOSE}\n{BOXED_OPEN}{answer}}}")
+}
+
+/// A redundant episode that restates or inverts the step `(before, op, after)`, as written.
+fn check_episode(rng: &mut ChaCha8Rng, (before, op, after): (i64, Op, i64)) -> String {
+    let (sym, operand) = op.symbol();
+    let check = match (rng.random_bool(0.5), op) {
+        // Invert the step: undo it from the result.
+        (true, Op::Add(_)) => format!("{after} - {operand} = {before}"),
+        (true, Op::Sub(_)) => format!("{after} + {operand} = {before}"),
+        (true, Op::Mul(_)) => format!("{after} / {operand} = {before}"),
+        // Restate the step.
+        (false, _) => format!("{before} {sym} {operand} = {after}"),
+    };
+    format!("{CHECK_PREFIX} {check}")
+}
+
+/// Generates the splits: `n_eval` then `n_train` then `n_test` distinct problems, no problem in two
+/// splits, every row with a worked solution.
+pub fn generate(cfg: &TaskConfig, rng: &mut ChaCha8Rng) -> Result<(Vec<PromptRow>, Vec<PromptRow>, Vec<PromptRow>)> {
     let mut seen: HashSet<Problem> = HashSet::new();
-    let mut draw_split = |split: &str, n: usize, rng: &mut ChaCha8Rng| -> Result<Vec<PromptRow>> {
-        let mut rows = Vec::with_capacity(n);
-        let mut attempts = 0usize;
-        while rows.len() < n {
-            attempts += 1;
-            if attempts > n * 50 + 1000 {
-                bail!("task: only {} distinct {split} problems found; raise task.max_operand or task.steps", rows.len());
-            }
-            let problem = Problem::draw(rng, cfg);
-            if !seen.insert(problem.clone()) {
-                continue;
-            }
-            let checks = if rng.random_bool(cfg.redundant_share) && cfg.max_redundant > 0 {
-                rng.random_range(1..=cfg.max_redundant)
-            } else {
-                0
-            };
-            rows.push(PromptRow {
-                prompt_id: format!("arith-{split}-{:06}", rows.len()),
+    let mut split = |name: &str, n: usize, rng: &mut ChaCha8Rng| {
+        let draw = |rng: &mut ChaCha8Rng, _| Some(Problem::draw(rng, cfg));
+        distinct_rows("arith", name, n, rng, &mut seen, draw, |rng, problem, _| {
+            let checks = if rng.random_bool(cfg.redundant_share) && cfg.max_redundant > 0 { rng.random_range(1..=cfg.max_redundant) } else { 0 };
+            PromptRow {
+                prompt_id: String::new(),
                 data_source: DATA_SOURCE.into(),
-                split: split.into(),
+                split: name.into(),
                 prompt: if cfg.prompt_style == "question" { problem.question() } else { problem.prompt() },
                 gold_answer: problem.answer().to_string(),
                 solution: Some(problem.solution(rng, checks)),
                 n_steps: problem.ops.len() as u32,
                 n_redundant: checks as u32,
-            });
-        }
-        Ok(rows)
+                n_hard: 0,
+            }
+        })
     };
-    let eval = draw_split("eval", cfg.n_eval, &mut rng)?;
-    let train = draw_split("train", cfg.n_train, &mut rng)?;
-    Ok((train, eval))
-}
-
-/// Whether an episode's text is a redundant check.
-pub fn is_check_episode(episode_text: &str) -> bool {
-    let inner = episode_text.trim_start();
-    let inner = inner.strip_prefix(THINK_OPEN).unwrap_or(inner);
-    let inner = match inner.find('>') {
-        Some(i) if inner.starts_with("<episode_") => &inner[i + 1..],
-        _ => inner,
-    };
-    inner.trim_start().starts_with(CHECK_PREFIX)
+    let eval = split("eval", cfg.n_eval, rng)?;
+    let train = split("train", cfg.n_train, rng)?;
+    let test = split("test", cfg.n_test, rng)?;
+    Ok((train, eval, test))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::task::grade::{grade_answer, Grade};
+    use rand::SeedableRng;
 
     fn cfg() -> TaskConfig {
         TaskConfig { n_train: 300, n_eval: 50, ..TaskConfig::default() }
+    }
+
+    /// (train, eval) of the task at `seed`.
+    fn generate(cfg: &TaskConfig, seed: u64) -> Result<(Vec<PromptRow>, Vec<PromptRow>)> {
+        let splits = crate::task::generate(cfg, seed)?;
+        Ok((splits.train, splits.eval))
     }
 
     #[test]
@@ -239,12 +234,5 @@ mod tests {
              <episode_3>3: - 17, 204 - 17 = 187</episode_3></think>\n\\boxed{187}"
         );
         assert!(p.prompt().starts_with("Problem: start with 23.\n1: + 45\n2: * 3\n3: - 17\nThink"));
-    }
-
-    #[test]
-    fn check_episodes_are_recognised() {
-        assert!(is_check_episode("<episode_3>Check: 68 * 3 = 204</episode_3>"));
-        assert!(is_check_episode("<think><episode_1>Check: 1 + 1 = 2"));
-        assert!(!is_check_episode("<episode_2>2: * 3, 68 * 3 = 204</episode_2>"));
     }
 }

@@ -55,7 +55,7 @@ fn field<'a>(doc: &'a serde_json::Value, key: &str, what: &str) -> Result<&'a st
 }
 
 fn row(id: String, source: &str, split: &str, prompt: &str, gold: String) -> PromptRow {
-    PromptRow { prompt_id: id, data_source: source.into(), split: split.into(), prompt: prompt.into(), gold_answer: gold, solution: None, n_steps: 0, n_redundant: 0 }
+    PromptRow { prompt_id: id, data_source: source.into(), split: split.into(), prompt: prompt.into(), gold_answer: gold, solution: None, n_steps: 0, n_redundant: 0, n_hard: 0 }
 }
 
 /// A GSM8K record: the question, and the number after `####` in the worked answer.

@@ -100,6 +100,8 @@ pub struct GrpoParams {
     pub micro_batch: usize,
     /// Optimizer steps the whole run plans (the cosine schedule's length).
     pub planned_steps: usize,
+    /// The schedule's floor, as a share of `lr`.
+    pub min_lr_ratio: f64,
     /// Token budget of a response (the `dr-grpo` normaliser).
     pub max_new_tokens: usize,
 }
@@ -288,7 +290,7 @@ pub fn update(
             if !m.grad_norm.is_finite() || !m.loss.is_finite() {
                 bail!("epoch {epoch} minibatch {mb}: the loss or its gradient is not finite (loss {}, grad norm {})", m.loss, m.grad_norm);
             }
-            m.lr = cosine_lr(opt.step, p.planned_steps, warmup, p.lr, 0.0);
+            m.lr = cosine_lr(opt.step, p.planned_steps, warmup, p.lr, p.min_lr_ratio);
             m.step = opt.step as u64;
             opt.step(&grads, m.lr, clip_scale(m.grad_norm, p.max_grad_norm))?;
             on_step(&m);
@@ -428,6 +430,7 @@ mod tests {
             minibatches: 1,
             micro_batch: 1,
             planned_steps: 10,
+            min_lr_ratio: 0.0,
             max_new_tokens: 8,
         }
     }
