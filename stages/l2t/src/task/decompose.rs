@@ -1,13 +1,14 @@
 //! The `decompose` testbed (`task.kind = "decompose"`): a task on which L2T's claim, accuracy
 //! within reach of outcome GRPO at fewer tokens, can be confirmed or refuted on a CPU.
 //!
-//! A problem is a walk over a table of links between two-digit nodes (`14>37`, a single cycle
-//! through `links` nodes, listed in a shuffled order) and `steps` moves: an easy move follows one
-//! link (`go 1`), a hard move two (`go 2`). Each step is a lookup in the prompt, which even the tiny
-//! policy learns; two lookups at once are not. The difficulty tier is the number of hard moves
-//! (0..=`max_hard`), an equal share of the problems each.
+//! The task draws, from the run's seed, one fixed map: a cycle through `links` two-digit nodes in
+//! a random order. A problem is a start node and `steps` moves along it: an easy move follows one
+//! link forward or back (`go 1`, `back 1`), a hard move two (`go 2`, `back 2`). One link is a fact
+//! the policy memorises in training (a table of `links` entries each way); two links at once are
+//! not. The difficulty tier is the number of hard moves (0..=`max_hard`), an equal share of the
+//! problems each.
 //!
-//! The worked solutions (the base policy's habits) hold three kinds of episode besides the steps:
+//! The worked solutions (the base policy's habits) hold three kinds of episode besides the moves:
 //!
 //! - **useful**: a "Split:" episode before a hard move that writes the node in between
 //!   (`Split: 37>88>52`); the move after it is always right;
@@ -17,9 +18,10 @@
 //!
 //! Splits appear before each move with probability `split_share`, whatever the move, and checks
 //! with `redundant_share`: independently of need. A hard move written without its split is wrong
-//! with probability `direct_error` (one hop short, one hop too far, or another node of the
-//! table), and the rest of the solution follows the written node. An efficient policy splits
-//! exactly the hard moves and never checks, so reasoning depth should follow the tier.
+//! with probability `direct_error`, always the same way: one link short (the slip that forgets the
+//! second link), so that the most frequent direct answer is a wrong one. The rest of the solution
+//! follows the written node. An efficient policy splits exactly the hard moves and never checks,
+//! so reasoning depth should follow the tier.
 
 use super::arith::{worked_solution, CHECK_PREFIX};
 use super::distinct_rows;
@@ -36,82 +38,100 @@ pub const DATA_SOURCE: &str = "decompose";
 /// Marks a decomposition episode.
 pub const SPLIT_PREFIX: &str = "Split:";
 
-/// One walk problem.
+/// The task's map: one cycle through the nodes, in both directions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Map {
+    next: HashMap<u32, u32>,
+    prev: HashMap<u32, u32>,
+}
+
+impl Map {
+    /// A cycle through `links` distinct two-digit nodes in a random order.
+    fn draw(rng: &mut ChaCha8Rng, links: usize) -> Self {
+        let mut nodes: Vec<u32> = (10..=99).collect();
+        nodes.shuffle(rng);
+        nodes.truncate(links);
+        let next: HashMap<u32, u32> = (0..nodes.len()).map(|i| (nodes[i], nodes[(i + 1) % nodes.len()])).collect();
+        let prev = next.iter().map(|(&a, &b)| (b, a)).collect();
+        Self { next, prev }
+    }
+
+    fn nodes(&self) -> Vec<u32> {
+        let mut nodes: Vec<u32> = self.next.keys().copied().collect();
+        nodes.sort_unstable();
+        nodes
+    }
+
+    /// One link forward or back from `x`.
+    fn step(&self, x: u32, forward: bool) -> u32 {
+        if forward {
+            self.next[&x]
+        } else {
+            self.prev[&x]
+        }
+    }
+}
+
+/// One walk problem: a start node and moves of +-1 or +-2 links.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Walk {
-    /// The links as the prompt lists them.
-    links: Vec<(u32, u32)>,
     start: u32,
-    /// Links followed by each move: 1 (easy) or 2 (hard).
-    moves: Vec<u8>,
+    moves: Vec<i8>,
 }
 
 impl Walk {
-    /// Draws a walk of tier `n_hard` over `cfg.links` nodes.
-    fn draw(rng: &mut ChaCha8Rng, cfg: &TaskConfig, n_hard: usize) -> Self {
-        let mut nodes: Vec<u32> = (10..=99).collect();
-        nodes.shuffle(rng);
-        nodes.truncate(cfg.links);
-        // One cycle through every node: each node has one successor, never itself.
-        let mut links: Vec<(u32, u32)> = (0..nodes.len()).map(|i| (nodes[i], nodes[(i + 1) % nodes.len()])).collect();
-        links.shuffle(rng);
+    /// Draws a walk of tier `n_hard`.
+    fn draw(rng: &mut ChaCha8Rng, cfg: &TaskConfig, map: &Map, n_hard: usize) -> Self {
+        let nodes = map.nodes();
         let start = nodes[rng.random_range(0..nodes.len())];
-        let mut moves = vec![1u8; cfg.steps];
         let mut hard_at: Vec<usize> = (0..cfg.steps).collect();
         hard_at.shuffle(rng);
-        for &at in &hard_at[..n_hard] {
-            moves[at] = 2;
-        }
-        Self { links, start, moves }
+        let moves = (0..cfg.steps)
+            .map(|i| {
+                let hops = if hard_at[..n_hard].contains(&i) { 2 } else { 1 };
+                if rng.random_bool(0.5) { hops } else { -hops }
+            })
+            .collect();
+        Self { start, moves }
     }
 
-    fn next(&self) -> HashMap<u32, u32> {
-        self.links.iter().copied().collect()
+    /// The nodes a move of `hops` links from `x` passes through, its end last.
+    fn path(map: &Map, x: u32, hops: i8) -> Vec<u32> {
+        let mut at = x;
+        (0..hops.unsigned_abs())
+            .map(|_| {
+                at = map.step(at, hops > 0);
+                at
+            })
+            .collect()
     }
 
     /// The node the walk ends at.
-    pub fn answer(&self) -> u32 {
-        let next = self.next();
-        self.moves.iter().fold(self.start, |x, &hops| (0..hops).fold(x, |x, _| next[&x]))
+    pub fn answer(&self, map: &Map) -> u32 {
+        self.moves.iter().fold(self.start, |x, &hops| *Self::path(map, x, hops).last().expect("a move follows a link"))
     }
 
-    fn lines(&self) -> (String, String) {
-        let links: Vec<String> = self.links.iter().map(|(a, b)| format!("{a}>{b}")).collect();
-        let moves: String = self.moves.iter().enumerate().map(|(i, m)| format!("{}: go {m}\n", i + 1)).collect();
-        (links.join(" "), moves)
+    fn move_name(hops: i8) -> String {
+        format!("{} {}", if hops > 0 { "go" } else { "back" }, hops.unsigned_abs())
+    }
+
+    fn lines(&self) -> String {
+        self.moves.iter().enumerate().map(|(i, &m)| format!("{}: {}\n", i + 1, Self::move_name(m))).collect()
     }
 
     /// The prompt text, which states the output format since the tiny policy sees nothing else.
     pub fn prompt(&self) -> String {
-        let (links, moves) = self.lines();
-        format!("Problem: start at {}.\nLinks: {links}\n{moves}Think in <episode_k> steps, then give \\boxed{{answer}}.\nSolution: ", self.start)
+        format!("Problem: start at {}.\n{}Think in <episode_k> steps, then give \\boxed{{answer}}.\nSolution: ", self.start, self.lines())
     }
 
     /// The bare question, for a chat model whose instructions come from its prompt template.
     pub fn question(&self) -> String {
-        let (links, moves) = self.lines();
-        format!("Links between numbers: {links}\nStart at {}, then follow these moves (go n = follow n links):\n{moves}Where do you end?", self.start)
+        format!("Start at {} on the map, then make these moves (go n: n links forward; back n: n links back):\n{}Where do you end?", self.start, self.lines())
     }
 
     /// Hard moves: the difficulty tier.
     pub fn n_hard(&self) -> usize {
-        self.moves.iter().filter(|&&m| m == 2).count()
-    }
-}
-
-/// A wrong end for a hard move from `x` written without its split: one hop short, one hop too far,
-/// or another node of the table; never the right one.
-fn slip(rng: &mut ChaCha8Rng, walk: &Walk, next: &HashMap<u32, u32>, x: u32) -> u32 {
-    let right = next[&next[&x]];
-    loop {
-        let wrong = match rng.random_range(0..3) {
-            0 => next[&x],
-            1 => next[&right],
-            _ => walk.links[rng.random_range(0..walk.links.len())].0,
-        };
-        if wrong != right {
-            return wrong;
-        }
+        self.moves.iter().filter(|m| m.unsigned_abs() == 2).count()
     }
 }
 
@@ -128,8 +148,7 @@ pub struct Worked {
 }
 
 /// A worked solution in the base policy's habits (module doc).
-pub fn worked(walk: &Walk, rng: &mut ChaCha8Rng, cfg: &TaskConfig) -> Worked {
-    let next = walk.next();
+pub fn worked(walk: &Walk, map: &Map, rng: &mut ChaCha8Rng, cfg: &TaskConfig) -> Worked {
     let n = walk.moves.len();
     let checks = if cfg.max_redundant > 0 && rng.random_bool(cfg.redundant_share) { rng.random_range(1..=cfg.max_redundant) } else { 0 };
     let mut check_after: Vec<usize> = (0..checks).map(|_| rng.random_range(1..=n)).collect();
@@ -137,16 +156,19 @@ pub fn worked(walk: &Walk, rng: &mut ChaCha8Rng, cfg: &TaskConfig) -> Worked {
     let (mut episodes, mut followed, mut moves, mut filler) = (Vec::new(), Vec::new(), Vec::with_capacity(n), checks);
     let mut x = walk.start;
     for (step, &hops) in walk.moves.iter().enumerate() {
-        let hard = hops == 2;
+        let hard = hops.unsigned_abs() == 2;
         let split = rng.random_bool(cfg.split_share);
-        let right = if hard { next[&next[&x]] } else { next[&x] };
+        let path = Walk::path(map, x, hops);
+        let right = *path.last().expect("a move follows a link");
         if split {
-            episodes.push(if hard { format!("{SPLIT_PREFIX} {x}>{}>{right}", next[&x]) } else { format!("{SPLIT_PREFIX} {x}>{right}") });
+            let nodes: Vec<String> = std::iter::once(x).chain(path.iter().copied()).map(|v| v.to_string()).collect();
+            episodes.push(format!("{SPLIT_PREFIX} {}", nodes.join(">")));
             filler += usize::from(!hard);
         }
-        let y = if hard && !split && rng.random_bool(cfg.direct_error) { slip(rng, walk, &next, x) } else { right };
+        // The slip forgets the second link.
+        let y = if hard && !split && rng.random_bool(cfg.direct_error) { path[0] } else { right };
         moves.push((hard, split, y == right));
-        episodes.push(format!("{}: go {hops}, {x}>{y}", step + 1));
+        episodes.push(format!("{}: {}, {x}>{y}", step + 1, Walk::move_name(hops)));
         followed.push((x, y));
         x = y;
         for _ in check_after.iter().filter(|&&after| after == step + 1) {
@@ -164,18 +186,19 @@ pub fn generate(cfg: &TaskConfig, rng: &mut ChaCha8Rng) -> Result<[Vec<PromptRow
     if cfg.max_hard > cfg.steps || !(3..=90).contains(&cfg.links) {
         bail!("task.kind = decompose needs task.max_hard <= task.steps and task.links in 3..=90");
     }
+    let map = Map::draw(rng, cfg.links);
     let mut seen: HashSet<Walk> = HashSet::new();
     let tiers = cfg.max_hard + 1;
     let mut split = |name: &str, n: usize, rng: &mut ChaCha8Rng| {
-        let draw = |rng: &mut ChaCha8Rng, i: usize| Some(Walk::draw(rng, cfg, i % tiers));
+        let draw = |rng: &mut ChaCha8Rng, i: usize| Some(Walk::draw(rng, cfg, &map, i % tiers));
         distinct_rows(DATA_SOURCE, name, n, rng, &mut seen, draw, |rng, walk, _| {
-            let w = worked(walk, rng, cfg);
+            let w = worked(walk, &map, rng, cfg);
             PromptRow {
                 prompt_id: String::new(),
                 data_source: DATA_SOURCE.into(),
                 split: name.into(),
                 prompt: if cfg.prompt_style == "question" { walk.question() } else { walk.prompt() },
-                gold_answer: walk.answer().to_string(),
+                gold_answer: walk.answer(&map).to_string(),
                 solution: Some(w.text),
                 n_steps: walk.moves.len() as u32,
                 n_redundant: w.filler as u32,
@@ -199,8 +222,8 @@ mod tests {
     fn cfg() -> TaskConfig {
         TaskConfig {
             kind: "decompose".into(),
-            steps: 3,
-            links: 8,
+            steps: 4,
+            links: 90,
             n_train: 600,
             n_eval: 90,
             n_test: 90,
@@ -229,7 +252,7 @@ mod tests {
                 assert_eq!(rows.iter().filter(|r| r.n_hard == tier).count(), rows.len() / 3);
             }
             for r in rows.iter() {
-                assert_eq!(r.prompt.matches(": go 2").count() as u32, r.n_hard, "{}", r.prompt);
+                assert_eq!(r.prompt.matches(" 2\n").count() as u32, r.n_hard, "{}", r.prompt);
                 assert!(r.prompt_id.starts_with(&format!("decompose-{}-", r.split)));
             }
         }
@@ -237,36 +260,41 @@ mod tests {
 
     #[test]
     fn a_worked_example_by_hand() {
-        // 14 > 37 > 88 > 52 > 14 (a cycle of 4); start 14, moves go 1, go 2, go 1 -> 37, 52, 14.
-        let walk = Walk { links: vec![(88, 52), (14, 37), (52, 14), (37, 88)], start: 14, moves: vec![1, 2, 1] };
-        assert_eq!(walk.answer(), 14);
+        // The cycle 14 > 37 > 88 > 52 > 14; start 14, moves go 1, go 2, back 1 -> 37, 52, 88.
+        let next = HashMap::from([(14, 37), (37, 88), (88, 52), (52, 14)]);
+        let map = Map { prev: next.iter().map(|(&a, &b)| (b, a)).collect(), next };
+        let walk = Walk { start: 14, moves: vec![1, 2, -1] };
+        assert_eq!(walk.answer(&map), 88);
         assert_eq!(walk.n_hard(), 1);
-        assert_eq!(
-            walk.prompt(),
-            "Problem: start at 14.\nLinks: 88>52 14>37 52>14 37>88\n1: go 1\n2: go 2\n3: go 1\nThink in <episode_k> steps, then give \\boxed{answer}.\nSolution: "
-        );
+        assert_eq!(walk.prompt(), "Problem: start at 14.\n1: go 1\n2: go 2\n3: back 1\nThink in <episode_k> steps, then give \\boxed{answer}.\nSolution: ");
         // Every move split, no slips, no checks.
         let c = TaskConfig { split_share: 1.0, redundant_share: 0.0, ..cfg() };
-        let w = worked(&walk, &mut ChaCha8Rng::seed_from_u64(0), &c);
+        let w = worked(&walk, &map, &mut ChaCha8Rng::seed_from_u64(0), &c);
         assert_eq!(
             w.text,
             "<think><episode_1>Split: 14>37</episode_1><episode_2>1: go 1, 14>37</episode_2>\
              <episode_3>Split: 37>88>52</episode_3><episode_4>2: go 2, 37>52</episode_4>\
-             <episode_5>Split: 52>14</episode_5><episode_6>3: go 1, 52>14</episode_6></think>\n\\boxed{14}"
+             <episode_5>Split: 52>88</episode_5><episode_6>3: back 1, 52>88</episode_6></think>\n\\boxed{88}"
         );
         assert_eq!(w.filler, 2);
         let kinds: Vec<EpisodeKind> = w.text.split("<episode_").skip(1).map(|e| episode_kind(&format!("<episode_{e}"))).collect();
         assert_eq!(kinds, [EpisodeKind::FillerSplit, EpisodeKind::Step, EpisodeKind::UsefulSplit, EpisodeKind::Step, EpisodeKind::FillerSplit, EpisodeKind::Step]);
+        // Without its split, a slipped hard move stops one link short: 37>88, then back 1 to 37.
+        let c = TaskConfig { split_share: 0.0, direct_error: 1.0, ..c };
+        let w = worked(&walk, &map, &mut ChaCha8Rng::seed_from_u64(0), &c);
+        assert!(w.text.contains("<episode_2>2: go 2, 37>88</episode_2><episode_3>3: back 1, 88>37</episode_3>"), "{}", w.text);
+        assert_eq!((w.written_answer, w.moves[1]), (37, (true, false, false)));
     }
 
     #[test]
     fn a_hard_move_is_right_after_its_split_and_as_often_wrong_as_designed_without_it() {
         let c = TaskConfig { n_train: 3000, ..cfg() };
         let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let map = Map::draw(&mut rng, c.links);
         let (mut direct, mut direct_wrong, mut split_hard, mut split_any, mut moves) = (0, 0, 0, 0, 0);
         for i in 0..c.n_train {
-            let walk = Walk::draw(&mut rng, &c, i % 3);
-            let w = worked(&walk, &mut rng, &c);
+            let walk = Walk::draw(&mut rng, &c, &map, i % 3);
+            let w = worked(&walk, &map, &mut rng, &c);
             for &(hard, split, right) in &w.moves {
                 moves += 1;
                 split_any += usize::from(split);
@@ -280,12 +308,11 @@ mod tests {
                     assert!(right, "easy moves are always right");
                 }
             }
-            // The boxed answer is where the written walk ended: right when every move was (a
-            // slip can still land back on the right node later, since the links form a cycle).
+            // The boxed answer is where the written walk ended: right when every move was.
             let boxed = w.text.rsplit(BOXED_OPEN).next().unwrap().trim_end_matches('}');
             assert_eq!(w.written_answer.to_string(), boxed);
             if w.moves.iter().all(|m| m.2) {
-                assert_eq!(grade_answer(boxed, &walk.answer().to_string()), Grade::Correct, "{}", w.text);
+                assert_eq!(grade_answer(boxed, &walk.answer(&map).to_string()), Grade::Correct, "{}", w.text);
             }
         }
         // direct_error = 0.7 and split_share = 0.5, over ~1500 hard moves written directly.
