@@ -228,7 +228,7 @@ fn iteration_figures(store: &Store, run: &str, it: u32, cfg: &Config) -> Result<
     let (n_eps, n_roll) = (eps.len().max(1) as f64, roll.len().max(1) as f64);
     let c = &cfg.credit;
     let firsts: Vec<&episodes::EpisodeRow> = eps.iter().filter(|e| e.episode_idx == 0).collect();
-    let correct = firsts.iter().zip(&roll).filter(|(e, r)| e.grade == "correct" && r.finish_reason == rollouts::FinishReason::Stop).count();
+    let correct = firsts.iter().zip(&roll).filter(|(e, r)| e.solved(r.finish_reason)).count();
     let signal: Vec<&advantages::AdvantageRow> = adv.iter().filter(|a| !a.excluded && !a.zero_std).collect();
     let n_signal = signal.len().max(1) as f64;
     let tokens: usize = adv.iter().map(|a| a.a_t.len()).sum();

@@ -264,11 +264,16 @@ pub struct Outcome {
     pub r_out: f32,
 }
 
+/// A rollout solved its problem: its answer is graded correct and it was not truncated (spec 3).
+pub fn solved(graded_correct: bool, finish: FinishReason) -> bool {
+    graded_correct && finish == FinishReason::Stop
+}
+
 /// `r_out = 1` iff the answer equals the gold answer and the rollout was not truncated.
 pub fn outcome_reward(text: &str, gold: &str, finish: FinishReason, format_ok: bool, format_penalty: f64) -> Outcome {
     let answer = extract_answer(text);
     let grade = grade_optional(answer.as_deref(), gold);
-    let correct = grade == Grade::Correct && finish == FinishReason::Stop;
+    let correct = solved(grade == Grade::Correct, finish);
     let penalty = if format_ok { 0.0 } else { format_penalty };
     Outcome { answer, grade, excluded: grade == Grade::GoldUnparsable, correct, r_out: (f64::from(u8::from(correct)) + penalty) as f32 }
 }

@@ -15,9 +15,8 @@ use crate::table::advantages::{self, AdvantageRow};
 use crate::table::episode_rewards::{self, EpisodeRewardRow};
 use crate::table::episodes::{self, EpisodeRow};
 use crate::table::prompts::{self, PromptRow};
-use crate::table::rollouts::{self, FinishReason, RolloutRow};
+use crate::table::rollouts::{self, RolloutRow};
 use crate::task::episode_kind;
-use crate::task::grade::Grade;
 use crate::train::credit::{assign_group, is_inverted, CreditParams, Method, RolloutSignal, TokenScale};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
@@ -262,7 +261,7 @@ pub fn run_credit_assign(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summa
                 episode_rewards: rewards.iter().map(|rw| episode_reward(r_out, k_i, rw.d_i, rw.c_scaled, c.alpha, c.beta)).collect(),
                 d_i: rewards.iter().map(|rw| rw.d_i).collect(),
                 r_out,
-                correct: eps[0].grade == Grade::Correct.as_str() && rollout_rows[i].finish_reason == FinishReason::Stop,
+                correct: eps[0].solved(rollout_rows[i].finish_reason),
             }
         };
         let mut rows: Vec<Option<AdvantageRow>> = vec![None; rollout_rows.len()];
