@@ -111,7 +111,7 @@ pub struct TaskConfig {
     pub redundant_share: f64,
     /// Most redundant episodes in one worked solution (at least 1 when present).
     pub max_redundant: usize,
-    /// `decompose`: links (nodes) in a problem's table.
+    /// `decompose`: nodes of the map (one letter each, at most 52).
     pub links: usize,
     /// `decompose`: most hard moves in a problem; tiers 0..=max_hard have equal shares.
     pub max_hard: usize,
@@ -142,7 +142,7 @@ impl Default for TaskConfig {
             n_test: 0,
             redundant_share: 0.9,
             max_redundant: 2,
-            links: 90,
+            links: 52,
             max_hard: 2,
             split_share: 0.5,
             direct_error: 0.7,
@@ -477,8 +477,8 @@ impl Config {
             (["arith", "decompose"].contains(&t.kind.as_str()), "task.kind must be arith or decompose"),
             ((0.0..=1.0).contains(&t.split_share) && (0.0..=1.0).contains(&t.direct_error),
                 "task.split_share and task.direct_error must lie in [0, 1]"),
-            (t.kind != "decompose" || (t.max_hard <= t.steps && (3..=90).contains(&t.links)),
-                "task.kind = decompose needs task.max_hard <= task.steps and task.links in 3..=90"),
+            (t.kind != "decompose" || (t.max_hard <= t.steps && (3..=crate::task::decompose::NODES.len()).contains(&t.links)),
+                "task.kind = decompose needs task.max_hard <= task.steps and task.links in 3..=52"),
             (m.hidden_size % m.num_attention_heads.max(1) == 0, "model.hidden_size must be a multiple of model.num_attention_heads"),
             (m.num_key_value_heads >= 1 && m.num_attention_heads % m.num_key_value_heads.max(1) == 0,
                 "model.num_attention_heads must be a multiple of model.num_key_value_heads"),

@@ -133,7 +133,7 @@ impl Problem {
 }
 
 /// Episodes in tags inside the reasoning block, then the boxed answer.
-pub(crate) fn worked_solution(episodes: &[String], answer: i64) -> String {
+pub(crate) fn worked_solution(episodes: &[String], answer: impl std::fmt::Display) -> String {
     let body: String =
         episodes.iter().enumerate().map(|(i, text)| format!("{}{text}{}", episode_open(i + 1), episode_close(i + 1))).collect();
     format!("{THINK_OPEN}{body}{THINK_CLOSE}\n{BOXED_OPEN}{answer}}}")

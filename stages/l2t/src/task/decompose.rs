@@ -1,8 +1,10 @@
 //! The `decompose` testbed (`task.kind = "decompose"`): a task on which L2T's claim, accuracy
 //! within reach of outcome GRPO at fewer tokens, can be confirmed or refuted on a CPU.
 //!
-//! The task draws, from the run's seed, one fixed map: a cycle through `links` two-digit nodes in
-//! a random order. A problem is a start node and `steps` moves along it: an easy move follows one
+//! The task draws, from the run's seed, one fixed map: a cycle through `links` nodes in a random
+//! order. A node is one ASCII letter (case matters), so that the tokenizer keeps it whole: one link
+//! is a one-token-to-one-token fact, the first kind of fact a small model learns (two-digit nodes,
+//! split one digit per token by the pre-tokenizer, were never learned: docs/testbed.md). A problem is a start node and `steps` moves along it: an easy move follows one
 //! link forward or back (`go 1`, `back 1`), a hard move two (`go 2`, `back 2`). One link is a fact
 //! the policy memorises in training (a table of `links` entries each way); two links at once are
 //! not. The difficulty tier is the number of hard moves (0..=`max_hard`), an equal share of the
@@ -11,8 +13,8 @@
 //! The worked solutions (the base policy's habits) hold three kinds of episode besides the moves:
 //!
 //! - **useful**: a "Split:" episode before a hard move that writes the node in between
-//!   (`Split: 37>88>52`); the move after it is always right;
-//! - **filler split**: the same kind of episode before an easy move (`Split: 14>37`), which adds
+//!   (`Split: k>Q>b`); the move after it is always right;
+//! - **filler split**: the same kind of episode before an easy move (`Split: a>k`), which adds
 //!   nothing;
 //! - **filler check**: "Check:" episodes that restate a link already followed.
 //!
@@ -38,32 +40,35 @@ pub const DATA_SOURCE: &str = "decompose";
 /// Marks a decomposition episode.
 pub const SPLIT_PREFIX: &str = "Split:";
 
+/// The nodes a map draws from: one token each, and distinct symbols to the grader.
+pub const NODES: &str = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+
 /// The task's map: one cycle through the nodes, in both directions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Map {
-    next: HashMap<u32, u32>,
-    prev: HashMap<u32, u32>,
+    next: HashMap<char, char>,
+    prev: HashMap<char, char>,
 }
 
 impl Map {
-    /// A cycle through `links` distinct two-digit nodes in a random order.
+    /// A cycle through `links` distinct nodes in a random order.
     fn draw(rng: &mut ChaCha8Rng, links: usize) -> Self {
-        let mut nodes: Vec<u32> = (10..=99).collect();
+        let mut nodes: Vec<char> = NODES.chars().collect();
         nodes.shuffle(rng);
         nodes.truncate(links);
-        let next: HashMap<u32, u32> = (0..nodes.len()).map(|i| (nodes[i], nodes[(i + 1) % nodes.len()])).collect();
+        let next: HashMap<char, char> = (0..nodes.len()).map(|i| (nodes[i], nodes[(i + 1) % nodes.len()])).collect();
         let prev = next.iter().map(|(&a, &b)| (b, a)).collect();
         Self { next, prev }
     }
 
-    fn nodes(&self) -> Vec<u32> {
-        let mut nodes: Vec<u32> = self.next.keys().copied().collect();
+    fn nodes(&self) -> Vec<char> {
+        let mut nodes: Vec<char> = self.next.keys().copied().collect();
         nodes.sort_unstable();
         nodes
     }
 
     /// One link forward or back from `x`.
-    fn step(&self, x: u32, forward: bool) -> u32 {
+    fn step(&self, x: char, forward: bool) -> char {
         if forward {
             self.next[&x]
         } else {
@@ -75,7 +80,7 @@ impl Map {
 /// One walk problem: a start node and moves of +-1 or +-2 links.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Walk {
-    start: u32,
+    start: char,
     moves: Vec<i8>,
 }
 
@@ -96,7 +101,7 @@ impl Walk {
     }
 
     /// The nodes a move of `hops` links from `x` passes through, its end last.
-    fn path(map: &Map, x: u32, hops: i8) -> Vec<u32> {
+    fn path(map: &Map, x: char, hops: i8) -> Vec<char> {
         let mut at = x;
         (0..hops.unsigned_abs())
             .map(|_| {
@@ -107,7 +112,7 @@ impl Walk {
     }
 
     /// The node the walk ends at.
-    pub fn answer(&self, map: &Map) -> u32 {
+    pub fn answer(&self, map: &Map) -> char {
         self.moves.iter().fold(self.start, |x, &hops| *Self::path(map, x, hops).last().expect("a move follows a link"))
     }
 
@@ -140,7 +145,7 @@ impl Walk {
 pub struct Worked {
     pub text: String,
     /// The boxed answer as written (differs from the gold answer after a slip).
-    pub written_answer: u32,
+    pub written_answer: char,
     /// Per move: (hard, split before it, written end right).
     pub moves: Vec<(bool, bool, bool)>,
     /// Filler episodes: splits before easy moves plus checks.
@@ -176,15 +181,15 @@ pub fn worked(walk: &Walk, map: &Map, rng: &mut ChaCha8Rng, cfg: &TaskConfig) ->
             episodes.push(format!("{CHECK_PREFIX} {a}>{b}"));
         }
     }
-    Worked { text: worked_solution(&episodes, i64::from(x)), written_answer: x, moves, filler }
+    Worked { text: worked_solution(&episodes, x), written_answer: x, moves, filler }
 }
 
 /// Draws the splits: `n_eval` (validation), then `n_train`, then `n_test` distinct problems, no
 /// problem in two splits. Problem `i` of a split has tier `i % (max_hard + 1)`, so each tier has
 /// an equal share (to within one problem).
 pub fn generate(cfg: &TaskConfig, rng: &mut ChaCha8Rng) -> Result<[Vec<PromptRow>; 3]> {
-    if cfg.max_hard > cfg.steps || !(3..=90).contains(&cfg.links) {
-        bail!("task.kind = decompose needs task.max_hard <= task.steps and task.links in 3..=90");
+    if cfg.max_hard > cfg.steps || !(3..=NODES.len()).contains(&cfg.links) {
+        bail!("task.kind = decompose needs task.max_hard <= task.steps and task.links in 3..={}", NODES.len());
     }
     let map = Map::draw(rng, cfg.links);
     let mut seen: HashSet<Walk> = HashSet::new();
@@ -223,7 +228,7 @@ mod tests {
         TaskConfig {
             kind: "decompose".into(),
             steps: 4,
-            links: 90,
+            links: 52,
             n_train: 600,
             n_eval: 90,
             n_test: 90,
@@ -260,30 +265,40 @@ mod tests {
 
     #[test]
     fn a_worked_example_by_hand() {
-        // The cycle 14 > 37 > 88 > 52 > 14; start 14, moves go 1, go 2, back 1 -> 37, 52, 88.
-        let next = HashMap::from([(14, 37), (37, 88), (88, 52), (52, 14)]);
+        // The cycle a > k > Q > b > a; start a, moves go 1, go 2, back 1 -> k, b, Q.
+        let next = HashMap::from([('a', 'k'), ('k', 'Q'), ('Q', 'b'), ('b', 'a')]);
         let map = Map { prev: next.iter().map(|(&a, &b)| (b, a)).collect(), next };
-        let walk = Walk { start: 14, moves: vec![1, 2, -1] };
-        assert_eq!(walk.answer(&map), 88);
+        let walk = Walk { start: 'a', moves: vec![1, 2, -1] };
+        assert_eq!(walk.answer(&map), 'Q');
         assert_eq!(walk.n_hard(), 1);
-        assert_eq!(walk.prompt(), "Problem: start at 14.\n1: go 1\n2: go 2\n3: back 1\nThink in <episode_k> steps, then give \\boxed{answer}.\nSolution: ");
+        assert_eq!(walk.prompt(), "Problem: start at a.\n1: go 1\n2: go 2\n3: back 1\nThink in <episode_k> steps, then give \\boxed{answer}.\nSolution: ");
         // Every move split, no slips, no checks.
         let c = TaskConfig { split_share: 1.0, redundant_share: 0.0, ..cfg() };
         let w = worked(&walk, &map, &mut ChaCha8Rng::seed_from_u64(0), &c);
         assert_eq!(
             w.text,
-            "<think><episode_1>Split: 14>37</episode_1><episode_2>1: go 1, 14>37</episode_2>\
-             <episode_3>Split: 37>88>52</episode_3><episode_4>2: go 2, 37>52</episode_4>\
-             <episode_5>Split: 52>88</episode_5><episode_6>3: back 1, 52>88</episode_6></think>\n\\boxed{88}"
+            "<think><episode_1>Split: a>k</episode_1><episode_2>1: go 1, a>k</episode_2>\
+             <episode_3>Split: k>Q>b</episode_3><episode_4>2: go 2, k>b</episode_4>\
+             <episode_5>Split: b>Q</episode_5><episode_6>3: back 1, b>Q</episode_6></think>\n\\boxed{Q}"
         );
         assert_eq!(w.filler, 2);
         let kinds: Vec<EpisodeKind> = w.text.split("<episode_").skip(1).map(|e| episode_kind(&format!("<episode_{e}"))).collect();
         assert_eq!(kinds, [EpisodeKind::FillerSplit, EpisodeKind::Step, EpisodeKind::UsefulSplit, EpisodeKind::Step, EpisodeKind::FillerSplit, EpisodeKind::Step]);
-        // Without its split, a slipped hard move stops one link short: 37>88, then back 1 to 37.
+        // Without its split, a slipped hard move stops one link short: k>Q, then back 1 to k.
         let c = TaskConfig { split_share: 0.0, direct_error: 1.0, ..c };
         let w = worked(&walk, &map, &mut ChaCha8Rng::seed_from_u64(0), &c);
-        assert!(w.text.contains("<episode_2>2: go 2, 37>88</episode_2><episode_3>3: back 1, 88>37</episode_3>"), "{}", w.text);
-        assert_eq!((w.written_answer, w.moves[1]), (37, (true, false, false)));
+        assert!(w.text.contains("<episode_2>2: go 2, k>Q</episode_2><episode_3>3: back 1, Q>k</episode_3>"), "{}", w.text);
+        assert_eq!((w.written_answer, w.moves[1]), ('k', (true, false, false)));
+    }
+
+    #[test]
+    fn nodes_are_distinct_answers_to_the_grader() {
+        for a in NODES.chars() {
+            for b in NODES.chars() {
+                let want = if a == b { Grade::Correct } else { Grade::Wrong };
+                assert_eq!(grade_answer(&a.to_string(), &b.to_string()), want, "{a} vs {b}");
+            }
+        }
     }
 
     #[test]

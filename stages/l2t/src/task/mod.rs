@@ -132,7 +132,7 @@ pub fn episode_kind(episode_text: &str) -> EpisodeKind {
         return EpisodeKind::Check;
     }
     if let Some(split) = inner.strip_prefix(decompose::SPLIT_PREFIX) {
-        // A path through two links (`37>88>52`) is useful; one link restated is filler.
+        // A path through two links (`k>Q>b`) is useful; one link restated is filler.
         let path = split.split('<').next().unwrap_or_default();
         return if path.matches('>').count() >= 2 { EpisodeKind::UsefulSplit } else { EpisodeKind::FillerSplit };
     }
@@ -152,9 +152,9 @@ mod tests {
         assert_eq!(episode_kind("<episode_3>Check: 68 * 3 = 204</episode_3>"), EpisodeKind::Check);
         assert_eq!(episode_kind("<think><episode_1>Check: 1 + 1 = 2"), EpisodeKind::Check);
         assert_eq!(episode_kind("<episode_2>2: * 3, 68 * 3 = 204</episode_2>"), EpisodeKind::Step);
-        assert_eq!(episode_kind("<episode_1>Split: 37>88>52</episode_1>"), EpisodeKind::UsefulSplit);
-        assert_eq!(episode_kind("<episode_4>Split: 14>37</episode_4>"), EpisodeKind::FillerSplit);
-        assert_eq!(episode_kind("<episode_2>2: go 2, 37>52</episode_2>"), EpisodeKind::Step);
+        assert_eq!(episode_kind("<episode_1>Split: k>Q>b</episode_1>"), EpisodeKind::UsefulSplit);
+        assert_eq!(episode_kind("<episode_4>Split: a>k</episode_4>"), EpisodeKind::FillerSplit);
+        assert_eq!(episode_kind("<episode_2>2: go 2, k>b</episode_2>"), EpisodeKind::Step);
         assert_eq!(episode_kind("So the answer is 4.\n\n"), EpisodeKind::Other);
         assert!(EpisodeKind::Check.is_filler() && EpisodeKind::FillerSplit.is_filler() && !EpisodeKind::UsefulSplit.is_filler());
     }
