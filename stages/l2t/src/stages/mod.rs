@@ -34,7 +34,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 /// Stage versions: bump one when its output for the same inputs changes.
-pub const PREPARE_VERSION: u32 = 4;
+pub const PREPARE_VERSION: u32 = 5;
 pub const BOOTSTRAP_VERSION: u32 = 2;
 pub const SAMPLE_VERSION: u32 = 1;
 pub const SEGMENT_VERSION: u32 = 1;

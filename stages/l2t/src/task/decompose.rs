@@ -13,7 +13,7 @@
 //! The worked solutions (the base policy's habits) hold three kinds of episode besides the moves:
 //!
 //! - **useful**: a "Split:" episode before a hard move that writes the node in between
-//!   (`Split: k>Q>b`); the move after it is always right;
+//!   (`Split: k>Q>b`, or `Split: b<Q<k` going back); the move after it is always right;
 //! - **filler split**: the same kind of episode before an easy move (`Split: a>k`), which adds
 //!   nothing;
 //! - **filler check**: "Check:" episodes that restate a link already followed.
@@ -140,6 +140,14 @@ impl Walk {
     }
 }
 
+/// The link written between two nodes: `>` forward, `<` back. The direction sits in the token
+/// right before the node it leads to, so that the lookup is one step from two adjacent tokens (with
+/// one arrow for both directions, the tiny policy went the wrong way on a quarter of its easy moves:
+/// docs/testbed.md, design 6).
+fn arrow(hops: i8) -> &'static str {
+    if hops > 0 { ">" } else { "<" }
+}
+
 /// What the worked solution of one problem did, for the prompts table and the tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Worked {
@@ -167,18 +175,18 @@ pub fn worked(walk: &Walk, map: &Map, rng: &mut ChaCha8Rng, cfg: &TaskConfig) ->
         let right = *path.last().expect("a move follows a link");
         if split {
             let nodes: Vec<String> = std::iter::once(x).chain(path.iter().copied()).map(|v| v.to_string()).collect();
-            episodes.push(format!("{SPLIT_PREFIX} {}", nodes.join(">")));
+            episodes.push(format!("{SPLIT_PREFIX} {}", nodes.join(arrow(hops))));
             filler += usize::from(!hard);
         }
         // The slip forgets the second link.
         let y = if hard && !split && rng.random_bool(cfg.direct_error) { path[0] } else { right };
         moves.push((hard, split, y == right));
-        episodes.push(format!("{}: {}, {x}>{y}", step + 1, Walk::move_name(hops)));
-        followed.push((x, y));
+        episodes.push(format!("{}: {}, {x}{}{y}", step + 1, Walk::move_name(hops), arrow(hops)));
+        followed.push((x, arrow(hops), y));
         x = y;
         for _ in check_after.iter().filter(|&&after| after == step + 1) {
-            let (a, b) = followed[rng.random_range(0..followed.len())];
-            episodes.push(format!("{CHECK_PREFIX} {a}>{b}"));
+            let (a, to, b) = followed[rng.random_range(0..followed.len())];
+            episodes.push(format!("{CHECK_PREFIX} {a}{to}{b}"));
         }
     }
     Worked { text: worked_solution(&episodes, x), written_answer: x, moves, filler }
@@ -279,7 +287,7 @@ mod tests {
             w.text,
             "<think><episode_1>Split: a>k</episode_1><episode_2>1: go 1, a>k</episode_2>\
              <episode_3>Split: k>Q>b</episode_3><episode_4>2: go 2, k>b</episode_4>\
-             <episode_5>Split: b>Q</episode_5><episode_6>3: back 1, b>Q</episode_6></think>\n\\boxed{Q}"
+             <episode_5>Split: b<Q</episode_5><episode_6>3: back 1, b<Q</episode_6></think>\n\\boxed{Q}"
         );
         assert_eq!(w.filler, 2);
         let kinds: Vec<EpisodeKind> = w.text.split("<episode_").skip(1).map(|e| episode_kind(&format!("<episode_{e}"))).collect();
@@ -287,7 +295,7 @@ mod tests {
         // Without its split, a slipped hard move stops one link short: k>Q, then back 1 to k.
         let c = TaskConfig { split_share: 0.0, direct_error: 1.0, ..c };
         let w = worked(&walk, &map, &mut ChaCha8Rng::seed_from_u64(0), &c);
-        assert!(w.text.contains("<episode_2>2: go 2, k>Q</episode_2><episode_3>3: back 1, Q>k</episode_3>"), "{}", w.text);
+        assert!(w.text.contains("<episode_2>2: go 2, k>Q</episode_2><episode_3>3: back 1, Q<k</episode_3>"), "{}", w.text);
         assert_eq!((w.written_answer, w.moves[1]), ('k', (true, false, false)));
     }
 

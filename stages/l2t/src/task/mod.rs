@@ -132,9 +132,9 @@ pub fn episode_kind(episode_text: &str) -> EpisodeKind {
         return EpisodeKind::Check;
     }
     if let Some(split) = inner.strip_prefix(decompose::SPLIT_PREFIX) {
-        // A path through two links (`k>Q>b`) is useful; one link restated is filler.
-        let path = split.split('<').next().unwrap_or_default();
-        return if path.matches('>').count() >= 2 { EpisodeKind::UsefulSplit } else { EpisodeKind::FillerSplit };
+        // A path through two links (`k>Q>b`, `b<Q<k`) is useful; one link restated is filler.
+        let path = split.split("</").next().unwrap_or_default();
+        return if path.matches(['>', '<']).count() >= 2 { EpisodeKind::UsefulSplit } else { EpisodeKind::FillerSplit };
     }
     let mut chars = inner.chars();
     if chars.next().is_some_and(|c| c.is_ascii_digit()) && inner.contains(": ") {
@@ -154,6 +154,8 @@ mod tests {
         assert_eq!(episode_kind("<episode_2>2: * 3, 68 * 3 = 204</episode_2>"), EpisodeKind::Step);
         assert_eq!(episode_kind("<episode_1>Split: k>Q>b</episode_1>"), EpisodeKind::UsefulSplit);
         assert_eq!(episode_kind("<episode_4>Split: a>k</episode_4>"), EpisodeKind::FillerSplit);
+        assert_eq!(episode_kind("<episode_1>Split: b<Q<k</episode_1>"), EpisodeKind::UsefulSplit);
+        assert_eq!(episode_kind("<episode_2>Split: b<Q</episode_2><episode_3>"), EpisodeKind::FillerSplit);
         assert_eq!(episode_kind("<episode_2>2: go 2, k>b</episode_2>"), EpisodeKind::Step);
         assert_eq!(episode_kind("So the answer is 4.\n\n"), EpisodeKind::Other);
         assert!(EpisodeKind::Check.is_filler() && EpisodeKind::FillerSplit.is_filler() && !EpisodeKind::UsefulSplit.is_filler());
