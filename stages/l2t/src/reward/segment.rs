@@ -13,6 +13,7 @@
 //! - tokens before the first episode join it; `</think>` and the answer join the last episode;
 //! - no parseable episode: one episode over the whole response, `format_ok = false`.
 
+use crate::config::AnswerExtraction;
 use crate::table::rollouts::FinishReason;
 use crate::task::grade::{grade_optional, Grade};
 use crate::task::{BOXED_OPEN, THINK_CLOSE, THINK_OPEN};
@@ -199,10 +200,9 @@ pub fn segment_chunks(n_tokens: usize, size: usize, text: &str) -> Segmentation 
     Segmentation { spans, format_ok: true, well_formed: extract_answer(text).is_some() }
 }
 
-/// Byte range `[body, close)` of the contents of the `\boxed{...}` that opens at `start`, with
-/// brace matching: `close` is the offset of the matching `}`.
-fn boxed_span(text: &str, start: usize) -> Option<(usize, usize)> {
-    let body = start + BOXED_OPEN.len();
+/// Byte range `[body, close)` of the contents of the box whose `{` is at `open - 1`, with brace
+/// matching: `close` is the offset of the matching `}`.
+fn boxed_span(text: &str, body: usize) -> Option<(usize, usize)> {
     let mut depth = 1usize;
     for (i, c) in text[body..].char_indices() {
         match c {
@@ -219,9 +219,13 @@ fn boxed_span(text: &str, start: usize) -> Option<(usize, usize)> {
     None
 }
 
-/// The span of the last complete `\boxed{}` of `text`.
+/// `\fbox{}` is read as a box too (math-verify does).
+const FBOX_OPEN: &str = "\\fbox{";
+
+/// The span of the last complete `\boxed{}` (or `\fbox{}`) of `text`.
 fn last_boxed_span(text: &str) -> Option<(usize, usize)> {
-    text.match_indices(BOXED_OPEN).filter_map(|(i, _)| boxed_span(text, i)).last()
+    let opens = text.match_indices(BOXED_OPEN).map(|(i, o)| i + o.len()).chain(text.match_indices(FBOX_OPEN).map(|(i, o)| i + o.len()));
+    opens.filter_map(|body| boxed_span(text, body)).max_by_key(|&(body, _)| body)
 }
 
 /// Where the final answer is looked for: after the first `</think>`, or the whole text.
@@ -229,15 +233,142 @@ fn answer_region(text: &str) -> usize {
     text.find(THINK_CLOSE).map_or(0, |p| p + THINK_CLOSE.len())
 }
 
-/// The final answer: the last complete `\boxed{}` after the first `</think>`; a response with no
-/// `</think>` falls back to the last complete `\boxed{}` anywhere in it.
+/// The final answer: the last complete `\boxed{}` (or `\fbox{}`) after the first `</think>`; a
+/// response with no `</think>` falls back to the last complete box anywhere in it.
 pub fn extract_answer(text: &str) -> Option<String> {
     last_boxed(&text[answer_region(text)..])
+}
+
+/// The final answer as `how` reads it: the box, and with [`AnswerExtraction::Stated`], when there
+/// is none, the last stated answer ([`last_stated`]).
+pub fn extract_answer_with(text: &str, how: AnswerExtraction) -> Option<String> {
+    let region = &text[answer_region(text)..];
+    match how {
+        AnswerExtraction::Boxed => last_boxed(region),
+        AnswerExtraction::Stated => last_boxed(region).or_else(|| last_stated(region)),
+    }
 }
 
 /// The contents of the last complete `\boxed{}` of `text` (braces matched), trimmed.
 pub fn last_boxed(text: &str) -> Option<String> {
     last_boxed_span(text).map(|(from, to)| text[from..to].trim().to_string())
+}
+
+/// The answer a response states without a box, in math-verify's order of preference: after
+/// "final answer" .. "is", then after "answer" (a formula or number within 50 characters, or a
+/// bold `**..**`), then the last formula (`$..$`, `$$..$$`, `\[..\]`, `\(..\)`) or number of the
+/// text. Within each, the one that ends last wins.
+pub fn last_stated(text: &str) -> Option<String> {
+    let candidates = stated_candidates(text);
+    let lower = text.to_ascii_lowercase();
+    let anchored = |anchor: &str, reach: usize| -> Option<String> {
+        let mut best: Option<&(usize, usize, String)> = None;
+        for (at, _) in lower.match_indices(anchor) {
+            let from = at + anchor.len();
+            if let Some(c) = candidates.iter().find(|c| c.0 >= from && c.0 <= from + reach) {
+                if best.is_none_or(|b| c.1 > b.1) {
+                    best = Some(c);
+                }
+            }
+        }
+        best.map(|c| c.2.clone())
+    };
+    // "final answer is", "The final answer to the question is" (at most 100 characters between).
+    let final_is = {
+        let mut best: Option<&(usize, usize, String)> = None;
+        for (at, _) in lower.match_indices("final answer") {
+            let window_end = floor_char_boundary(&lower, at + 12 + 100 + 3);
+            let Some(is_at) = lower[at + 12..window_end].find(" is").map(|i| at + 12 + i + 3) else { continue };
+            let rest = &text[is_at..];
+            let skip = rest.len() - rest.trim_start_matches([':', ' ', '\n', '\t']).len();
+            if let Some(c) = candidates.iter().find(|c| c.0 == is_at + skip) {
+                if best.is_none_or(|b| c.1 > b.1) {
+                    best = Some(c);
+                }
+            }
+        }
+        best.map(|c| c.2.clone())
+    };
+    final_is.or_else(|| anchored("answer:", 50)).or_else(|| anchored("answer", 50)).or_else(|| candidates.iter().max_by_key(|c| c.1).map(|c| c.2.clone()))
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    if i >= s.len() {
+        return s.len();
+    }
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// Formulas and plain numbers of `text`: (start, end, contents), in order of start.
+fn stated_candidates(text: &str) -> Vec<(usize, usize, String)> {
+    let mut out = Vec::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < text.len() {
+        if !text.is_char_boundary(i) {
+            i += 1;
+            continue;
+        }
+        let escaped = i > 0 && bytes[i - 1] == b'\\';
+        let rest = &text[i..];
+        let delimited = if rest.starts_with("$$") && !escaped {
+            rest[2..].find("$$").map(|j| (2, 2 + j, 2 + j + 2))
+        } else if rest.starts_with('$') && !escaped {
+            // Inline: on one line, and not a `\$`.
+            let body = &rest[1..];
+            let mut end = None;
+            let mut prev = b' ';
+            for (j, b) in body.bytes().enumerate() {
+                if b == b'\n' {
+                    break;
+                }
+                if b == b'$' && prev != b'\\' {
+                    end = Some(j);
+                    break;
+                }
+                prev = b;
+            }
+            end.filter(|&j| j > 0).map(|j| (1, 1 + j, 1 + j + 1))
+        } else if rest.starts_with("\\[") {
+            rest[2..].find("\\]").map(|j| (2, 2 + j, 2 + j + 2))
+        } else if rest.starts_with("\\(") {
+            rest[2..].find("\\)").filter(|&j| !rest[2..2 + j].contains('\n')).map(|j| (2, 2 + j, 2 + j + 2))
+        } else if rest.starts_with("**") {
+            // Bold: its formula if it holds one, else its text when that is short.
+            rest[2..].find("**").filter(|&j| j > 0 && j <= 60 && !rest[2..2 + j].contains('\n') && !rest[2..2 + j].contains('$')).map(|j| (2, 2 + j, 2 + j + 2))
+        } else {
+            None
+        };
+        if let Some((from, to, end)) = delimited {
+            let body = rest[from..to].trim().trim_end_matches(['.', ',']).trim();
+            if !body.is_empty() && !(rest.starts_with("**") && body.to_ascii_lowercase().trim_end_matches(':').ends_with("answer")) {
+                out.push((i, i + end, body.to_string()));
+            }
+            if !rest.starts_with("**") {
+                i += end;
+                continue;
+            }
+            i += 2;
+            continue;
+        }
+        // A plain number, after the start, a space, `=` or `**`.
+        let c = bytes[i];
+        let anchored = i == 0 || matches!(bytes[i - 1], b' ' | b'\n' | b'\t' | b'=' | b'*');
+        if anchored && (c.is_ascii_digit() || (c == b'-' && bytes.get(i + 1).is_some_and(u8::is_ascii_digit))) {
+            let mut j = i + 1;
+            while j < text.len() && (bytes[j].is_ascii_digit() || ((bytes[j] == b'.' || bytes[j] == b',' || bytes[j] == b'/') && bytes.get(j + 1).is_some_and(u8::is_ascii_digit))) {
+                j += 1;
+            }
+            out.push((i, j, text[i..j].to_string()));
+            i = j;
+            continue;
+        }
+        i += 1;
+    }
+    out
 }
 
 /// Tokens up to and including the one holding the `}` that closes the final answer (the one
@@ -271,7 +402,12 @@ pub fn solved(graded_correct: bool, finish: FinishReason) -> bool {
 
 /// `r_out = 1` iff the answer equals the gold answer and the rollout was not truncated.
 pub fn outcome_reward(text: &str, gold: &str, finish: FinishReason, format_ok: bool, format_penalty: f64) -> Outcome {
-    let answer = extract_answer(text);
+    outcome_reward_with(text, gold, finish, format_ok, format_penalty, AnswerExtraction::Boxed)
+}
+
+/// [`outcome_reward`] with the answer read as `how` reads it (`eval.answer`).
+pub fn outcome_reward_with(text: &str, gold: &str, finish: FinishReason, format_ok: bool, format_penalty: f64, how: AnswerExtraction) -> Outcome {
+    let answer = extract_answer_with(text, how);
     let grade = grade_optional(answer.as_deref(), gold);
     let correct = solved(grade == Grade::Correct, finish);
     let penalty = if format_ok { 0.0 } else { format_penalty };
