@@ -255,19 +255,23 @@ pub fn last_boxed(text: &str) -> Option<String> {
 }
 
 /// The answer a response states without a box, in math-verify's order of preference: after
-/// "final answer" .. "is", then after "answer" (a formula or number within 50 characters, or a
-/// bold `**..**`), then the last formula (`$..$`, `$$..$$`, `\[..\]`, `\(..\)`) or number of the
-/// text. Within each, the one that ends last wins.
+/// "final answer" .. "is", then after "answer" (a formula or number starting within 50
+/// characters), then the last formula (`$..$`, `$$..$$`, `\[..\]`, `\(..\)`, a bare
+/// `\frac{a}{b}`) or number of the text. Within each, the one that ends last wins (so "the answer
+/// is $5$, in 3 steps" reads 3, as math-verify reads it).
 pub fn last_stated(text: &str) -> Option<String> {
     let candidates = stated_candidates(text);
     let lower = text.to_ascii_lowercase();
     let anchored = |anchor: &str, reach: usize| -> Option<String> {
-        let mut best: Option<&(usize, usize, String)> = None;
+        let mut best: Option<&(usize, usize, String, bool)> = None;
         for (at, _) in lower.match_indices(anchor) {
             let from = at + anchor.len();
-            if let Some(c) = candidates.iter().find(|c| c.0 >= from && c.0 <= from + reach) {
-                if best.is_none_or(|b| c.1 > b.1) {
-                    best = Some(c);
+            // The first formula and the first number in reach (math-verify's lazy patterns).
+            for number in [false, true] {
+                if let Some(c) = candidates.iter().find(|c| c.3 == number && c.0 >= from && c.0 <= from + reach + usize::from(number)) {
+                    if best.is_none_or(|b| c.1 > b.1) {
+                        best = Some(c);
+                    }
                 }
             }
         }
@@ -275,7 +279,7 @@ pub fn last_stated(text: &str) -> Option<String> {
     };
     // "final answer is", "The final answer to the question is" (at most 100 characters between).
     let final_is = {
-        let mut best: Option<&(usize, usize, String)> = None;
+        let mut best: Option<&(usize, usize, String, bool)> = None;
         for (at, _) in lower.match_indices("final answer") {
             let window_end = floor_char_boundary(&lower, at + 12 + 100 + 3);
             let Some(is_at) = lower[at + 12..window_end].find(" is").map(|i| at + 12 + i + 3) else { continue };
@@ -302,8 +306,41 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     i
 }
 
-/// Formulas and plain numbers of `text`: (start, end, contents), in order of start.
-fn stated_candidates(text: &str) -> Vec<(usize, usize, String)> {
+/// The number that starts at `i` as math-verify reads it: thousands groups (`1,234.5`), else
+/// digits with a decimal point or comma (`1,3` is 1.3), then `/` and a denominator; (end, text).
+fn plain_number(text: &str, i: usize) -> (usize, String) {
+    let bytes = text.as_bytes();
+    let digits_from = |k: usize| (k..text.len()).find(|&m| !bytes[m].is_ascii_digit()).unwrap_or(text.len());
+    let start = i + usize::from(bytes[i] == b'-');
+    let mut j = digits_from(start);
+    let mut number = text[i..j].to_string();
+    let lead = j - start;
+    // Thousands: 1 to 3 leading digits (not 0), then groups of exactly 3.
+    let mut grouped = false;
+    if (1..=3).contains(&lead) && bytes[start] != b'0' {
+        while j + 4 <= text.len() && bytes[j] == b',' && digits_from(j + 1) == j + 4 {
+            number.push_str(&text[j + 1..j + 4]);
+            j += 4;
+            grouped = true;
+        }
+    }
+    if j + 1 < text.len() && (bytes[j] == b'.' || (bytes[j] == b',' && !grouped)) && bytes[j + 1].is_ascii_digit() {
+        let end = digits_from(j + 1);
+        number.push('.');
+        number.push_str(&text[j + 1..end]);
+        j = end;
+    }
+    if j + 1 < text.len() && bytes[j] == b'/' && bytes[j + 1].is_ascii_digit() {
+        let end = digits_from(j + 1);
+        number.push_str(&text[j..end]);
+        j = end;
+    }
+    (j, number)
+}
+
+/// Formulas and plain numbers of `text`: (start, end, contents, is a plain number), in order of
+/// start.
+fn stated_candidates(text: &str) -> Vec<(usize, usize, String, bool)> {
     let mut out = Vec::new();
     let bytes = text.as_bytes();
     let mut i = 0;
@@ -336,33 +373,40 @@ fn stated_candidates(text: &str) -> Vec<(usize, usize, String)> {
             rest[2..].find("\\]").map(|j| (2, 2 + j, 2 + j + 2))
         } else if rest.starts_with("\\(") {
             rest[2..].find("\\)").filter(|&j| !rest[2..2 + j].contains('\n')).map(|j| (2, 2 + j, 2 + j + 2))
-        } else if rest.starts_with("**") {
-            // Bold: its formula if it holds one, else its text when that is short.
-            rest[2..].find("**").filter(|&j| j > 0 && j <= 60 && !rest[2..2 + j].contains('\n') && !rest[2..2 + j].contains('$')).map(|j| (2, 2 + j, 2 + j + 2))
+        } else if rest.starts_with("\\frac{") || rest.starts_with("-\\frac{") {
+            // A bare fraction of two plain numbers.
+            let rest = rest.strip_prefix('-').unwrap_or(rest);
+            let simple = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit() || b == b'.' || b == b',' || b == b'-');
+            rest[6..].find('}').and_then(|a| {
+                let den = rest[6 + a + 1..].strip_prefix('{')?;
+                let b = den.find('}')?;
+                let sign = usize::from(text[i..].starts_with('-'));
+                (simple(&rest[6..6 + a]) && simple(&den[..b])).then_some((0, sign + 6 + a + 2 + b + 1, sign + 6 + a + 2 + b + 1))
+            })
         } else {
             None
         };
         if let Some((from, to, end)) = delimited {
             let body = rest[from..to].trim().trim_end_matches(['.', ',']).trim();
-            if !body.is_empty() && !(rest.starts_with("**") && body.to_ascii_lowercase().trim_end_matches(':').ends_with("answer")) {
-                out.push((i, i + end, body.to_string()));
+            if !body.is_empty() {
+                out.push((i, i + end, body.to_string(), false));
             }
-            if !rest.starts_with("**") {
-                i += end;
-                continue;
+            // ` $12` is also a number after a currency sign to math-verify.
+            let after = i + 1;
+            let currency = rest.starts_with('$') && !rest.starts_with("$$") && (i == 0 || bytes[i - 1].is_ascii_whitespace());
+            if currency && (bytes.get(after).is_some_and(u8::is_ascii_digit) || bytes.get(after) == Some(&b'-') && bytes.get(after + 1).is_some_and(u8::is_ascii_digit)) {
+                let (j, number) = plain_number(text, after);
+                out.push((after, j, number, true));
             }
-            i += 2;
+            i += end;
             continue;
         }
-        // A plain number, after the start, a space, `=` or `**`.
+        // A plain number, after the start, a space, `=` or `**` (a `$` before it is a currency).
         let c = bytes[i];
-        let anchored = i == 0 || matches!(bytes[i - 1], b' ' | b'\n' | b'\t' | b'=' | b'*');
+        let anchored = i == 0 || matches!(bytes[i - 1], b' ' | b'\n' | b'\t' | b'=' | b'*') || (bytes[i - 1] == b'$' && (i == 1 || bytes[i - 2] == b' '));
         if anchored && (c.is_ascii_digit() || (c == b'-' && bytes.get(i + 1).is_some_and(u8::is_ascii_digit))) {
-            let mut j = i + 1;
-            while j < text.len() && (bytes[j].is_ascii_digit() || ((bytes[j] == b'.' || bytes[j] == b',' || bytes[j] == b'/') && bytes.get(j + 1).is_some_and(u8::is_ascii_digit))) {
-                j += 1;
-            }
-            out.push((i, j, text[i..j].to_string()));
+            let (j, number) = plain_number(text, i);
+            out.push((i, j, number, true));
             i = j;
             continue;
         }
