@@ -183,7 +183,11 @@ fn strip_text_commands(s: &str) -> String {
     while let Some((at, cmd)) = first_text_command(&out) {
         let open = at + cmd.len();
         let Some(close) = matching_brace(&out, open) else { return out };
-        out = format!("{}{}{}", &out[..at], &out[open + 1..close], &out[close + 1..]);
+        // A choice letter in text has no case (`\\text{e}` = `\\text{(E)}`, as math-verify reads it).
+        let inner = &out[open + 1..close];
+        let letter = inner.trim().trim_start_matches('(').trim_end_matches(')');
+        let inner = if letter.chars().count() == 1 && letter.chars().all(|c| c.is_ascii_alphabetic()) { inner.to_ascii_uppercase() } else { inner.to_string() };
+        out = format!("{}{}{}", &out[..at], inner, &out[close + 1..]);
     }
     out
 }
@@ -493,6 +497,14 @@ fn scalar_equivalent(a: &str, b: &str, deadline: Instant) -> bool {
     }
     if wa.chars().count() == 1 && wa.chars().all(char::is_alphabetic) && (wa != a || wb != b) {
         return wa == wb;
+    }
+    // A ratio of numbers is their quotient: `1:2` = `\\frac{1}{2}`.
+    let ratio = |s: &str| s.split_once(':').and_then(|(p, q)| Some(parse_rational(p)? / parse_rational(q).filter(|q| *q != Q::from_integer(0))?));
+    if a.contains(':') || b.contains(':') {
+        return match (ratio(a).or_else(|| parse_rational(a)), ratio(b).or_else(|| parse_rational(b))) {
+            (Some(x), Some(y)) => x == y,
+            _ => false,
+        };
     }
     if let (Some(x), Some(y)) = (parse_rational(a), parse_rational(b)) {
         // A decimal is compared at 6 places (math-verify's convention): 0.722222 is 13/18, and
