@@ -671,4 +671,44 @@ mod tests {
         assert!(Rule::parse("chunks:x").is_err());
         assert!(Rule::parse("lines").is_err());
     }
+
+    #[test]
+    fn fbox_is_a_box_and_the_last_box_wins() {
+        assert_eq!(extract_answer("so $\\fbox{12}$").as_deref(), Some("12"));
+        assert_eq!(extract_answer("$\\fbox{1}$ then $\\boxed{2}$").as_deref(), Some("2"));
+        assert_eq!(extract_answer("$\\boxed{1}$ then $\\fbox{2}$").as_deref(), Some("2"));
+        assert_eq!(extract_answer("the answer is $3125$"), None, "no box, no answer for the reward");
+    }
+
+    /// Without a box, `stated` reads the answer as math-verify does; `boxed` reads none.
+    #[test]
+    fn the_last_stated_answer_without_a_box() {
+        for (text, want) in [
+            ("We add them, so the answer is $3125$.", "3125"),
+            ("Thus the answer is 42.", "42"),
+            ("Final Answer: The final answer is $\\frac{1}{2}$. I hope it is correct.", "\\frac{1}{2}"),
+            ("The final answer to the problem is $7$, as computed with 3 steps.", "7"),
+            ("**Answer:** $x = 5$", "x = 5"),
+            ("The answer is **17**.", "17"),
+            ("First $2$, then\n\\[\n\\frac{3}{4}\n\\]", "\\frac{3}{4}"),
+            ("We find $a$ first and then $b+1$.", "b+1"),
+            ("Answer: \\(3\\sqrt{2}\\)", "3\\sqrt{2}"),
+            ("Hence $$\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}$$", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
+            ("The answer is \\frac{160}{33}.", "\\frac{160}{33}"),
+            ("It costs $1,234.50 in all, so the answer is 1,234.5", "1234.5"),
+            // math-verify's reading: the formula or number after "answer" that ends last.
+            ("So the answer is $\\frac{2807}{27}$. Checking: all 3 cases work.", "3"),
+            ("So the answer is $-3$. Checking: all 3 cases work.", "-3"),
+            ("<think>the answer is $1$</think> so it is $2$", "2"),
+        ] {
+            assert_eq!(extract_answer_with(text, AnswerExtraction::Stated).as_deref(), Some(want), "{text:?}");
+            assert_eq!(extract_answer_with(text, AnswerExtraction::Boxed), None, "{text:?}");
+        }
+        assert_eq!(extract_answer_with("the answer is $\\boxed{4}$, not $5$", AnswerExtraction::Stated).as_deref(), Some("4"), "a box first");
+        assert_eq!(extract_answer_with("no answer here", AnswerExtraction::Stated), None);
+        assert_eq!(extract_answer_with("", AnswerExtraction::Stated), None);
+        let out = outcome_reward_with("so the answer is $10$.", "10", FinishReason::Stop, true, 0.0, AnswerExtraction::Stated);
+        assert!(out.correct);
+        assert_eq!(outcome_reward("so the answer is $10$.", "10", FinishReason::Stop, true, 0.0).grade, Grade::Unparsable, "the reward needs a box");
+    }
 }

@@ -896,6 +896,143 @@ mod tests {
         assert_eq!(grade_answer("1/0", "2/0"), Grade::Wrong);
     }
 
+    /// The failure classes of issue 13 and their neighbours, one case or more each.
+    #[test]
+    fn issue_13_classes() {
+        let same = [
+            // Sets in braces, reordered, against a bare list or a set.
+            ("-4, 4", "\\{4, -4\\}"),
+            ("0,1", "\\{1, 0\\}"),
+            ("\\{1,2,3\\}", "3, 1, 2"),
+            // Base subscripts.
+            ("443_5", "443_{5}"),
+            ("1011_{2}", "1011_2"),
+            // Matrices: environment and spacing.
+            ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}"),
+            ("\\begin{pmatrix} 1 \\\\ -2 \\end{pmatrix}", "\\begin{pmatrix}1\\\\-2\\\\\\end{pmatrix}"),
+            ("\\begin{pmatrix} \\frac{1}{2} & 0 \\end{pmatrix}", "\\begin{matrix} 0.5 & 0 \\end{matrix}"),
+            // Brace-less roots, also inside another command's argument.
+            ("\\frac{\\sqrt3}{9}", "\\frac{\\sqrt{3}}{9}"),
+            ("-\\frac{16\\sqrt3}{9}", "-\\frac{16 \\sqrt{3}}{9}"),
+            // Thousands with {,}.
+            ("5{,}040", "5040"),
+            ("2{,}039{,}191", "2,039,191"),
+            // Case inside \text{}.
+            ("\\text{Odd}", "\\text{odd}"),
+            ("\\text{Saturday}", "\\text{saturday}"),
+            ("\\text{SUNDAY}", "Sunday"),
+            ("\\text{(E)}", "\\text{e}"),
+            ("\\text{(B)}", "B"),
+            // Equations with sides swapped or terms moved.
+            ("0 = x - 3z", "x - 3z = 0"),
+            ("-3z + x = 0", "x - 3z = 0"),
+            ("y = x + 3", "x + 3 = y"),
+            ("k = 15", "15 = k"),
+            ("2x + 3y - z = 4", "-z + 2x + 3y = 4"),
+            // \dfrac / \tfrac inside roots.
+            ("\\sqrt{\\dfrac{3}{2}}", "\\sqrt{\\frac32}"),
+            ("\\sqrt{\\tfrac{1}{4}}", "\\frac{1}{2}"),
+            // Degrees.
+            ("90^\\circ", "90^{\\circ}"),
+            ("45", "45^\\circ"),
+            ("30°", "30"),
+            // Percent.
+            ("12.5\\%", "12.5"),
+            ("40%", "40\\%"),
+            // Intervals with \left( and infinite ends.
+            ("\\left( -\\infty, 3 \\right]", "(-\\infty,3]"),
+            ("\\left[ 1, 2 \\right)", "[1,2)"),
+            ("[-\\infty, 0)", "(-\\infty,0)"),
+            // Units inside \text{}.
+            ("12\\text{ cm}", "12"),
+            ("5\\text{ square units}", "5"),
+            ("8 \\mbox{ inches}", "8"),
+            // Ratios, decimals at 6 places.
+            ("1:2", "\\frac{1}{2}"),
+            ("\\frac{6}{23}", "0.26087"),
+        ];
+        for (a, b) in same {
+            assert_eq!(grade_answer(a, b), Grade::Correct, "{a} vs {b}");
+            assert_eq!(grade_answer(b, a), Grade::Correct, "{b} vs {a}");
+        }
+        let different = [
+            ("-4, 4", "\\{4, 4\\}"),
+            ("443_5", "443_7"),
+            ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{pmatrix} 1 & 2 \\\\ 4 & 3 \\end{pmatrix}"),
+            ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix} 1 & 2 \\end{pmatrix}"),
+            ("\\frac{\\sqrt3}{9}", "\\frac{\\sqrt{3}}{3}"),
+            ("5{,}040", "5041"),
+            ("\\text{odd}", "\\text{even}"),
+            ("x - 3z = 0", "x + 3z = 0"),
+            ("x - 3z = 0", "x - 3z = 1"),
+            ("(1, 2)", "(2, 1)"),
+            ("[1, 2]", "(1, 2]"),
+            ("1:2", "2:1"),
+            ("\\frac{1}{3}", "0.33333"),
+            // Single letters keep their case (the decompose testbed's nodes are letters).
+            ("a", "A"),
+        ];
+        for (a, b) in different {
+            assert_eq!(grade_answer(a, b), Grade::Wrong, "{a} vs {b}");
+            assert_eq!(grade_answer(b, a), Grade::Wrong, "{b} vs {a}");
+        }
+    }
+
+    /// Random and mutated LaTeX: every input gets a verdict, none panics (a deterministic seed).
+    #[test]
+    fn fuzzed_latex_gets_a_verdict_not_a_panic() {
+        use crate::config::AnswerExtraction;
+        use crate::reward::segment::extract_answer_with;
+        const PIECES: &[&str] = &[
+            "\\frac", "\\dfrac", "\\sqrt", "\\sqrt[", "{", "}", "(", ")", "[", "]", "\\{", "\\}", "\\left(", "\\right)", "1", "23", "-", "+", "^", "_",
+            "_{", ",", "{,}", ".", "x", "=", "\\text{", "cm}", "\\%", "^\\circ", "$", "$$", "\\[", "\\]", "\\(", "\\)", "\\begin{pmatrix}", "\\end{pmatrix}",
+            "&", "\\\\", "\\cup", "\\infty", "\\pi", ":", "é", "°", " ", "\\boxed{", "\\fbox{", "**", "answer is ", "Final Answer: ", "\\sin", "\\!", "\\,",
+            "\\pm", "\\le", "0", "9999999999999999999", "\n",
+        ];
+        let seeds = ["\\frac{\\sqrt3}{9}", "\\{1, -4\\}", "\\begin{bmatrix} 1 & 2 \\\\ 3 & 4 \\end{bmatrix}", "x - 3z = 0", "443_{5}", "5{,}040", "\\left( 1, \\infty \\right)", "12\\text{ cm}^2"];
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        let started = Instant::now();
+        for round in 0..3000 {
+            let text: String = if round % 2 == 0 {
+                (0..1 + next(12)).map(|_| PIECES[next(PIECES.len())]).collect()
+            } else {
+                // A seed with a piece inserted, one cut, or a character dropped.
+                let mut t = seeds[next(seeds.len())].to_string();
+                for _ in 0..1 + next(3) {
+                    let mut at = next(t.len() + 1);
+                    while !t.is_char_boundary(at) {
+                        at -= 1;
+                    }
+                    match next(3) {
+                        0 => t.insert_str(at, PIECES[next(PIECES.len())]),
+                        1 => t.truncate(at),
+                        _ => {
+                            if at < t.len() {
+                                t.remove(at);
+                            }
+                        }
+                    }
+                }
+                t
+            };
+            let other = seeds[next(seeds.len())];
+            let _ = grade_answer(&text, other);
+            let _ = grade_answer(other, &text);
+            let _ = grade_answer(&text, &text);
+            for how in [AnswerExtraction::Boxed, AnswerExtraction::Stated] {
+                let answer = extract_answer_with(&text, how);
+                let _ = grade_optional(answer.as_deref(), other);
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "fuzzing took {:?}", started.elapsed());
+    }
+
     #[test]
     fn a_spent_deadline_gives_up_as_wrong() {
         assert_eq!(grade_with_deadline("2\\sqrt{3}", "\\sqrt{12}", Duration::ZERO), Grade::Wrong);
