@@ -266,12 +266,19 @@ pub fn last_stated(text: &str) -> Option<String> {
         let mut best: Option<&(usize, usize, String, bool)> = None;
         for (at, _) in lower.match_indices(anchor) {
             let from = at + anchor.len();
-            // The first formula and the first number in reach (math-verify's lazy patterns).
-            for number in [false, true] {
-                if let Some(c) = candidates.iter().find(|c| c.3 == number && c.0 >= from && c.0 <= from + reach + usize::from(number)) {
-                    if best.is_none_or(|b| c.1 > b.1) {
-                        best = Some(c);
-                    }
+            // The first formula in reach, and the number after the last `=` within 100 characters,
+            // else the first number in reach (math-verify's patterns).
+            let formula = candidates.iter().find(|c| !c.3 && c.0 >= from && c.0 <= from + reach);
+            let window = &text[from..floor_char_boundary(text, from + 100)];
+            let after_equals = window.rfind('=').and_then(|e| {
+                let at = from + e + 1;
+                let at = at + (text[at..].len() - text[at..].trim_start().len());
+                candidates.iter().find(|c| c.3 && c.0 == at && !text[c.1..].trim_start().starts_with('='))
+            });
+            let number = after_equals.or_else(|| candidates.iter().find(|c| c.3 && c.0 >= from && c.0 <= from + reach + 1));
+            for c in [formula, number].into_iter().flatten() {
+                if best.is_none_or(|b| c.1 > b.1) {
+                    best = Some(c);
                 }
             }
         }
@@ -391,27 +398,26 @@ fn stated_candidates(text: &str) -> Vec<(usize, usize, String, bool)> {
             if !body.is_empty() {
                 out.push((i, i + end, body.to_string(), false));
             }
-            // ` $12` is also a number after a currency sign to math-verify.
-            let after = i + 1;
-            let currency = rest.starts_with('$') && !rest.starts_with("$$") && (i == 0 || bytes[i - 1].is_ascii_whitespace());
-            if currency && (bytes.get(after).is_some_and(u8::is_ascii_digit) || bytes.get(after) == Some(&b'-') && bytes.get(after + 1).is_some_and(u8::is_ascii_digit)) {
-                let (j, number) = plain_number(text, after);
-                out.push((after, j, number, true));
-            }
             i += end;
-            continue;
-        }
-        // A plain number, after the start, a space, `=` or `**` (a `$` before it is a currency).
-        let c = bytes[i];
-        let anchored = i == 0 || matches!(bytes[i - 1], b' ' | b'\n' | b'\t' | b'=' | b'*') || (bytes[i - 1] == b'$' && (i == 1 || bytes[i - 2] == b' '));
-        if anchored && (c.is_ascii_digit() || (c == b'-' && bytes.get(i + 1).is_some_and(u8::is_ascii_digit))) {
-            let (j, number) = plain_number(text, i);
-            out.push((i, j, number, true));
-            i = j;
             continue;
         }
         i += 1;
     }
+    // Plain numbers, inside formulas too: after the start, a space, `=` or `**` (a `$` after a
+    // space is a currency sign).
+    let mut i = 0;
+    while i < text.len() {
+        let c = bytes[i];
+        let anchored = i == 0 || matches!(bytes[i - 1], b' ' | b'\n' | b'\t' | b'=' | b'*') || (bytes[i - 1] == b'$' && (i == 1 || bytes[i - 2].is_ascii_whitespace()));
+        if anchored && (c.is_ascii_digit() || (c == b'-' && bytes.get(i + 1).is_some_and(u8::is_ascii_digit))) {
+            let (j, number) = plain_number(text, i);
+            out.push((i, j, number, true));
+            i = j;
+        } else {
+            i += 1;
+        }
+    }
+    out.sort_by_key(|c| c.0);
     out
 }
 
