@@ -418,6 +418,32 @@ fn stated_candidates(text: &str) -> Vec<(usize, usize, String, bool)> {
         }
     }
     out.sort_by_key(|c| c.0);
+    join_listed_formulas(text, out)
+}
+
+/// Formulas joined by `,`, `and` or `or` (`$1$ and $2$`, up to six) are one answer, a list, as
+/// math-verify reads them.
+fn join_listed_formulas(text: &str, candidates: Vec<(usize, usize, String, bool)>) -> Vec<(usize, usize, String, bool)> {
+    let mut out: Vec<(usize, usize, String, bool)> = Vec::with_capacity(candidates.len());
+    let mut joined = 0;
+    for c in candidates {
+        let last_formula = out.iter().rposition(|f| !f.3);
+        if let (false, Some(k)) = (c.3, last_formula) {
+            let between = text.get(out[k].1..c.0).unwrap_or("x").trim();
+            let connector = matches!(between, "," | "and" | ",and" | ", and" | "or" | ",or" | ", or");
+            if connector && c.0 >= out[k].1 && joined < 5 {
+                let f = &mut out[k];
+                f.1 = c.1;
+                f.2 = format!("{}, {}", f.2, c.2);
+                joined += 1;
+                continue;
+            }
+        }
+        if !c.3 {
+            joined = 0;
+        }
+        out.push(c);
+    }
     out
 }
 
@@ -701,6 +727,8 @@ mod tests {
             ("Answer: \\(3\\sqrt{2}\\)", "3\\sqrt{2}"),
             ("Hence $$\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}$$", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
             ("The answer is \\frac{160}{33}.", "\\frac{160}{33}"),
+            ("The roots are $1$ and $-2$.", "1, -2"),
+            ("So the answer is **\\frac{1}{5}, -\\frac{1}{3}**.", "\\frac{1}{5}, -\\frac{1}{3}"),
             ("It costs $1,234.50 in all, so the answer is 1,234.5", "1234.5"),
             // math-verify's reading: the formula or number after "answer" that ends last.
             ("So the answer is $\\frac{2807}{27}$. Checking: all 3 cases work.", "3"),

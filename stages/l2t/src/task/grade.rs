@@ -56,13 +56,22 @@ pub fn grade_optional(prediction: Option<&str>, gold: &str) -> Grade {
 /// is wrong.
 pub fn grade_with_deadline(prediction: &str, gold: &str, budget: Duration) -> Grade {
     let deadline = Instant::now() + budget;
+    let (raw_prediction, raw_gold) = (prediction, gold);
     let Some(gold) = normalize(gold) else { return Grade::GoldUnparsable };
     let Some(prediction) = normalize(prediction) else { return Grade::Unparsable };
     if prediction == gold || equivalent(&prediction, &gold, deadline) {
-        Grade::Correct
-    } else {
-        Grade::Wrong
+        return Grade::Correct;
     }
+    // `p\%` is also p/100 (math-verify reads it so): `50\%` = `0.5`.
+    let hundredths = |raw: &str, normal: &str| if raw.contains('%') { normalize(&raw.replace("\\%", "/100").replace('%', "/100")) } else { Some(normal.to_string()) };
+    if raw_prediction.contains('%') || raw_gold.contains('%') {
+        if let (Some(p), Some(g)) = (hundredths(raw_prediction, &prediction), hundredths(raw_gold, &gold)) {
+            if p == g || equivalent(&p, &g, deadline) {
+                return Grade::Correct;
+            }
+        }
+    }
+    Grade::Wrong
 }
 
 /// Reads an integer the way people write one: surrounding spaces and `$`, a leading `+`,
@@ -939,6 +948,8 @@ mod tests {
             // Percent.
             ("12.5\\%", "12.5"),
             ("40%", "40\\%"),
+            ("50\\%", "0.5"),
+            ("12.5\\%", "\\frac{1}{8}"),
             // Intervals with \left( and infinite ends.
             ("\\left( -\\infty, 3 \\right]", "(-\\infty,3]"),
             ("\\left[ 1, 2 \\right)", "[1,2)"),
