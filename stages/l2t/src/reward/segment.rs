@@ -236,7 +236,7 @@ fn answer_region(text: &str) -> usize {
 /// The final answer: the last complete `\boxed{}` (or `\fbox{}`) after the first `</think>`; a
 /// response with no `</think>` falls back to the last complete box anywhere in it.
 pub fn extract_answer(text: &str) -> Option<String> {
-    last_boxed(&text[answer_region(text)..])
+    final_boxed(&text[answer_region(text)..])
 }
 
 /// The final answer as `how` reads it: the box, and with [`AnswerExtraction::Stated`], when there
@@ -244,9 +244,38 @@ pub fn extract_answer(text: &str) -> Option<String> {
 pub fn extract_answer_with(text: &str, how: AnswerExtraction) -> Option<String> {
     let region = &text[answer_region(text)..];
     match how {
-        AnswerExtraction::Boxed => last_boxed(region),
-        AnswerExtraction::Stated => last_boxed(region).or_else(|| last_stated(region)),
+        AnswerExtraction::Boxed => final_boxed(region),
+        AnswerExtraction::Stated => final_boxed(region).or_else(|| last_stated(region)),
     }
+}
+
+/// The last box of a response, with the boxes listed just before it (`$\boxed{1}$ and
+/// $\boxed{-2}$` is the list `1, -2`, as math-verify reads it).
+fn final_boxed(text: &str) -> Option<String> {
+    let opens = |t: &str| -> Vec<usize> {
+        let mut v: Vec<usize> = t.match_indices(BOXED_OPEN).map(|(i, o)| i + o.len()).chain(t.match_indices(FBOX_OPEN).map(|(i, o)| i + o.len())).collect();
+        v.sort_unstable();
+        v
+    };
+    let spans: Vec<(usize, usize)> = opens(text).into_iter().filter_map(|body| boxed_span(text, body)).collect();
+    let &(from, to) = spans.iter().max_by_key(|s| s.0)?;
+    let mut items = vec![text[from..to].trim().to_string()];
+    let mut start = from;
+    for &(f, t) in spans.iter().rev() {
+        if t >= start || items.len() >= 6 {
+            continue;
+        }
+        // What lies between this box's `}` and the next box's command.
+        let head = text[..start].rfind('\\').unwrap_or(start);
+        let between = text.get(t + 1..head).unwrap_or("x").replace('$', "");
+        if !matches!(between.trim(), "," | "and" | ",and" | ", and" | "or" | ",or" | ", or") {
+            break;
+        }
+        items.push(text[f..t].trim().to_string());
+        start = f;
+    }
+    items.reverse();
+    Some(items.join(", "))
 }
 
 /// The contents of the last complete `\boxed{}` of `text` (braces matched), trimmed.
@@ -710,6 +739,8 @@ mod tests {
         assert_eq!(extract_answer("$\\fbox{1}$ then $\\boxed{2}$").as_deref(), Some("2"));
         assert_eq!(extract_answer("$\\boxed{1}$ then $\\fbox{2}$").as_deref(), Some("2"));
         assert_eq!(extract_answer("the answer is $3125$"), None, "no box, no answer for the reward");
+        assert_eq!(extract_answer("so $x = \\boxed{1}$ and $\\boxed{-2}$").as_deref(), Some("1, -2"), "listed boxes");
+        assert_eq!(extract_answer("$\\boxed{1}$, wrong; so $\\boxed{2}$").as_deref(), Some("2"));
     }
 
     /// Without a box, `stated` reads the answer as math-verify does; `boxed` reads none.
