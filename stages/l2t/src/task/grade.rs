@@ -222,15 +222,19 @@ fn drop_trailing_unit(s: &str) -> String {
     };
     let open = at + cmd.len();
     let unit = &body[open + 1..close];
-    let before = body[..at].trim();
+    let mut before = body[..at].trim().to_string();
+    // Units after units (`18\\text{ integers}\\text{ units}`) go too, down to a non-text answer.
+    if first_text_command(&before).is_some() && before.len() < s.len() {
+        before = drop_trailing_unit(&before);
+    }
     if matching_brace(body, open) != Some(close)
         || before.is_empty()
-        || first_text_command(before).is_some()
+        || first_text_command(&before).is_some()
         || !unit.chars().all(|c| c.is_alphabetic() || c == ' ' || c == '.')
     {
         return s.to_string();
     }
-    before.to_string()
+    before
 }
 
 /// Position of `cmd` directly followed by `{` (so `\\text` does not match `\\textbf{`).
@@ -958,6 +962,7 @@ mod tests {
             ("12\\text{ cm}", "12"),
             ("5\\text{ square units}", "5"),
             ("8 \\mbox{ inches}", "8"),
+            ("18 \\text{ integers}\\text{ units}", "18\\text{ integers}"),
             // Ratios, decimals at 6 places.
             ("1:2", "\\frac{1}{2}"),
             ("\\frac{6}{23}", "0.26087"),
