@@ -315,10 +315,14 @@ fn fix_short_args(s: &str) -> String {
         for _ in 0..args {
             match rest.chars().next() {
                 Some('{') => {
-                    let close = matching_brace(rest, 0).unwrap_or(rest.len() - 1);
+                    let Some(close) = matching_brace(rest, 0) else {
+                        // An argument that never closes: the rest as it is.
+                        out.push_str(rest);
+                        return out;
+                    };
                     out.push('{');
-                    out.push_str(&fix_short_args(rest.get(1..close).unwrap_or("")));
-                    out.push_str(&rest[close..=close]);
+                    out.push_str(&fix_short_args(&rest[1..close]));
+                    out.push('}');
                     rest = &rest[close + 1..];
                 }
                 Some(c) if c != '\\' => {
@@ -898,7 +902,7 @@ mod tests {
     fn odd_input_gets_a_verdict_not_a_panic() {
         let odd = [
             "\\sin é", "é", "\\frac", "\\sqrt[", "{{}}", "^", "\\text{", "}{", "1/0", "\\frac{1}{0}", "((((", "]", "\\sqrt[3",
-            "0.0000000000000000000001", "99999999999999999999999", "x^^2", "\\frac{a}", "\\left(", "$", "\\%", "12 \\text {cm}",
+            "0.0000000000000000000001", "99999999999999999999999", "x^^2", "\\frac{a}", "\\left(", "$", "\\%", "12 \\text {cm}", "}\\frac{é", "}\\sqrt{é", "_{é}", "\\text{é}\\text{é}", "1:0", "a:b:c", "=", "==", "x=", "=x",
         ];
         for a in odd {
             for b in odd {
@@ -1014,7 +1018,7 @@ mod tests {
             (state % n as u64) as usize
         };
         let started = Instant::now();
-        for round in 0..3000 {
+        for round in 0..10_000 {
             let text: String = if round % 2 == 0 {
                 (0..1 + next(12)).map(|_| PIECES[next(PIECES.len())]).collect()
             } else {
@@ -1025,9 +1029,19 @@ mod tests {
                     while !t.is_char_boundary(at) {
                         at -= 1;
                     }
-                    match next(3) {
+                    match next(5) {
                         0 => t.insert_str(at, PIECES[next(PIECES.len())]),
                         1 => t.truncate(at),
+                        2 => t.push('é'),
+                        3 => {
+                            // Two characters swapped: brace counts stay equal, matching breaks.
+                            let mut chars: Vec<char> = t.chars().collect();
+                            if !chars.is_empty() {
+                                let (i, j) = (next(chars.len()), next(chars.len()));
+                                chars.swap(i, j);
+                            }
+                            t = chars.into_iter().collect();
+                        }
                         _ => {
                             if at < t.len() {
                                 t.remove(at);
