@@ -1,14 +1,17 @@
 //! The outcome grader (l2t-spec section 3): tri-state, and an unparsable gold answer never counts
 //! as correct.
 //!
-//! Answers are the contents of a `\boxed{}` (see `reward::segment::extract_answer`). They are
-//! normalized in the Hendrycks MATH / PRM800K style (`\left`/`\right`, `\!`, `\dfrac`, `\text{}`
-//! and units, degrees, percent, `$`, thousands separators, `x = ` prefixes), then compared:
-//! numbers exactly as rationals (integers, decimals, fractions, mixed numbers); tuples,
-//! intervals, sets and bare lists elementwise (a bare list or set in any order); anything else
-//! symbolically, by evaluating both expressions (with `exmex`) at seeded random points. The
-//! fixtures in tests/fixtures/grader hold the verdicts of the Python oracle `math-verify` on
-//! MATH-500 answers and perturbations of them.
+//! Answers are the contents of a `\boxed{}` or `\fbox{}`, or a stated answer (see
+//! `reward::segment::extract_answer_with`). They are normalized in the Hendrycks MATH / PRM800K
+//! style (`\left`/`\right`, `\!`, `\dfrac`, `\text{}` and units, degrees, percent, `$`, thousands
+//! separators with `{,}`, `x = ` prefixes, base subscripts, brace-less `\sqrt3`, matrix
+//! environments), then compared: numbers exactly as rationals (integers, decimals at 6 places,
+//! fractions, mixed numbers, ratios); tuples, intervals, sets and bare lists elementwise (a bare
+//! list or set in any order); matrices entry by entry; words without case; equations by the
+//! difference of their sides; anything else symbolically, by evaluating both expressions (with
+//! `exmex`) at seeded random points. The fixtures in tests/fixtures/grader hold the verdicts of the
+//! Python oracle `math-verify` 0.9.0 on MATH-500 answers and perturbations of them, and on whole
+//! responses to `math_train` problems.
 
 use num_rational::Ratio;
 use std::time::{Duration, Instant};
