@@ -185,6 +185,10 @@ pub fn normalize(answer: &str) -> Option<String> {
             s = plain;
         }
     }
+    s = strip_listed_names(&s);
+    if let Some(interval) = inequality_interval(&s) {
+        s = interval;
+    }
     (!s.is_empty()).then_some(s)
 }
 
@@ -287,7 +291,9 @@ fn strip_variable_prefix(s: &str) -> String {
         // `x = \text{(E)}` stays whole (math-verify reads it as text); `x = 15\text{ cm}^2` does not.
         let rhs = rhs.trim();
         let rhs_is_text = first_text_command(rhs).is_some_and(|(at, cmd)| at == 0 && matching_brace(rhs, cmd.len()) == Some(rhs.len() - 1));
-        if !lhs.is_empty() && lhs.len() <= 2 && lhs.chars().all(|c| c.is_ascii_alphabetic()) && !rhs.trim().is_empty() && !rhs_is_text {
+        // A function name with its variable counts as a name: `f(x) = x^2`.
+        let function = lhs.len() == 4 && lhs.as_bytes()[0].is_ascii_alphabetic() && lhs.as_bytes()[1] == b'(' && lhs.as_bytes()[2].is_ascii_alphabetic() && lhs.as_bytes()[3] == b')';
+        if !lhs.is_empty() && (lhs.len() <= 2 && lhs.chars().all(|c| c.is_ascii_alphabetic()) || function) && !rhs.trim().is_empty() && !rhs_is_text {
             return rhs.trim().to_string();
         }
         // `15 = k`, `x + 3 = y`: the variable on the right.
@@ -296,6 +302,67 @@ fn strip_variable_prefix(s: &str) -> String {
         }
     }
     t.to_string()
+}
+
+/// `a=1,b=2` -> `1,2`, `x=-2,x=1` -> `-2,1`: a list whose every item names its value.
+fn strip_listed_names(s: &str) -> String {
+    let items = split_top_level(s, ",");
+    if items.len() < 2 {
+        return s.to_string();
+    }
+    let values: Option<Vec<&str>> = items
+        .iter()
+        .map(|item| {
+            let (name, value) = item.split_once('=')?;
+            (!name.is_empty() && name.len() <= 2 && name.chars().all(|c| c.is_ascii_alphabetic()) && !value.is_empty() && !value.contains('=')).then_some(value)
+        })
+        .collect();
+    values.map_or_else(|| s.to_string(), |v| v.join(","))
+}
+
+/// An inequality in one letter as the interval it describes: `x\le2` -> `(-\infty,2]`,
+/// `-1<x\le3` -> `(-1,3]`, `x>0` -> `(0,\infty)` (normalized text, no spaces).
+fn inequality_interval(s: &str) -> Option<String> {
+    // Split into operands and relations.
+    let mut parts: Vec<&str> = Vec::new();
+    let mut relations: Vec<&str> = Vec::new();
+    let (mut start, mut i) = (0, 0);
+    while i < s.len() {
+        let rest = &s[i..];
+        let op = ["\\le", "\\ge", "<=", ">=", "<", ">"].into_iter().find(|op| rest.starts_with(op));
+        match op {
+            Some(op) => {
+                parts.push(&s[start..i]);
+                relations.push(op);
+                i += op.len();
+                start = i;
+            }
+            None => i += rest.chars().next().map_or(1, char::len_utf8),
+        }
+    }
+    parts.push(&s[start..]);
+    let var = |p: &str| p.len() == 1 && p.chars().all(|c| c.is_ascii_alphabetic());
+    let less = |op: &str| op.starts_with('<') || op == "\\le";
+    let closed = |op: &str| op == "\\le" || op == "\\ge" || op.ends_with('=');
+    let valid = |p: &str| !p.is_empty() && !var(p);
+    match (parts.as_slice(), relations.as_slice()) {
+        ([x, a], [op]) if var(x) && valid(a) => Some(if less(op) {
+            format!("(-\\infty,{a}{}", if closed(op) { "]" } else { ")" })
+        } else {
+            format!("{}{a},\\infty)", if closed(op) { "[" } else { "(" })
+        }),
+        ([a, x], [op]) if var(x) && valid(a) => inequality_interval(&format!("{x}{}{a}", match *op {
+            "<" => ">",
+            ">" => "<",
+            "<=" | "\\le" => "\\ge",
+            _ => "\\le",
+        })),
+        ([a, x, b], [o1, o2]) if var(x) && valid(a) && valid(b) && less(o1) == less(o2) => {
+            let (lo, hi, lo_closed, hi_closed) = if less(o1) { (a, b, closed(o1), closed(o2)) } else { (b, a, closed(o2), closed(o1)) };
+            Some(format!("{}{lo},{hi}{}", if lo_closed { "[" } else { "(" }, if hi_closed { "]" } else { ")" }))
+        }
+        _ => None,
+    }
 }
 
 /// `\frac12` -> `\frac{1}{2}`, `\frac1{2}` -> `\frac{1}{2}`, `\sqrt2` -> `\sqrt{2}`.
@@ -365,6 +432,14 @@ fn unbrace_subscripts(s: &str) -> String {
 
 /// Two normalized answers: same structure and equivalent parts.
 fn equivalent(a: &str, b: &str, deadline: Instant) -> bool {
+    // `a \pm b` is the pair `a + b, a - b`.
+    let plus_minus = |s: &str| (s.matches("\\pm").count() == 1 && split_top_level(s, ",").len() == 1).then(|| format!("{},{}", s.replacen("\\pm", "+", 1), s.replacen("\\pm", "-", 1)));
+    if let Some(a) = plus_minus(a) {
+        return equivalent(&a, b, deadline);
+    }
+    if let Some(b) = plus_minus(b) {
+        return equivalent(a, &b, deadline);
+    }
     if let (Some(x), Some(y)) = (matrix_entries(a), matrix_entries(b)) {
         return x.len() == y.len() && x.iter().zip(&y).all(|(p, q)| p.len() == q.len() && p.iter().zip(q).all(|(u, v)| u == v || scalar_equivalent(u, v, deadline)));
     }
@@ -970,6 +1045,16 @@ mod tests {
             ("5\\text{ square units}", "5"),
             ("8 \\mbox{ inches}", "8"),
             ("18 \\text{ integers}\\text{ units}", "18\\text{ integers}"),
+            // \pm as a pair, named values in a list, inequalities as intervals, f(x) =.
+            ("\\pm 4", "4, -4"),
+            ("1 \\pm \\sqrt{2}", "1-\\sqrt2, 1+\\sqrt2"),
+            ("a = 1, b = 2", "1, 2"),
+            ("x = -2, x = 1", "-2, 1"),
+            ("x \\le 2", "(-\\infty, 2]"),
+            ("x > -1", "(-1, \\infty)"),
+            ("-1 < x \\leq 3", "(-1, 3]"),
+            ("5 \\ge x", "(-\\infty, 5]"),
+            ("f(x) = x^2 + 1", "x^2+1"),
             // Ratios, decimals at 6 places.
             ("1:2", "\\frac{1}{2}"),
             ("\\frac{6}{23}", "0.26087"),
@@ -991,6 +1076,9 @@ mod tests {
             ("(1, 2)", "(2, 1)"),
             ("[1, 2]", "(1, 2]"),
             ("1:2", "2:1"),
+            ("\\pm 4", "4"),
+            ("x < 2", "(-\\infty, 2]"),
+            ("x \\ge 2", "[-2, \\infty)"),
             ("\\frac{1}{3}", "0.33333"),
             // Single letters keep their case (the decompose testbed's nodes are letters).
             ("a", "A"),
