@@ -114,6 +114,9 @@ const TEXT_COMMANDS: &[&str] = &["\\text", "\\textbf", "\\textit", "\\mbox", "\\
 /// Stands for `\\\\` while normalizing.
 const ROW_BREAK: &str = "\u{1d}";
 
+/// Stands for a comma that separates items while normalizing (kept out of thousands).
+const LIST_COMMA: char = '\u{1e}';
+
 /// The canonical form of an answer, or None when nothing can be read (empty, unbalanced braces).
 pub fn normalize(answer: &str) -> Option<String> {
     let mut s = answer.trim().to_string();
@@ -122,6 +125,13 @@ pub fn normalize(answer: &str) -> Option<String> {
     }
     // A row break `\\\\` is kept whole (the `\\ ` rule below would split it).
     s = s.replace("\\\\", ROW_BREAK);
+    // `45, 135` is a list, not 45,135: a comma with a space after it (and none before) separates items.
+    let chars: Vec<char> = s.chars().collect();
+    s = chars
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| if c == ',' && i > 0 && !chars[i - 1].is_whitespace() && chars.get(i + 1).is_some_and(|n| n.is_whitespace()) { LIST_COMMA } else { c })
+        .collect();
     for (from, to) in [
         ("\\left", ""),
         ("\\right", ""),
@@ -185,6 +195,7 @@ pub fn normalize(answer: &str) -> Option<String> {
             s = plain;
         }
     }
+    s = s.replace(LIST_COMMA, ",");
     s = strip_listed_names(&s);
     if let Some(interval) = inequality_interval(&s) {
         s = interval;
@@ -1049,6 +1060,7 @@ mod tests {
             ("\\pm 4", "4, -4"),
             ("1 \\pm \\sqrt{2}", "1-\\sqrt2, 1+\\sqrt2"),
             ("a = 1, b = 2", "1, 2"),
+            ("45^\\circ, 135^\\circ", "135^\\circ, 45^\\circ"),
             ("x = -2, x = 1", "-2, 1"),
             ("x \\le 2", "(-\\infty, 2]"),
             ("x > -1", "(-1, \\infty)"),
