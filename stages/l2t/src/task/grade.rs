@@ -65,6 +65,16 @@ pub fn grade_with_deadline(prediction: &str, gold: &str, budget: Duration) -> Gr
     if prediction == gold || equivalent(&prediction, &gold, deadline) {
         return Grade::Correct;
     }
+    // An equation answering a value: its right side is the answer (`1+2+3 = 6` for 6, as
+    // math-verify reads it), unless that side is written as text (`x = \\text{(E)}`, `x = \\text{9}`
+    // stay equations for math-verify too). A gold equation is not read so (math-verify reads it so
+    // for `x+y=5` but not for `x-y=5`).
+    let text_side = raw_prediction.rsplit_once('=').is_some_and(|(_, r)| first_text_command(r.trim()).is_some_and(|(at, _)| at == 0));
+    if let (Some((_, r)), None, false) = (equation(&prediction), equation(&gold), text_side) {
+        if r == gold || equivalent(&r, &gold, deadline) {
+            return Grade::Correct;
+        }
+    }
     // `p\%` is also p/100 (math-verify reads it so): `50\%` = `0.5`.
     let hundredths = |raw: &str, normal: &str| if raw.contains('%') { normalize(&raw.replace("\\%", "/100").replace('%', "/100")) } else { Some(normal.to_string()) };
     if raw_prediction.contains('%') || raw_gold.contains('%') {
@@ -1075,6 +1085,12 @@ mod tests {
             assert_eq!(grade_answer(a, b), Grade::Correct, "{a} vs {b}");
             assert_eq!(grade_answer(b, a), Grade::Correct, "{b} vs {a}");
         }
+        // An equation answering a value is read by its right side; a gold equation is not.
+        for (answer, gold) in [("1 + 2 + 3 = 6", "6"), ("P(A) = \\frac{1}{2}", "0.5"), ("20x + 23y - 69 = 0", "0")] {
+            assert_eq!(grade_answer(answer, gold), Grade::Correct, "{answer} for {gold}");
+        }
+        assert_eq!(grade_answer("x = \\text{9}", "9"), Grade::Wrong, "a text side stays an equation");
+        assert_eq!(grade_answer("6", "1 + 2 + 3 = 6"), Grade::Wrong);
         let different = [
             ("-4, 4", "\\{4, 4\\}"),
             ("443_5", "443_7"),
@@ -1089,6 +1105,8 @@ mod tests {
             ("[1, 2]", "(1, 2]"),
             ("1:2", "2:1"),
             ("\\pm 4", "4"),
+            ("7", "7 = 1 + 2 + 3"),
+            ("3", "x + 3 = 5"),
             ("x < 2", "(-\\infty, 2]"),
             ("x \\ge 2", "[-2, \\infty)"),
             ("\\frac{1}{3}", "0.33333"),
