@@ -245,7 +245,7 @@ pub fn extract_answer_with(text: &str, how: AnswerExtraction) -> Option<String> 
     let region = &text[answer_region(text)..];
     match how {
         AnswerExtraction::Boxed => final_boxed(region),
-        AnswerExtraction::Stated => final_boxed(region).or_else(|| last_stated(region)),
+        AnswerExtraction::Stated => final_boxed(region).or_else(|| braceless_box(region)).or_else(|| last_stated(region)),
     }
 }
 
@@ -276,6 +276,15 @@ fn final_boxed(text: &str) -> Option<String> {
     }
     items.reverse();
     Some(items.join(", "))
+}
+
+/// `\boxed 7`: a box without braces holds the next word.
+fn braceless_box(text: &str) -> Option<String> {
+    let at = text.rfind("\\boxed ")?;
+    let rest = text[at + "\\boxed ".len()..].trim_start();
+    let word = &rest[..rest.find(|c: char| c.is_whitespace() || c == '$').unwrap_or(rest.len())];
+    let word = word.trim_end_matches(['.', ',']);
+    (!word.is_empty()).then(|| word.to_string())
 }
 
 /// The contents of the last complete `\boxed{}` of `text` (braces matched), trimmed.
@@ -771,6 +780,7 @@ mod tests {
         }
         assert_eq!(extract_answer_with("the answer is $\\boxed{4}$, not $5$", AnswerExtraction::Stated).as_deref(), Some("4"), "a box first");
         assert_eq!(extract_answer_with("no answer here", AnswerExtraction::Stated), None);
+        assert_eq!(extract_answer_with("We get $\\boxed 7$.", AnswerExtraction::Stated).as_deref(), Some("7"), "a box without braces");
         assert_eq!(extract_answer_with("", AnswerExtraction::Stated), None);
         let out = outcome_reward_with("so the answer is $10$.", "10", FinishReason::Stop, true, 0.0, AnswerExtraction::Stated);
         assert!(out.correct);
