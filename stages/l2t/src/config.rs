@@ -69,6 +69,22 @@ pub struct EvalConfig {
     /// Prompts of the split evaluated (0 = all).
     pub prompts: usize,
     pub batch_rows: usize,
+    /// How the answer is read from a response: `stated` (the last `\boxed{}`, else the last
+    /// stated answer, as math-verify reads free text) or `boxed` (a box or nothing, as the RL
+    /// reward reads it).
+    pub answer: AnswerExtraction,
+}
+
+/// How a response's final answer is read (`eval.answer`; the RL reward always reads `boxed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnswerExtraction {
+    /// The last `\boxed{}` (or `\fbox{}`); a response without one has no answer.
+    #[default]
+    Boxed,
+    /// The last box, else the last stated answer ("the answer is ..", "Final Answer: ..", a bold
+    /// answer, the last formula), as math-verify reads a response.
+    Stated,
 }
 
 impl Default for EvalConfig {
@@ -82,6 +98,7 @@ impl Default for EvalConfig {
             answer_tokens: 12,
             prompts: 0,
             batch_rows: 64,
+            answer: AnswerExtraction::Stated,
         }
     }
 }

