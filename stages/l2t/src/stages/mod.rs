@@ -37,11 +37,11 @@ use std::time::Instant;
 pub const PREPARE_VERSION: u32 = 5;
 pub const BOOTSTRAP_VERSION: u32 = 2;
 pub const SAMPLE_VERSION: u32 = 1;
-pub const SEGMENT_VERSION: u32 = 1;
+pub const SEGMENT_VERSION: u32 = 2;
 pub const FISHER_REWARD_VERSION: u32 = 3;
 pub const CREDIT_ASSIGN_VERSION: u32 = 2;
 pub const GRPO_UPDATE_VERSION: u32 = 1;
-pub const EVAL_VERSION: u32 = 2;
+pub const EVAL_VERSION: u32 = 3;
 
 /// Run-level slots (iteration stages use [`iter_slot`]).
 pub const PREPARE_SLOT: &str = "prepare";
