@@ -28,7 +28,7 @@ ARMS           ?= l2t,outcome,length-penalty,mrt,l2t+credit.beta=0,l2t+credit.to
 ABLATION_SEEDS ?= 3
 COMPARE_SPLIT  ?= test
 # The pilot on the validation split that chose the learning rate (docs/testbed.md).
-PILOT_ARMS     ?= outcome+update.lr=1e-4,outcome+update.lr=3e-4,outcome+update.lr=1e-3
+PILOT_ARMS     ?= outcome+update.lr=1e-4,outcome+update.lr=3e-4,outcome+update.lr=1e-3,length-penalty+update.lr=3e-4
 
 BIN     := target/release
 TOOLS   := tools
@@ -86,7 +86,7 @@ compare: build
 	$(BIN)/compare --artifacts $(ARTIFACTS) --config $(COMPARE_CONFIG) --iters $(COMPARE_ITERS) --seeds $(SEEDS) \
 	  --arms $(ARMS) --ablation-seeds $(ABLATION_SEEDS) --split $(COMPARE_SPLIT) --eval-every 0
 
-# The pilot: outcome GRPO at several learning rates on the validation split (rl_seed 1).
+# The pilot: outcome GRPO at several learning rates, and length penalty, on the validation split (rl_seed 1).
 pilot: build
 	$(BIN)/compare --artifacts $(ARTIFACTS) --config $(COMPARE_CONFIG) --iters $(COMPARE_ITERS) --seeds 1 \
 	  --arms $(PILOT_ARMS) --split eval --eval-every 5
