@@ -44,7 +44,7 @@ PROFILE_INPUTS_smollm2 := $(SMOLLM2_GGUF) $(BENCHMARKS)/gsm8k_test.parquet
 RUN_STAGES  := prepare bootstrap
 ITER_STAGES := sample segment fisher-reward credit-assign grpo-update
 
-.PHONY: all build iterate iteration stage eval compare pilot audit gc test bench bench-peers models data grade score
+.PHONY: all build iterate iteration stage eval compare pilot audit gc verify test bench bench-peers models data grade score
 
 all: iterate
 
@@ -141,6 +141,11 @@ $(DUCKDB):
 # Deletes store entries that no run's refs reach.
 gc: build
 	$(BIN)/l2t gc --artifacts $(ARTIFACTS)
+
+# Checks every store entry and ref against its manifest; REPAIR=1 removes what is damaged so that
+# the next `make iterate` recomputes exactly that.
+verify: build
+	$(BIN)/l2t verify --artifacts $(ARTIFACTS) $(if $(REPAIR),--repair)
 
 # Unit tests, then the end-to-end tests that drive the built binaries and the Makefile (the
 # real-model tests need the SmolLM2 GGUF).

@@ -407,6 +407,44 @@ fn corrupted_artifact_is_refused_naming_the_file() {
 }
 
 #[test]
+fn make_verify_names_a_flipped_byte_and_repair_then_iterate_recomputes_only_that() {
+    let env = Env::new("");
+    env.make_ok(&["iterate", "ITERS=2"]);
+    let policies = |env: &Env| ["iter-0000", "iter-0001"].map(|i| fs::read(env.slot(&format!("{i}/grpo-update/model.safetensors"))).unwrap());
+    let before = policies(&env);
+    let clean = env.make_ok(&["verify"]);
+    assert!(clean.contains(", 0 problems"), "{clean}");
+    // One flipped byte in iteration 0's rollouts (the ref and its store entry share the file).
+    let path = env.slot("iter-0000/sample/rollouts.parquet");
+    let mut bytes = fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    fs::write(&path, &bytes).unwrap();
+    let out = env.make(&["verify"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("runs/t/iter-0000/sample/rollouts.parquet") && stdout.contains("corrupt"), "{stdout}");
+    assert!(stdout.contains("damaged store entry") && stdout.contains(", 2 problems"), "{stdout}");
+    let repaired = env.make_ok(&["verify", "REPAIR=1"]);
+    assert!(repaired.contains("removed store entry") && repaired.contains("marked ref runs/t/iter-0000/sample damaged"), "{repaired}");
+    // The next `make iterate` reruns iteration 0: sample recomputes the same bytes, and every
+    // other stage is a cache hit.
+    let again = env.make_ok(&["iterate"]);
+    let computed: Vec<&str> = Env::summaries(&again).into_iter().filter(|l| l.contains(": computed key")).collect();
+    assert!(computed.len() == 1 && computed[0].contains("sample: computed") && again.contains("-> iter-0000/grpo-update"), "{again}");
+    assert_eq!(policies(&env), before);
+    let clean = env.make_ok(&["verify"]);
+    assert!(clean.contains(", 0 problems"), "{clean}");
+    // A ref whose store entry was deleted by hand restores it.
+    let key = env.manifest("iter-0001/segment")["key"].as_str().unwrap().to_string();
+    fs::remove_dir_all(env.artifacts().join("store").join(&key)).unwrap();
+    assert!(!env.make(&["verify"]).status.success());
+    let restored = env.make_ok(&["verify", "REPAIR=1"]);
+    assert!(restored.contains("restored store entry"), "{restored}");
+    assert!(env.make_ok(&["verify"]).contains(", 0 problems"));
+}
+
+#[test]
 fn bad_input_exits_nonzero_with_one_clear_message() {
     let env = Env::new("");
     // Nothing prepared yet: the missing input is named.

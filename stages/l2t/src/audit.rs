@@ -60,10 +60,18 @@ fn glob_has_match(glob: &str) -> bool {
     walk(base, &rest.split('/').collect::<Vec<_>>())
 }
 
-/// The iteration `make iterate` runs next: the first one whose policy update has not been made.
+/// The iteration `make iterate` runs next: the first one whose policy update has not been made,
+/// or that has a damaged ref.
 pub fn next_iteration(store: &Store, run: &str) -> u32 {
+    // An iteration is done when its update is published and `verify --repair` marked none of
+    // its refs damaged.
+    let done = |n: u32| {
+        let dir = store.root().join("runs").join(run).join(format!("iter-{n:04}"));
+        dir.join("grpo-update").join("manifest.json").exists()
+            && !crate::store::ITERATION_STAGES.iter().any(|s| dir.join(s).join(crate::store::DAMAGED_MARKER).exists())
+    };
     let mut n = 0;
-    while store.root().join("runs").join(run).join(format!("iter-{n:04}")).join("grpo-update").join("manifest.json").exists() {
+    while done(n) {
         n += 1;
     }
     n

@@ -31,6 +31,23 @@ pub const EVALS_DIR: &str = "evals/";
 /// Name of the marker file that says a ref's inputs changed since it was made.
 pub const STALE_MARKER: &str = "STALE";
 
+/// Name of the marker file `verify --repair` leaves in a ref whose files are damaged: the next
+/// `make iterate` reruns that iteration ([`crate::audit::next_iteration`]) and the stage, whose
+/// store entry is gone, recomputes it and replaces the ref.
+pub const DAMAGED_MARKER: &str = "DAMAGED";
+
+/// What [`Store::verify`] found and, with repair, did.
+#[derive(Debug, Default)]
+pub struct Verification {
+    /// Store entries and refs checked.
+    pub entries: usize,
+    pub refs: usize,
+    /// One line per damaged entry, damaged ref, or ref whose store entry is missing or damaged.
+    pub problems: Vec<String>,
+    /// One line per repair done.
+    pub repairs: Vec<String>,
+}
+
 /// One output file of a stage run.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct OutputFile {
@@ -274,7 +291,7 @@ impl Store {
         let dir = self.slot_dir(run, slot);
         let target_manifest = artifact.dir.join("manifest.json");
         if let (Ok(a), Ok(b)) = (fs::metadata(dir.join("manifest.json")), fs::metadata(&target_manifest)) {
-            if a.ino() == b.ino() && a.dev() == b.dev() && !dir.join(STALE_MARKER).exists() {
+            if a.ino() == b.ino() && a.dev() == b.dev() && !dir.join(STALE_MARKER).exists() && !dir.join(DAMAGED_MARKER).exists() {
                 return Ok(false);
             }
         }
@@ -365,6 +382,94 @@ impl Store {
         }
         Ok((removed, freed))
     }
+}
+
+impl Store {
+    /// Checks every store entry's files against its manifest, and every ref's files and the
+    /// entry it names. With `repair`: damaged entries are removed; a ref whose own files are
+    /// intact restores its missing entry; a damaged ref gets [`DAMAGED_MARKER`], so that the
+    /// next `make iterate` recomputes exactly what was lost.
+    pub fn verify(&self, repair: bool) -> Result<Verification> {
+        let mut v = Verification::default();
+        let store = self.root.join("store");
+        let mut keys: Vec<String> = match fs::read_dir(&store) {
+            Ok(entries) => entries.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n != "tmp").collect(),
+            Err(_) => Vec::new(),
+        };
+        keys.sort();
+        let mut damaged = std::collections::BTreeSet::new();
+        for key in keys {
+            v.entries += 1;
+            let dir = store.join(&key);
+            if let Err(e) = check_artifact(&dir, Some(&key)) {
+                v.problems.push(format!("damaged store entry {}: {e:#}", short(&key)));
+                if repair {
+                    fs::remove_dir_all(&dir).with_context(|| format!("{}: cannot remove", dir.display()))?;
+                    v.repairs.push(format!("removed store entry {}", short(&key)));
+                }
+                damaged.insert(key);
+            }
+        }
+        let mut refs = Vec::new();
+        let runs = self.root.join("runs");
+        if runs.exists() {
+            collect_ref_dirs(&runs, &mut refs)?;
+        }
+        refs.sort();
+        for dir in refs {
+            v.refs += 1;
+            let shown = dir.strip_prefix(&self.root).unwrap_or(&dir).display().to_string();
+            if let Err(e) = check_artifact(&dir, None) {
+                v.problems.push(format!("damaged ref {shown}: {e:#}"));
+                if repair {
+                    fs::write(dir.join(DAMAGED_MARKER), format!("{e:#}\n")).with_context(|| format!("{shown}: cannot mark damaged"))?;
+                    v.repairs.push(format!("marked ref {shown} damaged (the next `make iterate` recomputes it)"));
+                }
+                continue;
+            }
+            let artifact = Artifact::open(&dir)?;
+            let key = &artifact.manifest.key;
+            let missing = !self.entry_dir(key).join("manifest.json").exists();
+            if missing || damaged.contains(key) {
+                let why = if missing && !damaged.contains(key) { "is missing" } else { "is damaged" };
+                v.problems.push(format!("ref {shown}: its store entry {} {why}", short(key)));
+                if repair {
+                    self.import(&artifact)?;
+                    damaged.remove(key);
+                    v.repairs.push(format!("restored store entry {} from the intact ref {shown}", short(key)));
+                }
+            }
+        }
+        Ok(v)
+    }
+}
+
+/// Checks a finished run's files against its manifest (and, for a store entry, that the manifest
+/// is the one of the key the entry is named after).
+fn check_artifact(dir: &Path, key: Option<&str>) -> Result<()> {
+    let artifact = Artifact::open(dir)?;
+    if let Some(key) = key.filter(|k| *k != artifact.manifest.key) {
+        bail!("{}: the manifest is of key {}, not {}", dir.display(), short(&artifact.manifest.key), short(key));
+    }
+    for out in &artifact.manifest.outputs {
+        artifact.file(&out.file)?;
+    }
+    Ok(())
+}
+
+/// The folders under `dir` that hold a manifest: a run's refs (not the hidden folders of a ref
+/// being replaced).
+fn collect_ref_dirs(dir: &Path, refs: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in fs::read_dir(dir)?.flatten() {
+        let path = entry.path();
+        if path.is_dir() && !entry.file_name().to_string_lossy().starts_with('.') {
+            if path.join("manifest.json").exists() {
+                refs.push(path.clone());
+            }
+            collect_ref_dirs(&path, refs)?;
+        }
+    }
+    Ok(())
 }
 
 fn collect_ref_keys(dir: &Path, live: &mut std::collections::BTreeSet<String>) -> Result<()> {

@@ -4,7 +4,7 @@ use l2t::store::Store;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "l2t", version, about = "Run-level helpers (next iteration, DuckDB views, garbage collection), score, grade, benchmarks")]
+#[command(name = "l2t", version, about = "Run-level helpers (next iteration, DuckDB views, garbage collection, store check), score, grade, benchmarks")]
 struct Args {
     /// The artifact store.
     #[arg(long, default_value = "artifacts", global = true)]
@@ -27,6 +27,14 @@ enum Command {
     },
     /// Delete store entries no run's refs point at.
     Gc,
+    /// Check every store entry's files against its manifest and every ref against the entry it
+    /// names; exit non-zero if any is damaged or dangling (unless repaired).
+    Verify {
+        /// Remove damaged entries, restore missing ones from intact refs, and mark damaged refs so
+        /// that the next `make iterate` recomputes them.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Print the per-token log-probs of a text under a checkpoint (a .gguf file or a Hugging Face
     /// directory, such as a run's `iter-NNNN/grpo-update`), as JSON.
     Score {
@@ -81,6 +89,16 @@ fn main() {
             Command::Score { model, text, text_file, chat, top_k } => score(&model, text, text_file, chat, top_k)?,
             Command::Grade { input, bare, boxed_only } => grade(&input, bare, boxed_only)?,
             Command::Benchmarks { from, out } => benchmarks(&from, &out)?,
+            Command::Verify { repair } => {
+                let v = store.verify(repair)?;
+                for line in v.problems.iter().chain(&v.repairs) {
+                    println!("{line}");
+                }
+                println!("verify: {} store entries, {} refs, {} problems, {} repairs", v.entries, v.refs, v.problems.len(), v.repairs.len());
+                if !v.problems.is_empty() && !repair {
+                    anyhow::bail!("{} problems in {} (`make verify REPAIR=1` repairs them)", v.problems.len(), store.root().display());
+                }
+            }
             Command::Gc => {
                 let (removed, bytes) = store.gc()?;
                 println!("gc: removed {removed} unreferenced store entries, freed {:.1} MiB", bytes as f64 / (1 << 20) as f64);
