@@ -138,9 +138,10 @@ $(DUCKDB):
 	python3 -c "import zipfile,glob; z=zipfile.ZipFile(glob.glob('$(TOOLS)/wheels/duckdb_cli-$(DUCKDB_VERSION)-*.whl')[0]); open('$(DUCKDB)','wb').write(z.read('duckdb_cli/duckdb'))"
 	chmod +x $(DUCKDB)
 
-# Deletes store entries that no run's refs reach.
+# Deletes store entries that no run's refs reach and leftovers of killed runs; safe while stages
+# run (GRACE_S: keep what was published or used that recently; default 600).
 gc: build
-	$(BIN)/l2t gc --artifacts $(ARTIFACTS)
+	$(BIN)/l2t gc --artifacts $(ARTIFACTS) $(if $(GRACE_S),--grace-s $(GRACE_S))
 
 # Checks every store entry and ref against its manifest; REPAIR=1 removes what is damaged so that
 # the next `make iterate` recomputes exactly that.

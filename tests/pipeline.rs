@@ -140,14 +140,19 @@ impl Env {
         serde_json::from_slice(&fs::read(self.slot(slot).join("manifest.json")).unwrap()).unwrap()
     }
 
-    fn make(&self, args: &[&str]) -> Output {
+    fn make_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("make");
         cmd.current_dir(repo()).arg("--no-print-directory").arg("-s");
         cmd.arg(format!("ARTIFACTS={}", self.artifacts().display()));
         cmd.arg(format!("CONFIG={}", self.config().display()));
         cmd.arg("RUN=t");
         cmd.args(args);
-        cmd.output().unwrap()
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        cmd
+    }
+
+    fn make(&self, args: &[&str]) -> Output {
+        self.make_command(args).output().unwrap()
     }
 
     fn make_ok(&self, args: &[&str]) -> String {
@@ -384,8 +389,32 @@ fn killed_stage_publishes_nothing_and_the_rerun_completes() {
     // The rerun completes and is then a cache hit.
     assert!(env.ok("sample", &["--iter", "0"]).contains("computed"));
     assert!(env.ok("sample", &["--iter", "0"]).contains("cache hit"));
-    env.make_ok(&["gc"]);
-    assert!(!tmp.exists(), "gc leaves the killed run's leftovers");
+    let gc = env.make_ok(&["gc"]);
+    assert!(fs::read_dir(&tmp).unwrap().next().is_none(), "gc leaves the killed run's leftovers: {gc}");
+    assert!(gc.contains("1 leftovers of killed runs"), "{gc}");
+}
+
+#[test]
+fn gc_in_a_loop_during_make_iterate_changes_nothing() {
+    let (undisturbed, disturbed) = (Env::new(""), Env::new(""));
+    undisturbed.make_ok(&["iterate", "ITERS=3"]);
+    let mut iterate = disturbed.make_command(&["iterate", "ITERS=3"]).spawn().unwrap();
+    let mut rounds = 0;
+    let status = loop {
+        let out = Command::new(bin("l2t")).arg("gc").arg("--artifacts").arg(disturbed.artifacts()).output().unwrap();
+        assert!(out.status.success(), "gc failed: {}", String::from_utf8_lossy(&out.stderr));
+        rounds += 1;
+        if let Some(status) = iterate.try_wait().unwrap() {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "make iterate failed while gc ran");
+    assert!(rounds > 10, "gc ran only {rounds} times");
+    for file in ["model.safetensors", "optimizer.safetensors", "trainer_state.json"] {
+        let path = |env: &Env| env.slot("iter-0002/grpo-update").join(file);
+        assert_eq!(fs::read(path(&undisturbed)).unwrap(), fs::read(path(&disturbed)).unwrap(), "{file}");
+    }
 }
 
 #[test]

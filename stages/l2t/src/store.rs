@@ -228,6 +228,7 @@ impl Store {
                 return Ok(None);
             }
         }
+        touch(&dir.join("manifest.json"))?; // a hit is as fresh as a publication for gc's grace
         Ok(Some(artifact))
     }
 
@@ -259,7 +260,8 @@ impl Store {
     pub fn begin(&self, key: &str) -> Result<Staging> {
         let tmp_root = self.root.join("store").join("tmp");
         fs::create_dir_all(&tmp_root).with_context(|| format!("{}: cannot create", tmp_root.display()))?;
-        let dir = tmp_root.join(format!("{key}.{}", std::process::id()));
+        // The name says who owns the run, so that gc leaves it alone while its owner lives.
+        let dir = tmp_root.join(format!("{key}.{}@{}", std::process::id(), host_name()));
         if dir.exists() {
             fs::remove_dir_all(&dir)?;
         }
@@ -360,27 +362,52 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes store entries that no ref of any run points at, and leftovers of killed runs.
-    /// Returns (entries removed, bytes freed).
-    pub fn gc(&self) -> Result<(usize, u64)> {
+    /// Deletes store entries that no ref of any run points at, and leftovers of killed runs; safe
+    /// while stages run. It keeps the temporary folder of every run whose owner lives (a process
+    /// of this host, or, for another host's run on a shared filesystem, one written to within
+    /// `grace`), and every entry published or found by a cache hit within `grace` (a stage
+    /// points its ref at it right after).
+    pub fn gc(&self, grace: std::time::Duration) -> Result<GcReport> {
         let mut live = std::collections::BTreeSet::new();
         let runs = self.root.join("runs");
         if runs.exists() {
             collect_ref_keys(&runs, &mut live)?;
         }
+        let mut report = GcReport::default();
+        let fresh = |path: &Path| fs::metadata(path).and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().map_or(true, |age| age < grace));
         let store = self.root.join("store");
-        let mut removed = 0;
-        let mut freed = 0;
-        let Ok(entries) = fs::read_dir(&store) else { return Ok((0, 0)) };
+        let Ok(entries) = fs::read_dir(&store) else { return Ok(report) };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().to_string();
-            if name == "tmp" || !live.contains(&name) {
-                freed += dir_size(&entry.path());
-                fs::remove_dir_all(entry.path())?;
-                removed += usize::from(name != "tmp");
+            if name == "tmp" || live.contains(&name) {
+                continue;
+            }
+            if fresh(&entry.path().join("manifest.json")) {
+                report.kept_fresh += 1;
+                continue;
+            }
+            report.freed += dir_size(&entry.path());
+            remove_if_present(&entry.path())?;
+            report.removed += 1;
+        }
+        let Ok(runs_in_progress) = fs::read_dir(store.join("tmp")) else { return Ok(report) };
+        let this_host = host_name();
+        for entry in runs_in_progress.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let owner_lives = match name.split_once('@').and_then(|(rest, host)| Some((rest.rsplit_once('.')?.1.parse::<u32>().ok()?, host))) {
+                Some((pid, host)) if host == this_host => Path::new("/proc").join(pid.to_string()).exists(),
+                Some(_) => fresh(&entry.path()),
+                None => false, // not a run's folder: a leftover
+            };
+            if owner_lives {
+                report.kept_running += 1;
+            } else {
+                report.freed += dir_size(&entry.path());
+                remove_if_present(&entry.path())?;
+                report.removed_leftovers += 1;
             }
         }
-        Ok((removed, freed))
+        Ok(report)
     }
 }
 
@@ -470,6 +497,36 @@ fn collect_ref_dirs(dir: &Path, refs: &mut Vec<PathBuf>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What [`Store::gc`] did and left alone.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Unreferenced entries removed, and leftovers of runs whose owner is gone.
+    pub removed: usize,
+    pub removed_leftovers: usize,
+    pub freed: u64,
+    /// Runs in progress, and unreferenced entries published or used within the grace period.
+    pub kept_running: usize,
+    pub kept_fresh: usize,
+}
+
+/// This machine's name (the owner of its runs in progress on a shared store).
+fn host_name() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+}
+
+/// Sets a file's modification time to now.
+fn touch(path: &Path) -> Result<()> {
+    File::options().append(true).open(path).and_then(|f| f.set_modified(std::time::SystemTime::now())).with_context(|| format!("{}: cannot touch", path.display()))
+}
+
+/// Removes a folder, unless another process (a second gc, a publishing stage) already did.
+fn remove_if_present(path: &Path) -> Result<()> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e).with_context(|| format!("{}: cannot remove", path.display())),
+        _ => Ok(()),
+    }
 }
 
 fn collect_ref_keys(dir: &Path, live: &mut std::collections::BTreeSet<String>) -> Result<()> {
@@ -696,9 +753,30 @@ mod tests {
         let a = put(&store, "ka", b"a");
         put(&store, "kb", b"b");
         store.publish_ref("r", "bootstrap", &a).unwrap();
-        let (removed, _) = store.gc().unwrap();
-        assert_eq!(removed, 1);
+        // Within the grace period the unreferenced entry stays; after it, it goes.
+        let report = store.gc(std::time::Duration::from_secs(600)).unwrap();
+        assert_eq!((report.removed, report.kept_fresh), (0, 1));
+        let report = store.gc(std::time::Duration::ZERO).unwrap();
+        assert_eq!((report.removed, report.kept_fresh), (1, 0));
         assert!(store.lookup("ka").unwrap().is_some());
         assert!(store.lookup("kb").unwrap().is_none());
+    }
+
+    #[test]
+    fn gc_keeps_a_live_run_in_progress_and_removes_a_dead_ones_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let staging = store.begin("kc").unwrap();
+        let tmp = dir.path().join("store/tmp");
+        // A killed run's folder (no such process), and another host's run, left alone only while
+        // it was written to within the grace period.
+        fs::create_dir_all(tmp.join(format!("kd.{}@{}", u32::MAX, host_name()))).unwrap();
+        fs::create_dir_all(tmp.join("ke.12@another-host")).unwrap();
+        let report = store.gc(std::time::Duration::from_secs(600)).unwrap();
+        assert_eq!((report.kept_running, report.removed_leftovers), (2, 1));
+        assert!(staging.dir.exists() && tmp.join("ke.12@another-host").exists());
+        let report = store.gc(std::time::Duration::ZERO).unwrap();
+        assert_eq!((report.kept_running, report.removed_leftovers), (1, 1));
+        assert!(staging.dir.exists(), "gc removed a live run's folder");
     }
 }

@@ -25,8 +25,14 @@ enum Command {
         #[arg(long, default_value = "default")]
         run: String,
     },
-    /// Delete store entries no run's refs point at.
-    Gc,
+    /// Delete store entries no run's refs point at, and leftovers of killed runs (safe while
+    /// stages run).
+    Gc {
+        /// Keep unreferenced entries published or used, and other hosts' runs in progress
+        /// written to, within this many seconds.
+        #[arg(long, default_value_t = 600)]
+        grace_s: u64,
+    },
     /// Check every store entry's files against its manifest and every ref against the entry it
     /// names; exit non-zero if any is damaged or dangling (unless repaired).
     Verify {
@@ -99,9 +105,12 @@ fn main() {
                     anyhow::bail!("{} problems in {} (`make verify REPAIR=1` repairs them)", v.problems.len(), store.root().display());
                 }
             }
-            Command::Gc => {
-                let (removed, bytes) = store.gc()?;
-                println!("gc: removed {removed} unreferenced store entries, freed {:.1} MiB", bytes as f64 / (1 << 20) as f64);
+            Command::Gc { grace_s } => {
+                let r = store.gc(std::time::Duration::from_secs(grace_s))?;
+                println!(
+                    "gc: removed {} unreferenced store entries and {} leftovers of killed runs, freed {:.1} MiB; kept {} runs in progress and {} entries published or used in the last {grace_s} s",
+                    r.removed, r.removed_leftovers, r.freed as f64 / (1 << 20) as f64, r.kept_running, r.kept_fresh
+                );
             }
         }
         Ok(())
