@@ -379,15 +379,26 @@ fn killed_stage_publishes_nothing_and_the_rerun_completes() {
         assert!(child.try_wait().unwrap().is_none(), "sample finished before it could be killed");
         std::thread::sleep(Duration::from_millis(5));
     }
+    // A second process waits for the first; killing it leaves nothing behind.
+    let mut waiter = env.command("sample", &["--iter", "0"]).stderr(std::process::Stdio::piped()).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(200));
+    assert!(waiter.try_wait().unwrap().is_none(), "the second sample did not wait for the first");
+    waiter.kill().unwrap();
+    let waited = waiter.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&waited.stderr).contains("is being computed by pid"), "{}", String::from_utf8_lossy(&waited.stderr));
     child.kill().unwrap(); // SIGKILL
     let status = child.wait().unwrap();
     assert!(!status.success(), "sample finished before it could be killed");
     assert!(!env.slot("iter-0000/sample").exists(), "a killed stage published a ref");
     let entries_after = fs::read_dir(env.artifacts().join("store")).unwrap().count();
     assert_eq!(entries_before, entries_after, "a killed stage published a store entry");
-    // The rerun completes and is then a cache hit.
-    assert!(env.ok("sample", &["--iter", "0"]).contains("computed"));
+    // The killed owner's lock does not block the rerun, which takes it over at once.
+    let locks = env.artifacts().join("store/locks");
+    assert_eq!(fs::read_dir(&locks).unwrap().filter(|e| !e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.')).count(), 1, "the killed run's lock");
+    let rerun = env.run("sample", &["--iter", "0"]);
+    assert!(rerun.status.success() && String::from_utf8_lossy(&rerun.stdout).contains("computed"));
+    assert!(String::from_utf8_lossy(&rerun.stderr).contains("is gone; computing it here"), "{}", String::from_utf8_lossy(&rerun.stderr));
+    assert_eq!(fs::read_dir(&locks).unwrap().count(), 0, "the lock is released");
     assert!(env.ok("sample", &["--iter", "0"]).contains("cache hit"));
     let gc = env.make_ok(&["gc"]);
     assert!(fs::read_dir(&tmp).unwrap().next().is_none(), "gc leaves the killed run's leftovers: {gc}");
@@ -415,6 +426,36 @@ fn gc_in_a_loop_during_make_iterate_changes_nothing() {
         let path = |env: &Env| env.slot("iter-0002/grpo-update").join(file);
         assert_eq!(fs::read(path(&undisturbed)).unwrap(), fs::read(path(&disturbed)).unwrap(), "{file}");
     }
+}
+
+#[test]
+fn two_concurrent_make_iterate_compute_each_key_once() {
+    let (alone, shared) = (Env::new(""), Env::new(""));
+    alone.make_ok(&["iterate", "ITERS=2"]);
+    let both = [shared.make_command(&["iterate", "ITERS=2"]).spawn().unwrap(), shared.make_command(&["iterate", "ITERS=2"]).spawn().unwrap()];
+    let outs: Vec<Output> = both.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    for out in &outs {
+        stdout += &String::from_utf8_lossy(&out.stdout);
+        stderr += &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "a concurrent make iterate failed:\n{stdout}\n{stderr}");
+    }
+    // Each stage line names its key; across both processes each key is computed exactly once.
+    let mut computed = std::collections::BTreeMap::<String, usize>::new();
+    for line in Env::summaries(&stdout) {
+        let key = line.split(" key ").nth(1).and_then(|rest| rest.split_whitespace().next()).unwrap().to_string();
+        *computed.entry(key).or_default() += usize::from(line.contains(": computed "));
+    }
+    assert_eq!(computed.len(), 2 + 2 * ITER_STAGES.len(), "prepare, bootstrap and two iterations:\n{stdout}");
+    assert!(computed.values().all(|&n| n == 1), "a key computed twice or never: {computed:?}\n{stdout}");
+    assert!(stderr.contains("waiting for it"), "no process waited for the other:\n{stderr}");
+    for file in ["model.safetensors", "optimizer.safetensors", "trainer_state.json"] {
+        let path = |env: &Env| env.slot("iter-0001/grpo-update").join(file);
+        assert_eq!(fs::read(path(&alone)).unwrap(), fs::read(path(&shared)).unwrap(), "{file}");
+    }
+    assert!(!shared.slot("iter-0002").exists(), "the two processes ran more than two iterations");
+    let locks = shared.artifacts().join("store/locks");
+    assert_eq!(fs::read_dir(&locks).unwrap().count(), 0, "locks left behind in {}", locks.display());
 }
 
 #[test]

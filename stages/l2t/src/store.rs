@@ -3,6 +3,7 @@
 //! ```text
 //! artifacts/store/<key>/            one finished stage run: its files + manifest.json
 //! artifacts/store/tmp/              runs in progress (a killed run leaves only this behind)
+//! artifacts/store/locks/<key>/      who computes a key now, so that no other process does too
 //! artifacts/runs/<run>/<slot>/      refs: hard links to a store entry's files
 //! ```
 //!
@@ -17,6 +18,13 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+
+mod lock;
+pub use lock::{KeyLock, LockTiming};
+
+/// Folders of `store/` that are not entries: runs in progress, and the locks of keys being computed.
+const TMP_DIR: &str = "tmp";
+const LOCKS_DIR: &str = "locks";
 
 /// The order of an iteration's stages; a changed ref marks everything after it stale.
 pub const ITERATION_STAGES: &[&str] = &["sample", "segment", "fisher-reward", "credit-assign", "grpo-update"];
@@ -191,6 +199,14 @@ pub fn hash_file(path: &Path) -> Result<String> {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    lock_timing: LockTiming,
+}
+
+/// A key's run, found finished or ours to compute.
+pub enum Claim {
+    Done(Artifact),
+    /// Compute and publish it; dropping the lock after publication lets the waiters take the hit.
+    Mine(KeyLock),
 }
 
 /// Whether a stage run was computed or found.
@@ -202,7 +218,11 @@ pub enum Outcome {
 
 impl Store {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self { root: root.into(), lock_timing: LockTiming::default() }
+    }
+
+    pub fn with_lock_timing(self, lock_timing: LockTiming) -> Self {
+        Self { lock_timing, ..self }
     }
 
     pub fn root(&self) -> &Path {
@@ -232,6 +252,49 @@ impl Store {
         Ok(Some(artifact))
     }
 
+    /// The finished run with this key, or the right to compute it. While another process (of this
+    /// host or of another sharing the store) computes the key, waits for it, saying so on stderr
+    /// as `what`, and then takes its result; takes over when that process is gone ([`lock`]).
+    pub fn claim(&self, key: &str, what: &str) -> Result<Claim> {
+        let locks = self.root.join("store").join(LOCKS_DIR);
+        let mut watch = lock::Watch::default();
+        let (mut waited_for, mut last_notice) = (None::<lock::Owner>, std::time::Instant::now());
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(artifact) = self.lookup(key)? {
+                if let Some(owner) = &waited_for {
+                    eprintln!("{what}: key {} was computed by {owner}; using it", short(key));
+                }
+                return Ok(Claim::Done(artifact));
+            }
+            if let Some(held) = lock::try_acquire(&locks, key, self.lock_timing)? {
+                // The owner we waited for may have published between our lookup and our lock.
+                return Ok(match self.lookup(key)? {
+                    Some(artifact) => Claim::Done(artifact),
+                    None => Claim::Mine(held),
+                });
+            }
+            match watch.look(&locks, key, self.lock_timing)? {
+                lock::Seen::Free => continue,
+                lock::Seen::TakenOver { owner, reason } => {
+                    let who = owner.map_or("a process".to_string(), |o| o.to_string());
+                    eprintln!("{what}: key {} was being computed by {who}, but {reason}; computing it here", short(key));
+                    continue;
+                }
+                lock::Seen::Held(owner) => {
+                    if let Some(owner) = owner.filter(|o| waited_for.as_ref() != Some(o)) {
+                        eprintln!("{what}: key {} is being computed by {owner}; waiting for it", short(key));
+                        (waited_for, last_notice) = (Some(owner), std::time::Instant::now());
+                    } else if last_notice.elapsed() >= std::time::Duration::from_secs(60) {
+                        eprintln!("{what}: still waiting for key {} ({:.0}s)", short(key), started.elapsed().as_secs_f64());
+                        last_notice = std::time::Instant::now();
+                    }
+                }
+            }
+            std::thread::sleep(self.lock_timing.poll);
+        }
+    }
+
     /// The finished run with this key, unverified: each file is checked when it is read
     /// ([`Artifact::file`]), so a caller that needs one file of a large run hashes only that one.
     pub fn entry(&self, key: &str) -> Result<Option<Artifact>> {
@@ -258,7 +321,7 @@ impl Store {
 
     /// Starts writing the outputs of a run in a private temporary folder.
     pub fn begin(&self, key: &str) -> Result<Staging> {
-        let tmp_root = self.root.join("store").join("tmp");
+        let tmp_root = self.root.join("store").join(TMP_DIR);
         fs::create_dir_all(&tmp_root).with_context(|| format!("{}: cannot create", tmp_root.display()))?;
         // The name says who owns the run, so that gc leaves it alone while its owner lives.
         let dir = tmp_root.join(format!("{key}.{}@{}", std::process::id(), host_name()));
@@ -314,14 +377,23 @@ impl Store {
             Ok(old) => old.manifest.key != artifact.manifest.key,
             Err(_) => true,
         };
-        if dir.exists() {
-            let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-            fs::rename(&dir, &old)?;
-            fs::rename(&tmp, &dir)?;
-            fs::remove_dir_all(&old)?;
-        } else {
-            fs::rename(&tmp, &dir)?;
+        // Swap the new folder in. Another process may be publishing the same ref at once (two
+        // `make iterate` of one run): whoever renames last wins, and both point at the same key.
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        let mut attempts = 0;
+        loop {
+            remove_if_present(&old)?;
+            match fs::rename(&dir, &old) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e).with_context(|| format!("{}: cannot move aside", dir.display())),
+                _ => {}
+            }
+            match fs::rename(&tmp, &dir) {
+                Ok(()) => break,
+                Err(_) if dir.exists() && attempts < 100 => attempts += 1, // the other process's folder landed in between
+                Err(e) => return Err(e).with_context(|| format!("{}: cannot publish the ref", dir.display())),
+            }
         }
+        remove_if_present(&old)?;
         if changed_key {
             self.mark_downstream_stale(run, slot)?;
         }
@@ -379,7 +451,7 @@ impl Store {
         let Ok(entries) = fs::read_dir(&store) else { return Ok(report) };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().to_string();
-            if name == "tmp" || live.contains(&name) {
+            if name == TMP_DIR || name == LOCKS_DIR || live.contains(&name) {
                 continue;
             }
             if fresh(&entry.path().join("manifest.json")) {
@@ -390,7 +462,8 @@ impl Store {
             remove_if_present(&entry.path())?;
             report.removed += 1;
         }
-        let Ok(runs_in_progress) = fs::read_dir(store.join("tmp")) else { return Ok(report) };
+        report.removed_locks = lock::collect_dead(&store.join(LOCKS_DIR))?;
+        let Ok(runs_in_progress) = fs::read_dir(store.join(TMP_DIR)) else { return Ok(report) };
         let this_host = host_name();
         for entry in runs_in_progress.flatten() {
             let name = entry.file_name().to_string_lossy().to_string();
@@ -420,7 +493,7 @@ impl Store {
         let mut v = Verification::default();
         let store = self.root.join("store");
         let mut keys: Vec<String> = match fs::read_dir(&store) {
-            Ok(entries) => entries.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n != "tmp").collect(),
+            Ok(entries) => entries.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n != TMP_DIR && n != LOCKS_DIR).collect(),
             Err(_) => Vec::new(),
         };
         keys.sort();
@@ -505,6 +578,8 @@ pub struct GcReport {
     /// Unreferenced entries removed, and leftovers of runs whose owner is gone.
     pub removed: usize,
     pub removed_leftovers: usize,
+    /// Locks whose owner (a process of this host) is gone.
+    pub removed_locks: usize,
     pub freed: u64,
     /// Runs in progress, and unreferenced entries published or used within the grace period.
     pub kept_running: usize,

@@ -108,8 +108,8 @@ fn main() {
             Command::Gc { grace_s } => {
                 let r = store.gc(std::time::Duration::from_secs(grace_s))?;
                 println!(
-                    "gc: removed {} unreferenced store entries and {} leftovers of killed runs, freed {:.1} MiB; kept {} runs in progress and {} entries published or used in the last {grace_s} s",
-                    r.removed, r.removed_leftovers, r.freed as f64 / (1 << 20) as f64, r.kept_running, r.kept_fresh
+                    "gc: removed {} unreferenced store entries, {} leftovers of killed runs and {} locks of killed runs, freed {:.1} MiB; kept {} runs in progress and {} entries published or used in the last {grace_s} s",
+                    r.removed, r.removed_leftovers, r.removed_locks, r.freed as f64 / (1 << 20) as f64, r.kept_running, r.kept_fresh
                 );
             }
         }

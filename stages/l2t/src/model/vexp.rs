@@ -141,7 +141,8 @@ mod tests {
         assert!((log_sum_exp(&row) as f64 - lse).abs() < 1e-5);
         let mut under = [0f32; 3];
         exp_scaled(&[-1e9, -88.0, 0.0], 0.0, 1.0, Some(&mut under));
-        assert_eq!(under, [0.0, 0.0, 1.0], "underflow gives 0");
+        // Below the smallest normal f32 the AVX-512 path gives 0 and libm a denormal.
+        assert!(under[0] == 0.0 && under[1] <= 6.06e-39 && under[2] == 1.0, "underflow: {under:?}");
         assert_eq!(log_sum_exp(&[]), f32::NEG_INFINITY);
     }
 

@@ -20,7 +20,7 @@ pub use update::run_grpo_update;
 
 use crate::config::Config;
 use crate::model::{self, tokenizer, Policy};
-use crate::store::{self, iter_slot, stage_key, Artifact, InputRef, Manifest, Outcome, Staging, Store};
+use crate::store::{self, iter_slot, stage_key, Artifact, Claim, InputRef, Manifest, Outcome, Staging, Store};
 use crate::table::episodes::{self, EpisodeRow};
 use crate::table::prompts::PromptRow;
 use crate::table::rollouts::{self, RolloutRow};
@@ -112,15 +112,18 @@ fn execute(
 ) -> Result<Summary> {
     let started = Instant::now();
     let key = stage_key(stage, version, &params, &inputs);
-    let (artifact, outcome) = match ctx.store.lookup(&key)? {
-        Some(artifact) => (artifact, Outcome::Hit),
-        None => {
+    let (artifact, outcome) = match ctx.store.claim(&key, stage)? {
+        Claim::Done(artifact) => (artifact, Outcome::Hit),
+        Claim::Mine(lock) => {
+            let computing = Instant::now(); // the wall time excludes waiting for another process
             let mut staging = ctx.store.begin(&key)?;
             let metrics = compute(&mut staging)?;
             let mut manifest = Manifest::new(stage, version, &key, params, inputs, ctx.config.seed);
-            manifest.wall_time_s = started.elapsed().as_secs_f64();
+            manifest.wall_time_s = computing.elapsed().as_secs_f64();
             manifest.metrics = metrics;
-            (staging.publish(manifest)?, Outcome::Miss)
+            let artifact = staging.publish(manifest)?;
+            drop(lock);
+            (artifact, Outcome::Miss)
         }
     };
     let ref_changed = ctx.store.publish_ref(&ctx.run, slot, &artifact)?;
