@@ -458,6 +458,49 @@ fn two_concurrent_make_iterate_compute_each_key_once() {
     assert_eq!(fs::read_dir(&locks).unwrap().count(), 0, "locks left behind in {}", locks.display());
 }
 
+/// The files of a ref, by name.
+fn ref_files(env: &Env, slot: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let manifest = env.manifest(slot);
+    let outputs = manifest["outputs"].as_array().unwrap();
+    outputs.iter().map(|o| o["file"].as_str().unwrap().to_string()).map(|f| (f.clone(), fs::read(env.slot(slot).join(&f)).unwrap())).collect()
+}
+
+#[test]
+fn sharded_stages_merge_to_the_unsharded_bytes() {
+    // Uneven shards (5 groups in 2 and 3 shards) and a reward batch that the shards cut elsewhere.
+    let extra = "sample.prompts_per_iter = 5\nreward.batch_rows = 4";
+    let (whole, sharded) = (Env::new(extra), Env::new(extra));
+    whole.chain_iter(0);
+    whole.chain_iter(1);
+    sharded.ok("prepare", &[]);
+    sharded.ok("bootstrap", &[]);
+    for iter in ["0", "1"] {
+        for (stage, shards) in [("sample", 2), ("segment", 0), ("fisher-reward", 3), ("credit-assign", 0), ("grpo-update", 0)] {
+            if shards == 0 {
+                sharded.ok(stage, &["--iter", iter]);
+                continue;
+            }
+            let err = sharded.fails(stage, &["--iter", iter, "--merge", &shards.to_string()]);
+            assert!(err.contains("shard 0/") && err.contains("--shard"), "a merge before its shards: {err}");
+            for i in 0..shards {
+                assert!(sharded.ok(stage, &["--iter", iter, "--shard", &format!("{i}/{shards}")]).contains("computed"));
+            }
+            let merged = sharded.ok(stage, &["--iter", iter, "--merge", &shards.to_string()]);
+            assert!(merged.contains("computed"), "{merged}");
+            // The merge is the unsharded run: same key, same bytes.
+            let slot = format!("iter-000{iter}/{stage}");
+            assert_eq!(whole.manifest(&slot)["key"], sharded.manifest(&slot)["key"], "{slot}");
+            assert_eq!(ref_files(&whole, &slot), ref_files(&sharded, &slot), "{slot}: merged bytes differ from the unsharded run's");
+            assert!(sharded.ok(stage, &["--iter", iter]).contains("cache hit"));
+        }
+    }
+    let g_dot_d: f64 = sharded.manifest("iter-0001/fisher-reward")["metrics"]["d_norm_sq"].as_f64().unwrap();
+    assert!(g_dot_d > 0.0, "iteration 1's penalty must use a nonzero direction for the test to mean anything");
+    let bad = sharded.run("sample", &["--iter", "0", "--shard", "2/2"]);
+    assert_eq!(bad.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("0 <= i < N"), "{}", String::from_utf8_lossy(&bad.stderr));
+}
+
 #[test]
 fn corrupted_artifact_is_refused_naming_the_file() {
     let env = Env::new("");

@@ -36,6 +36,9 @@ pub const CREATED_BY: &str = "l2t";
 /// Folder of a run's evaluation refs: `evals/<split>/<policy>`.
 pub const EVALS_DIR: &str = "evals/";
 
+/// Folder of the refs of sharded stage runs: `shards/<slot>/<i>of<N>` (they feed only their merge).
+pub const SHARDS_DIR: &str = "shards/";
+
 /// Name of the marker file that says a ref's inputs changed since it was made.
 pub const STALE_MARKER: &str = "STALE";
 
@@ -403,8 +406,8 @@ impl Store {
     /// Marks every ref that consumes `slot` (directly or not) stale: later stages of the same
     /// iteration and every stage of later iterations.
     fn mark_downstream_stale(&self, run: &str, slot: &str) -> Result<()> {
-        if slot.starts_with(EVALS_DIR) {
-            return Ok(()); // evaluations feed no stage
+        if slot.starts_with(EVALS_DIR) || slot.starts_with(SHARDS_DIR) {
+            return Ok(()); // evaluations feed no stage; a shard feeds only its merge, keyed by its hash
         }
         let (iteration, stage) = parse_slot(slot);
         let run_dir = self.root.join("runs").join(run);

@@ -11,12 +11,15 @@ struct Args {
     /// Iteration number (from 0).
     #[arg(long)]
     iter: u32,
+    #[command(flatten)]
+    shard: l2t::stages::ShardArgs,
 }
 
 fn main() {
     l2t::cli::run_main("sample", || {
         let args = Args::parse();
-        println!("{}", l2t::stages::run_sample(&args.common.ctx()?, args.iter)?);
+        let ctx = l2t::stages::Ctx { part: args.shard.part()?, ..args.common.ctx()? };
+        println!("{}", l2t::stages::run_sample(&ctx, args.iter)?);
         Ok(())
     })
 }

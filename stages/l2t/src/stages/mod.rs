@@ -10,12 +10,14 @@ mod eval;
 mod reward;
 mod rollout;
 mod setup;
+mod shard;
 mod update;
 
 pub use eval::{eval_slot, latest_policy, run_eval, EvalPolicy, EvalPrompts};
 pub use reward::{run_credit_assign, run_fisher_reward};
 pub use rollout::{run_sample, run_segment};
 pub use setup::{eval_figures, rollout_seed, run_bootstrap, run_prepare, sft_examples, solution_corpus};
+pub use shard::{Part, Shard, ShardArgs};
 pub use update::run_grpo_update;
 
 use crate::config::Config;
@@ -53,6 +55,8 @@ pub struct Ctx {
     pub run: String,
     pub config: Config,
     pub device: Device,
+    /// The whole stage run, or one shard of it, or the merge of its shards ([`shard`]).
+    pub part: Part,
 }
 
 impl Ctx {
@@ -64,7 +68,7 @@ impl Ctx {
             // candle's CPU kernels size their thread pool from this variable on first use.
             std::env::set_var("RAYON_NUM_THREADS", config.threads.to_string());
         }
-        Ok(Self { store: Store::new(artifacts), run: run.to_string(), config, device: Device::Cpu })
+        Ok(Self { store: Store::new(artifacts), run: run.to_string(), config, device: Device::Cpu, part: Part::Whole })
     }
 }
 

@@ -10,7 +10,8 @@ use crate::reward::episode_reward;
 use crate::reward::segment::{reasoning_tokens, token_char_ends};
 use crate::reward::info_gain::{delta_i, j_values, JMode, JRequest};
 use crate::reward::penalty::{self, c_fisher, direction, directional_derivatives, Estimator, ProxyModel, Scale, SeqRequest};
-use crate::store::iter_slot;
+use super::shard::{execute_sharded, Sharded};
+use crate::store::{iter_slot, Artifact, Staging};
 use crate::table::advantages::{self, AdvantageRow};
 use crate::table::episode_rewards::{self, EpisodeRewardRow};
 use crate::table::episodes::{self, EpisodeRow};
@@ -21,6 +22,7 @@ use crate::train::credit::{assign_group, is_inverted, CreditParams, Method, Roll
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::time::Instant;
 
 /// The proxy block's layer index (`penalty.block`, negative counts from the end).
@@ -33,33 +35,150 @@ fn proxy_layer(block: i64, layers: usize) -> Result<usize> {
 }
 
 /// `fisher-reward`: for every episode, `J` before and after it, `dI`, `g . D~` and raw and scaled
-/// `C` (l2t-spec 4-5), under the policy that sampled the iteration.
+/// `C` (l2t-spec 4-5), under the policy that sampled the iteration. `J` and `g . D~` are per
+/// rollout and shard by prompt group; the batch's scaling of `C` is computed once, in
+/// [`Sharded::finish`].
 pub fn run_fisher_reward(ctx: &Ctx, iteration: u32) -> Result<Summary> {
     let cfg = &ctx.config;
     let sample = ctx.store.open_ref(&ctx.run, &iter_slot(iteration, "sample"))?;
     let seg = ctx.store.open_ref(&ctx.run, &iter_slot(iteration, "segment"))?;
-    let policy_art = iteration_policy(ctx, iteration)?;
-    let base_art = ctx.store.open_ref(&ctx.run, BOOTSTRAP_SLOT)?;
+    let policy = iteration_policy(ctx, iteration)?;
+    let base = ctx.store.open_ref(&ctx.run, BOOTSTRAP_SLOT)?;
     let inputs = vec![
         sample.manifest.as_input("rollouts", &[prompts::ITERATION_FILE, rollouts::FILE])?,
         seg.manifest.as_input("episodes", &[episodes::FILE])?,
-        policy_input("policy", &policy_art, false)?,
-        policy_input("base", &base_art, false)?,
+        policy_input("policy", &policy, false)?,
+        policy_input("base", &base, false)?,
     ];
-    let j_mode = JMode::parse(&cfg.reward.j_mode)?;
-    let estimator = Estimator::parse(&cfg.penalty.estimator)?;
-    let scale = Scale::parse(&cfg.penalty.scale)?;
+    let job = FisherJob {
+        ctx,
+        iteration,
+        sample,
+        seg,
+        policy,
+        base,
+        j_mode: JMode::parse(&cfg.reward.j_mode)?,
+        estimator: Estimator::parse(&cfg.penalty.estimator)?,
+        scale: Scale::parse(&cfg.penalty.scale)?,
+    };
     let slot = iter_slot(iteration, "fisher-reward");
-    execute(ctx, "fisher-reward", FISHER_REWARD_VERSION, &slot, cfg.stage_params("fisher-reward")?, inputs, |staging| {
-        let prompt_rows = prompts::read(&sample.file(prompts::ITERATION_FILE)?)?;
-        let rollout_rows = rollouts::read(&sample.file(rollouts::FILE)?)?;
-        let episode_rows = episodes::read(&seg.file(episodes::FILE)?)?;
-        let by_rollout = episodes_by_rollout(&rollout_rows, &episode_rows)?;
-        let policy = Policy::load(&policy_art, &ctx.device)?;
-        check_sampled_by(&policy, &rollout_rows, iteration)?;
-        let base = Policy::load(&base_art, &ctx.device)?;
+    execute_sharded(ctx, "fisher-reward", FISHER_REWARD_VERSION, &slot, cfg.stage_params("fisher-reward")?, inputs, &job)
+}
+
+struct FisherJob<'a> {
+    ctx: &'a Ctx,
+    iteration: u32,
+    sample: Artifact,
+    seg: Artifact,
+    policy: Artifact,
+    base: Artifact,
+    j_mode: JMode,
+    estimator: Estimator,
+    scale: Scale,
+}
+
+/// The iteration's rollouts and their episodes, in order.
+struct Batch {
+    prompts: Vec<PromptRow>,
+    rollouts: Vec<RolloutRow>,
+    episodes: Vec<EpisodeRow>,
+}
+
+impl Batch {
+    fn by_rollout(&self) -> Result<Vec<&[EpisodeRow]>> {
+        episodes_by_rollout(&self.rollouts, &self.episodes)
+    }
+}
+
+/// `J` and `g . D~` of the rollouts of a range of prompt groups.
+struct Terms {
+    /// `J(i, 0..=K_i)` per rollout.
+    j: Vec<Vec<f64>>,
+    /// `g . D~` per episode, per rollout.
+    g_dot_d: Vec<Vec<f64>>,
+    /// `||D~||^2`, the ranks kept and the proxy layer (the same in every shard).
+    d_norm_sq: f64,
+    ranks: [usize; 3],
+    layer: usize,
+    j_seconds: f64,
+    c_seconds: f64,
+}
+
+/// The file a `fisher-reward` shard keeps its [`Terms`] in: little-endian f64s and u64s, exact.
+const TERMS_FILE: &str = "terms.bin";
+
+impl Terms {
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut f = |v: f64| out.extend_from_slice(&v.to_le_bytes());
+        f(self.d_norm_sq);
+        f(self.j_seconds);
+        f(self.c_seconds);
+        let mut words = vec![self.layer as u64, self.ranks[0] as u64, self.ranks[1] as u64, self.ranks[2] as u64, self.j.len() as u64];
+        let mut values: Vec<f64> = Vec::new();
+        for (j, g) in self.j.iter().zip(&self.g_dot_d) {
+            words.extend([j.len() as u64, g.len() as u64]);
+            values.extend(j.iter().chain(g));
+        }
+        for w in words {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        for v in values {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let mut words = bytes.chunks_exact(8).map(|c| <[u8; 8]>::try_from(c).expect("chunks of 8"));
+        let mut next = || words.next().context("truncated");
+        let (d_norm_sq, j_seconds, c_seconds) = (f64::from_le_bytes(next()?), f64::from_le_bytes(next()?), f64::from_le_bytes(next()?));
+        let mut int = || -> Result<usize> { usize::try_from(u64::from_le_bytes(next()?)).context("a length out of range") };
+        let (layer, ranks, n) = (int()?, [int()?, int()?, int()?], int()?);
+        let lens: Vec<(usize, usize)> = (0..n.min(bytes.len())).map(|_| Ok((int()?, int()?))).collect::<Result<_>>()?;
+        let (mut j, mut g_dot_d) = (Vec::new(), Vec::new());
+        for (nj, ng) in lens {
+            let mut take = |len: usize| -> Result<Vec<f64>> { (0..len.min(bytes.len())).map(|_| Ok(f64::from_le_bytes(next()?))).collect() };
+            j.push(take(nj)?);
+            g_dot_d.push(take(ng)?);
+        }
+        if next().is_ok() || bytes.len() % 8 != 0 {
+            bail!("trailing bytes");
+        }
+        Ok(Self { j, g_dot_d, d_norm_sq, ranks, layer, j_seconds, c_seconds })
+    }
+}
+
+impl FisherJob<'_> {
+    fn batch(&self) -> Result<Batch> {
+        Ok(Batch {
+            prompts: prompts::read(&self.sample.file(prompts::ITERATION_FILE)?)?,
+            rollouts: rollouts::read(&self.sample.file(rollouts::FILE)?)?,
+            episodes: episodes::read(&self.seg.file(episodes::FILE)?)?,
+        })
+    }
+}
+
+impl Sharded for FisherJob<'_> {
+    type Piece = Terms;
+
+    fn groups(&self) -> Result<usize> {
+        Ok(prompts::read(&self.sample.file(prompts::ITERATION_FILE)?)?.len())
+    }
+
+    fn compute(&self, groups: Range<usize>) -> Result<Terms> {
+        let cfg = &self.ctx.config;
+        let batch = self.batch()?;
+        let all_by_rollout = batch.by_rollout()?;
+        let policy = Policy::load(&self.policy, &self.ctx.device)?;
+        check_sampled_by(&policy, &batch.rollouts, self.iteration)?;
+        let base = Policy::load(&self.base, &self.ctx.device)?;
         let pad = policy.pad_id;
-        let gold: HashMap<&str, &str> = prompt_rows.iter().map(|p| (p.prompt_id.as_str(), p.gold_answer.as_str())).collect();
+        let gold: HashMap<&str, &str> = batch.prompts.iter().map(|p| (p.prompt_id.as_str(), p.gold_answer.as_str())).collect();
+        // This shard's rollouts: those of its prompt groups.
+        let mine: std::collections::HashSet<&str> = batch.prompts[groups].iter().map(|p| p.prompt_id.as_str()).collect();
+        let (rollout_rows, by_rollout): (Vec<&RolloutRow>, Vec<&[EpisodeRow]>) =
+            batch.rollouts.iter().zip(all_by_rollout).filter(|(r, _)| mine.contains(r.prompt_id.as_str())).unzip();
         let close = tokenizer::encode(&policy.tokenizer, &cfg.reward.close).context("reward.close")?;
         let mut answers: HashMap<&str, Vec<u32>> = HashMap::new();
         for r in &rollout_rows {
@@ -99,7 +218,7 @@ pub fn run_fisher_reward(ctx: &Ctx, iteration: u32) -> Result<Summary> {
                     }
                 })
                 .collect();
-            j.extend(j_values(&policy.model, pad, &requests, j_mode)?);
+            j.extend(j_values(&policy.model, pad, &requests, self.j_mode)?);
             bar.inc(rows.len() as u64);
         }
         bar.finish_and_clear();
@@ -113,10 +232,10 @@ pub fn run_fisher_reward(ctx: &Ctx, iteration: u32) -> Result<Summary> {
         }
         let theta = policy.model.mlp_weights(layer);
         let dir = direction(&theta, &base.model.mlp_weights(layer), cfg.penalty.rank_fraction)?;
-        let g_dot_d: Vec<Vec<f64>> = if dir.is_zero() {
+        let g_dot_d: Vec<Vec<f64>> = if dir.is_zero() || rollout_rows.is_empty() {
             by_rollout.iter().map(|eps| vec![0.0; eps.len()]).collect()
         } else {
-            let tail = build_model_as(&policy.cfg, &policy.weights, DType::F64, &ctx.device)?;
+            let tail = build_model_as(&policy.cfg, &policy.weights, DType::F64, &self.ctx.device)?;
             let proxy = ProxyModel { trunk: &policy.model, tail: &tail, layer };
             let bar = progress_bar(rollout_rows.len() as u64, "fisher-reward C");
             let mut out = Vec::with_capacity(rollout_rows.len());
@@ -128,18 +247,53 @@ pub fn run_fisher_reward(ctx: &Ctx, iteration: u32) -> Result<Summary> {
                     .zip(&spans)
                     .map(|(r, spans)| SeqRequest { prompt: &r.prompt_token_ids, response: &r.token_ids, spans })
                     .collect();
-                out.extend(directional_derivatives(&proxy, &theta, &dir, &requests, pad, estimator, cfg.penalty.eps)?);
+                out.extend(directional_derivatives(&proxy, &theta, &dir, &requests, pad, self.estimator, cfg.penalty.eps)?);
                 bar.inc(rows.len() as u64);
             }
             bar.finish_and_clear();
             out
         };
         let c_seconds = started.elapsed().as_secs_f64();
-        let c_raw: Vec<f64> = g_dot_d.iter().flatten().map(|&gd| c_fisher(gd, dir.norm_sq, cfg.penalty.damping)).collect();
+        Ok(Terms { j, g_dot_d, d_norm_sq: dir.norm_sq, ranks: dir.ranks, layer, j_seconds, c_seconds })
+    }
+
+    fn write_piece(&self, terms: &Terms, staging: &mut Staging) -> Result<serde_json::Value> {
+        staging.write_file(TERMS_FILE, &terms.to_bytes())?;
+        Ok(serde_json::json!({ "rollouts": terms.j.len() }))
+    }
+
+    fn read_piece(&self, shard: &Artifact) -> Result<Terms> {
+        let path = shard.file(TERMS_FILE)?;
+        let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+        Terms::from_bytes(&bytes).with_context(|| format!("{}: not a fisher-reward shard", path.display()))
+    }
+
+    fn finish(&self, pieces: Vec<Terms>, staging: &mut Staging) -> Result<serde_json::Value> {
+        let cfg = &self.ctx.config;
+        let batch = self.batch()?;
+        let by_rollout = batch.by_rollout()?;
+        let rollout_rows = &batch.rollouts;
+        let first = pieces.first().context("no shards")?;
+        let (d_norm_sq, ranks, layer) = (first.d_norm_sq, first.ranks, first.layer);
+        let (j_seconds, c_seconds) = (pieces.iter().map(|p| p.j_seconds).sum::<f64>(), pieces.iter().map(|p| p.c_seconds).sum::<f64>());
+        let (mut j, mut g_dot_d) = (Vec::new(), Vec::new());
+        for piece in pieces {
+            if piece.d_norm_sq.to_bits() != d_norm_sq.to_bits() || piece.layer != layer {
+                bail!("the shards disagree on the update direction D~ (were they computed from other policies?)");
+            }
+            j.extend(piece.j);
+            g_dot_d.extend(piece.g_dot_d);
+        }
+        let shapes_match = j.len() == rollout_rows.len()
+            && by_rollout.iter().zip(&j).zip(&g_dot_d).all(|((eps, j), g)| j.len() == eps.len() + 1 && g.len() == eps.len());
+        if !shapes_match {
+            bail!("the shards' terms do not cover the iteration's {} rollouts and their episodes", rollout_rows.len());
+        }
+        let c_raw: Vec<f64> = g_dot_d.iter().flatten().map(|&gd| c_fisher(gd, d_norm_sq, cfg.penalty.damping)).collect();
         let d_i: Vec<Vec<f64>> = j.iter().map(|j| delta_i(j)).collect();
         // E: the episodes of rollouts that take part in training.
         let in_e: Vec<bool> = by_rollout.iter().flat_map(|eps| eps.iter().map(|e| !e.excluded)).collect();
-        let (c_scaled, scale_metrics) = match scale {
+        let (c_scaled, scale_metrics) = match self.scale {
             Scale::GainMatched => {
                 let g = penalty::scale_gain_matched(&c_raw, &d_i.concat(), &in_e, cfg.penalty.cap_quantile);
                 let metrics = serde_json::json!({ "q": g.q, "mean_abs_d_i": g.mean_abs_d_i, "mean_c_capped": g.mean_c_capped });
@@ -155,7 +309,7 @@ pub fn run_fisher_reward(ctx: &Ctx, iteration: u32) -> Result<Summary> {
             for (k, e) in by_rollout[i].iter().enumerate() {
                 let at = rows.len();
                 rows.push(EpisodeRewardRow {
-                    iteration,
+                    iteration: self.iteration,
                     prompt_id: r.prompt_id.clone(),
                     sample_idx: r.sample_idx,
                     episode_idx: e.episode_idx,
@@ -196,13 +350,13 @@ pub fn run_fisher_reward(ctx: &Ctx, iteration: u32) -> Result<Summary> {
             "mean_d_i": mean(|r| r.d_i),
             "mean_c_raw": mean(|r| r.c_raw),
             "mean_c_scaled": mean(|r| r.c_scaled),
-            "d_norm_sq": dir.norm_sq,
+            "d_norm_sq": d_norm_sq,
             "proxy_layer": layer,
-            "ranks": dir.ranks,
+            "ranks": ranks,
             "j_seconds": j_seconds,
             "c_seconds": c_seconds,
         }))
-    })
+    }
 }
 
 /// `credit-assign`: episode rewards `R(i,k)` (spec 6), then per-token credit (spec 7), per group.

@@ -2,30 +2,59 @@
 
 use super::{data_cursor, execute, iteration_policy, iteration_prompts, policy_input, progress_bar, Ctx, Summary, PREPARE_SLOT, SAMPLE_VERSION, SEGMENT_VERSION};
 use super::setup::rollout_seed;
+use super::shard::{execute_sharded, Sharded};
 use crate::model::{chat, tokenizer};
 use crate::model::{self, Policy};
 use crate::reward::segment::{outcome_reward, segment, span_bytes, token_char_ends, Rule};
 use crate::sample::{generate, Request, SamplerParams};
-use crate::store::{self, iter_slot};
+use crate::store::{self, iter_slot, Artifact, Staging};
 use crate::table::episodes::{self, EpisodeRow};
-use crate::table::prompts;
+use crate::table::prompts::{self, PromptRow};
 use crate::table::rollouts::{self, FinishReason, RolloutRow};
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
+use std::ops::Range;
 use std::time::Instant;
 
-/// `sample`: G rollouts for each of the iteration's prompts.
+/// `sample`: G rollouts for each of the iteration's prompts (or one shard of the prompts, or the
+/// merge of the shards: [`super::shard`]).
 pub fn run_sample(ctx: &Ctx, iteration: u32) -> Result<Summary> {
-    let cfg = &ctx.config;
     let data = ctx.store.open_ref(&ctx.run, PREPARE_SLOT)?;
-    let policy_art = iteration_policy(ctx, iteration)?;
-    let mut params = cfg.stage_params("sample")?;
+    let policy = iteration_policy(ctx, iteration)?;
+    let mut params = ctx.config.stage_params("sample")?;
     params["iteration"] = iteration.into();
-    let cursor = data_cursor(&policy_art)?;
-    let inputs = vec![data.manifest.as_input("data", &[prompts::TRAIN_FILE])?, policy_input("policy", &policy_art, true)?];
-    execute(ctx, "sample", SAMPLE_VERSION, &iter_slot(iteration, "sample"), params, inputs, |staging| {
+    let cursor = data_cursor(&policy)?;
+    let inputs = vec![data.manifest.as_input("data", &[prompts::TRAIN_FILE])?, policy_input("policy", &policy, true)?];
+    let job = SampleJob { ctx, iteration, data, policy, cursor };
+    execute_sharded(ctx, "sample", SAMPLE_VERSION, &iter_slot(iteration, "sample"), params, inputs, &job)
+}
+
+struct SampleJob<'a> {
+    ctx: &'a Ctx,
+    iteration: u32,
+    data: Artifact,
+    policy: Artifact,
+    cursor: usize,
+}
+
+/// The rollouts of a range of the iteration's prompts.
+struct Rollouts {
+    prompts: Vec<PromptRow>,
+    rows: Vec<RolloutRow>,
+    seconds: f64,
+}
+
+impl Sharded for SampleJob<'_> {
+    type Piece = Rollouts;
+
+    fn groups(&self) -> Result<usize> {
+        Ok(self.ctx.config.sample.prompts_per_iter)
+    }
+
+    fn compute(&self, groups: Range<usize>) -> Result<Rollouts> {
+        let cfg = &self.ctx.config;
         let s = &cfg.sample;
-        let train = prompts::read(&data.file(prompts::TRAIN_FILE)?)?;
+        let train = prompts::read(&self.data.file(prompts::TRAIN_FILE)?)?;
         if s.prompts_per_iter > train.len() {
             bail!(
                 "sample.prompts_per_iter = {} but the train split has only {} prompts (an iteration's prompts must be distinct)",
@@ -33,8 +62,8 @@ pub fn run_sample(ctx: &Ctx, iteration: u32) -> Result<Summary> {
                 train.len()
             );
         }
-        let policy = Policy::load(&policy_art, &ctx.device)?;
-        let chosen = iteration_prompts(&train, cfg.seed, cursor, s.prompts_per_iter);
+        let chosen = iteration_prompts(&train, cfg.seed, self.cursor, s.prompts_per_iter)[groups].to_vec();
+        let policy = Policy::load(&self.policy, &self.ctx.device)?;
         let mut requests = Vec::with_capacity(chosen.len() * s.group_size);
         let context = policy.cfg.max_position_embeddings;
         for p in &chosen {
@@ -48,7 +77,7 @@ pub fn run_sample(ctx: &Ctx, iteration: u32) -> Result<Summary> {
                 );
             }
             for g in 0..s.group_size as u32 {
-                requests.push(Request { prompt_ids: ids.clone(), seed: rollout_seed(cfg.iteration_seed(), iteration, &p.prompt_id, g) });
+                requests.push(Request { prompt_ids: ids.clone(), seed: rollout_seed(cfg.iteration_seed(), self.iteration, &p.prompt_id, g) });
             }
         }
         let sampler = SamplerParams { temperature: s.temperature, top_p: s.top_p, max_new_tokens: s.max_new_tokens, ignore_eos: false };
@@ -62,7 +91,7 @@ pub fn run_sample(ctx: &Ctx, iteration: u32) -> Result<Summary> {
             let p = &chosen[i / s.group_size];
             let text = tokenizer::decode_pieces(&policy.tokenizer, &g.tokens)?.concat();
             rows.push(RolloutRow {
-                iteration,
+                iteration: self.iteration,
                 prompt_id: p.prompt_id.clone(),
                 sample_idx: (i % s.group_size) as u32,
                 prompt_token_ids: requests[i].prompt_ids.clone(),
@@ -76,6 +105,30 @@ pub fn run_sample(ctx: &Ctx, iteration: u32) -> Result<Summary> {
                 policy_hash: policy.weights_hash.clone(),
             });
         }
+        Ok(Rollouts { prompts: chosen, rows, seconds })
+    }
+
+    fn write_piece(&self, piece: &Rollouts, staging: &mut Staging) -> Result<serde_json::Value> {
+        prompts::write(staging, prompts::ITERATION_FILE, &piece.prompts)?;
+        rollouts::write(staging, &piece.rows)?;
+        Ok(serde_json::json!({ "rollouts": piece.rows.len(), "sample_seconds": piece.seconds }))
+    }
+
+    fn read_piece(&self, shard: &Artifact) -> Result<Rollouts> {
+        Ok(Rollouts {
+            prompts: prompts::read(&shard.file(prompts::ITERATION_FILE)?)?,
+            rows: rollouts::read(&shard.file(rollouts::FILE)?)?,
+            seconds: shard.manifest.metrics["sample_seconds"].as_f64().unwrap_or(f64::NAN),
+        })
+    }
+
+    fn finish(&self, pieces: Vec<Rollouts>, staging: &mut Staging) -> Result<serde_json::Value> {
+        let seconds: f64 = pieces.iter().map(|p| p.seconds).sum();
+        let (mut chosen, mut rows) = (Vec::new(), Vec::new());
+        for piece in pieces {
+            chosen.extend(piece.prompts);
+            rows.extend(piece.rows);
+        }
         let generated: usize = rows.iter().map(|r| r.token_ids.len()).sum();
         let truncated = rows.iter().filter(|r| r.finish_reason == FinishReason::Length).count();
         prompts::write(staging, prompts::ITERATION_FILE, &chosen)?;
@@ -86,9 +139,9 @@ pub fn run_sample(ctx: &Ctx, iteration: u32) -> Result<Summary> {
             "mean_response_tokens": generated as f64 / rows.len().max(1) as f64,
             "truncated": truncated,
             "tokens_per_s": generated as f64 / seconds,
-            "data_cursor": cursor,
+            "data_cursor": self.cursor,
         }))
-    })
+    }
 }
 
 /// `segment`: episode spans and the outcome reward of every rollout. `show` prints that many
