@@ -494,6 +494,15 @@ fn sharded_stages_merge_to_the_unsharded_bytes() {
             assert!(sharded.ok(stage, &["--iter", iter]).contains("cache hit"));
         }
     }
+    // eval: the base and the iteration's policy, each in 2 shards then merged.
+    whole.ok("eval", &["--policy", "1"]);
+    for i in 0..2 {
+        sharded.ok("eval", &["--policy", "1", "--shard", &format!("{i}/2")]);
+    }
+    assert!(sharded.ok("eval", &["--policy", "1", "--merge", "2"]).contains("pass@1"));
+    for slot in ["evals/eval/base", "evals/eval/iter-0001"] {
+        assert_eq!(ref_files(&whole, slot), ref_files(&sharded, slot), "{slot}: merged bytes differ from the unsharded run's");
+    }
     let g_dot_d: f64 = sharded.manifest("iter-0001/fisher-reward")["metrics"]["d_norm_sq"].as_f64().unwrap();
     assert!(g_dot_d > 0.0, "iteration 1's penalty must use a nonzero direction for the test to mean anything");
     let bad = sharded.run("sample", &["--iter", "0", "--shard", "2/2"]);

@@ -63,7 +63,7 @@ cluster_up() {
         && pgrep -x slurmd >/dev/null || return 1
     local states
     states=$(timeout 10 sinfo -h -o %T 2>/dev/null) || return 1
-    echo "$states" | grep -Eq '^(idle|mixed|allocated|completing)[*~#!%$@^-]*$'
+    echo "$states" | grep -Eq '^(idle|mixed|allocated|completing)[~#!%$@^-]*$'
 }
 
 # ---------------------------------------------------------------- fast path
@@ -232,20 +232,34 @@ for _ in $(seq 40); do
 done
 [ $ok = 1 ] || fail "slurmctld does not answer 'scontrol ping'"
 
+started_slurmd=0
 if ! pgrep -x slurmd >/dev/null; then
     rm -f "$SLURMD_PID"
     timeout 30 /usr/sbin/slurmd -f "$CONF" -N "$NODE" >>"$LOGDIR/slurmd.start.log" 2>&1 \
         || fail "slurmd failed to start"
+    started_slurmd=1
 fi
 
 # ---------------------------------------------------------------- readiness
-deadline=$(( $(date +%s) + READY_TIMEOUT ))
+t0=$(date +%s)
+deadline=$(( t0 + READY_TIMEOUT ))
 state=""
 resumed=0
+nudged=0
 while :; do
     state=$(timeout 5 sinfo -h -n "$NODE" -o %T 2>/dev/null | head -n1)
     case "$state" in
-        idle*|mixed*|allocated*|completing*) break ;;
+        *'*') ;;    # controller does not hear from slurmd (yet)
+        idle|idle[!*]*|mixed|mixed[!*]*|allocated|allocated[!*]*) break ;;
+        completing*)
+            # Jobs that died with a previous slurmd can keep the node in
+            # COMPLETING for a minute or more; a DOWN/RESUME cycle clears it.
+            if [ $started_slurmd = 1 ] && [ $nudged = 0 ] && [ $(( $(date +%s) - t0 )) -ge 8 ]; then
+                log "node stuck in COMPLETING; cycling it DOWN/RESUME"
+                timeout 5 scontrol update NodeName="$NODE" State=DOWN Reason=start_cluster_restart >/dev/null 2>&1 || true
+                timeout 5 scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true
+                nudged=1
+            fi ;;
         down*|drain*|fail*)
             # A node left DOWN/DRAINED from an earlier run: bring it back once.
             if [ $resumed = 0 ]; then

@@ -24,12 +24,14 @@ struct Args {
     /// and gold_answer.
     #[arg(long)]
     prompts: Option<PathBuf>,
+    #[command(flatten)]
+    shard: l2t::stages::ShardArgs,
 }
 
 fn main() {
     l2t::cli::run_main("eval", || -> Result<()> {
         let args = Args::parse();
-        let ctx = args.common.ctx()?;
+        let ctx = l2t::stages::Ctx { part: args.shard.part()?, ..args.common.ctx()? };
         let target = if args.policy == "latest" { latest_policy(&ctx) } else { EvalPolicy::parse(&args.policy)? };
         let on = match args.prompts {
             Some(path) => EvalPrompts::File(path),
@@ -37,6 +39,9 @@ fn main() {
         };
         let summaries = run_eval(&ctx, target, &on)?;
         summaries.iter().for_each(|s| println!("{s}"));
+        if matches!(ctx.part, l2t::stages::Part::Shard(_)) {
+            return Ok(()); // a shard's figures come with the merge
+        }
         let m = &summaries.last().expect("run_eval returns the evaluated policy's summary").metrics;
         println!(
             "eval: {}: pass@1 {:.3} pass@{} {:.3} tokens {:.1} (correct {:.1}) format-valid {:.3} efficiency {:.3} accuracy at budgets {} = {}",

@@ -1,13 +1,14 @@
 //! `eval`: a policy of the run on a held-out split or a prompts file (l2t-spec section 9).
 
 use super::setup::rollout_seed;
-use super::{execute, progress_bar, Ctx, Summary, BOOTSTRAP_SLOT, EVAL_VERSION, PREPARE_SLOT};
+use super::shard::{execute_sharded, Part, Sharded};
+use super::{progress_bar, Ctx, Summary, BOOTSTRAP_SLOT, EVAL_VERSION, PREPARE_SLOT};
 use crate::eval::{at_budget, summarize, AtBudget, SampleResult};
 use crate::model::{chat, tokenizer};
 use crate::model::Policy;
 use crate::reward::segment::{answer_tokens, extract_answer_with, outcome_reward_with, reasoning_tokens, segment, token_char_ends, Rule};
 use crate::sample::{generate, Request, SamplerParams};
-use crate::store::{self, iter_slot, Artifact, InputRef, EVALS_DIR};
+use crate::store::{self, iter_slot, Artifact, InputRef, Staging, EVALS_DIR};
 use crate::table::eval_samples::{self, EvalSampleRow};
 use crate::table::eval_summary::{self, EvalSummaryRow};
 use crate::table::prompts::{self, PromptRow};
@@ -15,6 +16,7 @@ use crate::table::rollouts::FinishReason;
 use crate::task::grade::{grade_answer, Grade};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 /// The seeds of evaluation samples do not depend on the policy: every policy of a run is
@@ -149,15 +151,19 @@ pub fn run_eval(ctx: &Ctx, target: EvalPolicy, on: &EvalPrompts) -> Result<Vec<S
     let split = on.name()?;
     let policy_art = target.artifact(ctx)?;
     let (prompts_input, rows) = on.load(ctx)?;
-    let mut inputs = vec![prompts_input, super::policy_input("policy", &policy_art, false)?];
+    let inputs = vec![prompts_input, super::policy_input("policy", &policy_art, false)?];
     let mut summaries = Vec::new();
-    let base_summary = match target {
-        EvalPolicy::Base => None,
+    // Token efficiency needs the base's summary: the finish reads it (a shard does not).
+    let (finish_inputs, base_summary) = match target {
+        EvalPolicy::Base => (vec![], None),
         EvalPolicy::Iteration(_) => {
             summaries.extend(run_eval(ctx, EvalPolicy::Base, on)?);
-            let art = ctx.store.open_ref(&ctx.run, &eval_slot(&split, EvalPolicy::Base))?;
-            inputs.push(art.manifest.as_input("base_eval", &[eval_summary::FILE])?);
-            Some(eval_summary::read(&art.file(eval_summary::FILE)?)?)
+            if matches!(ctx.part, Part::Shard(_)) {
+                (vec![], None)
+            } else {
+                let art = ctx.store.open_ref(&ctx.run, &eval_slot(&split, EvalPolicy::Base))?;
+                (vec![art.manifest.as_input("base_eval", &[eval_summary::FILE])?], Some(eval_summary::read(&art.file(eval_summary::FILE)?)?))
+            }
         }
     };
     let slot = eval_slot(&split, target);
@@ -165,12 +171,38 @@ pub fn run_eval(ctx: &Ctx, target: EvalPolicy, on: &EvalPrompts) -> Result<Vec<S
     let rule = Rule::parse(&cfg.segment.rule).context("segment.rule")?;
     let mut params = cfg.stage_params("eval")?;
     params["segment_rule"] = cfg.segment.rule.clone().into();
-    let summary = execute(ctx, "eval", EVAL_VERSION, &slot, params, inputs, |staging| {
-        let rows: Vec<&PromptRow> = rows.iter().take(if e.prompts == 0 { usize::MAX } else { e.prompts }).collect();
-        if rows.is_empty() {
-            bail!("no prompts to evaluate");
-        }
-        let policy = Policy::load(&policy_art, &ctx.device)?;
+    let rows: Vec<PromptRow> = rows.into_iter().take(if e.prompts == 0 { usize::MAX } else { e.prompts }).collect();
+    if rows.is_empty() {
+        bail!("no prompts to evaluate");
+    }
+    let job = EvalJob { ctx, target, split, rows, policy: policy_art, rule, base_summary };
+    summaries.push(execute_sharded(ctx, "eval", EVAL_VERSION, &slot, params, inputs, finish_inputs, &job)?);
+    Ok(summaries)
+}
+
+struct EvalJob<'a> {
+    ctx: &'a Ctx,
+    target: EvalPolicy,
+    split: String,
+    rows: Vec<PromptRow>,
+    policy: Artifact,
+    rule: Rule,
+    base_summary: Option<EvalSummaryRow>,
+}
+
+impl Sharded for EvalJob<'_> {
+    /// The graded samples of a range of prompts.
+    type Piece = Vec<EvalSampleRow>;
+
+    fn groups(&self) -> Result<usize> {
+        Ok(self.rows.len())
+    }
+
+    fn compute(&self, groups: Range<usize>) -> Result<Vec<EvalSampleRow>> {
+        let (ctx, cfg, e, target, split, rule) = (self.ctx, &self.ctx.config, &self.ctx.config.eval, self.target, &self.split, self.rule);
+        let policy_art = &self.policy;
+        let rows: Vec<&PromptRow> = self.rows[groups].iter().collect();
+        let policy = Policy::load(policy_art, &ctx.device)?;
         let mut requests = Vec::with_capacity(rows.len() * e.k);
         for p in &rows {
             let ids = chat::prompt_ids(&policy, &cfg.prompt, &p.prompt).with_context(|| format!("prompt {}", p.prompt_id))?;
@@ -240,6 +272,24 @@ pub fn run_eval(ctx: &Ctx, target: EvalPolicy, on: &EvalPrompts) -> Result<Vec<S
             }
         }
 
+        Ok(samples)
+    }
+
+    fn write_piece(&self, samples: &Vec<EvalSampleRow>, staging: &mut Staging) -> Result<serde_json::Value> {
+        eval_samples::write(staging, samples)?;
+        Ok(serde_json::json!({ "samples": samples.len() }))
+    }
+
+    fn read_piece(&self, shard: &Artifact) -> Result<Vec<EvalSampleRow>> {
+        eval_samples::read(&shard.file(eval_samples::FILE)?)
+    }
+
+    fn finish(&self, pieces: Vec<Vec<EvalSampleRow>>, staging: &mut Staging) -> Result<serde_json::Value> {
+        let (e, target, split, base_summary) = (&self.ctx.config.eval, self.target, &self.split, &self.base_summary);
+        let samples = pieces.concat();
+        if samples.len() != self.rows.len() * e.k {
+            bail!("the shards hold {} samples, not {} prompts x {}", samples.len(), self.rows.len(), e.k);
+        }
         let results: Vec<SampleResult> = samples
             .iter()
             .map(|s| SampleResult {
@@ -268,9 +318,7 @@ pub fn run_eval(ctx: &Ctx, target: EvalPolicy, on: &EvalPrompts) -> Result<Vec<S
         metrics["token_efficiency"] = token_efficiency.into();
         metrics["budgets"] = serde_json::json!(e.budgets);
         Ok(metrics)
-    })?;
-    summaries.push(summary);
-    Ok(summaries)
+    }
 }
 
 /// `evals/<split>/<policy>`.

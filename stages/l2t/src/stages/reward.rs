@@ -62,7 +62,7 @@ pub fn run_fisher_reward(ctx: &Ctx, iteration: u32) -> Result<Summary> {
         scale: Scale::parse(&cfg.penalty.scale)?,
     };
     let slot = iter_slot(iteration, "fisher-reward");
-    execute_sharded(ctx, "fisher-reward", FISHER_REWARD_VERSION, &slot, cfg.stage_params("fisher-reward")?, inputs, &job)
+    execute_sharded(ctx, "fisher-reward", FISHER_REWARD_VERSION, &slot, cfg.stage_params("fisher-reward")?, inputs, vec![], &job)
 }
 
 struct FisherJob<'a> {

@@ -26,7 +26,7 @@ pub fn run_sample(ctx: &Ctx, iteration: u32) -> Result<Summary> {
     let cursor = data_cursor(&policy)?;
     let inputs = vec![data.manifest.as_input("data", &[prompts::TRAIN_FILE])?, policy_input("policy", &policy, true)?];
     let job = SampleJob { ctx, iteration, data, policy, cursor };
-    execute_sharded(ctx, "sample", SAMPLE_VERSION, &iter_slot(iteration, "sample"), params, inputs, &job)
+    execute_sharded(ctx, "sample", SAMPLE_VERSION, &iter_slot(iteration, "sample"), params, inputs, vec![], &job)
 }
 
 struct SampleJob<'a> {

@@ -112,16 +112,21 @@ fn shard_params(params: &serde_json::Value, shard: Shard) -> serde_json::Value {
 }
 
 /// [`execute`] for a shardable stage: the whole run, one shard, or the merge of all shards, as
-/// `ctx.part` says.
+/// `ctx.part` says. `finish_inputs` are read only by [`Sharded::finish`]: the key of the whole
+/// run and the merge covers them after `inputs`, a shard's key does not.
+#[allow(clippy::too_many_arguments)]
 pub fn execute_sharded<J: Sharded>(
     ctx: &Ctx,
     stage: &str,
     version: u32,
     slot: &str,
     params: serde_json::Value,
-    inputs: Vec<InputRef>,
+    mut inputs: Vec<InputRef>,
+    finish_inputs: Vec<InputRef>,
     job: &J,
 ) -> Result<Summary> {
+    let shard_inputs = inputs.clone();
+    inputs.extend(finish_inputs);
     match ctx.part {
         Part::Whole => execute(ctx, stage, version, slot, params, inputs, |staging| {
             let piece = job.compute(0..job.groups()?)?;
@@ -129,7 +134,7 @@ pub fn execute_sharded<J: Sharded>(
         }),
         Part::Shard(shard) => {
             let params = shard_params(&params, shard);
-            execute(ctx, stage, version, &shard_slot(slot, shard), params, inputs, |staging| {
+            execute(ctx, stage, version, &shard_slot(slot, shard), params, shard_inputs, |staging| {
                 let piece = job.compute(shard.range(job.groups()?))?;
                 job.write_piece(&piece, staging)
             })
@@ -138,7 +143,7 @@ pub fn execute_sharded<J: Sharded>(
             let shards: Vec<Artifact> = (0..count)
                 .map(|index| {
                     let shard = Shard { index, count };
-                    let key = stage_key(stage, version, &shard_params(&params, shard), &inputs);
+                    let key = stage_key(stage, version, &shard_params(&params, shard), &shard_inputs);
                     ctx.store.entry(&key)?.with_context(|| {
                         format!("shard {shard} of {slot} is not in the store (key {}): run `{stage} --shard {shard}` first", crate::store::short(&key))
                     })
