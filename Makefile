@@ -11,6 +11,9 @@ CONFIG    ?= profiles/$(PROFILE).toml
 endif
 RUN       ?= default
 ITERS     ?= 1
+RUNNER    ?= local
+SHARDS    ?=
+NO_WAIT   ?=
 CONFIG    ?= pipeline.toml
 ARTIFACTS ?= artifacts
 STAGE     ?=
@@ -52,12 +55,19 @@ all: iterate
 build:
 	cargo build --release --workspace --bins --quiet
 
-# Runs the next ITERS iteration(s) of RUN.
+# Runs the next ITERS iteration(s) of RUN: here (RUNNER=local), or as Slurm jobs (RUNNER=slurm,
+# SHARDS=N job-array shards of sample and fisher-reward, NO_WAIT=1 to print the job ids and return).
 iterate: build $(PROFILE_INPUTS_$(PROFILE))
+ifeq ($(RUNNER),slurm)
+	$(BIN)/l2t slurm-iterate $(COMMON) --iters $(ITERS) $(if $(SHARDS),--shards $(SHARDS)) $(if $(NO_WAIT),--no-wait)
+else ifeq ($(RUNNER),local)
 	@for i in $$(seq 1 $(ITERS)); do \
 	  it=$$($(BIN)/l2t next-iter --artifacts $(ARTIFACTS) --run $(RUN)) || exit 1; \
 	  $(MAKE) --no-print-directory iteration ITER=$$it || exit 1; \
 	done
+else
+	@echo "make iterate: RUNNER must be local or slurm, not $(RUNNER)" >&2; exit 2
+endif
 
 # One iteration's DAG, in order (ITER=n).
 iteration:
@@ -150,8 +160,11 @@ verify: build
 
 # Unit tests, then the end-to-end tests that drive the built binaries and the Makefile (the
 # real-model tests need the SmolLM2 GGUF).
+# The Slurm test starts a single-node cluster (tests/slurm/start_cluster.sh) and says in the log
+# whether it ran or why it was skipped.
 test: build $(DUCKDB) $(SMOLLM2_GGUF)
-	cargo test --release --workspace
+	cargo test --release --workspace -- --skip slurm_
+	cargo test --release --test pipeline slurm_ -- --nocapture
 
 # The performance workloads (SmolLM2 and tiny Qwen2 sampling, scoring, train step, an L2T
 # iteration at TRL's GRPO shape, the tiny task's stage times), one JSON line each; WORKLOAD=name

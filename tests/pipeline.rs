@@ -510,6 +510,69 @@ fn sharded_stages_merge_to_the_unsharded_bytes() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("0 <= i < N"), "{}", String::from_utf8_lossy(&bad.stderr));
 }
 
+/// Starts the single-node Slurm of tests/slurm (Debian's packages, as root); `None` where it cannot.
+fn slurm_cluster() -> Option<()> {
+    let start = Command::new(repo().join("tests/slurm/start_cluster.sh")).output().unwrap();
+    if start.status.success() {
+        return Some(());
+    }
+    let why = String::from_utf8_lossy(&start.stderr).lines().chain(String::from_utf8_lossy(&start.stdout).lines()).last().unwrap_or_default().to_string();
+    eprintln!("SKIPPED: the Slurm tests need a cluster and tests/slurm/start_cluster.sh could not start one here: {why}");
+    None
+}
+
+/// The job ids that `make iterate RUNNER=slurm` printed, by label.
+fn submitted(out: &str) -> Vec<(String, String)> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("slurm: submitted "))
+        .filter_map(|l| l.split_once(" as job ").map(|(label, rest)| (label.to_string(), rest.split_whitespace().next().unwrap().to_string())))
+        .collect()
+}
+
+#[test]
+fn slurm_runner_gives_the_local_policy_and_resubmits_only_what_a_cancelled_job_lost() {
+    if slurm_cluster().is_none() {
+        return;
+    }
+    let (local, cluster) = (Env::new(""), Env::new(""));
+    local.make_ok(&["iterate", "ITERS=3"]);
+    let out = cluster.make_ok(&["iterate", "RUNNER=slurm", "SHARDS=2", "ITERS=2"]);
+    assert!(out.contains("iter-0000-sample-shards") && out.contains("iter-0001-fisher-reward-merge") && out.contains("done"), "{out}");
+    let policy = |env: &Env, iter: u32| fs::read(env.slot(&format!("iter-000{iter}/grpo-update")).join("model.safetensors")).unwrap();
+    assert_eq!(policy(&local, 1), policy(&cluster, 1), "the cluster's policy differs from the local run's");
+
+    // Iteration 2, submitted held; one task of the sample array is cancelled, the rest released.
+    cluster.set_config("slurm.extra = [\"--hold\"]");
+    let held = cluster.make_ok(&["iterate", "RUNNER=slurm", "SHARDS=2", "NO_WAIT=1"]);
+    let jobs = submitted(&held);
+    assert_eq!(jobs[0].0, "iter-0002-sample-shards", "prepare to iteration 1 are in the store and not submitted: {held}");
+    let run = |cmd: &str, args: &[&str]| assert!(Command::new(cmd).args(args).status().unwrap().success(), "{cmd} {args:?}");
+    run("scancel", &[&format!("{}_1", jobs[0].1)]);
+    let ids: Vec<&str> = jobs.iter().map(|(_, id)| id.as_str()).collect();
+    run("scontrol", &["release", &ids.join(",")]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let q = Command::new("squeue").args(["-h", "-o", "%i %T", "-j", &ids.join(",")]).output().unwrap();
+        let queue = String::from_utf8_lossy(&q.stdout).to_string();
+        if !queue.lines().any(|l| l.contains("PENDING") || l.contains("RUNNING") || l.contains("COMPLETING")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the jobs never ended:\n{queue}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(cluster.artifacts().join("runs/t/shards/iter-0002/sample/0of2/manifest.json").exists(), "the surviving shard");
+    assert!(!cluster.slot("iter-0002/sample").exists(), "a merge ran without all its shards");
+    assert!(!cluster.slot("iter-0002/grpo-update").exists());
+
+    // The rerun submits the lost shard alone, then the rest; the policy is the local run's.
+    cluster.set_config("");
+    let rerun = cluster.make_ok(&["iterate", "RUNNER=slurm", "SHARDS=2"]);
+    let shards = submitted(&rerun).into_iter().find(|(label, _)| label == "iter-0002-sample-shards").expect("the lost shard is resubmitted");
+    assert!(rerun.contains(&format!("job {}_1)", shards.1)) && !rerun.contains(&format!("job {}_0)", shards.1)), "only shard 1 runs again:\n{rerun}");
+    assert_eq!(policy(&local, 2), policy(&cluster, 2), "the cluster's policy differs from the local run's after the resubmission");
+    eprintln!("slurm: ran on a real single-node cluster: 3 iterations as jobs, a cancelled shard resubmitted alone, policies byte-identical to the local run's");
+}
+
 #[test]
 fn corrupted_artifact_is_refused_naming_the_file() {
     let env = Env::new("");

@@ -18,13 +18,34 @@ pub struct Common {
     /// Pipeline configuration.
     #[arg(long, default_value = "pipeline.toml")]
     pub config: PathBuf,
+    /// Only take a cache hit: when the stage's key is not in the store, compute nothing and exit
+    /// with status 3 (the cluster runner asks this before it submits a job).
+    #[arg(long)]
+    pub only_cached: bool,
 }
 
 impl Common {
     pub fn ctx(&self) -> Result<Ctx> {
-        Ctx::new(self.artifacts.clone(), &self.run, Config::load(&self.config)?)
+        let mut ctx = Ctx::new(self.artifacts.clone(), &self.run, Config::load(&self.config)?)?;
+        ctx.only_cached = self.only_cached;
+        Ok(ctx)
     }
 }
+
+/// The exit status of a stage asked `--only-cached` whose key is not in the store.
+pub const NOT_CACHED_STATUS: i32 = 3;
+
+/// The error of a stage asked `--only-cached` whose key is not in the store.
+#[derive(Debug)]
+pub struct NotCached(pub String);
+
+impl std::fmt::Display for NotCached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "key {} is not in the store (--only-cached computes nothing)", self.0)
+    }
+}
+
+impl std::error::Error for NotCached {}
 
 /// Runs a binary's body; on error prints `name: error: context: cause` and exits 1.
 pub fn run_main(name: &str, body: impl FnOnce() -> Result<()>) {
@@ -35,6 +56,6 @@ pub fn run_main(name: &str, body: impl FnOnce() -> Result<()>) {
             std::process::exit(0);
         }
         eprintln!("{name}: error: {e:#}");
-        std::process::exit(1);
+        std::process::exit(if e.downcast_ref::<NotCached>().is_some() { NOT_CACHED_STATUS } else { 1 });
     }
 }

@@ -29,6 +29,7 @@ pub struct Config {
     pub credit: CreditConfig,
     pub update: UpdateConfig,
     pub eval: EvalConfig,
+    pub slurm: SlurmConfig,
 }
 
 impl Default for Config {
@@ -48,6 +49,7 @@ impl Default for Config {
             credit: CreditConfig::default(),
             update: UpdateConfig::default(),
             eval: EvalConfig::default(),
+            slurm: SlurmConfig::default(),
         }
     }
 }
@@ -100,6 +102,35 @@ impl Default for EvalConfig {
             batch_rows: 64,
             answer: AnswerExtraction::Stated,
         }
+    }
+}
+
+/// The cluster runner (`make iterate RUNNER=slurm`): how its jobs are submitted. Part of no stage
+/// key (where a stage ran does not change its bytes).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SlurmConfig {
+    /// `--partition` ("" = the cluster's default).
+    pub partition: String,
+    /// `--time` per job, e.g. "02:00:00" ("" = the partition's default).
+    pub time: String,
+    /// `--cpus-per-task` (0 = the cluster's default); the stages use this many threads.
+    pub cpus_per_task: usize,
+    /// `--gpus-per-task` (0 = none).
+    pub gpus_per_task: usize,
+    /// `--mem` per job, e.g. "16G" ("" = the cluster's default).
+    pub mem: String,
+    /// Further `sbatch` options, one per item, e.g. ["--account=rl", "--qos=high"].
+    pub extra: Vec<String>,
+    /// Shards of `sample` and `fisher-reward` (job arrays); `make iterate SHARDS=N` overrides it.
+    pub shards: u32,
+    /// Seconds between two looks at the queue while waiting.
+    pub poll_s: f64,
+}
+
+impl Default for SlurmConfig {
+    fn default() -> Self {
+        Self { partition: String::new(), time: String::new(), cpus_per_task: 0, gpus_per_task: 0, mem: String::new(), extra: Vec::new(), shards: 1, poll_s: 2.0 }
     }
 }
 

@@ -11,6 +11,7 @@
 //! - [`sample`]: batched sampling with a KV cache.
 //! - [`eval`]: pass@k and the other evaluation figures.
 //! - [`stages`]: one function per stage binary.
+//! - [`slurm`]: the cluster runner (an iteration's DAG as Slurm jobs).
 
 pub mod audit;
 pub mod cli;
@@ -21,6 +22,7 @@ pub mod reward;
 pub mod store;
 pub mod table;
 pub mod sample;
+pub mod slurm;
 pub mod stages;
 pub mod task;
 pub mod train;

@@ -1,4 +1,5 @@
 //! `l2t`: run-level helpers the Makefile calls (the stages themselves are separate binaries).
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use l2t::store::Store;
 use std::path::PathBuf;
@@ -19,6 +20,22 @@ enum Command {
     NextIter {
         #[arg(long, default_value = "default")]
         run: String,
+    },
+    /// Run the next iterations as Slurm jobs (`make iterate RUNNER=slurm`): job arrays for the
+    /// sharded stages, `afterok` dependencies, stages already in the store not submitted.
+    SlurmIterate {
+        #[arg(long, default_value = "default")]
+        run: String,
+        #[arg(long, default_value = "pipeline.toml")]
+        config: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        iters: u32,
+        /// Shards of sample and fisher-reward (default: the config's slurm.shards).
+        #[arg(long)]
+        shards: Option<u32>,
+        /// Print the job ids and return instead of waiting.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Print the SQL that creates the DuckDB views over a run (`*` for all runs).
     Views {
@@ -91,6 +108,22 @@ fn main() {
         let store = Store::new(args.artifacts);
         match args.command {
             Command::NextIter { run } => println!("{}", l2t::audit::next_iteration(&store, &run)),
+            Command::SlurmIterate { run, config, iters, shards, no_wait } => {
+                let cfg = l2t::config::Config::load(&config)?;
+                let absolute = |p: &std::path::Path| std::path::absolute(p).with_context(|| format!("{}: no absolute path", p.display()));
+                let exe = std::env::current_exe().context("cannot find this program's folder")?;
+                l2t::slurm::Runner {
+                    bin: exe.parent().context("this program has no folder")?.to_path_buf(),
+                    artifacts: absolute(store.root())?,
+                    run,
+                    config_path: absolute(&config)?,
+                    slurm: &cfg.slurm,
+                    iters,
+                    shards: shards.unwrap_or(cfg.slurm.shards),
+                    wait: !no_wait,
+                }
+                .iterate()?;
+            }
             Command::Views { run } => println!("{}", l2t::audit::views_sql(&store, &run)),
             Command::Score { model, text, text_file, chat, top_k } => score(&model, text, text_file, chat, top_k)?,
             Command::Grade { input, bare, boxed_only } => grade(&input, bare, boxed_only)?,

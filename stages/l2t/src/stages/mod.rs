@@ -57,6 +57,8 @@ pub struct Ctx {
     pub device: Device,
     /// The whole stage run, or one shard of it, or the merge of its shards ([`shard`]).
     pub part: Part,
+    /// Take a cache hit or fail with [`crate::cli::NotCached`]; never compute.
+    pub only_cached: bool,
 }
 
 impl Ctx {
@@ -68,7 +70,7 @@ impl Ctx {
             // candle's CPU kernels size their thread pool from this variable on first use.
             std::env::set_var("RAYON_NUM_THREADS", config.threads.to_string());
         }
-        Ok(Self { store: Store::new(artifacts), run: run.to_string(), config, device: Device::Cpu, part: Part::Whole })
+        Ok(Self { store: Store::new(artifacts), run: run.to_string(), config, device: Device::Cpu, part: Part::Whole, only_cached: false })
     }
 }
 
@@ -116,6 +118,9 @@ fn execute(
 ) -> Result<Summary> {
     let started = Instant::now();
     let key = stage_key(stage, version, &params, &inputs);
+    if ctx.only_cached && ctx.store.lookup(&key)?.is_none() {
+        return Err(crate::cli::NotCached(store::short(&key).to_string()).into());
+    }
     let (artifact, outcome) = match ctx.store.claim(&key, stage)? {
         Claim::Done(artifact) => (artifact, Outcome::Hit),
         Claim::Mine(lock) => {
