@@ -570,6 +570,12 @@ fn slurm_runner_gives_the_local_policy_and_resubmits_only_what_a_cancelled_job_l
     let shards = submitted(&rerun).into_iter().find(|(label, _)| label == "iter-0002-sample-shards").expect("the lost shard is resubmitted");
     assert!(rerun.contains(&format!("job {}_1)", shards.1)) && !rerun.contains(&format!("job {}_0)", shards.1)), "only shard 1 runs again:\n{rerun}");
     assert_eq!(policy(&local, 2), policy(&cluster, 2), "the cluster's policy differs from the local run's after the resubmission");
+    // A failing job: the runner names it, shows its log's end, cancels the rest, and fails.
+    cluster.set_config("sample.prompts_per_iter = 100000");
+    let failed = cluster.make(&["iterate", "RUNNER=slurm"]);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success(), "a failed job must fail make iterate");
+    assert!(stderr.contains("iter-0003-sample (job") && stderr.contains("FAILED") && stderr.contains("prompts_per_iter = 100000"), "{stderr}");
     eprintln!("slurm: ran on a real single-node cluster: 3 iterations as jobs, a cancelled shard resubmitted alone, policies byte-identical to the local run's");
 }
 
