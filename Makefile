@@ -134,11 +134,12 @@ score: build
 # DuckDB over the run: interactive, or one query with SQL="...".
 audit: build $(DUCKDB)
 	@$(BIN)/l2t views --artifacts $(ARTIFACTS) --run $(RUN) > $(ARTIFACTS)/.audit-$(RUN).sql
-	@if [ -n "$(SQL)" ]; then \
+	@if [ -n "$$AUDIT_SQL" ]; then \
 	  { cat $(ARTIFACTS)/.audit-$(RUN).sql; echo "$$AUDIT_SQL;"; } | $(DUCKDB) -batch; \
 	else \
 	  $(DUCKDB) -init $(ARTIFACTS)/.audit-$(RUN).sql; \
 	fi
+# The query travels in the environment, never in the recipe's text: any SQL, multi-line and quoted.
 audit: export AUDIT_SQL = $(SQL)
 
 # The DuckDB CLI, from its PyPI wheel, into a project-local folder.

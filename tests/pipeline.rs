@@ -733,6 +733,10 @@ fn audit_sees_one_rollout_row_per_prompt_and_sample() {
     let sql = "SELECT 'stages=' || string_agg(stage, ',' ORDER BY stage) FROM manifests";
     let out = env.make_ok(&["audit", &format!("SQL={sql}")]);
     assert!(out.contains("stages=bootstrap,credit-assign,fisher-reward,grpo-update,prepare,sample,segment"), "{out}");
+    // A query as a user pastes it: several lines, single and double quotes, a comment, a semicolon.
+    let sql = "-- how many rollouts\nSELECT 'it''s ' || count(*) AS \"say \"\"so\"\"\"\n  FROM rollouts\n WHERE text <> '\"';";
+    let out = env.make_ok(&["audit", &format!("SQL={sql}")]);
+    assert!(out.contains("it's 6"), "{out}");
 }
 
 #[test]
