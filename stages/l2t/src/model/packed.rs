@@ -60,12 +60,13 @@ impl PackedLinear {
     /// y (rows, out) for x (rows, in), row-major.
     pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let len = rows * self.n_out;
-        let mut y = Vec::with_capacity(len);
-        // SAFETY: `matmul_into` writes every element before any is read (each output block is
-        // first stored from the bias or zero, then accumulated); zero-filling first cost ~5% of
-        // a scoring pass.
+        // Not zero-filled first (that cost ~5% of a scoring pass): the product writes every
+        // element through raw pointers before reading it back.
+        let mut y: Vec<f32> = Vec::with_capacity(len);
+        self.product(x, rows, y.spare_capacity_mut().as_mut_ptr().cast::<f32>(), len);
+        // SAFETY: `product` initialised all `len` elements: each output block is first stored
+        // from the bias or zero (its first pass over the inputs), then accumulated.
         unsafe { y.set_len(len) };
-        self.matmul_into(x, rows, &mut y);
         y
     }
 
@@ -93,20 +94,25 @@ impl PackedLinear {
 
     /// [`Self::matmul`] into a caller's buffer of `rows * out` values.
     pub fn matmul_into(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        self.product(x, rows, y.as_mut_ptr(), y.len());
+    }
+
+    /// The product into `y_len` values at `y`, which may be uninitialised: every one is written
+    /// (through the pointer, never a reference) before it is read.
+    fn product(&self, x: &[f32], rows: usize, y: *mut f32, y_len: usize) {
         let (k, n) = (self.n_in, self.n_out);
         // The kernels read and write through raw pointers: the lengths are checked, not assumed.
         assert_eq!(x.len(), rows * k, "packed matmul: input length");
-        assert_eq!(y.len(), rows * n, "packed matmul: output length");
+        assert_eq!(y_len, rows * n, "packed matmul: output length");
         if rows == 0 || n == 0 {
             return;
         }
         if k == 0 {
             // No inputs: every output is its bias.
-            for row in y.chunks_mut(n) {
-                match &self.bias {
-                    Some(b) => row.copy_from_slice(&b[..n]),
-                    None => row.fill(0.0),
-                }
+            for i in 0..y_len {
+                let v = self.bias.as_ref().map_or(0.0, |b| b[i % n]);
+                // SAFETY: i < y_len, the buffer's length (checked above).
+                unsafe { y.add(i).write(v) };
             }
             return;
         }
@@ -118,7 +124,7 @@ impl PackedLinear {
         let fit = (TASK_PANEL_BYTES / (k * PANEL * 4)).max(1);
         let per_group = n_panels.div_ceil(wanted_groups).clamp(1, fit);
         let groups = n_panels.div_ceil(per_group);
-        let out = OutPtr(y.as_mut_ptr());
+        let out = OutPtr(y);
         let kernel = Kernel::detect();
         (0..row_chunks * groups).into_par_iter().for_each(|task| {
             let (chunk, group) = (task / groups, task % groups);
@@ -161,7 +167,10 @@ impl PackedLinear {
 /// The output buffer, shared by tasks that write disjoint blocks of it.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
+// SAFETY: the tasks that share it write disjoint blocks (`matmul_into`), so no two threads ever
+// touch one element, and the buffer outlives the parallel loop that uses it.
 unsafe impl Send for OutPtr {}
+// SAFETY: as for Send: shared only among tasks writing disjoint blocks.
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
@@ -237,6 +246,10 @@ impl Kernel {
     }
 }
 
+/// # Safety
+/// The CPU has AVX-512F; the block's `rows` rows of `x` (`k` apart) hold every step of `steps`;
+/// `panel` holds `steps.end * PANEL` values; `y` is valid for `rows` rows of `cols` values,
+/// `y_stride` apart, and already written when `steps` does not start at 0.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn block_avx512<const R: usize>(block: &Block, steps: std::ops::Range<usize>, prefetch: &[f32]) {
@@ -287,6 +300,9 @@ unsafe fn block_avx512<const R: usize>(block: &Block, steps: std::ops::Range<usi
 
 /// The block for AVX2 CPUs (most AMD EPYC, older Xeons): the plain-Rust body below, compiled for
 /// AVX2 with fused multiply-adds, as the AVX-512 kernel rounds.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; the block is as [`block_avx512`] requires.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn block_avx2<const R: usize>(block: &Block, steps: std::ops::Range<usize>) {
@@ -295,12 +311,18 @@ unsafe fn block_avx2<const R: usize>(block: &Block, steps: std::ops::Range<usize
 
 /// The block for other CPUs (vectorised by the compiler; rounding differs from the fused
 /// multiply-adds of the kernels above).
+///
+/// # Safety
+/// The block is as [`block_avx512`] requires.
 unsafe fn block_portable<const R: usize>(block: &Block, steps: std::ops::Range<usize>) {
     block_plain::<R, false>(block, steps)
 }
 
 /// The register block in plain Rust; `FUSED` rounds each multiply-add once (only where the CPU has
 /// FMA: elsewhere `mul_add` is a slow library call).
+///
+/// # Safety
+/// The block is as [`block_avx512`] requires.
 #[inline(always)]
 unsafe fn block_plain<const R: usize, const FUSED: bool>(block: &Block, steps: std::ops::Range<usize>) {
     let cols = block.cols;
@@ -399,9 +421,11 @@ mod tests {
             let mut y = vec![0f32; 100];
             for p in 0..2 {
                 let panel = &packed.panels[p * 96 * PANEL..(p + 1) * 96 * PANEL];
+                // SAFETY: p * 64 < 100 = y.len().
                 let out = unsafe { y.as_mut_ptr().add(p * 64) };
                 let block = Block { rows: 1, x: &xs[..96], k: 96, panel, bias: None, y: out, y_stride: 100, cols: 64.min(100 - p * 64) };
                 // Two passes over the inputs, as the parallel product makes them.
+                // SAFETY: one row of 96 inputs, the panel's 96 steps, `cols` outputs inside `y`.
                 unsafe { kernel.run(&block, 0..50, &[]) };
                 unsafe { kernel.run(&block, 50..96, &[]) };
             }

@@ -17,11 +17,16 @@ pub fn log_sum_exp(row: &[f32]) -> f32 {
     m + exp_scaled(row, m, 1.0, None).ln()
 }
 
-/// Writes exp((row[i] - shift) * scale) into `out` (when given) and returns their sum.
+/// Writes exp((row[i] - shift) * scale) into `out` (when given; at least as long as `row`) and
+/// returns their sum.
 pub fn exp_scaled(row: &[f32], shift: f32, scale: f32, out: Option<&mut [f32]>) -> f32 {
+    // The vector path writes `row.len()` values through a raw pointer.
+    if let Some(out) = &out {
+        assert!(out.len() >= row.len(), "exp_scaled: {} outputs for {} values", out.len(), row.len());
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked just above).
+        // SAFETY: the CPU has AVX-512F (checked just above); `out` holds `row.len()` values (asserted).
         return unsafe { exp_scaled_avx512(row, shift, scale, out) };
     }
     match out {
@@ -56,6 +61,8 @@ pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// # Safety
+/// The CPU has AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn swiglu_avx512(gate: &mut [f32], up: &[f32]) {
@@ -75,6 +82,8 @@ unsafe fn swiglu_avx512(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// # Safety
+/// The CPU has AVX-512F, and `out`, when given, holds at least `row.len()` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn exp_scaled_avx512(row: &[f32], shift: f32, scale: f32, mut out: Option<&mut [f32]>) -> f32 {
@@ -101,6 +110,9 @@ unsafe fn exp_scaled_avx512(row: &[f32], shift: f32, scale: f32, mut out: Option
 /// exp(x) to about 1 ulp: x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for exp(r)
 /// (Cephes' expf coefficients), then scaled by 2^n. Below the smallest normal result it gives 0
 /// (no denormals, which are slow to compute with), above the largest f32 +inf.
+///
+/// # Safety
+/// The CPU has AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
