@@ -17,6 +17,7 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod eval;
+pub mod kernels;
 pub mod model;
 pub mod reward;
 pub mod store;

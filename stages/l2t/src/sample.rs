@@ -5,7 +5,8 @@
 //! rollout does not depend on which rows it was batched with.
 
 use crate::model::qwen2::padded_mask;
-use crate::model::{vexp, KvCache, Policy};
+use crate::kernels::vexp;
+use crate::model::{KvCache, Policy};
 use crate::table::rollouts::FinishReason;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;

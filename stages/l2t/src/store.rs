@@ -100,7 +100,8 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    /// A manifest for a CPU, f32 run; outputs are filled in at publish time.
+    /// A manifest for a CPU, f32 run (`device` and `dtype` are set otherwise for another backend);
+    /// outputs are filled in at publish time.
     pub fn new(stage: &str, version: u32, key: &str, params: serde_json::Value, inputs: Vec<InputRef>, seed: u64) -> Self {
         Self {
             stage: stage.into(),
@@ -140,13 +141,44 @@ pub fn short(key: &str) -> &str {
     &key[..key.len().min(12)]
 }
 
+/// Where a stage computes and in which precision: part of every key and manifest, since another
+/// device or dtype gives other bytes and must never be a cache hit for this one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// `cpu`, `cuda:N`, `metal:N`.
+    pub device: String,
+    /// `f32`, `bf16`, ...
+    pub dtype: String,
+}
+
+impl Backend {
+    /// The backend of a candle device at a dtype.
+    pub fn of(device: &candle_core::Device, dtype: candle_core::DType) -> Self {
+        let device = match device.location() {
+            candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+        };
+        Self { device, dtype: dtype.as_str().to_string() }
+    }
+
+    /// The CPU in f32, the reference every key was first defined on.
+    pub fn cpu_f32() -> Self {
+        Self { device: "cpu".into(), dtype: "f32".into() }
+    }
+}
+
 /// The key of a stage run: blake3 over its canonical definition. Inputs count by the content of
 /// the files read, not by the key of the run that made them, so a rerun upstream that writes the
-/// same bytes leaves every key downstream unchanged (early cutoff).
-pub fn stage_key(stage: &str, version: u32, params: &serde_json::Value, inputs: &[InputRef]) -> String {
+/// same bytes leaves every key downstream unchanged (early cutoff). The backend enters the key
+/// only when it is not the CPU in f32, so the keys of CPU runs stay those of earlier versions.
+pub fn stage_key(stage: &str, version: u32, params: &serde_json::Value, inputs: &[InputRef], backend: &Backend) -> String {
     let contents: Vec<serde_json::Value> = inputs.iter().map(|i| serde_json::json!({ "name": i.name, "files": i.files })).collect();
     // serde_json's default map is ordered, so this text is canonical.
-    let canonical = serde_json::json!({ "stage": stage, "version": version, "params": params, "inputs": contents });
+    let mut canonical = serde_json::json!({ "stage": stage, "version": version, "params": params, "inputs": contents });
+    if *backend != Backend::cpu_f32() {
+        canonical["backend"] = serde_json::json!({ "device": backend.device, "dtype": backend.dtype });
+    }
     blake3::hash(canonical.to_string().as_bytes()).to_hex().to_string()
 }
 
@@ -751,18 +783,29 @@ mod tests {
     #[test]
     fn key_depends_on_every_part() {
         let p = serde_json::json!({"a": 1});
-        let k = stage_key("s", 1, &p, &[]);
-        assert_ne!(k, stage_key("t", 1, &p, &[]));
-        assert_ne!(k, stage_key("s", 2, &p, &[]));
-        assert_ne!(k, stage_key("s", 1, &serde_json::json!({"a": 2}), &[]));
+        let cpu = Backend::cpu_f32();
+        let k = stage_key("s", 1, &p, &[], &cpu);
+        // A CPU f32 key is the one defined before backends entered it (caches stay valid) ...
+        let before = serde_json::json!({ "stage": "s", "version": 1, "params": p, "inputs": [] });
+        assert_eq!(k, blake3::hash(before.to_string().as_bytes()).to_hex().to_string());
+        assert_eq!(Backend::of(&candle_core::Device::Cpu, candle_core::DType::F32), cpu);
+        // ... and another device or dtype never shares it.
+        let cuda = Backend { device: "cuda:0".into(), dtype: "f32".into() };
+        let bf16 = Backend { device: "cpu".into(), dtype: "bf16".into() };
+        assert_ne!(k, stage_key("s", 1, &p, &[], &cuda));
+        assert_ne!(k, stage_key("s", 1, &p, &[], &bf16));
+        assert_ne!(stage_key("s", 1, &p, &[], &cuda), stage_key("s", 1, &p, &[], &Backend { device: "cuda:1".into(), ..cuda.clone() }));
+        assert_ne!(k, stage_key("t", 1, &p, &[], &cpu));
+        assert_ne!(k, stage_key("s", 2, &p, &[], &cpu));
+        assert_ne!(k, stage_key("s", 1, &serde_json::json!({"a": 2}), &[], &cpu));
         let input = InputRef { name: "x".into(), key: "k".into(), files: [("f".to_string(), "h".to_string())].into() };
-        let with_input = stage_key("s", 1, &p, &[input.clone()]);
+        let with_input = stage_key("s", 1, &p, &[input.clone()], &cpu);
         assert_ne!(k, with_input);
-        assert_eq!(k, stage_key("s", 1, &serde_json::json!({"a": 1}), &[]));
+        assert_eq!(k, stage_key("s", 1, &serde_json::json!({"a": 1}), &[], &cpu));
         // The same bytes from another producer run give the same key (early cutoff); other bytes do not.
-        assert_eq!(with_input, stage_key("s", 1, &p, &[InputRef { key: "other".into(), ..input.clone() }]));
+        assert_eq!(with_input, stage_key("s", 1, &p, &[InputRef { key: "other".into(), ..input.clone() }], &cpu));
         let changed = InputRef { files: [("f".to_string(), "h2".to_string())].into(), ..input };
-        assert_ne!(with_input, stage_key("s", 1, &p, &[changed]));
+        assert_ne!(with_input, stage_key("s", 1, &p, &[changed], &cpu));
     }
 
     #[test]

@@ -2,16 +2,14 @@
 //! directories (read and written) and GGUF files (read).
 
 pub mod chat;
-pub mod fused;
 pub mod gguf;
 pub mod hf;
-pub mod packed;
 pub mod qwen2;
 pub mod score;
 pub mod tokenizer;
-pub mod vexp;
 
 use crate::config::ModelShape;
+use crate::kernels::{self, fused};
 use crate::store::{Artifact, Staging};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -253,7 +251,7 @@ pub fn save_checkpoint(
 /// log-softmax over the vocabulary is never materialised. In f32 on the CPU one fused kernel
 /// does it (its backward pass writes the one (b, t, vocab) gradient); otherwise composed ops.
 pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-    if fused::applies(logits) {
+    if kernels::cpu_f32(logits) {
         return fused::target_logprobs(logits, targets);
     }
     // The shift keeps exp in range; log-sum-exp does not depend on it, so no gradient flows to it.
@@ -420,6 +418,41 @@ mod tests {
         let padded = full_logits.get(1).unwrap().narrow(0, 2, 6).unwrap();
         let diff = (alone_logits.get(0).unwrap() - padded).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-4, "padded vs unpadded: {diff}");
+    }
+
+    /// The device-generic path (candle's composed ops, what CUDA runs) against the CPU kernels on
+    /// the same weights: logits and every parameter's gradient, with biases, GQA and left padding.
+    #[test]
+    fn generic_path_matches_the_cpu_kernels() {
+        let mut cfg = test_config(32, 48, 2, 4, 2);
+        cfg.attention_bias = Some(true);
+        let dev = Device::Cpu;
+        let weights = init_weights(&cfg, 5, &dev).unwrap();
+        let tokens = Tensor::from_vec(vec![0u32, 0, 5, 9, 3, 7, 2, 8, 4, 6, 1, 11], (2, 6), &dev).unwrap();
+        let pos = positions(vec![vec![0, 0, 0, 1, 2, 3], vec![0, 1, 2, 3, 4, 5]]);
+        let mask = padded_mask(&[2, 0], 0, 6, &dev).unwrap();
+        let run = || {
+            let vars: BTreeMap<String, Var> = weights.iter().map(|(k, t)| (k.clone(), Var::from_tensor(t).unwrap())).collect();
+            let model = build_model(&cfg, &vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect(), &dev).unwrap();
+            let logits = model.forward(&tokens, &pos, &mask, None).unwrap();
+            let loss = token_logprobs(&logits, &tokens).unwrap().mean_all().unwrap().neg().unwrap();
+            let grads = loss.backward().unwrap();
+            let grads: BTreeMap<String, Tensor> =
+                vars.iter().map(|(k, v)| (k.clone(), grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{k}: no gradient")).clone())).collect();
+            (logits, grads, kernels::cpu_f32(&tokens.to_dtype(DType::F32).unwrap()))
+        };
+        let (fast_logits, fast_grads, fast_took_kernels) = run();
+        let (generic_logits, generic_grads, generic_took_kernels) = kernels::generic(run);
+        assert!(fast_took_kernels && !generic_took_kernels, "the switch must select the path");
+        assert!(kernels::cpu_f32(&fast_logits), "the switch ends with the closure");
+        let max_diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let max_abs = |a: &Tensor| a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(max_diff(&fast_logits, &generic_logits) < 1e-5);
+        assert_eq!(fast_grads.len(), cfg.tensor_shapes().len());
+        for (name, g) in &fast_grads {
+            let diff = max_diff(g, &generic_grads[name]);
+            assert!(diff <= 1e-4 * max_abs(g).max(1e-3), "{name}: gradients differ by {diff} (scale {})", max_abs(g));
+        }
     }
 
     #[test]

@@ -8,8 +8,7 @@
 //! Every forward takes explicit per-row positions and an additive attention mask, so one batch can
 //! hold prompts of different lengths (left padding) and decode from a KV cache.
 
-use super::fused;
-use super::packed::PackedLinear;
+use crate::kernels::{self, fused, packed::PackedLinear};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -224,7 +223,7 @@ impl Proj {
 
     /// Packs the weights of an f32 CPU model that will not be trained.
     fn pack(&mut self) -> Result<()> {
-        if self.weight.dtype() == DType::F32 && self.weight.device().is_cpu() && gradient_free(&[&self.weight]) {
+        if kernels::cpu_f32(&self.weight) && gradient_free(&[&self.weight]) {
             self.packed = Some(Arc::new(PackedLinear::new(&self.weight, self.bias.as_ref())?));
         }
         Ok(())
@@ -244,7 +243,7 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if fused::applies(x) {
+        if kernels::cpu_f32(x) {
             return fused::rms_norm(x, &self.weight, self.eps);
         }
         let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -277,7 +276,7 @@ impl RotaryEmbedding {
         let half = head_dim / 2;
         let flat = positions.flatten_all()?;
         let rows = |table: &Tensor| table.index_select(&flat, 0)?.reshape((b, t, half));
-        if fused::applies(x) {
+        if kernels::cpu_f32(x) {
             return fused::rope(x, &rows(&self.cos)?, &rows(&self.sin)?);
         }
         let gather = |table: &Tensor| -> Result<Tensor> {
@@ -325,7 +324,7 @@ impl MlpWeights {
 
 /// silu(gate) * up, the MLP's gated activation.
 fn swiglu(gate: Tensor, up: Tensor) -> Result<Tensor> {
-    if fused::applies(&gate) {
+    if kernels::cpu_f32(&gate) {
         return fused::swiglu(&gate, &up);
     }
     gate.silu()? * up
@@ -496,7 +495,7 @@ impl Attention {
         let (kv, n_rep, total) = (self.num_kv_heads, self.num_heads / self.num_kv_heads, k.dim(2)?);
         let q = q.reshape((b, kv, n_rep * t, self.head_dim))?;
         let (scores, scale) = (q.matmul(&k.t()?)?, 1.0 / (self.head_dim as f64).sqrt());
-        let probs = if fused::applies(&scores) {
+        let probs = if kernels::cpu_f32(&scores) {
             fused::masked_softmax(&scores.reshape((b, self.num_heads, t, total))?, mask, scale)?
         } else {
             let scores = (scores * scale)?.reshape((b, kv, n_rep, t, total))?.broadcast_add(&mask.unsqueeze(2)?)?;

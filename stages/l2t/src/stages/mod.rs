@@ -22,13 +22,13 @@ pub use update::run_grpo_update;
 
 use crate::config::Config;
 use crate::model::{self, tokenizer, Policy};
-use crate::store::{self, iter_slot, stage_key, Artifact, Claim, InputRef, Manifest, Outcome, Staging, Store};
+use crate::store::{self, iter_slot, stage_key, Artifact, Backend, Claim, InputRef, Manifest, Outcome, Staging, Store};
 use crate::table::episodes::{self, EpisodeRow};
 use crate::table::prompts::PromptRow;
 use crate::table::rollouts::{self, RolloutRow};
 use crate::train::checkpoint;
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -55,6 +55,8 @@ pub struct Ctx {
     pub run: String,
     pub config: Config,
     pub device: Device,
+    /// The precision of the policy's passes (f32 on the CPU; part of every key with the device).
+    pub dtype: DType,
     /// The whole stage run, or one shard of it, or the merge of its shards ([`shard`]).
     pub part: Part,
     /// Take a cache hit or fail with [`crate::cli::NotCached`]; never compute.
@@ -70,7 +72,12 @@ impl Ctx {
             // candle's CPU kernels size their thread pool from this variable on first use.
             std::env::set_var("RAYON_NUM_THREADS", config.threads.to_string());
         }
-        Ok(Self { store: Store::new(artifacts), run: run.to_string(), config, device: Device::Cpu, part: Part::Whole, only_cached: false })
+        Ok(Self { store: Store::new(artifacts), run: run.to_string(), config, device: Device::Cpu, dtype: DType::F32, part: Part::Whole, only_cached: false })
+    }
+
+    /// The device and dtype this context computes on, as keys and manifests record them.
+    pub fn backend(&self) -> Backend {
+        Backend::of(&self.device, self.dtype)
     }
 }
 
@@ -117,7 +124,8 @@ fn execute(
     compute: impl FnOnce(&mut Staging) -> Result<serde_json::Value>,
 ) -> Result<Summary> {
     let started = Instant::now();
-    let key = stage_key(stage, version, &params, &inputs);
+    let backend = ctx.backend();
+    let key = stage_key(stage, version, &params, &inputs, &backend);
     if ctx.only_cached && ctx.store.lookup(&key)?.is_none() {
         return Err(crate::cli::NotCached(store::short(&key).to_string()).into());
     }
@@ -128,6 +136,8 @@ fn execute(
             let mut staging = ctx.store.begin(&key)?;
             let metrics = compute(&mut staging)?;
             let mut manifest = Manifest::new(stage, version, &key, params, inputs, ctx.config.seed);
+            manifest.device = backend.device;
+            manifest.dtype = backend.dtype;
             manifest.wall_time_s = computing.elapsed().as_secs_f64();
             manifest.metrics = metrics;
             let artifact = staging.publish(manifest)?;

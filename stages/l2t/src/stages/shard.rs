@@ -143,7 +143,7 @@ pub fn execute_sharded<J: Sharded>(
             let shards: Vec<Artifact> = (0..count)
                 .map(|index| {
                     let shard = Shard { index, count };
-                    let key = stage_key(stage, version, &shard_params(&params, shard), &shard_inputs);
+                    let key = stage_key(stage, version, &shard_params(&params, shard), &shard_inputs, &ctx.backend());
                     ctx.store.entry(&key)?.with_context(|| {
                         format!("shard {shard} of {slot} is not in the store (key {}): run `{stage} --shard {shard}` first", crate::store::short(&key))
                     })

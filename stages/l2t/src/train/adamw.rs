@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
-use crate::model::fused::{contiguous_f32, contiguous_f32_mut};
+use crate::kernels::{self, fused::{contiguous_f32, contiguous_f32_mut}};
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -105,7 +105,7 @@ impl AdamW {
 
 /// Whether a buffer takes the in-place kernels: f32, on the CPU, contiguous.
 fn in_place(t: &Tensor) -> bool {
-    t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous()
+    kernels::cpu_f32(t) && t.is_contiguous()
 }
 
 /// The optimizer's elementwise updates, in place over contiguous f32 CPU buffers.

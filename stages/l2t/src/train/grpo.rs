@@ -510,4 +510,35 @@ mod tests {
         assert!(sum(&after_logp[1]) < sum(&logp[1]), "negative advantage: {:?} -> {:?}", logp[1], after_logp[1]);
         assert!(log[0].clip_frac == 0.0 && (log[0].ratio_mean - 1.0).abs() < 1e-5, "{:?}", log[0]);
     }
+
+    /// One whole update (two AdamW steps, clipping and the KL term on) on the device-generic path
+    /// (composed ops and the composed AdamW, what CUDA runs) gives the CPU kernels' weights.
+    #[test]
+    fn an_update_on_the_generic_path_matches_the_cpu_kernels() {
+        let (cfg, weights) = small();
+        let dev = Device::Cpu;
+        let seqs = [
+            Sequence { prompt: vec![3, 4], response: vec![5, 6, 7], logp_old: vec![-5.5, -5.9, -5.2], logp_ref: vec![-5.6, -5.8, -5.7], a_t: vec![1.0, -0.5, 2.0] },
+            Sequence { prompt: vec![9], response: vec![10, 11], logp_old: vec![-5.7, -5.6], logp_ref: vec![-5.7, -5.6], a_t: vec![-1.0, 0.7] },
+        ];
+        let p = GrpoParams { ppo_epochs: 2, weight_decay: 0.01, ..params() };
+        let train = || {
+            let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(3);
+            update(&cfg, weights.clone(), None, &seqs, &p, 0, &mut rng, &dev, |_| {}).unwrap()
+        };
+        let (fast, fast_state, fast_log) = train();
+        let (generic, generic_state, generic_log) = crate::kernels::generic(train);
+        assert_eq!((fast_state.step, fast_log.len()), (generic_state.step, generic_log.len()));
+        for (a, b) in fast_log.iter().zip(&generic_log) {
+            assert!((a.loss - b.loss).abs() < 1e-5 * a.loss.abs().max(1.0), "loss {} vs {}", a.loss, b.loss);
+        }
+        // Mean absolute differences: Adam's first steps move a weight by about lr whatever its
+        // gradient's size, so a gradient within rounding of 0 may move either way on either path.
+        let mean_abs = |t: Tensor| t.abs().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+        for (name, w) in &fast {
+            let moved = mean_abs((w - &weights[name]).unwrap());
+            let diff = mean_abs((w - &generic[name]).unwrap());
+            assert!(diff <= 1e-3 * moved + 1e-7, "{name}: the paths' weights differ by {diff} on average (the update moved them {moved})");
+        }
+    }
 }

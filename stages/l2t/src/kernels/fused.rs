@@ -3,19 +3,14 @@
 //! scaled and masked softmax, silu(gate) * up, RMS norm, rotary embedding and the token log-prob
 //! of a target under a row of logits. Each carries its hand-written backward pass, so training
 //! takes the same kernels; the unit tests check values and gradients against the composed ops.
-//! Other dtypes and devices fall back to the composed ops (the callers').
+//! Other dtypes and devices fall back to the composed ops (the callers', under [`super::cpu_f32`]).
 
 use super::vexp;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Values handed to one parallel task at least (small rows are not worth a task each).
 const MIN_TASK_VALUES: usize = 1 << 14;
-
-/// Whether the fused kernels apply: f32 on the CPU.
-pub fn applies(x: &Tensor) -> bool {
-    x.dtype() == DType::F32 && x.device().is_cpu()
-}
 
 /// softmax(x * scale + mask) over the last dimension for attention scores x (b, heads, t, total)
 /// under an additive mask (b, 1, t, total) shared by the heads (no gradient flows to the mask).

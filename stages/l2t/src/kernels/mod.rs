@@ -1,0 +1,37 @@
+//! The CPU backend's kernels: the fused elementwise kernels with their backward passes
+//! ([`fused`]), the packed projections for inference ([`packed`]) and the vectorised
+//! exponentials ([`vexp`]). Every caller picks between them and candle's composed ops with one
+//! predicate, [`cpu_f32`]; the composed ops are the device-generic path (the one CUDA runs), so
+//! a GPU backend joins here: its own predicate and kernels, the callers unchanged.
+
+pub mod fused;
+pub mod packed;
+pub mod vexp;
+
+use candle_core::{DType, Tensor};
+
+/// Whether a tensor takes the CPU backend's kernels: f32 on the CPU. Anything else (another
+/// dtype, another device) takes candle's composed ops.
+pub fn cpu_f32(x: &Tensor) -> bool {
+    x.dtype() == DType::F32 && x.device().is_cpu() && !GENERIC.with(|g| g.get())
+}
+
+thread_local! {
+    /// Set while [`generic`] runs: this thread takes the composed ops even for f32 CPU tensors.
+    static GENERIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the CPU backend's kernels off on this thread, so that the CPU runs the
+/// device-generic composed ops a GPU runs: how the tests check that path against the kernels
+/// without a GPU. The switch is per thread (the choice is made where a model's forward pass
+/// runs, never inside a kernel's worker threads), so tests running beside it are not affected.
+pub fn generic<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GENERIC.with(|g| g.set(self.0));
+        }
+    }
+    let _restore = Restore(GENERIC.with(|g| g.replace(true)));
+    f()
+}
