@@ -9,7 +9,7 @@
 //! workload's own. Nothing is asserted: figures are printed.
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use l2t::config::{Config, PromptConfig};
+use l2t::config::{Config, Estimator, PromptConfig, PromptStyle, Rule, Template};
 use l2t::model::{self, chat, tokenizer, Checkpoint, Policy};
 use l2t::sample::{generate, Request, SamplerParams};
 use l2t::train::sft::{self, Example, SftParams};
@@ -157,7 +157,7 @@ fn tiny_qwen2(dev: &candle_core::Device) -> Result<Policy> {
 /// SmolLM2: the four prompts through its chat template; tiny Qwen2: random ids of the peers' lengths.
 fn prompts(policy: &Policy, model_name: &str) -> Result<Vec<Vec<u32>>> {
     if model_name == "smollm2" {
-        let cfg = PromptConfig { template: "chat".into(), ..Default::default() };
+        let cfg = PromptConfig { template: Template::Chat, ..Default::default() };
         return PROMPTS.iter().map(|p| chat::prompt_ids(policy, &cfg, p)).collect();
     }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
@@ -237,14 +237,14 @@ fn bench_l2t_iteration(args: &Args, base: &Config) -> Result<()> {
     let mut config = base.clone();
     config.bootstrap.source = args.smollm2.display().to_string();
     config.bootstrap.eval_prompts = 0;
-    config.task.prompt_style = "question".into();
+    config.task.prompt_style = PromptStyle::Question;
     config.task.eval_file = String::new();
-    config.prompt = PromptConfig { template: "chat".into(), system: String::new(), instructions: "Finish with \\boxed{answer}.".into() };
+    config.prompt = PromptConfig { template: Template::Chat, system: String::new(), instructions: "Finish with \\boxed{answer}.".into() };
     config.sample.prompts_per_iter = 4;
     config.sample.group_size = 4;
     config.sample.max_new_tokens = 64;
     config.sample.batch_rows = 16;
-    config.segment.rule = "paragraphs".into();
+    config.segment.rule = Rule::Paragraphs;
     config.reward.batch_rows = 16;
     config.update.micro_batch = 4;
     config.update.lr = 1e-6;
@@ -283,13 +283,13 @@ fn stage_times(ctx: &l2t::stages::Ctx) -> Result<()> {
     if base.is_none() {
         config.bootstrap.steps = 100;
     }
-    let with_estimator = |estimator: &str| -> Result<Ctx> {
+    let with_estimator = |estimator: Estimator| -> Result<Ctx> {
         let mut c = config.clone();
-        c.penalty.estimator = estimator.into();
+        c.penalty.estimator = estimator;
         Ctx::new(scratch.path().to_path_buf(), "bench", c)
     };
-    let fd = with_estimator("fd")?;
-    let grad = with_estimator("grad")?;
+    let fd = with_estimator(Estimator::Fd)?;
+    let grad = with_estimator(Estimator::Grad)?;
     stages::run_prepare(&fd)?;
     if let Some(base) = &base {
         fd.store.import(base)?;

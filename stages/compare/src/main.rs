@@ -7,9 +7,9 @@
 //! second invocation with nothing changed only re-reads the artifacts and redraws the report.
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use l2t::config::Config;
+use l2t::config::{Config, Method, Rule};
 use l2t::eval::stats::{paired_difference, ratio_interval, t_interval, Interval};
-use l2t::reward::segment::{segment, span_bytes, Rule};
+use l2t::reward::segment::{segment, span_bytes};
 use l2t::stages::{self, eval_slot, run_eval, Ctx, EvalPolicy, EvalPrompts, PREPARE_SLOT};
 use l2t::store::{iter_slot, Store};
 use l2t::table::eval_samples::{self, EvalSampleRow};
@@ -60,7 +60,7 @@ struct Args {
 #[derive(Debug, Clone)]
 struct Arm {
     name: String,
-    method: String,
+    method: Method,
     overrides: Vec<(String, String)>,
 }
 
@@ -68,8 +68,7 @@ impl Arm {
     /// `method[+key=value...]`.
     fn parse(text: &str) -> Result<Self> {
         let mut parts = text.split('+');
-        let method = parts.next().unwrap_or_default().to_string();
-        l2t::train::credit::Method::parse(&method).with_context(|| format!("arm {text:?}"))?;
+        let method: Method = parts.next().unwrap_or_default().parse().with_context(|| format!("arm {text:?}"))?;
         let overrides = parts
             .map(|p| p.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).with_context(|| format!("arm {text:?}: {p:?} is not key=value")))
             .collect::<Result<_>>()?;
@@ -86,7 +85,8 @@ impl Arm {
     }
 
     fn config(&self, base: &Config, seed: u64) -> Result<Config> {
-        let mut cfg = base.with_override("credit.method", &self.method)?;
+        let mut cfg = base.clone();
+        cfg.credit.method = self.method;
         for (k, v) in &self.overrides {
             cfg = cfg.with_override(k, v).with_context(|| format!("arm {}", self.name))?;
         }
@@ -535,7 +535,7 @@ impl Report<'_> {
     /// The L2T reward's parts per iteration for each l2t arm (mean over seeds): where the signal
     /// comes from, how often the regularised guard binds, and how often credit is inverted.
     fn reward_terms_markdown(&self, md: &mut String) {
-        for arm in self.arms.iter().filter(|a| a.method == "l2t") {
+        for arm in self.arms.iter().filter(|a| a.method == Method::L2t) {
             let _ = writeln!(
                 md,
                 "## The reward's terms, arm `{}` (per episode; shares of rollouts with a signal)\n\n\

@@ -178,7 +178,7 @@ fn bad_checkpoints_are_refused_with_a_clear_error() {
     let ckpt: Checkpoint = hf::read_dir(&repo().join("tests/fixtures/tiny_hf/llama"), &Device::Cpu).unwrap();
     assert!(ckpt.chat_template().is_none());
     let policy = Policy::from_checkpoint(ckpt, &Device::Cpu).unwrap();
-    let cfg = l2t::config::PromptConfig { template: "chat".into(), ..Default::default() };
+    let cfg = l2t::config::PromptConfig { template: l2t::config::Template::Chat, ..Default::default() };
     let err = format!("{:#}", chat::prompt_ids(&policy, &cfg, "What is 2 + 3?").unwrap_err());
     assert!(err.contains("no chat template"), "{err}");
 }

@@ -161,7 +161,7 @@ fn score(model: &std::path::Path, text: Option<String>, text_file: Option<PathBu
     let dev = candle_core::Device::Cpu;
     let policy = Policy::from_checkpoint(model::read_checkpoint(model, &dev)?, &dev)?;
     let text = if chat {
-        let cfg = l2t::config::PromptConfig { template: "chat".into(), ..Default::default() };
+        let cfg = l2t::config::PromptConfig { template: l2t::config::Template::Chat, ..Default::default() };
         chat_template::prompt_text(policy.chat_template(), &cfg, &text, &policy.tokenizer_config)?
     } else {
         text

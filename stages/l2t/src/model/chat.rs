@@ -3,7 +3,7 @@
 //! `apply_chat_template` does (Python string methods, `raise_exception`, the special tokens).
 
 use super::{tokenizer, Policy};
-use crate::config::PromptConfig;
+use crate::config::{PromptConfig, Template};
 use anyhow::{anyhow, bail, Result};
 use minijinja::{context, Environment, Error, ErrorKind, Value};
 
@@ -54,7 +54,7 @@ pub fn prompt_ids(policy: &Policy, cfg: &PromptConfig, prompt: &str) -> Result<V
 
 /// The text of a prompt: as is (`raw`), or rendered through the chat template (`chat`).
 pub fn prompt_text(template: Option<&str>, cfg: &PromptConfig, prompt: &str, tokenizer_config: &serde_json::Value) -> Result<String> {
-    if cfg.template == "raw" {
+    if cfg.template == Template::Raw {
         return Ok(prompt.to_string());
     }
     let Some(template) = template else {
@@ -109,7 +109,7 @@ mod tests {
         let cfg = serde_json::json!({});
         let raw = PromptConfig::default();
         assert_eq!(prompt_text(None, &raw, "Q?", &cfg).unwrap(), "Q?");
-        let chat = PromptConfig { template: "chat".into(), system: "S".into(), instructions: "Box it.".into() };
+        let chat = PromptConfig { template: Template::Chat, system: "S".into(), instructions: "Box it.".into() };
         assert_eq!(
             prompt_text(Some(SMOLLM2), &chat, "Q?", &cfg).unwrap(),
             "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ?\n\nBox it.<|im_end|>\n<|im_start|>assistant\n"

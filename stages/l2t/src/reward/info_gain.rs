@@ -5,29 +5,11 @@
 //! response, then one short teacher-forced continuation (`close`, then the answer) per boundary,
 //! every continuation of a batch decoded together against the rows of that one cache.
 
+use crate::config::JMode;
 use crate::model::qwen2::{padded_mask, MASKED};
 use crate::model::{token_logprobs, KvCache, Model};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
-
-/// How the answer tokens' probabilities combine into `J` (knob `reward.j_mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JMode {
-    /// Product of the answer tokens' probabilities (default).
-    Prob,
-    /// Geometric mean of them (length-neutral).
-    Geomean,
-}
-
-impl JMode {
-    pub fn parse(text: &str) -> Result<Self> {
-        match text {
-            "prob" => Ok(Self::Prob),
-            "geomean" => Ok(Self::Geomean),
-            other => bail!("unknown j_mode {other:?} (expected prob or geomean)"),
-        }
-    }
-}
 
 /// `J` from the log-probabilities of the answer tokens `a*` (spec 4: "the product of the answer
 /// tokens' probabilities", or their geometric mean).

@@ -11,53 +11,12 @@
 //! trunk below the block does not depend on `theta~`, so it runs once in f32; the block and what
 //! follows run in f64, where a step of `eps D~` is far above rounding noise.
 
+use crate::config::Estimator;
 use crate::model::qwen2::MlpWeights;
 use crate::model::{token_logprobs, Model, TeacherForced};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use nalgebra::DMatrix;
-
-/// How `g . D~` is computed (knob `penalty.estimator`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Estimator {
-    /// Central finite difference, two passes for all rollouts (default).
-    Fd,
-    /// Exact, one backward pass per episode through the proxy block.
-    Grad,
-}
-
-impl Estimator {
-    pub fn parse(text: &str) -> Result<Self> {
-        match text {
-            "fd" => Ok(Self::Fd),
-            "grad" => Ok(Self::Grad),
-            other => bail!("unknown estimator {other:?} (expected fd or grad)"),
-        }
-    }
-}
-
-/// How raw `C` is put on the scale of `dI` (knob `penalty.scale`, spec 5 revised 2026-12-01).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scale {
-    /// Cap at a quantile of the nonzero `C`, then scale so that the batch's mean penalty equals
-    /// its mean `|dI|`: `beta` is the penalty-to-gain ratio (default).
-    GainMatched,
-    /// Divide by the median of the batch's nonzero `C` (the first reading; an ablation).
-    BatchMedian,
-    /// Keep the raw values.
-    None,
-}
-
-impl Scale {
-    pub fn parse(text: &str) -> Result<Self> {
-        match text {
-            "gain-matched" => Ok(Self::GainMatched),
-            "batch-median" => Ok(Self::BatchMedian),
-            "none" => Ok(Self::None),
-            other => bail!("unknown scale {other:?} (expected gain-matched, batch-median or none)"),
-        }
-    }
-}
 
 /// `r = max(1, ceil(rank_fraction * min(rows, cols)))` (spec 5).
 pub fn rank_for(rows: usize, cols: usize, rank_fraction: f64) -> usize {

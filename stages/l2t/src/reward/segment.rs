@@ -13,45 +13,15 @@
 //! - tokens before the first episode join it; `</think>` and the answer join the last episode;
 //! - no parseable episode: one episode over the whole response, `format_ok = false`.
 
+use crate::config::Rule;
 use crate::config::AnswerExtraction;
 use crate::table::rollouts::FinishReason;
 use crate::task::grade::{grade_optional, Grade};
 use crate::task::{BOXED_OPEN, THINK_CLOSE, THINK_OPEN};
-use anyhow::{bail, Context, Result};
-
-/// How responses are cut into episodes (knob `segment.rule`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rule {
-    /// `<episode_k>` tags (default).
-    Tags,
-    /// Blank-line paragraphs, a new episode at a paragraph opening with a reflection cue (MRT).
-    Paragraphs,
-    /// Fixed spans of N tokens (VinePPO).
-    Chunks(usize),
-}
 
 /// Paragraph openings that start a new episode under [`Rule::Paragraphs`].
 pub const PARAGRAPH_CUES: &[&str] =
     &["Wait", "Alternatively", "But let me double-check", "Let me double-check", "Let me check", "Let me verify", "Hmm", "Actually"];
-
-impl Rule {
-    pub fn parse(text: &str) -> Result<Self> {
-        match text {
-            "tags" => Ok(Rule::Tags),
-            "paragraphs" => Ok(Rule::Paragraphs),
-            _ => {
-                let n = text
-                    .strip_prefix("chunks:")
-                    .with_context(|| format!("unknown rule {text:?} (expected tags, paragraphs or chunks:N)"))?;
-                let n: usize = n.parse().with_context(|| format!("chunks:N needs a positive integer, got {n:?}"))?;
-                if n == 0 {
-                    bail!("chunks:N needs a positive integer, got 0");
-                }
-                Ok(Rule::Chunks(n))
-            }
-        }
-    }
-}
 
 /// Episodes of one response.
 #[derive(Debug, Clone, PartialEq)]
@@ -731,15 +701,6 @@ mod tests {
                 assert_partition(&seg, ends.len());
             }
         }
-    }
-
-    #[test]
-    fn rule_parsing() {
-        assert_eq!(Rule::parse("tags").unwrap(), Rule::Tags);
-        assert_eq!(Rule::parse("chunks:16").unwrap(), Rule::Chunks(16));
-        assert!(Rule::parse("chunks:0").is_err());
-        assert!(Rule::parse("chunks:x").is_err());
-        assert!(Rule::parse("lines").is_err());
     }
 
     #[test]

@@ -6,7 +6,8 @@ use super::{progress_bar, Ctx, Summary, BOOTSTRAP_SLOT, EVAL_VERSION, PREPARE_SL
 use crate::eval::{at_budget, summarize, AtBudget, SampleResult};
 use crate::model::{chat, tokenizer};
 use crate::model::Policy;
-use crate::reward::segment::{answer_tokens, extract_answer_with, outcome_reward_with, reasoning_tokens, segment, token_char_ends, Rule};
+use crate::reward::segment::{answer_tokens, extract_answer_with, outcome_reward_with, reasoning_tokens, segment, token_char_ends};
+use crate::config::Rule;
 use crate::sample::{generate, Request, SamplerParams};
 use crate::store::{self, iter_slot, Artifact, InputRef, Staging, EVALS_DIR};
 use crate::table::eval_samples::{self, EvalSampleRow};
@@ -168,9 +169,9 @@ pub fn run_eval(ctx: &Ctx, target: EvalPolicy, on: &EvalPrompts) -> Result<Vec<S
     };
     let slot = eval_slot(&split, target);
     // The format-valid rate reads the episodes as `segment` cuts them.
-    let rule = Rule::parse(&cfg.segment.rule).context("segment.rule")?;
+    let rule = cfg.segment.rule;
     let mut params = cfg.stage_params("eval")?;
-    params["segment_rule"] = cfg.segment.rule.clone().into();
+    params["segment_rule"] = cfg.segment.rule.to_string().into();
     let rows: Vec<PromptRow> = rows.into_iter().take(if e.prompts == 0 { usize::MAX } else { e.prompts }).collect();
     if rows.is_empty() {
         bail!("no prompts to evaluate");

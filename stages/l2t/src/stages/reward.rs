@@ -8,8 +8,9 @@ use crate::model::tokenizer;
 use crate::model::{build_model_as, Policy};
 use crate::reward::episode_reward;
 use crate::reward::segment::{reasoning_tokens, token_char_ends};
-use crate::reward::info_gain::{delta_i, j_values, JMode, JRequest};
-use crate::reward::penalty::{self, c_fisher, direction, directional_derivatives, Estimator, ProxyModel, Scale, SeqRequest};
+use crate::config::Scale;
+use crate::reward::info_gain::{delta_i, j_values, JRequest};
+use crate::reward::penalty::{self, c_fisher, direction, directional_derivatives, ProxyModel, SeqRequest};
 use super::shard::{execute_sharded, Sharded};
 use crate::store::{iter_slot, Artifact, Staging};
 use crate::table::advantages::{self, AdvantageRow};
@@ -18,7 +19,7 @@ use crate::table::episodes::{self, EpisodeRow};
 use crate::table::prompts::{self, PromptRow};
 use crate::table::rollouts::{self, RolloutRow};
 use crate::task::episode_kind;
-use crate::train::credit::{assign_group, is_inverted, CreditParams, Method, RolloutSignal, TokenScale};
+use crate::train::credit::{assign_group, is_inverted, RolloutSignal};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use std::collections::HashMap;
@@ -57,9 +58,6 @@ pub fn run_fisher_reward(ctx: &Ctx, iteration: u32) -> Result<Summary> {
         seg,
         policy,
         base,
-        j_mode: JMode::parse(&cfg.reward.j_mode)?,
-        estimator: Estimator::parse(&cfg.penalty.estimator)?,
-        scale: Scale::parse(&cfg.penalty.scale)?,
     };
     let slot = iter_slot(iteration, "fisher-reward");
     execute_sharded(ctx, "fisher-reward", FISHER_REWARD_VERSION, &slot, cfg.stage_params("fisher-reward")?, inputs, vec![], &job)
@@ -72,9 +70,6 @@ struct FisherJob<'a> {
     seg: Artifact,
     policy: Artifact,
     base: Artifact,
-    j_mode: JMode,
-    estimator: Estimator,
-    scale: Scale,
 }
 
 /// The iteration's rollouts and their episodes, in order.
@@ -218,7 +213,7 @@ impl Sharded for FisherJob<'_> {
                     }
                 })
                 .collect();
-            j.extend(j_values(&policy.model, pad, &requests, self.j_mode)?);
+            j.extend(j_values(&policy.model, pad, &requests, cfg.reward.j_mode)?);
             bar.inc(rows.len() as u64);
         }
         bar.finish_and_clear();
@@ -247,7 +242,7 @@ impl Sharded for FisherJob<'_> {
                     .zip(&spans)
                     .map(|(r, spans)| SeqRequest { prompt: &r.prompt_token_ids, response: &r.token_ids, spans })
                     .collect();
-                out.extend(directional_derivatives(&proxy, &theta, &dir, &requests, pad, self.estimator, cfg.penalty.eps)?);
+                out.extend(directional_derivatives(&proxy, &theta, &dir, &requests, pad, cfg.penalty.estimator, cfg.penalty.eps)?);
                 bar.inc(rows.len() as u64);
             }
             bar.finish_and_clear();
@@ -293,7 +288,7 @@ impl Sharded for FisherJob<'_> {
         let d_i: Vec<Vec<f64>> = j.iter().map(|j| delta_i(j)).collect();
         // E: the episodes of rollouts that take part in training.
         let in_e: Vec<bool> = by_rollout.iter().flat_map(|eps| eps.iter().map(|e| !e.excluded)).collect();
-        let (c_scaled, scale_metrics) = match self.scale {
+        let (c_scaled, scale_metrics) = match cfg.penalty.scale {
             Scale::GainMatched => {
                 let g = penalty::scale_gain_matched(&c_raw, &d_i.concat(), &in_e, cfg.penalty.cap_quantile);
                 let metrics = serde_json::json!({ "q": g.q, "mean_abs_d_i": g.mean_abs_d_i, "mean_c_capped": g.mean_c_capped });
@@ -319,7 +314,7 @@ impl Sharded for FisherJob<'_> {
                     g_dot_d: g_dot_d[i][k],
                     c_raw: c_raw[at],
                     c_scaled: c_scaled[at],
-                    estimator: cfg.penalty.estimator.clone(),
+                    estimator: cfg.penalty.estimator.to_string(),
                 });
             }
         }
@@ -371,15 +366,6 @@ pub fn run_credit_assign(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summa
         seg.manifest.as_input("episodes", &[episodes::FILE])?,
         rewards.manifest.as_input("episode_rewards", &[episode_rewards::FILE])?,
     ];
-    let credit_params = CreditParams {
-        method: Method::parse(&cfg.credit.method)?,
-        alpha: cfg.credit.alpha,
-        trim: cfg.credit.trim,
-        clip: cfg.credit.clip,
-        token_scale: TokenScale::parse(&cfg.credit.token_scale)?,
-        rho: cfg.credit.rho,
-        a_lp: cfg.credit.a_lp,
-    };
     let c = &cfg.credit;
     let slot = iter_slot(iteration, "credit-assign");
     let summary = execute(ctx, "credit-assign", CREDIT_ASSIGN_VERSION, &slot, cfg.stage_params("credit-assign")?, inputs, |staging| {
@@ -426,7 +412,7 @@ pub fn run_credit_assign(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summa
         for members in &groups {
             let signals: Vec<RolloutSignal> = members.iter().map(|&i| signal(i)).collect();
             let excluded = by_rollout[members[0]][0].excluded;
-            let (mut credits, zero_std) = assign_group(&signals, &credit_params);
+            let (mut credits, zero_std) = assign_group(&signals, &cfg.credit);
             if excluded {
                 excluded_groups += 1;
                 credits.iter_mut().for_each(|cr| {
@@ -450,7 +436,7 @@ pub fn run_credit_assign(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summa
                     iteration,
                     prompt_id: r.prompt_id.clone(),
                     sample_idx: r.sample_idx,
-                    method: cfg.credit.method.clone(),
+                    method: cfg.credit.method.to_string(),
                     r_episode: to_f32(&sig.episode_rewards),
                     w: to_f32(&credit.w),
                     r_t: to_f32(&credit.r_t),

@@ -5,7 +5,7 @@ use super::setup::rollout_seed;
 use super::shard::{execute_sharded, Sharded};
 use crate::model::{chat, tokenizer};
 use crate::model::{self, Policy};
-use crate::reward::segment::{outcome_reward, segment, span_bytes, token_char_ends, Rule};
+use crate::reward::segment::{outcome_reward, segment, span_bytes, token_char_ends};
 use crate::sample::{generate, Request, SamplerParams};
 use crate::store::{self, iter_slot, Artifact, Staging};
 use crate::table::episodes::{self, EpisodeRow};
@@ -164,7 +164,7 @@ pub fn run_segment(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summary> {
         sample.manifest.as_input("rollouts", &[prompts::ITERATION_FILE, rollouts::FILE])?,
         policy_art.manifest.as_input("tokenizer", &[model::TOKENIZER_FILE])?,
     ];
-    let rule = Rule::parse(&cfg.segment.rule).context("segment.rule")?;
+    let rule = cfg.segment.rule;
     execute(ctx, "segment", SEGMENT_VERSION, &iter_slot(iteration, "segment"), cfg.stage_params("segment")?, inputs, |staging| {
         let prompt_rows = prompts::read(&sample.file(prompts::ITERATION_FILE)?)?;
         let rollout_rows = rollouts::read(&sample.file(rollouts::FILE)?)?;
@@ -199,7 +199,7 @@ pub fn run_segment(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summary> {
                     token_start: start as u32,
                     token_end: end as u32,
                     text: text[from..to].to_string(),
-                    rule: cfg.segment.rule.clone(),
+                    rule: cfg.segment.rule.to_string(),
                     k,
                     format_ok: seg.format_ok,
                     well_formed: seg.well_formed,

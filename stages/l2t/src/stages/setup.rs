@@ -3,7 +3,7 @@
 use super::{execute, progress_bar, Ctx, Summary, BOOTSTRAP_SLOT, BOOTSTRAP_VERSION, PREPARE_SLOT, PREPARE_VERSION};
 use crate::model::tokenizer::{self, EOS, PAD};
 use crate::model::{self, chat, Checkpoint, Policy};
-use crate::reward::segment::{outcome_reward, segment, span_bytes, token_char_ends, Rule};
+use crate::reward::segment::{outcome_reward, segment, span_bytes, token_char_ends};
 use crate::sample::{generate, Request, SamplerParams};
 use crate::table::prompts::{self, PromptRow};
 use crate::task::{self, episode_kind, Splits};
@@ -179,7 +179,7 @@ pub fn sft_examples(rows: &[PromptRow], tok: &tokenizers::Tokenizer) -> Result<V
 /// Samples `rows` once each at the bootstrap's eval temperature and reports the targets.
 pub fn eval_figures(ctx: &Ctx, policy: &Policy, rows: &[&PromptRow]) -> Result<serde_json::Value> {
     let b = &ctx.config.bootstrap;
-    let rule = Rule::parse(&ctx.config.segment.rule)?;
+    let rule = ctx.config.segment.rule;
     let requests: Vec<Request> = rows
         .iter()
         .map(|r| Ok(Request { prompt_ids: chat::prompt_ids(policy, &ctx.config.prompt, &r.prompt)?, seed: rollout_seed(ctx.config.seed, u32::MAX, &r.prompt_id, 0) }))

@@ -11,7 +11,7 @@ use crate::table::prompts;
 use crate::table::rollouts::{self, RolloutRow};
 use crate::table::update_metrics::{self, UpdateMetricsRow};
 use crate::train::checkpoint::{self, RngState, TrainerState};
-use crate::train::grpo::{self, GrpoParams, LossAgg, Sequence};
+use crate::train::grpo::{self, GrpoParams, Sequence};
 use anyhow::{bail, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -38,7 +38,6 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
     if u.beta_kl > 0.0 {
         inputs.push(policy_input("base", &base_art, false)?);
     }
-    let loss_agg = LossAgg::parse(&u.loss_agg)?;
     let slot = iter_slot(iteration, "grpo-update");
     execute(ctx, "grpo-update", GRPO_UPDATE_VERSION, &slot, cfg.stage_params("grpo-update")?, inputs, |staging| {
         let prompt_rows = prompts::read(&sample.file(prompts::ITERATION_FILE)?)?;
@@ -100,7 +99,7 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
             eps_low: u.eps_low,
             eps_high: u.eps_high,
             beta_kl: u.beta_kl,
-            loss_agg,
+            loss_agg: u.loss_agg,
             ppo_epochs: u.ppo_epochs,
             minibatches: u.minibatches,
             micro_batch: u.micro_batch,

@@ -6,7 +6,7 @@
 //! earlier step: the "one more thought" habit the L2T reward is meant to remove.
 
 use super::{distinct_rows, episode_close, episode_open, BOXED_OPEN, THINK_CLOSE, THINK_OPEN};
-use crate::config::TaskConfig;
+use crate::config::{PromptStyle, TaskConfig};
 use crate::table::prompts::PromptRow;
 use anyhow::Result;
 use rand::Rng;
@@ -165,7 +165,7 @@ pub fn generate(cfg: &TaskConfig, rng: &mut ChaCha8Rng) -> Result<(Vec<PromptRow
                 prompt_id: String::new(),
                 data_source: DATA_SOURCE.into(),
                 split: name.into(),
-                prompt: if cfg.prompt_style == "question" { problem.question() } else { problem.prompt() },
+                prompt: if cfg.prompt_style == PromptStyle::Question { problem.question() } else { problem.prompt() },
                 gold_answer: problem.answer().to_string(),
                 solution: Some(problem.solution(rng, checks)),
                 n_steps: problem.ops.len() as u32,

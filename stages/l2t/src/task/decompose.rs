@@ -27,7 +27,7 @@
 
 use super::arith::{worked_solution, CHECK_PREFIX};
 use super::distinct_rows;
-use crate::config::TaskConfig;
+use crate::config::{PromptStyle, TaskConfig};
 use crate::table::prompts::PromptRow;
 use anyhow::{bail, Result};
 use rand::seq::SliceRandom;
@@ -42,6 +42,7 @@ pub const SPLIT_PREFIX: &str = "Split:";
 
 /// The nodes a map draws from: one token each, and distinct symbols to the grader.
 pub const NODES: &str = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+const _: () = assert!(NODES.len() == crate::config::MAX_LINKS);
 
 /// The task's map: one cycle through the nodes, in both directions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,7 +211,7 @@ pub fn generate(cfg: &TaskConfig, rng: &mut ChaCha8Rng) -> Result<[Vec<PromptRow
                 prompt_id: String::new(),
                 data_source: DATA_SOURCE.into(),
                 split: name.into(),
-                prompt: if cfg.prompt_style == "question" { walk.question() } else { walk.prompt() },
+                prompt: if cfg.prompt_style == PromptStyle::Question { walk.question() } else { walk.prompt() },
                 gold_answer: walk.answer(&map).to_string(),
                 solution: Some(w.text),
                 n_steps: walk.moves.len() as u32,
@@ -234,7 +235,7 @@ mod tests {
 
     fn cfg() -> TaskConfig {
         TaskConfig {
-            kind: "decompose".into(),
+            kind: crate::config::TaskKind::Decompose,
             steps: 4,
             links: 52,
             n_train: 600,

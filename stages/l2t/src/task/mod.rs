@@ -6,7 +6,7 @@ pub mod benchmarks;
 pub mod decompose;
 pub mod grade;
 
-use crate::config::TaskConfig;
+use crate::config::{TaskConfig, TaskKind};
 use crate::table::prompts::PromptRow;
 use anyhow::{bail, Result};
 use rand::SeedableRng;
@@ -43,16 +43,15 @@ pub struct Splits {
 /// Generates the built-in task named by `task.kind`, seeded by the run's `seed`.
 pub fn generate(cfg: &TaskConfig, seed: u64) -> Result<Splits> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7461_736b); // "task"
-    match cfg.kind.as_str() {
-        "arith" => {
+    match cfg.kind {
+        TaskKind::Arith => {
             let (train, eval, test) = arith::generate(cfg, &mut rng)?;
             Ok(Splits { train, eval, test })
         }
-        "decompose" => {
+        TaskKind::Decompose => {
             let [train, eval, test] = decompose::generate(cfg, &mut rng)?;
             Ok(Splits { train, eval, test })
         }
-        other => bail!("unknown task.kind {other:?} (expected arith or decompose)"),
     }
 }
 

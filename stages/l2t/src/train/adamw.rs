@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use crate::kernels::{self, fused::{contiguous_f32, contiguous_f32_mut}};
-use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
+use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWParams {
@@ -170,7 +170,7 @@ pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     #[test]
     fn first_step_moves_each_weight_by_lr_against_the_gradient_sign() {

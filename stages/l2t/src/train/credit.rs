@@ -16,50 +16,8 @@
 //! Ablations: `signed` (`A_i clip(r_t / rbar_i, -c, c)`), `rollout` (`A_t = A_i`), `abs`
 //! (`A_i clip(r_t / |rbar_i|, -c, c)`, the first reading, which inverts below-average rollouts).
 
-use anyhow::{bail, Result};
-
-/// Which signal becomes the advantage (knob `credit.method`). Every method reads the same
-/// artifacts, so a baseline is one config change away.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
-    /// Dense L2T credit, steps 1-5 above (default).
-    L2t,
-    /// GRPO on the outcome reward alone: `A_t = (r_out_i - mean) / (std + 1e-6)`.
-    Outcome,
-    /// Arora & Zanette: `r_i = r_out_i (1 - a_lp sigmoid((len_i - mean_c) / std_c))` over the
-    /// group's correct responses, then GRPO.
-    LengthPenalty,
-    /// MRT-style progress bonus: `r_i = r_out_i + alpha sum_k dI(i,k)`, then GRPO.
-    Mrt,
-}
-
-impl Method {
-    pub fn parse(text: &str) -> Result<Self> {
-        match text {
-            "l2t" => Ok(Self::L2t),
-            "outcome" => Ok(Self::Outcome),
-            "length-penalty" => Ok(Self::LengthPenalty),
-            "mrt" => Ok(Self::Mrt),
-            other => bail!("unknown credit method {other:?} (expected l2t, outcome, length-penalty or mrt)"),
-        }
-    }
-}
-
-/// The knobs credit assignment reads (section `[credit]`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct CreditParams {
-    pub method: Method,
-    /// Weight of the progress bonus (`mrt`; `l2t` applies it inside `R(i,k)`).
-    pub alpha: f64,
-    pub trim: f64,
-    /// `c`.
-    pub clip: f64,
-    pub token_scale: TokenScale,
-    /// `rho` of `regularised`.
-    pub rho: f64,
-    /// `a_lp` of `length-penalty`.
-    pub a_lp: f64,
-}
+use crate::config::{Method, TokenScale};
+use crate::config::CreditConfig;
 
 fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
@@ -130,33 +88,6 @@ pub fn group_advantage(values: &[f64]) -> (Vec<f64>, bool) {
     (values.iter().map(|v| (v - mean) / (std + TINY)).collect(), false)
 }
 
-/// How a rollout's advantage is spread over its tokens (knob `credit.token_scale`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenScale {
-    /// The paper's relative contribution `A_i r_t / mu_i`, guarded near `mu_i = 0` and shifted
-    /// after the clip so that a rollout's mean token advantage is exactly `A_i` (default).
-    Regularised,
-    /// `A_i clip(r_t / (rbar_i +- 1e-6), -c, c)`: the paper's ratio, `rbar_i` kept away from 0.
-    Signed,
-    /// `A_t = A_i`: the L2T reward with GRPO's credit (isolates the dense credit).
-    Rollout,
-    /// `A_i clip(r_t / (|rbar_i| + 1e-6), -c, c)`, the first reading: when `rbar_i < 0` a typical
-    /// token's ratio is -1, so `A_t` takes the sign opposite to `A_i`.
-    Abs,
-}
-
-impl TokenScale {
-    pub fn parse(text: &str) -> Result<Self> {
-        match text {
-            "regularised" => Ok(Self::Regularised),
-            "signed" => Ok(Self::Signed),
-            "rollout" => Ok(Self::Rollout),
-            "abs" => Ok(Self::Abs),
-            other => bail!("unknown token_scale {other:?} (expected regularised, signed, rollout or abs)"),
-        }
-    }
-}
-
 /// `A_i * clip(r_t / (|rbar_i| + 1e-6), -c, c)` (`abs`) or with the signed ratio (`signed`), and
 /// whether the clip bit.
 pub fn ratio_token_advantage(a_i: f64, r_t: f64, rbar: f64, c: f64, signed: bool) -> (f64, bool) {
@@ -198,7 +129,7 @@ pub fn regularised_token_advantages(a_i: f64, r_t: &[f64], rho: f64, c: f64) -> 
 }
 
 /// The token advantages of one rollout under `scale`.
-pub fn token_advantages(a_i: f64, r_t: &[f64], rbar: f64, p: &CreditParams) -> TokenAdvantages {
+pub fn token_advantages(a_i: f64, r_t: &[f64], rbar: f64, p: &CreditConfig) -> TokenAdvantages {
     let per_token = |signed: bool| {
         let (a_t, clipped): (Vec<f64>, Vec<bool>) = r_t.iter().map(|&r| ratio_token_advantage(a_i, r, rbar, p.clip, signed)).unzip();
         TokenAdvantages { a_t, n_clipped: clipped.iter().filter(|&&b| b).count(), guard_binds: false }
@@ -247,7 +178,7 @@ pub struct RolloutCredit {
 }
 
 /// Credit for one group (the rollouts of one prompt); the bool says the group had zero spread.
-pub fn assign_group(group: &[RolloutSignal], p: &CreditParams) -> (Vec<RolloutCredit>, bool) {
+pub fn assign_group(group: &[RolloutSignal], p: &CreditConfig) -> (Vec<RolloutCredit>, bool) {
     let w: Vec<Vec<f64>> = group.iter().map(|g| g.logp_old.iter().map(|&lp| surprise_weight(lp)).collect()).collect();
     let r_out: Vec<f64> = group.iter().map(|g| g.r_out).collect();
     // The rollout-level reward of the GRPO-style methods.
@@ -311,8 +242,8 @@ mod tests {
         (a - b).abs() < 1e-9
     }
 
-    fn params(method: Method) -> CreditParams {
-        CreditParams { method, alpha: 0.8, trim: 0.05, clip: 10.0, token_scale: TokenScale::Abs, rho: 0.25, a_lp: 0.2 }
+    fn params(method: Method) -> CreditConfig {
+        CreditConfig { method, alpha: 0.8, beta: 0.6, trim: 0.05, clip: 10.0, token_scale: TokenScale::Abs, rho: 0.25, a_lp: 0.2 }
     }
 
     #[test]

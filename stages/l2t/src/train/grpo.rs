@@ -12,33 +12,12 @@
 
 use super::adamw::{clip_scale, AdamW, AdamWParams, Grads};
 use super::schedule::cosine_lr;
+use crate::config::LossAgg;
 use crate::model::{build_model, Config, TeacherForced, Weights};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, Var};
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
-
-/// How token losses become the minibatch loss (knob `update.loss_agg`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LossAgg {
-    /// Sum over all tokens / number of tokens in the minibatch (DAPO; default).
-    TokenMean,
-    /// Mean over sequences of each sequence's token mean (original GRPO).
-    SeqMeanTokenMean,
-    /// Sum over all tokens / (sequences * max_new_tokens) (Dr. GRPO: no length normalisation).
-    DrGrpo,
-}
-
-impl LossAgg {
-    pub fn parse(text: &str) -> Result<Self> {
-        match text {
-            "token-mean" => Ok(Self::TokenMean),
-            "seq-mean-token-mean" => Ok(Self::SeqMeanTokenMean),
-            "dr-grpo" => Ok(Self::DrGrpo),
-            other => bail!("unknown loss_agg {other:?} (expected token-mean, seq-mean-token-mean or dr-grpo)"),
-        }
-    }
-}
 
 /// `exp(logp - logp_old)`.
 pub fn ratio(logp: f64, logp_old: f64) -> f64 {

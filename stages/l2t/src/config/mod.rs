@@ -3,9 +3,16 @@
 //! Knob names follow `l2t-spec.md`. Unknown keys are refused (a typo must not silently fall back to a
 //! default), and every value a stage uses lands in its manifest through [`Config::stage_params`].
 
+mod knobs;
+
+pub use knobs::{AnswerExtraction, Estimator, JMode, LossAgg, Method, PromptStyle, Rule, Scale, TaskKind, Template, TokenScale};
+
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+
+/// Most nodes of the `decompose` map (one letter each; `task::decompose::NODES` holds them).
+pub const MAX_LINKS: usize = 52;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -77,18 +84,6 @@ pub struct EvalConfig {
     pub answer: AnswerExtraction,
 }
 
-/// How a response's final answer is read (`eval.answer`; the RL reward always reads `boxed`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AnswerExtraction {
-    /// The last `\boxed{}` (or `\fbox{}`); a response without one has no answer.
-    #[default]
-    Boxed,
-    /// The last box, else the last stated answer ("the answer is ..", "Final Answer: ..", a bold
-    /// answer, the last formula), as math-verify reads a response.
-    Stated,
-}
-
 impl Default for EvalConfig {
     fn default() -> Self {
         Self {
@@ -141,7 +136,7 @@ pub struct TaskConfig {
     /// `arith` (small-number arithmetic with redundant checks) or `decompose` (the testbed: walks
     /// over a table of links whose two-link moves need a decomposition episode, with filler
     /// splits and checks; see `task/decompose.rs`).
-    pub kind: String,
+    pub kind: TaskKind,
     /// Operations per problem: the main difficulty knob.
     pub steps: usize,
     /// Largest starting value and largest added/subtracted operand.
@@ -171,7 +166,7 @@ pub struct TaskConfig {
     /// `completion`: the prompt text carries the format line and ends where the solution starts
     /// (the tiny policy, raw prompts); `question`: the bare question, for chat models whose
     /// template and `prompt.instructions` carry the format.
-    pub prompt_style: String,
+    pub prompt_style: PromptStyle,
     /// A prompts file (Parquet, written by `make data`, e.g. GSM8K test) that replaces the
     /// generated eval split; "" keeps the generated one.
     pub eval_file: String,
@@ -180,7 +175,7 @@ pub struct TaskConfig {
 impl Default for TaskConfig {
     fn default() -> Self {
         Self {
-            kind: "arith".into(),
+            kind: TaskKind::Arith,
             steps: 2,
             max_operand: 9,
             max_multiplier: 3,
@@ -194,7 +189,7 @@ impl Default for TaskConfig {
             max_hard: 2,
             split_share: 0.5,
             direct_error: 0.7,
-            prompt_style: "completion".into(),
+            prompt_style: PromptStyle::Completion,
             eval_file: String::new(),
         }
     }
@@ -206,7 +201,7 @@ impl Default for TaskConfig {
 pub struct PromptConfig {
     /// `raw`: the prompt text as is; `chat`: the checkpoint's own chat template over a system
     /// message (when `system` is set) and a user message (the prompt, then `instructions`).
-    pub template: String,
+    pub template: Template,
     pub system: String,
     /// Appended to the prompt in the user message: the episode format the reward relies on.
     pub instructions: String,
@@ -214,7 +209,7 @@ pub struct PromptConfig {
 
 impl Default for PromptConfig {
     fn default() -> Self {
-        Self { template: "raw".into(), system: String::new(), instructions: String::new() }
+        Self { template: Template::Raw, system: String::new(), instructions: String::new() }
     }
 }
 
@@ -314,15 +309,14 @@ impl Default for SampleConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SegmentConfig {
-    /// `tags`, `paragraphs` or `chunks:N`.
-    pub rule: String,
+    pub rule: Rule,
     /// Added to the outcome reward of a response with no parseable episode.
     pub format_penalty: f64,
 }
 
 impl Default for SegmentConfig {
     fn default() -> Self {
-        Self { rule: "tags".into(), format_penalty: -0.01 }
+        Self { rule: Rule::Tags, format_penalty: -0.01 }
     }
 }
 
@@ -332,15 +326,14 @@ impl Default for SegmentConfig {
 pub struct RewardConfig {
     /// Forced-termination suffix teacher-forced before the gold answer.
     pub close: String,
-    /// `prob` (product of the answer tokens' probabilities) or `geomean`.
-    pub j_mode: String,
+    pub j_mode: JMode,
     /// Rollouts scored together (memory: their caches are copied once per episode boundary).
     pub batch_rows: usize,
 }
 
 impl Default for RewardConfig {
     fn default() -> Self {
-        Self { close: "</think>\n\\boxed{".into(), j_mode: "prob".into(), batch_rows: 16 }
+        Self { close: "</think>\n\\boxed{".into(), j_mode: JMode::Prob, batch_rows: 16 }
     }
 }
 
@@ -353,12 +346,10 @@ pub struct PenaltyConfig {
     /// Share of each matrix's smaller dimension kept by the SVD projection of `D`.
     pub rank_fraction: f64,
     pub damping: f64,
-    /// `fd` (central finite difference) or `grad` (one backward pass per episode).
-    pub estimator: String,
+    pub estimator: Estimator,
     /// Step of the finite difference along `D~`.
     pub eps: f64,
-    /// `gain-matched` (default), `batch-median` or `none`.
-    pub scale: String,
+    pub scale: Scale,
     /// `gain-matched`: the quantile of the batch's nonzero `C` at which each `C` is capped.
     pub cap_quantile: f64,
 }
@@ -369,28 +360,26 @@ impl Default for PenaltyConfig {
             block: -1,
             rank_fraction: 0.05,
             damping: 1e-5,
-            estimator: "fd".into(),
+            estimator: Estimator::Fd,
             eps: 1e-3,
-            scale: "gain-matched".into(),
+            scale: Scale::GainMatched,
             cap_quantile: 0.9,
         }
     }
 }
 
 /// Episode reward and credit assignment (l2t-spec sections 6-7), stage `credit-assign`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CreditConfig {
-    /// `l2t` or `outcome`.
-    pub method: String,
+    pub method: Method,
     pub alpha: f64,
     pub beta: f64,
     /// Share of token rewards dropped from the rollout mean, half from each tail.
     pub trim: f64,
     /// `c`: bound on a token's relative contribution `x_t` (or `|r_t / rbar|`).
     pub clip: f64,
-    /// `regularised` (default), `signed`, `rollout` or `abs` (l2t-spec 7).
-    pub token_scale: String,
+    pub token_scale: TokenScale,
     /// `rho` of `regularised`: the guard near a zero rollout mean.
     pub rho: f64,
     /// `a_lp` of the `length-penalty` baseline.
@@ -400,12 +389,12 @@ pub struct CreditConfig {
 impl Default for CreditConfig {
     fn default() -> Self {
         Self {
-            method: "l2t".into(),
+            method: Method::L2t,
             alpha: 0.8,
             beta: 0.6,
             trim: 0.05,
             clip: 10.0,
-            token_scale: "regularised".into(),
+            token_scale: TokenScale::Regularised,
             rho: 0.25,
             a_lp: 0.2,
         }
@@ -413,7 +402,7 @@ impl Default for CreditConfig {
 }
 
 /// Policy update (l2t-spec section 8), stage `grpo-update`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpdateConfig {
     pub lr: f64,
@@ -425,8 +414,7 @@ pub struct UpdateConfig {
     pub eps_high: f64,
     /// Weight of the k3 KL to the base policy (0 skips the reference pass).
     pub beta_kl: f64,
-    /// `token-mean`, `seq-mean-token-mean` or `dr-grpo`.
-    pub loss_agg: String,
+    pub loss_agg: LossAgg,
     pub ppo_epochs: usize,
     /// Optimizer steps per epoch (the iteration's rollouts split evenly).
     pub minibatches: usize,
@@ -448,7 +436,7 @@ impl Default for UpdateConfig {
             eps_low: 0.2,
             eps_high: 0.2,
             beta_kl: 0.001,
-            loss_agg: "token-mean".into(),
+            loss_agg: LossAgg::TokenMean,
             ppo_epochs: 1,
             minibatches: 2,
             micro_batch: 16,
@@ -518,14 +506,11 @@ impl Config {
             (t.max_multiplier >= 2, "task.max_multiplier must be at least 2"),
             (t.max_value >= t.max_operand, "task.max_value must be at least task.max_operand"),
             (t.n_train >= 1 && t.n_eval >= 1, "task.n_train and task.n_eval must be at least 1"),
-            (["completion", "question"].contains(&t.prompt_style.as_str()), "task.prompt_style must be completion or question"),
-            (["raw", "chat"].contains(&self.prompt.template.as_str()), "prompt.template must be raw or chat"),
             (!b.source.is_empty(), "bootstrap.source must be tiny or a checkpoint path"),
             ((0.0..=1.0).contains(&t.redundant_share), "task.redundant_share must lie in [0, 1]"),
-            (["arith", "decompose"].contains(&t.kind.as_str()), "task.kind must be arith or decompose"),
             ((0.0..=1.0).contains(&t.split_share) && (0.0..=1.0).contains(&t.direct_error),
                 "task.split_share and task.direct_error must lie in [0, 1]"),
-            (t.kind != "decompose" || (t.max_hard <= t.steps && (3..=crate::task::decompose::NODES.len()).contains(&t.links)),
+            (t.kind != TaskKind::Decompose || (t.max_hard <= t.steps && (3..=MAX_LINKS).contains(&t.links)),
                 "task.kind = decompose needs task.max_hard <= task.steps and task.links in 3..=52"),
             (m.hidden_size % m.num_attention_heads.max(1) == 0, "model.hidden_size must be a multiple of model.num_attention_heads"),
             (m.num_key_value_heads >= 1 && m.num_attention_heads % m.num_key_value_heads.max(1) == 0,
@@ -571,13 +556,6 @@ impl Config {
                 bail!("{message}");
             }
         }
-        crate::reward::segment::Rule::parse(&self.segment.rule).context("segment.rule")?;
-        crate::reward::info_gain::JMode::parse(&self.reward.j_mode).context("reward.j_mode")?;
-        crate::reward::penalty::Estimator::parse(&p.estimator).context("penalty.estimator")?;
-        crate::reward::penalty::Scale::parse(&p.scale).context("penalty.scale")?;
-        crate::train::credit::Method::parse(&c.method).context("credit.method")?;
-        crate::train::credit::TokenScale::parse(&c.token_scale).context("credit.token_scale")?;
-        crate::train::grpo::LossAgg::parse(&u.loss_agg).context("update.loss_agg")?;
         Ok(())
     }
 
@@ -619,7 +597,7 @@ mod tests {
 
     #[test]
     fn the_shipped_pipeline_toml_holds_the_defaults() {
-        assert_eq!(Config::parse(include_str!("../../../pipeline.toml")).unwrap(), Config::default());
+        assert_eq!(Config::parse(include_str!("../../../../pipeline.toml")).unwrap(), Config::default());
     }
 
     #[test]
@@ -633,7 +611,7 @@ mod tests {
         let c = Config::default().with_override("credit.beta", "0").unwrap();
         assert_eq!(c.credit.beta, 0.0);
         let c = c.with_override("credit.token_scale", "rollout").unwrap().with_override("eval.budgets", "[8, 16]").unwrap();
-        assert_eq!((c.credit.token_scale.as_str(), c.eval.budgets.clone()), ("rollout", vec![8, 16]));
+        assert_eq!((c.credit.token_scale, c.eval.budgets.clone()), (TokenScale::Rollout, vec![8, 16]));
         assert_eq!(Config::default().with_override("rl_seed", "4").unwrap().rl_seed, 4);
         for (key, value, want) in [("credit.betta", "0", "unknown knob"), ("credits.beta", "0", "no section"), ("credit.token_scale", "up", "token_scale"), ("sample.top_p", "2", "sample.top_p")] {
             let err = format!("{:#}", Config::default().with_override(key, value).unwrap_err());
