@@ -91,23 +91,8 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
             Some(state) => state.rng.restore()?,
             None => ChaCha8Rng::seed_from_u64(cfg.iteration_seed() ^ 0x6772_706f), // "grpo"
         };
-        let params = GrpoParams {
-            lr: u.lr,
-            warmup_frac: u.warmup_frac,
-            weight_decay: u.weight_decay,
-            max_grad_norm: u.max_grad_norm,
-            eps_low: u.eps_low,
-            eps_high: u.eps_high,
-            beta_kl: u.beta_kl,
-            loss_agg: u.loss_agg,
-            ppo_epochs: u.ppo_epochs,
-            minibatches: u.minibatches,
-            micro_batch: u.micro_batch,
-            planned_steps: u.planned_iterations * u.ppo_epochs * u.minibatches,
-            min_lr_ratio: u.min_lr_ratio,
-            max_new_tokens: cfg.sample.max_new_tokens,
-        };
-        if previous.as_ref().is_some_and(|p| p.optimizer_step >= params.planned_steps) {
+        let params = GrpoParams { update: *u, max_new_tokens: cfg.sample.max_new_tokens };
+        if previous.as_ref().is_some_and(|p| p.optimizer_step >= params.planned_steps()) {
             eprintln!("warning: iteration {iteration} is past update.planned_iterations; the cosine schedule is at its floor (update.min_lr_ratio)");
         }
         let loss_before = grpo::batch_loss(&seqs, &recomputed, &params);
@@ -128,7 +113,7 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
         let trainer = TrainerState {
             iteration,
             optimizer_step: state.step,
-            planned_steps: params.planned_steps,
+            planned_steps: params.planned_steps(),
             data_cursor: data_cursor(&policy_art)? + prompt_rows.len(),
             rng: RngState::capture(&rng),
         };

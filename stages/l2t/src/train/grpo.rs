@@ -12,7 +12,7 @@
 
 use super::adamw::{clip_scale, AdamW, AdamWParams, Grads};
 use super::schedule::cosine_lr;
-use crate::config::LossAgg;
+use crate::config::{LossAgg, UpdateConfig};
 use crate::model::{build_model, Config, TeacherForced, Weights};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, Var};
@@ -63,26 +63,20 @@ pub struct Sequence {
     pub a_t: Vec<f32>,
 }
 
+/// What an update reads: the `[update]` knobs and the response token budget.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GrpoParams {
-    pub lr: f64,
-    pub warmup_frac: f64,
-    pub weight_decay: f64,
-    pub max_grad_norm: f64,
-    pub eps_low: f64,
-    pub eps_high: f64,
-    pub beta_kl: f64,
-    pub loss_agg: LossAgg,
-    pub ppo_epochs: usize,
-    pub minibatches: usize,
-    /// Sequences per forward/backward pass.
-    pub micro_batch: usize,
-    /// Optimizer steps the whole run plans (the cosine schedule's length).
-    pub planned_steps: usize,
-    /// The schedule's floor, as a share of `lr`.
-    pub min_lr_ratio: f64,
-    /// Token budget of a response (the `dr-grpo` normaliser).
+    pub update: UpdateConfig,
+    /// Token budget of a response (`sample.max_new_tokens`, the `dr-grpo` normaliser).
     pub max_new_tokens: usize,
+}
+
+impl GrpoParams {
+    /// Optimizer steps the whole run plans (the cosine schedule's length).
+    pub fn planned_steps(&self) -> usize {
+        let u = &self.update;
+        u.planned_iterations * u.ppo_epochs * u.minibatches
+    }
 }
 
 /// One optimizer step's figures (the rows of `update_metrics`).
@@ -134,7 +128,7 @@ fn micro_loss(
         let at = r * t + batch.offsets[r];
         for j in 0..s.response.len() {
             old[at + j] = s.logp_old[j];
-            reference[at + j] = if p.beta_kl > 0.0 { s.logp_ref[j] } else { 0.0 };
+            reference[at + j] = if p.update.beta_kl > 0.0 { s.logp_ref[j] } else { 0.0 };
             adv[at + j] = s.a_t[j];
             w[at + j] = weights[r][j] as f32;
         }
@@ -152,15 +146,15 @@ fn micro_loss(
 /// gradient.
 fn formula_loss(logp: &Tensor, old: &Tensor, reference: &Tensor, adv: &Tensor, w: &Tensor, p: &GrpoParams) -> Result<MicroLoss> {
     let ratio = (logp - old)?.exp()?;
-    let clipped_ratio = ratio.clamp(1.0 - p.eps_low, 1.0 + p.eps_high)?;
+    let clipped_ratio = ratio.clamp(1.0 - p.update.eps_low, 1.0 + p.update.eps_high)?;
     let pg = (ratio.broadcast_mul(adv)?.minimum(&clipped_ratio.broadcast_mul(adv)?)?).neg()?;
     let pg_loss = (&pg * w)?.sum_all()?;
-    let (loss, kl_loss, kl_sum) = if p.beta_kl > 0.0 {
+    let (loss, kl_loss, kl_sum) = if p.update.beta_kl > 0.0 {
         let in_response = w.ne(0f32)?;
         let d = in_response.where_cond(&(reference - logp)?, &reference.zeros_like()?)?;
         let k3 = ((d.exp()? - &d)? - 1.0)?;
         let kl_sum = f64::from(k3.sum_all()?.to_scalar::<f32>()?);
-        let kl_loss = ((&k3 * w)?.sum_all()? * p.beta_kl)?;
+        let kl_loss = ((&k3 * w)?.sum_all()? * p.update.beta_kl)?;
         let kl_value = f64::from(kl_loss.to_scalar::<f32>()?);
         ((&pg_loss + kl_loss)?, kl_value, kl_sum)
     } else {
@@ -176,7 +170,7 @@ fn formula_loss(logp: &Tensor, old: &Tensor, reference: &Tensor, adv: &Tensor, w
         }
         let (r, a) = (f64::from(r), f64::from(a));
         ratio_sum += r;
-        if (r < 1.0 - p.eps_low && a < 0.0) || (r > 1.0 + p.eps_high && a > 0.0) {
+        if (r < 1.0 - p.update.eps_low && a < 0.0) || (r > 1.0 + p.update.eps_high && a > 0.0) {
             clipped += 1.0;
         }
     }
@@ -188,14 +182,14 @@ fn formula_loss(logp: &Tensor, old: &Tensor, reference: &Tensor, adv: &Tensor, w
 /// update, it shows whether the update lowered the loss on a fixed batch.
 pub fn batch_loss(seqs: &[Sequence], logp: &[Vec<f32>], p: &GrpoParams) -> f64 {
     let lens: Vec<usize> = seqs.iter().map(|s| s.response.len()).collect();
-    let weights = token_weights(&lens, p.loss_agg, p.max_new_tokens);
+    let weights = token_weights(&lens, p.update.loss_agg, p.max_new_tokens);
     let mut total = 0.0;
     for ((s, lp), w) in seqs.iter().zip(logp).zip(&weights) {
         for t in 0..s.response.len() {
             let (lp, old) = (f64::from(lp[t]), f64::from(s.logp_old[t]));
-            let mut loss_t = clipped_surrogate(ratio(lp, old), f64::from(s.a_t[t]), p.eps_low, p.eps_high);
-            if p.beta_kl > 0.0 {
-                loss_t += p.beta_kl * k3(f64::from(s.logp_ref[t]), lp);
+            let mut loss_t = clipped_surrogate(ratio(lp, old), f64::from(s.a_t[t]), p.update.eps_low, p.update.eps_high);
+            if p.update.beta_kl > 0.0 {
+                loss_t += p.update.beta_kl * k3(f64::from(s.logp_ref[t]), lp);
             }
             total += w[t] * loss_t;
         }
@@ -230,27 +224,27 @@ pub fn update(
     let vars: Vec<(String, Var)> = weights.into_iter().map(|(k, t)| Ok((k, Var::from_tensor(&t)?))).collect::<Result<_>>()?;
     let model_weights: Weights = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
     let model = build_model(cfg, &model_weights, dev)?;
-    let mut opt = AdamW::new(vars, AdamWParams { weight_decay: p.weight_decay, ..AdamWParams::default() })?;
+    let mut opt = AdamW::new(vars, AdamWParams { weight_decay: p.update.weight_decay, ..AdamWParams::default() })?;
     if let Some(s) = state {
         if s.m.len() != opt.vars.len() || s.v.len() != opt.vars.len() {
             bail!("optimizer state has {} moments but the policy has {} tensors", s.m.len(), opt.vars.len());
         }
         (opt.m, opt.v, opt.step) = (s.m, s.v, s.step);
     }
-    let warmup = (p.warmup_frac * p.planned_steps as f64).round() as usize;
-    let minibatches = p.minibatches.clamp(1, seqs.len());
+    let warmup = (p.update.warmup_frac * p.planned_steps() as f64).round() as usize;
+    let minibatches = p.update.minibatches.clamp(1, seqs.len());
     let mut log = Vec::new();
-    for epoch in 0..p.ppo_epochs {
+    for epoch in 0..p.update.ppo_epochs {
         let mut order: Vec<usize> = (0..seqs.len()).collect();
         order.shuffle(rng);
         for (mb, part) in split_even(&order, minibatches).into_iter().enumerate() {
             let lens: Vec<usize> = part.iter().map(|&i| seqs[i].response.len()).collect();
-            let weights = token_weights(&lens, p.loss_agg, p.max_new_tokens);
+            let weights = token_weights(&lens, p.update.loss_agg, p.max_new_tokens);
             let mut grads = Grads::new();
             let mut m = StepMetrics { epoch: epoch as u32, minibatch: mb as u32, sequences: part.len() as u32, ..StepMetrics::default() };
             m.tokens = lens.iter().sum::<usize>() as u64;
             let (mut kl_sum, mut clipped, mut ratio_sum) = (0.0, 0.0, 0.0);
-            for (chunk, chunk_w) in part.chunks(p.micro_batch.max(1)).zip(weights.chunks(p.micro_batch.max(1))) {
+            for (chunk, chunk_w) in part.chunks(p.update.micro_batch.max(1)).zip(weights.chunks(p.update.micro_batch.max(1))) {
                 let chunk_seqs: Vec<&Sequence> = chunk.iter().map(|&i| &seqs[i]).collect();
                 let chunk_w: Vec<&Vec<f64>> = chunk_w.iter().collect();
                 let micro = micro_loss(&model, &chunk_seqs, &chunk_w, p, pad_id, dev)?;
@@ -269,9 +263,9 @@ pub fn update(
             if !m.grad_norm.is_finite() || !m.loss.is_finite() {
                 bail!("epoch {epoch} minibatch {mb}: the loss or its gradient is not finite (loss {}, grad norm {})", m.loss, m.grad_norm);
             }
-            m.lr = cosine_lr(opt.step, p.planned_steps, warmup, p.lr, p.min_lr_ratio);
+            m.lr = cosine_lr(opt.step, p.planned_steps(), warmup, p.update.lr, p.update.min_lr_ratio);
             m.step = opt.step as u64;
-            opt.step(&grads, m.lr, clip_scale(m.grad_norm, p.max_grad_norm))?;
+            opt.step(&grads, m.lr, clip_scale(m.grad_norm, p.update.max_grad_norm))?;
             on_step(&m);
             log.push(m);
         }
@@ -396,7 +390,7 @@ mod tests {
     }
 
     fn params() -> GrpoParams {
-        GrpoParams {
+        let update = UpdateConfig {
             lr: 1e-2,
             warmup_frac: 0.0,
             weight_decay: 0.0,
@@ -408,10 +402,10 @@ mod tests {
             ppo_epochs: 1,
             minibatches: 1,
             micro_batch: 1,
-            planned_steps: 10,
+            planned_iterations: 10,
             min_lr_ratio: 0.0,
-            max_new_tokens: 8,
-        }
+        };
+        GrpoParams { update, max_new_tokens: 8 }
     }
 
     /// The loss's gradient along one weight equals a central finite difference of the loss, with
@@ -426,7 +420,7 @@ mod tests {
         ];
         let p = params();
         let refs: Vec<&Sequence> = seqs.iter().collect();
-        let w = token_weights(&[3, 2], p.loss_agg, p.max_new_tokens);
+        let w = token_weights(&[3, 2], p.update.loss_agg, p.max_new_tokens);
         let wr: Vec<&Vec<f64>> = w.iter().collect();
         let loss_at = |weights: &Weights| -> f64 {
             let model = build_model(&cfg, weights, &dev).unwrap();
@@ -472,14 +466,15 @@ mod tests {
             .map(|(((p, z), lp), a)| Sequence { prompt: p.to_vec(), response: z.to_vec(), logp_old: lp.clone(), logp_ref: lp.clone(), a_t: vec![a; 2] })
             .collect();
         let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
-        let p = GrpoParams { ppo_epochs: 4, ..params() };
+        let mut p = params();
+        p.update.ppo_epochs = 4;
         let before = batch_loss(&seqs, &logp, &p);
         let (trained, state, log) = update(&cfg, weights, None, &seqs, &p, 0, &mut rng, &dev, |_| {}).unwrap();
         let after_logp = crate::model::response_logprobs(&build_model(&cfg, &trained, &dev).unwrap(), &pairs, 0, 2).unwrap();
         let after = batch_loss(&seqs, &after_logp, &p);
         assert!(after < before, "the loss on the batch went from {before} to {after}");
         // The scalar formula agrees with the tensor loss the update differentiates.
-        let w = token_weights(&[2, 2], p.loss_agg, p.max_new_tokens);
+        let w = token_weights(&[2, 2], p.update.loss_agg, p.max_new_tokens);
         let tensor_loss = micro_loss(&model, &seqs.iter().collect::<Vec<_>>(), &w.iter().collect::<Vec<_>>(), &p, 0, &dev).unwrap();
         assert!((f64::from(tensor_loss.loss.to_scalar::<f32>().unwrap()) - before).abs() < 1e-5);
         assert_eq!(state.step, 4);
@@ -500,7 +495,8 @@ mod tests {
             Sequence { prompt: vec![3, 4], response: vec![5, 6, 7], logp_old: vec![-5.5, -5.9, -5.2], logp_ref: vec![-5.6, -5.8, -5.7], a_t: vec![1.0, -0.5, 2.0] },
             Sequence { prompt: vec![9], response: vec![10, 11], logp_old: vec![-5.7, -5.6], logp_ref: vec![-5.7, -5.6], a_t: vec![-1.0, 0.7] },
         ];
-        let p = GrpoParams { ppo_epochs: 2, weight_decay: 0.01, ..params() };
+        let mut p = params();
+        (p.update.ppo_epochs, p.update.weight_decay) = (2, 0.01);
         let train = || {
             let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(3);
             update(&cfg, weights.clone(), None, &seqs, &p, 0, &mut rng, &dev, |_| {}).unwrap()
