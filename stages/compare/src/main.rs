@@ -33,7 +33,7 @@ struct Args {
     artifacts: PathBuf,
     /// The configuration every arm shares (each run overrides `credit.method`, `rl_seed` and the
     /// arm's knobs).
-    #[arg(long, default_value = "compare.toml")]
+    #[arg(long, default_value = "profiles/decompose.toml")]
     config: PathBuf,
     /// Iterations per arm and seed.
     #[arg(long, default_value_t = 10)]

@@ -601,6 +601,16 @@ mod tests {
     }
 
     #[test]
+    fn the_profiles_change_only_what_they_say() {
+        for text in [include_str!("../../../../profiles/decompose.toml"), include_str!("../../../../profiles/smollm2.toml")] {
+            Config::parse(text).unwrap();
+        }
+        let mut want = Config::default();
+        (want.update.planned_iterations, want.eval.k, want.eval.prompts) = (10, 4, 128);
+        assert_eq!(Config::parse(include_str!("../../../../profiles/compare-arith.toml")).unwrap(), want);
+    }
+
+    #[test]
     fn unknown_key_is_refused_with_its_name() {
         let err = Config::parse("[sample]\ngroup_sise = 4\n").unwrap_err();
         assert!(format!("{err:#}").contains("group_sise"), "{err:#}");
