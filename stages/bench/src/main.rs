@@ -12,6 +12,7 @@ use clap::Parser;
 use l2t::config::{Config, Estimator, PromptConfig, PromptStyle, Rule, Template};
 use l2t::model::{self, chat, tokenizer, Checkpoint, Policy};
 use l2t::sample::{generate, Request, SamplerParams};
+use l2t::stage::Stage;
 use l2t::train::sft::{self, Example, SftParams};
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
@@ -255,14 +256,9 @@ fn bench_l2t_iteration(args: &Args, base: &Config) -> Result<()> {
     for iter in 0..2u32 {
         let mut seconds = serde_json::Map::new();
         let started = Instant::now();
-        for (name, summary) in [
-            ("sample", stages::run_sample(&ctx, iter)?),
-            ("segment", stages::run_segment(&ctx, iter, 0)?),
-            ("fisher-reward", stages::run_fisher_reward(&ctx, iter)?),
-            ("credit-assign", stages::run_credit_assign(&ctx, iter, 0)?),
-            ("grpo-update", stages::run_grpo_update(&ctx, iter)?),
-        ] {
-            seconds.insert(name.into(), serde_json::json!((summary.seconds * 1000.0).round() / 1000.0));
+        for stage in Stage::ITERATION {
+            let summary = stages::run_iteration_stage(&ctx, stage, iter)?;
+            seconds.insert(stage.name().into(), serde_json::json!((summary.seconds * 1000.0).round() / 1000.0));
         }
         emit(serde_json::json!({"workload": "smollm2-l2t-iteration", "iteration": iter, "prompts": 4, "generations": 4,
             "max_new_tokens": 64, "s_per_iteration": started.elapsed().as_secs_f64(), "stage_seconds": seconds}));
@@ -278,7 +274,7 @@ fn stage_times(ctx: &l2t::stages::Ctx) -> Result<()> {
     std::fs::create_dir_all(ctx.store.root())?;
     let scratch = tempfile::Builder::new().prefix(".bench-").tempdir_in(ctx.store.root())?;
     let mut config = ctx.config.clone();
-    let base = ctx.store.open_ref(&ctx.run, stages::BOOTSTRAP_SLOT).ok();
+    let base = ctx.store.open_ref(&ctx.run, Stage::Bootstrap.name()).ok();
     let policy_note = if base.is_some() { "the run's bootstrap policy" } else { "a 100-step bootstrap (no bootstrap in this run)" };
     if base.is_none() {
         config.bootstrap.steps = 100;
@@ -300,13 +296,13 @@ fn stage_times(ctx: &l2t::stages::Ctx) -> Result<()> {
         let mut time = |name: &str, summary: stages::Summary| {
             times.insert(name.to_string(), serde_json::json!((summary.seconds * 1000.0).round() / 1000.0));
         };
-        time("sample", stages::run_sample(&fd, iter)?);
-        time("segment", stages::run_segment(&fd, iter, 0)?);
+        time("sample", stages::run_iteration_stage(&fd, Stage::Sample, iter)?);
+        time("segment", stages::run_iteration_stage(&fd, Stage::Segment, iter)?);
         // grad first, so that the run's fisher-reward ref ends on the default estimator.
         time("fisher-reward (grad)", stages::run_fisher_reward(&grad, iter)?);
         time("fisher-reward (fd)", stages::run_fisher_reward(&fd, iter)?);
-        time("credit-assign", stages::run_credit_assign(&fd, iter, 0)?);
-        time("grpo-update", stages::run_grpo_update(&fd, iter)?);
+        time("credit-assign", stages::run_iteration_stage(&fd, Stage::CreditAssign, iter)?);
+        time("grpo-update", stages::run_iteration_stage(&fd, Stage::GrpoUpdate, iter)?);
         let rollouts = fd.config.sample.prompts_per_iter * fd.config.sample.group_size;
         emit(serde_json::json!({"workload": "tiny-iteration-stages", "iteration": iter, "policy": policy_note,
             "rollouts": rollouts, "stage_seconds": times}));

@@ -10,8 +10,9 @@ use clap::Parser;
 use l2t::config::{Config, Method, Rule};
 use l2t::eval::stats::{paired_difference, ratio_interval, t_interval, Interval};
 use l2t::reward::segment::{segment, span_bytes};
-use l2t::stages::{self, eval_slot, run_eval, Ctx, EvalPolicy, EvalPrompts, PREPARE_SLOT};
-use l2t::store::{iter_slot, Store};
+use l2t::stage::Stage;
+use l2t::stages::{self, eval_slot, run_eval, Ctx, EvalPolicy, EvalPrompts};
+use l2t::store::Store;
 use l2t::table::eval_samples::{self, EvalSampleRow};
 use l2t::table::eval_summary::{self, EvalSummaryRow};
 use l2t::table::{advantages, episode_rewards, episodes, prompts, rollouts};
@@ -158,11 +159,9 @@ fn main() {
                 evaluate(EvalPolicy::Base, 0)?;
                 let mut figures = Vec::new();
                 for it in 0..args.iters {
-                    log(stages::run_sample(&ctx, it)?);
-                    log(stages::run_segment(&ctx, it, 0)?);
-                    log(stages::run_fisher_reward(&ctx, it)?);
-                    log(stages::run_credit_assign(&ctx, it, 0)?);
-                    log(stages::run_grpo_update(&ctx, it)?);
+                    for stage in Stage::ITERATION {
+                        log(stages::run_iteration_stage(&ctx, stage, it)?);
+                    }
                     figures.push(iteration_figures(&ctx.store, &run, it, &cfg)?);
                     if it + 1 == args.iters || (args.eval_every > 0 && (it + 1) % args.eval_every == 0) {
                         evaluate(EvalPolicy::Iteration(it), it + 1)?;
@@ -174,7 +173,7 @@ fn main() {
         }
         let store = Store::new(args.artifacts.clone());
         let first_run = run_name(&id, &arms[0], args.seeds[0]);
-        let prompt_rows = prompts::read(&store.open_ref(&first_run, PREPARE_SLOT)?.file(split_file(&args.split)?)?)?;
+        let prompt_rows = prompts::read(&store.open_ref(&first_run, Stage::Prepare.name())?.file(split_file(&args.split)?)?)?;
         let tiers: HashMap<String, u32> = prompt_rows.iter().map(|p| (p.prompt_id.clone(), p.n_hard)).collect();
 
         let dir = args.artifacts.join("reports").join(format!("compare-{id}"));
@@ -220,11 +219,11 @@ fn read_eval(ctx: &Ctx, split: &str, policy: EvalPolicy) -> Result<(EvalSummaryR
 
 /// Training accuracy and tokens of an iteration's rollouts, and the L2T reward's parts.
 fn iteration_figures(store: &Store, run: &str, it: u32, cfg: &Config) -> Result<IterFigures> {
-    let open = |stage: &str| store.open_ref(run, &iter_slot(it, stage));
-    let roll = rollouts::read(&open("sample")?.file(rollouts::FILE)?)?;
-    let eps = episodes::read(&open("segment")?.file(episodes::FILE)?)?;
-    let rw = episode_rewards::read(&open("fisher-reward")?.file(episode_rewards::FILE)?)?;
-    let adv = advantages::read(&open("credit-assign")?.file(advantages::FILE)?)?;
+    let open = |stage: Stage| store.open_ref(run, &stage.at(it));
+    let roll = rollouts::read(&open(Stage::Sample)?.file(rollouts::FILE)?)?;
+    let eps = episodes::read(&open(Stage::Segment)?.file(episodes::FILE)?)?;
+    let rw = episode_rewards::read(&open(Stage::FisherReward)?.file(episode_rewards::FILE)?)?;
+    let adv = advantages::read(&open(Stage::CreditAssign)?.file(advantages::FILE)?)?;
     let (n_eps, n_roll) = (eps.len().max(1) as f64, roll.len().max(1) as f64);
     let c = &cfg.credit;
     let firsts: Vec<&episodes::EpisodeRow> = eps.iter().filter(|e| e.episode_idx == 0).collect();

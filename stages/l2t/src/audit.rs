@@ -67,8 +67,8 @@ pub fn next_iteration(store: &Store, run: &str) -> u32 {
     // its refs damaged.
     let done = |n: u32| {
         let dir = store.root().join("runs").join(run).join(format!("iter-{n:04}"));
-        dir.join("grpo-update").join("manifest.json").exists()
-            && !crate::store::ITERATION_STAGES.iter().any(|s| dir.join(s).join(crate::store::DAMAGED_MARKER).exists())
+        dir.join(crate::stage::Stage::GrpoUpdate.name()).join("manifest.json").exists()
+            && !crate::stage::Stage::ITERATION.iter().any(|s| dir.join(s.name()).join(crate::store::DAMAGED_MARKER).exists())
     };
     let mut n = 0;
     while done(n) {

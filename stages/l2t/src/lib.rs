@@ -24,6 +24,7 @@ pub mod store;
 pub mod table;
 pub mod sample;
 pub mod slurm;
+pub mod stage;
 pub mod stages;
 pub mod task;
 pub mod train;

@@ -14,15 +14,13 @@
 use crate::audit::next_iteration;
 use crate::config::SlurmConfig;
 use crate::stages::Shard;
-use crate::store::{iter_slot, Store, ITERATION_STAGES};
+use crate::stage::Stage;
+use crate::store::{iter_slot, Store};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-
-/// The stages that split by prompt group.
-const SHARDED: &[&str] = &["sample", "fisher-reward"];
 
 /// What to run, and where.
 pub struct Runner<'a> {
@@ -41,7 +39,7 @@ pub struct Runner<'a> {
 /// One stage of the plan: a run-level stage, or an iteration's.
 #[derive(Debug, Clone)]
 struct Step {
-    stage: &'static str,
+    stage: Stage,
     iteration: Option<u32>,
 }
 
@@ -49,7 +47,7 @@ impl Step {
     fn label(&self) -> String {
         match self.iteration {
             Some(n) => format!("{}-{}", iter_slot(n, "").trim_end_matches('/'), self.stage),
-            None => self.stage.to_string(),
+            None => self.stage.name().to_string(),
         }
     }
 }
@@ -72,9 +70,9 @@ impl Runner<'_> {
         }
         let store = Store::new(&self.artifacts);
         let first = next_iteration(&store, &self.run);
-        let mut plan = vec![Step { stage: "prepare", iteration: None }, Step { stage: "bootstrap", iteration: None }];
+        let mut plan: Vec<Step> = Stage::RUN.into_iter().map(|stage| Step { stage, iteration: None }).collect();
         for n in first..first + self.iters {
-            plan.extend(ITERATION_STAGES.iter().map(|&stage| Step { stage, iteration: Some(n) }));
+            plan.extend(Stage::ITERATION.into_iter().map(|stage| Step { stage, iteration: Some(n) }));
         }
         let logs = self.artifacts.join("slurm").join(&self.run);
         std::fs::create_dir_all(&logs).with_context(|| format!("{}: cannot create", logs.display()))?;
@@ -85,7 +83,7 @@ impl Runner<'_> {
             if after.is_none() && self.cached(step, None)? {
                 continue;
             }
-            let shards = if SHARDED.contains(&step.stage) { self.shards } else { 1 };
+            let shards = if step.stage.shards_by_prompt_group() { self.shards } else { 1 };
             if shards == 1 {
                 jobs.push(self.submit(step, &[], None, after.as_deref(), &logs)?);
                 continue;
@@ -118,7 +116,7 @@ impl Runner<'_> {
         }
         self.wait_for(&jobs)?;
         for n in first..last {
-            if !store.root().join("runs").join(&self.run).join(iter_slot(n, "grpo-update")).join("manifest.json").exists() {
+            if !store.root().join("runs").join(&self.run).join(Stage::GrpoUpdate.at(n)).join("manifest.json").exists() {
                 bail!("the jobs ended but iteration {n}'s update is not published (see the logs in {})", logs.display());
             }
         }
@@ -129,7 +127,7 @@ impl Runner<'_> {
     /// The stage's command line (a shard's index is the array task's).
     fn command(&self, step: &Step, part: Option<&str>) -> Vec<String> {
         let mut cmd = vec![
-            self.bin.join(step.stage).display().to_string(),
+            self.bin.join(step.stage.name()).display().to_string(),
             "--artifacts".into(),
             self.artifacts.display().to_string(),
             "--run".into(),

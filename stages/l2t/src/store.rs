@@ -11,6 +11,7 @@
 //! Outputs are hashed while they are written ([`HashingWriter`]), published by one `rename`, and
 //! verified against the manifest whenever they are read back ([`Artifact::file`]).
 
+use crate::stage::Stage;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -25,9 +26,6 @@ pub use lock::{KeyLock, LockTiming};
 /// Folders of `store/` that are not entries: runs in progress, and the locks of keys being computed.
 const TMP_DIR: &str = "tmp";
 const LOCKS_DIR: &str = "locks";
-
-/// The order of an iteration's stages; a changed ref marks everything after it stale.
-pub const ITERATION_STAGES: &[&str] = &["sample", "segment", "fisher-reward", "credit-assign", "grpo-update"];
 
 /// Written into every manifest and Parquet footer instead of a crate version, so that a
 /// dependency bump does not change the bytes of an artifact.
@@ -448,16 +446,16 @@ impl Store {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().to_string();
             let Some(n) = name.strip_prefix("iter-").and_then(|n| n.parse::<u32>().ok()) else { continue };
-            for (pos, s) in ITERATION_STAGES.iter().enumerate() {
+            for (pos, s) in Stage::ITERATION.iter().enumerate() {
                 let downstream = match (iteration, stage) {
                     // A run-level input (prepare, bootstrap) feeds every iteration.
                     (None, _) => true,
                     (Some(i), st) => {
-                        n > i || (n == i && ITERATION_STAGES.iter().position(|x| *x == st).is_some_and(|p| pos > p))
+                        n > i || (n == i && Stage::ITERATION.iter().position(|x| x.name() == st).is_some_and(|p| pos > p))
                     }
                 };
                 if downstream {
-                    stale.push(entry.path().join(s));
+                    stale.push(entry.path().join(s.name()));
                 }
             }
         }

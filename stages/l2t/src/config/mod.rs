@@ -1,7 +1,7 @@
 //! `pipeline.toml`: every knob of a run, with its default in one place.
 //!
 //! Knob names follow `l2t-spec.md`. Unknown keys are refused (a typo must not silently fall back to a
-//! default), and every value a stage uses lands in its manifest through [`Config::stage_params`].
+//! default), and every value a stage uses lands in its manifest through [`crate::stage::Stage::params`].
 
 mod knobs;
 
@@ -557,26 +557,6 @@ impl Config {
             }
         }
         Ok(())
-    }
-
-    /// The parameters that define one stage's output (hashed into its key and written to its
-    /// manifest). Each stage sees only the sections it reads, so changing one knob reruns only
-    /// the stages downstream of it.
-    pub fn stage_params(&self, stage: &str) -> Result<serde_json::Value> {
-        let v = match stage {
-            "prepare" => serde_json::json!({ "seed": self.seed, "task": self.task }),
-            "bootstrap" => serde_json::json!({ "seed": self.seed, "model": self.model, "bootstrap": self.bootstrap, "prompt": self.prompt, "segment_rule": self.segment.rule }),
-            "sample" => serde_json::json!({ "seed": self.seed, "rl_seed": self.rl_seed, "sample": self.sample, "prompt": self.prompt }),
-            "segment" => serde_json::json!({ "segment": self.segment }),
-            "fisher-reward" => serde_json::json!({ "reward": self.reward, "penalty": self.penalty }),
-            "credit-assign" => serde_json::json!({ "credit": self.credit }),
-            // The dr-grpo normaliser is the response token budget.
-            "grpo-update" => serde_json::json!({ "seed": self.seed, "rl_seed": self.rl_seed, "update": self.update, "max_new_tokens": self.sample.max_new_tokens }),
-            // The forced-termination suffix is the reward's `close`.
-            "eval" => serde_json::json!({ "seed": self.seed, "eval": self.eval, "close": self.reward.close, "prompt": self.prompt }),
-            other => bail!("unknown stage {other:?}"),
-        };
-        Ok(v)
     }
 }
 

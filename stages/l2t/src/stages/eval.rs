@@ -2,14 +2,15 @@
 
 use super::setup::rollout_seed;
 use super::shard::{execute_sharded, Part, Sharded};
-use super::{progress_bar, Ctx, Summary, BOOTSTRAP_SLOT, EVAL_VERSION, PREPARE_SLOT};
+use crate::stage::Stage;
+use super::{progress_bar, Ctx, Summary};
 use crate::eval::{at_budget, summarize, AtBudget, SampleResult};
 use crate::model::{chat, tokenizer};
 use crate::model::Policy;
 use crate::reward::segment::{answer_tokens, extract_answer_with, outcome_reward_with, reasoning_tokens, segment, token_char_ends};
 use crate::config::Rule;
 use crate::sample::{generate, Request, SamplerParams};
-use crate::store::{self, iter_slot, Artifact, InputRef, Staging, EVALS_DIR};
+use crate::store::{self, Artifact, InputRef, Staging, EVALS_DIR};
 use crate::table::eval_samples::{self, EvalSampleRow};
 use crate::table::eval_summary::{self, EvalSummaryRow};
 use crate::table::prompts::{self, PromptRow};
@@ -53,8 +54,8 @@ impl EvalPolicy {
 
     fn artifact(self, ctx: &Ctx) -> Result<Artifact> {
         match self {
-            Self::Base => ctx.store.open_ref(&ctx.run, BOOTSTRAP_SLOT),
-            Self::Iteration(n) => ctx.store.open_ref(&ctx.run, &iter_slot(n, "grpo-update")),
+            Self::Base => ctx.store.open_ref(&ctx.run, Stage::Bootstrap.name()),
+            Self::Iteration(n) => ctx.store.open_ref(&ctx.run, &Stage::GrpoUpdate.at(n)),
         }
     }
 }
@@ -94,7 +95,7 @@ impl EvalPrompts {
                     "test" => prompts::TEST_FILE,
                     other => bail!("unknown split {other:?} (expected eval, test or train, or give a prompts file)"),
                 };
-                let data = ctx.store.open_ref(&ctx.run, PREPARE_SLOT)?;
+                let data = ctx.store.open_ref(&ctx.run, Stage::Prepare.name())?;
                 Ok((data.manifest.as_input("prompts", &[file])?, prompts::read(&data.file(file)?)?))
             }
             Self::File(path) => {
@@ -170,14 +171,14 @@ pub fn run_eval(ctx: &Ctx, target: EvalPolicy, on: &EvalPrompts) -> Result<Vec<S
     let slot = eval_slot(&split, target);
     // The format-valid rate reads the episodes as `segment` cuts them.
     let rule = cfg.segment.rule;
-    let mut params = cfg.stage_params("eval")?;
+    let mut params = Stage::Eval.params(cfg);
     params["segment_rule"] = cfg.segment.rule.to_string().into();
     let rows: Vec<PromptRow> = rows.into_iter().take(if e.prompts == 0 { usize::MAX } else { e.prompts }).collect();
     if rows.is_empty() {
         bail!("no prompts to evaluate");
     }
     let job = EvalJob { ctx, target, split, rows, policy: policy_art, rule, base_summary };
-    summaries.push(execute_sharded(ctx, "eval", EVAL_VERSION, &slot, params, inputs, finish_inputs, &job)?);
+    summaries.push(execute_sharded(ctx, Stage::Eval, &slot, params, inputs, finish_inputs, &job)?);
     Ok(summaries)
 }
 

@@ -21,8 +21,9 @@ pub use shard::{Part, Shard, ShardArgs};
 pub use update::run_grpo_update;
 
 use crate::config::Config;
+use crate::stage::Stage;
 use crate::model::{self, tokenizer, Policy};
-use crate::store::{self, iter_slot, stage_key, Artifact, Backend, Claim, InputRef, Manifest, Outcome, Staging, Store};
+use crate::store::{self, stage_key, Artifact, Backend, Claim, InputRef, Manifest, Outcome, Staging, Store};
 use crate::table::episodes::{self, EpisodeRow};
 use crate::table::prompts::PromptRow;
 use crate::table::rollouts::{self, RolloutRow};
@@ -34,20 +35,6 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::path::PathBuf;
 use std::time::Instant;
-
-/// Stage versions: bump one when its output for the same inputs changes.
-pub const PREPARE_VERSION: u32 = 5;
-pub const BOOTSTRAP_VERSION: u32 = 2;
-pub const SAMPLE_VERSION: u32 = 1;
-pub const SEGMENT_VERSION: u32 = 2;
-pub const FISHER_REWARD_VERSION: u32 = 3;
-pub const CREDIT_ASSIGN_VERSION: u32 = 2;
-pub const GRPO_UPDATE_VERSION: u32 = 1;
-pub const EVAL_VERSION: u32 = 3;
-
-/// Run-level slots (iteration stages use [`iter_slot`]).
-pub const PREPARE_SLOT: &str = "prepare";
-pub const BOOTSTRAP_SLOT: &str = "bootstrap";
 
 /// What every stage needs: where the store is, which run, the configuration.
 pub struct Ctx {
@@ -113,11 +100,23 @@ impl std::fmt::Display for Summary {
     }
 }
 
+/// Runs one stage of an iteration as its binary does (printing no rollouts): how `compare` and
+/// the bench chain an iteration in one process.
+pub fn run_iteration_stage(ctx: &Ctx, stage: Stage, iteration: u32) -> Result<Summary> {
+    match stage {
+        Stage::Sample => run_sample(ctx, iteration),
+        Stage::Segment => run_segment(ctx, iteration, 0),
+        Stage::FisherReward => run_fisher_reward(ctx, iteration),
+        Stage::CreditAssign => run_credit_assign(ctx, iteration, 0),
+        Stage::GrpoUpdate => run_grpo_update(ctx, iteration),
+        other => bail!("{other} is not a stage of an iteration"),
+    }
+}
+
 /// Reuses or computes one stage run and points the run's ref at it.
 fn execute(
     ctx: &Ctx,
-    stage: &str,
-    version: u32,
+    stage: Stage,
     slot: &str,
     params: serde_json::Value,
     inputs: Vec<InputRef>,
@@ -125,17 +124,17 @@ fn execute(
 ) -> Result<Summary> {
     let started = Instant::now();
     let backend = ctx.backend();
-    let key = stage_key(stage, version, &params, &inputs, &backend);
+    let key = stage_key(stage.name(), stage.version(), &params, &inputs, &backend);
     if ctx.only_cached && ctx.store.lookup(&key)?.is_none() {
         return Err(crate::cli::NotCached(store::short(&key).to_string()).into());
     }
-    let (artifact, outcome) = match ctx.store.claim(&key, stage)? {
+    let (artifact, outcome) = match ctx.store.claim(&key, stage.name())? {
         Claim::Done(artifact) => (artifact, Outcome::Hit),
         Claim::Mine(lock) => {
             let computing = Instant::now(); // the wall time excludes waiting for another process
             let mut staging = ctx.store.begin(&key)?;
             let metrics = compute(&mut staging)?;
-            let mut manifest = Manifest::new(stage, version, &key, params, inputs, ctx.config.seed);
+            let mut manifest = Manifest::new(stage.name(), stage.version(), &key, params, inputs, ctx.config.seed);
             manifest.device = backend.device;
             manifest.dtype = backend.dtype;
             manifest.wall_time_s = computing.elapsed().as_secs_f64();
@@ -147,7 +146,7 @@ fn execute(
     };
     let ref_changed = ctx.store.publish_ref(&ctx.run, slot, &artifact)?;
     Ok(Summary {
-        stage: stage.into(),
+        stage: stage.name().into(),
         slot: slot.into(),
         outcome,
         key,
@@ -172,9 +171,9 @@ fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
 /// the previous iteration's update produced.
 pub fn iteration_policy(ctx: &Ctx, iteration: u32) -> Result<Artifact> {
     if iteration == 0 {
-        ctx.store.open_ref(&ctx.run, BOOTSTRAP_SLOT)
+        ctx.store.open_ref(&ctx.run, Stage::Bootstrap.name())
     } else {
-        ctx.store.open_ref(&ctx.run, &iter_slot(iteration - 1, "grpo-update"))
+        ctx.store.open_ref(&ctx.run, &Stage::GrpoUpdate.at(iteration - 1))
     }
 }
 

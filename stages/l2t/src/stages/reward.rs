@@ -1,9 +1,7 @@
 //! `fisher-reward` (J, dI and C per episode) and `credit-assign` (per-token advantages).
 
-use super::{
-    check_same_ids, check_sampled_by, episodes_by_rollout, execute, iteration_policy, policy_input, progress_bar, Ctx,
-    Summary, BOOTSTRAP_SLOT, CREDIT_ASSIGN_VERSION, FISHER_REWARD_VERSION,
-};
+use crate::stage::Stage;
+use super::{check_same_ids, check_sampled_by, episodes_by_rollout, execute, iteration_policy, policy_input, progress_bar, Ctx, Summary};
 use crate::model::tokenizer;
 use crate::model::{build_model_as, Policy};
 use crate::reward::episode_reward;
@@ -12,7 +10,7 @@ use crate::config::Scale;
 use crate::reward::info_gain::{delta_i, j_values, JRequest};
 use crate::reward::penalty::{self, c_fisher, direction, directional_derivatives, ProxyModel, SeqRequest};
 use super::shard::{execute_sharded, Sharded};
-use crate::store::{iter_slot, Artifact, Staging};
+use crate::store::{Artifact, Staging};
 use crate::table::advantages::{self, AdvantageRow};
 use crate::table::episode_rewards::{self, EpisodeRewardRow};
 use crate::table::episodes::{self, EpisodeRow};
@@ -41,10 +39,10 @@ fn proxy_layer(block: i64, layers: usize) -> Result<usize> {
 /// [`Sharded::finish`].
 pub fn run_fisher_reward(ctx: &Ctx, iteration: u32) -> Result<Summary> {
     let cfg = &ctx.config;
-    let sample = ctx.store.open_ref(&ctx.run, &iter_slot(iteration, "sample"))?;
-    let seg = ctx.store.open_ref(&ctx.run, &iter_slot(iteration, "segment"))?;
+    let sample = ctx.store.open_ref(&ctx.run, &Stage::Sample.at(iteration))?;
+    let seg = ctx.store.open_ref(&ctx.run, &Stage::Segment.at(iteration))?;
     let policy = iteration_policy(ctx, iteration)?;
-    let base = ctx.store.open_ref(&ctx.run, BOOTSTRAP_SLOT)?;
+    let base = ctx.store.open_ref(&ctx.run, Stage::Bootstrap.name())?;
     let inputs = vec![
         sample.manifest.as_input("rollouts", &[prompts::ITERATION_FILE, rollouts::FILE])?,
         seg.manifest.as_input("episodes", &[episodes::FILE])?,
@@ -59,8 +57,8 @@ pub fn run_fisher_reward(ctx: &Ctx, iteration: u32) -> Result<Summary> {
         policy,
         base,
     };
-    let slot = iter_slot(iteration, "fisher-reward");
-    execute_sharded(ctx, "fisher-reward", FISHER_REWARD_VERSION, &slot, cfg.stage_params("fisher-reward")?, inputs, vec![], &job)
+    let slot = Stage::FisherReward.at(iteration);
+    execute_sharded(ctx, Stage::FisherReward, &slot, Stage::FisherReward.params(cfg), inputs, vec![], &job)
 }
 
 struct FisherJob<'a> {
@@ -358,17 +356,17 @@ impl Sharded for FisherJob<'_> {
 /// `show` prints that many rollouts with their episodes, rewards and advantages.
 pub fn run_credit_assign(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summary> {
     let cfg = &ctx.config;
-    let sample = ctx.store.open_ref(&ctx.run, &iter_slot(iteration, "sample"))?;
-    let seg = ctx.store.open_ref(&ctx.run, &iter_slot(iteration, "segment"))?;
-    let rewards = ctx.store.open_ref(&ctx.run, &iter_slot(iteration, "fisher-reward"))?;
+    let sample = ctx.store.open_ref(&ctx.run, &Stage::Sample.at(iteration))?;
+    let seg = ctx.store.open_ref(&ctx.run, &Stage::Segment.at(iteration))?;
+    let rewards = ctx.store.open_ref(&ctx.run, &Stage::FisherReward.at(iteration))?;
     let inputs = vec![
         sample.manifest.as_input("rollouts", &[prompts::ITERATION_FILE, rollouts::FILE])?,
         seg.manifest.as_input("episodes", &[episodes::FILE])?,
         rewards.manifest.as_input("episode_rewards", &[episode_rewards::FILE])?,
     ];
     let c = &cfg.credit;
-    let slot = iter_slot(iteration, "credit-assign");
-    let summary = execute(ctx, "credit-assign", CREDIT_ASSIGN_VERSION, &slot, cfg.stage_params("credit-assign")?, inputs, |staging| {
+    let slot = Stage::CreditAssign.at(iteration);
+    let summary = execute(ctx, Stage::CreditAssign, &slot, Stage::CreditAssign.params(cfg), inputs, |staging| {
         let prompt_rows = prompts::read(&sample.file(prompts::ITERATION_FILE)?)?;
         let rollout_rows = rollouts::read(&sample.file(rollouts::FILE)?)?;
         let episode_rows = episodes::read(&seg.file(episodes::FILE)?)?;
@@ -500,10 +498,10 @@ pub fn groups_by_prompt(prompt_rows: &[PromptRow], rollout_rows: &[RolloutRow]) 
 /// Prints the first `n` rollouts of an iteration: each episode with `dI`, `C`, `R` and its
 /// mean token advantage.
 fn show_credit(ctx: &Ctx, iteration: u32, n: usize) -> Result<()> {
-    let open = |stage: &str| ctx.store.open_ref(&ctx.run, &iter_slot(iteration, stage));
-    let eps = episodes::read(&open("segment")?.file(episodes::FILE)?)?;
-    let rewards = episode_rewards::read(&open("fisher-reward")?.file(episode_rewards::FILE)?)?;
-    let adv = advantages::read(&open("credit-assign")?.file(advantages::FILE)?)?;
+    let open = |stage: Stage| ctx.store.open_ref(&ctx.run, &stage.at(iteration));
+    let eps = episodes::read(&open(Stage::Segment)?.file(episodes::FILE)?)?;
+    let rewards = episode_rewards::read(&open(Stage::FisherReward)?.file(episode_rewards::FILE)?)?;
+    let adv = advantages::read(&open(Stage::CreditAssign)?.file(advantages::FILE)?)?;
     let mut at = 0;
     for a in adv.iter().take(n) {
         eprintln!("--- {} sample {}: rbar={:+.4} A_i={:+.3}", a.prompt_id, a.sample_idx, a.rbar, a.a_i);

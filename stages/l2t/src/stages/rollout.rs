@@ -1,13 +1,14 @@
 //! `sample` (G rollouts per prompt) and `segment` (episodes and the outcome reward).
 
-use super::{data_cursor, execute, iteration_policy, iteration_prompts, policy_input, progress_bar, Ctx, Summary, PREPARE_SLOT, SAMPLE_VERSION, SEGMENT_VERSION};
+use crate::stage::Stage;
+use super::{data_cursor, execute, iteration_policy, iteration_prompts, policy_input, progress_bar, Ctx, Summary};
 use super::setup::rollout_seed;
 use super::shard::{execute_sharded, Sharded};
 use crate::model::{chat, tokenizer};
 use crate::model::{self, Policy};
 use crate::reward::segment::{outcome_reward, segment, span_bytes, token_char_ends};
 use crate::sample::{generate, Request, SamplerParams};
-use crate::store::{self, iter_slot, Artifact, Staging};
+use crate::store::{self, Artifact, Staging};
 use crate::table::episodes::{self, EpisodeRow};
 use crate::table::prompts::{self, PromptRow};
 use crate::table::rollouts::{self, FinishReason, RolloutRow};
@@ -19,14 +20,14 @@ use std::time::Instant;
 /// `sample`: G rollouts for each of the iteration's prompts (or one shard of the prompts, or the
 /// merge of the shards: [`super::shard`]).
 pub fn run_sample(ctx: &Ctx, iteration: u32) -> Result<Summary> {
-    let data = ctx.store.open_ref(&ctx.run, PREPARE_SLOT)?;
+    let data = ctx.store.open_ref(&ctx.run, Stage::Prepare.name())?;
     let policy = iteration_policy(ctx, iteration)?;
-    let mut params = ctx.config.stage_params("sample")?;
+    let mut params = Stage::Sample.params(&ctx.config);
     params["iteration"] = iteration.into();
     let cursor = data_cursor(&policy)?;
     let inputs = vec![data.manifest.as_input("data", &[prompts::TRAIN_FILE])?, policy_input("policy", &policy, true)?];
     let job = SampleJob { ctx, iteration, data, policy, cursor };
-    execute_sharded(ctx, "sample", SAMPLE_VERSION, &iter_slot(iteration, "sample"), params, inputs, vec![], &job)
+    execute_sharded(ctx, Stage::Sample, &Stage::Sample.at(iteration), params, inputs, vec![], &job)
 }
 
 struct SampleJob<'a> {
@@ -81,7 +82,7 @@ impl Sharded for SampleJob<'_> {
             }
         }
         let sampler = SamplerParams { temperature: s.temperature, top_p: s.top_p, max_new_tokens: s.max_new_tokens, ignore_eos: false };
-        let bar = progress_bar(requests.len() as u64, "sample");
+        let bar = progress_bar(requests.len() as u64, Stage::Sample.name());
         let started = Instant::now();
         let gens = generate(&policy, &requests, &sampler, s.batch_rows, |n| bar.inc(n as u64))?;
         bar.finish_and_clear();
@@ -148,7 +149,7 @@ impl Sharded for SampleJob<'_> {
 /// rollouts with their episodes to stderr.
 pub fn run_segment(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summary> {
     let cfg = &ctx.config;
-    let sample = ctx.store.open_ref(&ctx.run, &iter_slot(iteration, "sample"))?;
+    let sample = ctx.store.open_ref(&ctx.run, &Stage::Sample.at(iteration))?;
     // The tokenizer that produced the rollouts: the policy the sample stage read.
     let policy_input = sample
         .manifest
@@ -165,7 +166,7 @@ pub fn run_segment(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summary> {
         policy_art.manifest.as_input("tokenizer", &[model::TOKENIZER_FILE])?,
     ];
     let rule = cfg.segment.rule;
-    execute(ctx, "segment", SEGMENT_VERSION, &iter_slot(iteration, "segment"), cfg.stage_params("segment")?, inputs, |staging| {
+    execute(ctx, Stage::Segment, &Stage::Segment.at(iteration), Stage::Segment.params(cfg), inputs, |staging| {
         let prompt_rows = prompts::read(&sample.file(prompts::ITERATION_FILE)?)?;
         let rollout_rows = rollouts::read(&sample.file(rollouts::FILE)?)?;
         let tok_path = policy_art.file(model::TOKENIZER_FILE)?;
@@ -231,7 +232,7 @@ pub fn run_segment(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summary> {
 
 /// Prints the first `n` rollouts of an iteration with their episode spans and outcome.
 fn show_rollouts(ctx: &Ctx, iteration: u32, n: usize) -> Result<()> {
-    let art = ctx.store.open_ref(&ctx.run, &iter_slot(iteration, "segment"))?;
+    let art = ctx.store.open_ref(&ctx.run, &Stage::Segment.at(iteration))?;
     let rows = episodes::read(&art.file(episodes::FILE)?)?;
     let mut shown = 0;
     let mut current: Option<(String, u32)> = None;

@@ -1,6 +1,7 @@
 //! `prepare` (the built-in task's splits) and `bootstrap` (the tiny base policy).
 
-use super::{execute, progress_bar, Ctx, Summary, BOOTSTRAP_SLOT, BOOTSTRAP_VERSION, PREPARE_SLOT, PREPARE_VERSION};
+use crate::stage::Stage;
+use super::{execute, progress_bar, Ctx, Summary};
 use crate::model::tokenizer::{self, EOS, PAD};
 use crate::model::{self, chat, Checkpoint, Policy};
 use crate::reward::segment::{outcome_reward, segment, span_bytes, token_char_ends};
@@ -15,12 +16,12 @@ use std::time::Instant;
 /// `prepare`: the built-in task's train, eval (validation) and test splits.
 pub fn run_prepare(ctx: &Ctx) -> Result<Summary> {
     let cfg = &ctx.config;
-    let mut params = cfg.stage_params("prepare")?;
+    let mut params = Stage::Prepare.params(cfg);
     let eval_file = (!cfg.task.eval_file.is_empty()).then(|| Path::new(&cfg.task.eval_file));
     if let Some(path) = eval_file {
         params["eval_file_blake3"] = content_hash(path)?.into();
     }
-    execute(ctx, "prepare", PREPARE_VERSION, PREPARE_SLOT, params, vec![], |staging| {
+    execute(ctx, Stage::Prepare, Stage::Prepare.name(), params, vec![], |staging| {
         let Splits { train, mut eval, test } = task::generate(&cfg.task, cfg.seed)?;
         if let Some(path) = eval_file {
             eval = prompts::read(path).with_context(|| format!("task.eval_file {}", path.display()))?;
@@ -54,9 +55,9 @@ pub fn run_bootstrap(ctx: &Ctx) -> Result<Summary> {
         return import_base(ctx, Path::new(&ctx.config.bootstrap.source));
     }
     let cfg = &ctx.config;
-    let data = ctx.store.open_ref(&ctx.run, PREPARE_SLOT)?;
+    let data = ctx.store.open_ref(&ctx.run, Stage::Prepare.name())?;
     let inputs = vec![data.manifest.as_input("data", &[prompts::TRAIN_FILE, prompts::EVAL_FILE])?];
-    execute(ctx, "bootstrap", BOOTSTRAP_VERSION, BOOTSTRAP_SLOT, cfg.stage_params("bootstrap")?, inputs, |staging| {
+    execute(ctx, Stage::Bootstrap, Stage::Bootstrap.name(), Stage::Bootstrap.params(cfg), inputs, |staging| {
         let train = prompts::read(&data.file(prompts::TRAIN_FILE)?)?;
         let eval = prompts::read(&data.file(prompts::EVAL_FILE)?)?;
         let tok = tokenizer::train(&solution_corpus(&train), cfg.model.vocab_size)?;
@@ -112,11 +113,11 @@ pub fn run_bootstrap(ctx: &Ctx) -> Result<Summary> {
 /// Hugging Face directory with f32 weights; its key covers the checkpoint's content.
 fn import_base(ctx: &Ctx, source: &Path) -> Result<Summary> {
     let cfg = &ctx.config;
-    let data = ctx.store.open_ref(&ctx.run, PREPARE_SLOT)?;
+    let data = ctx.store.open_ref(&ctx.run, Stage::Prepare.name())?;
     let inputs = vec![data.manifest.as_input("data", &[prompts::EVAL_FILE])?];
-    let mut params = cfg.stage_params("bootstrap")?;
+    let mut params = Stage::Bootstrap.params(cfg);
     params["source_blake3"] = content_hash(source)?.into();
-    execute(ctx, "bootstrap", BOOTSTRAP_VERSION, BOOTSTRAP_SLOT, params, inputs, |staging| {
+    execute(ctx, Stage::Bootstrap, Stage::Bootstrap.name(), params, inputs, |staging| {
         let started = Instant::now();
         let ckpt = model::read_checkpoint(source, &ctx.device)?;
         let load_seconds = started.elapsed().as_secs_f64();

@@ -5,6 +5,7 @@
 //! numbers do not depend on the rows batched with it, and the whole run and the merge write
 //! through the same [`Sharded::finish`].
 
+use crate::stage::Stage;
 use super::{execute, Ctx, Summary};
 use crate::store::{stage_key, Artifact, InputRef, Staging, SHARDS_DIR};
 use anyhow::{bail, Context, Result};
@@ -117,8 +118,7 @@ fn shard_params(params: &serde_json::Value, shard: Shard) -> serde_json::Value {
 #[allow(clippy::too_many_arguments)]
 pub fn execute_sharded<J: Sharded>(
     ctx: &Ctx,
-    stage: &str,
-    version: u32,
+    stage: Stage,
     slot: &str,
     params: serde_json::Value,
     mut inputs: Vec<InputRef>,
@@ -128,13 +128,13 @@ pub fn execute_sharded<J: Sharded>(
     let shard_inputs = inputs.clone();
     inputs.extend(finish_inputs);
     match ctx.part {
-        Part::Whole => execute(ctx, stage, version, slot, params, inputs, |staging| {
+        Part::Whole => execute(ctx, stage, slot, params, inputs, |staging| {
             let piece = job.compute(0..job.groups()?)?;
             job.finish(vec![piece], staging)
         }),
         Part::Shard(shard) => {
             let params = shard_params(&params, shard);
-            execute(ctx, stage, version, &shard_slot(slot, shard), params, shard_inputs, |staging| {
+            execute(ctx, stage, &shard_slot(slot, shard), params, shard_inputs, |staging| {
                 let piece = job.compute(shard.range(job.groups()?))?;
                 job.write_piece(&piece, staging)
             })
@@ -143,13 +143,13 @@ pub fn execute_sharded<J: Sharded>(
             let shards: Vec<Artifact> = (0..count)
                 .map(|index| {
                     let shard = Shard { index, count };
-                    let key = stage_key(stage, version, &shard_params(&params, shard), &shard_inputs, &ctx.backend());
+                    let key = stage_key(stage.name(), stage.version(), &shard_params(&params, shard), &shard_inputs, &ctx.backend());
                     ctx.store.entry(&key)?.with_context(|| {
                         format!("shard {shard} of {slot} is not in the store (key {}): run `{stage} --shard {shard}` first", crate::store::short(&key))
                     })
                 })
                 .collect::<Result<_>>()?;
-            execute(ctx, stage, version, slot, params, inputs, |staging| {
+            execute(ctx, stage, slot, params, inputs, |staging| {
                 let pieces = shards.iter().map(|s| job.read_piece(s)).collect::<Result<Vec<_>>>()?;
                 job.finish(pieces, staging)
             })

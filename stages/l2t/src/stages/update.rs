@@ -1,11 +1,8 @@
 //! `grpo-update`: the policy of iteration n+1 from iteration n's rollouts and advantages.
 
-use super::{
-    check_same_ids, check_sampled_by, data_cursor, execute, iteration_policy, policy_input, progress_bar, rollout_ids, Ctx,
-    Summary, BOOTSTRAP_SLOT, GRPO_UPDATE_VERSION,
-};
+use crate::stage::Stage;
+use super::{check_same_ids, check_sampled_by, data_cursor, execute, iteration_policy, policy_input, progress_bar, rollout_ids, Ctx, Summary};
 use crate::model::{self, response_logprobs, Policy};
-use crate::store::iter_slot;
 use crate::table::advantages::{self, AdvantageRow};
 use crate::table::prompts;
 use crate::table::rollouts::{self, RolloutRow};
@@ -26,10 +23,10 @@ const SCORE_ROWS: usize = 16;
 pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
     let cfg = &ctx.config;
     let u = &cfg.update;
-    let sample = ctx.store.open_ref(&ctx.run, &iter_slot(iteration, "sample"))?;
-    let credit = ctx.store.open_ref(&ctx.run, &iter_slot(iteration, "credit-assign"))?;
+    let sample = ctx.store.open_ref(&ctx.run, &Stage::Sample.at(iteration))?;
+    let credit = ctx.store.open_ref(&ctx.run, &Stage::CreditAssign.at(iteration))?;
     let policy_art = iteration_policy(ctx, iteration)?;
-    let base_art = ctx.store.open_ref(&ctx.run, BOOTSTRAP_SLOT)?;
+    let base_art = ctx.store.open_ref(&ctx.run, Stage::Bootstrap.name())?;
     let mut inputs = vec![
         sample.manifest.as_input("rollouts", &[prompts::ITERATION_FILE, rollouts::FILE])?,
         credit.manifest.as_input("advantages", &[advantages::FILE])?,
@@ -38,8 +35,8 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
     if u.beta_kl > 0.0 {
         inputs.push(policy_input("base", &base_art, false)?);
     }
-    let slot = iter_slot(iteration, "grpo-update");
-    execute(ctx, "grpo-update", GRPO_UPDATE_VERSION, &slot, cfg.stage_params("grpo-update")?, inputs, |staging| {
+    let slot = Stage::GrpoUpdate.at(iteration);
+    execute(ctx, Stage::GrpoUpdate, &slot, Stage::GrpoUpdate.params(cfg), inputs, |staging| {
         let prompt_rows = prompts::read(&sample.file(prompts::ITERATION_FILE)?)?;
         let rollout_rows = rollouts::read(&sample.file(rollouts::FILE)?)?;
         let adv_rows = advantages::read(&credit.file(advantages::FILE)?)?;
@@ -96,7 +93,7 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
             eprintln!("warning: iteration {iteration} is past update.planned_iterations; the cosine schedule is at its floor (update.min_lr_ratio)");
         }
         let loss_before = grpo::batch_loss(&seqs, &recomputed, &params);
-        let bar = progress_bar((u.ppo_epochs * u.minibatches.min(seqs.len())) as u64, "grpo-update");
+        let bar = progress_bar((u.ppo_epochs * u.minibatches.min(seqs.len())) as u64, Stage::GrpoUpdate.name());
         let started = Instant::now();
         let (weights, state, log) = grpo::update(&policy.cfg, policy.weights.clone(), optimizer, &seqs, &params, pad, &mut rng, &ctx.device, |m| {
             bar.set_message(format!("loss {:+.4} kl {:.2e}", m.loss, m.kl));
