@@ -234,7 +234,7 @@ fn bench_train(args: &Args, workload: &str, policy: Policy) -> Result<()> {
 /// Two L2T iterations of SmolLM2 at TRL's GRPO shape (4 prompts x 4 generations, 64 new tokens)
 /// in a scratch store; iteration 1 (where the penalty is computed) is the figure.
 fn bench_l2t_iteration(args: &Args, base: &Config) -> Result<()> {
-    use l2t::stages::{self, Ctx};
+    use l2t::pipeline::{self, Ctx};
     let mut config = base.clone();
     config.bootstrap.source = args.smollm2.display().to_string();
     config.bootstrap.eval_prompts = 0;
@@ -251,13 +251,13 @@ fn bench_l2t_iteration(args: &Args, base: &Config) -> Result<()> {
     config.update.lr = 1e-6;
     let scratch = tempfile::Builder::new().prefix(".bench-").tempdir()?;
     let ctx = Ctx::new(scratch.path().to_path_buf(), "bench", config)?;
-    stages::run_prepare(&ctx)?;
-    stages::run_bootstrap(&ctx)?;
+    pipeline::run_prepare(&ctx)?;
+    pipeline::run_bootstrap(&ctx)?;
     for iter in 0..2u32 {
         let mut seconds = serde_json::Map::new();
         let started = Instant::now();
         for stage in Stage::ITERATION {
-            let summary = stages::run_iteration_stage(&ctx, stage, iter)?;
+            let summary = pipeline::run_iteration_stage(&ctx, stage, iter)?;
             seconds.insert(stage.name().into(), serde_json::json!((summary.seconds * 1000.0).round() / 1000.0));
         }
         emit(serde_json::json!({"workload": "smollm2-l2t-iteration", "iteration": iter, "prompts": 4, "generations": 4,
@@ -269,8 +269,8 @@ fn bench_l2t_iteration(args: &Args, base: &Config) -> Result<()> {
 /// Runs two iterations of every stage of the tiny task in a scratch store that reuses the run's
 /// bootstrap (or trains a short one), and prints each stage's wall time. Iteration 0 has `D~ = 0`
 /// (no penalty passes); iteration 1 is the representative one, timed with both estimators.
-fn stage_times(ctx: &l2t::stages::Ctx) -> Result<()> {
-    use l2t::stages::{self, Ctx};
+fn stage_times(ctx: &l2t::pipeline::Ctx) -> Result<()> {
+    use l2t::pipeline::{self, Ctx};
     std::fs::create_dir_all(ctx.store.root())?;
     let scratch = tempfile::Builder::new().prefix(".bench-").tempdir_in(ctx.store.root())?;
     let mut config = ctx.config.clone();
@@ -286,23 +286,23 @@ fn stage_times(ctx: &l2t::stages::Ctx) -> Result<()> {
     };
     let fd = with_estimator(Estimator::Fd)?;
     let grad = with_estimator(Estimator::Grad)?;
-    stages::run_prepare(&fd)?;
+    pipeline::run_prepare(&fd)?;
     if let Some(base) = &base {
         fd.store.import(base)?;
     }
-    stages::run_bootstrap(&fd)?;
+    pipeline::run_bootstrap(&fd)?;
     for iter in 0..2u32 {
         let mut times = serde_json::Map::new();
-        let mut time = |name: &str, summary: stages::Summary| {
+        let mut time = |name: &str, summary: pipeline::Summary| {
             times.insert(name.to_string(), serde_json::json!((summary.seconds * 1000.0).round() / 1000.0));
         };
-        time("sample", stages::run_iteration_stage(&fd, Stage::Sample, iter)?);
-        time("segment", stages::run_iteration_stage(&fd, Stage::Segment, iter)?);
+        time("sample", pipeline::run_iteration_stage(&fd, Stage::Sample, iter)?);
+        time("segment", pipeline::run_iteration_stage(&fd, Stage::Segment, iter)?);
         // grad first, so that the run's fisher-reward ref ends on the default estimator.
-        time("fisher-reward (grad)", stages::run_fisher_reward(&grad, iter)?);
-        time("fisher-reward (fd)", stages::run_fisher_reward(&fd, iter)?);
-        time("credit-assign", stages::run_iteration_stage(&fd, Stage::CreditAssign, iter)?);
-        time("grpo-update", stages::run_iteration_stage(&fd, Stage::GrpoUpdate, iter)?);
+        time("fisher-reward (grad)", pipeline::run_fisher_reward(&grad, iter)?);
+        time("fisher-reward (fd)", pipeline::run_fisher_reward(&fd, iter)?);
+        time("credit-assign", pipeline::run_iteration_stage(&fd, Stage::CreditAssign, iter)?);
+        time("grpo-update", pipeline::run_iteration_stage(&fd, Stage::GrpoUpdate, iter)?);
         let rollouts = fd.config.sample.prompts_per_iter * fd.config.sample.group_size;
         emit(serde_json::json!({"workload": "tiny-iteration-stages", "iteration": iter, "policy": policy_note,
             "rollouts": rollouts, "stage_seconds": times}));

@@ -13,7 +13,7 @@ struct Args {
 fn main() {
     l2t::cli::run_main("bootstrap", || {
         let args = Args::parse();
-        let summary = l2t::stages::run_bootstrap(&args.common.ctx()?)?;
+        let summary = l2t::pipeline::run_bootstrap(&args.common.ctx()?)?;
         println!("{summary}");
         println!("bootstrap: eval {}", summary.metrics["eval"]);
         Ok(())

@@ -11,7 +11,7 @@ use l2t::config::{Config, Method, Rule};
 use l2t::eval::stats::{paired_difference, ratio_interval, t_interval, Interval};
 use l2t::reward::segment::{segment, span_bytes};
 use l2t::stage::Stage;
-use l2t::stages::{self, eval_slot, run_eval, Ctx, EvalPolicy, EvalPrompts};
+use l2t::pipeline::{self, eval_slot, run_eval, Ctx, EvalPolicy, EvalPrompts};
 use l2t::store::Store;
 use l2t::table::eval_samples::{self, EvalSampleRow};
 use l2t::table::eval_summary::{self, EvalSummaryRow};
@@ -147,9 +147,9 @@ fn main() {
                 let run = run_name(&id, arm, seed);
                 let cfg = arm.config(&base, seed)?;
                 let ctx = Ctx::new(args.artifacts.clone(), &run, cfg.clone())?;
-                let log = |s: stages::Summary| println!("{run}: {s}");
-                log(stages::run_prepare(&ctx)?);
-                log(stages::run_bootstrap(&ctx)?);
+                let log = |s: pipeline::Summary| println!("{run}: {s}");
+                log(pipeline::run_prepare(&ctx)?);
+                log(pipeline::run_bootstrap(&ctx)?);
                 let mut evaluate = |policy: EvalPolicy, after: u32| -> Result<()> {
                     run_eval(&ctx, policy, &split)?.into_iter().for_each(log);
                     let (eval, samples) = read_eval(&ctx, &args.split, policy)?;
@@ -160,7 +160,7 @@ fn main() {
                 let mut figures = Vec::new();
                 for it in 0..args.iters {
                     for stage in Stage::ITERATION {
-                        log(stages::run_iteration_stage(&ctx, stage, it)?);
+                        log(pipeline::run_iteration_stage(&ctx, stage, it)?);
                     }
                     figures.push(iteration_figures(&ctx.store, &run, it, &cfg)?);
                     if it + 1 == args.iters || (args.eval_every > 0 && (it + 1) % args.eval_every == 0) {

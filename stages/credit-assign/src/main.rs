@@ -20,7 +20,7 @@ struct Args {
 fn main() {
     l2t::cli::run_main("credit-assign", || {
         let args = Args::parse();
-        println!("{}", l2t::stages::run_credit_assign(&args.common.ctx()?, args.iter, args.show)?);
+        println!("{}", l2t::pipeline::run_credit_assign(&args.common.ctx()?, args.iter, args.show)?);
         Ok(())
     })
 }

@@ -1,7 +1,7 @@
 //! `eval`: a policy of a run on a held-out split or a prompts file.
 use anyhow::Result;
 use clap::Parser;
-use l2t::stages::{latest_policy, run_eval, EvalPolicy, EvalPrompts};
+use l2t::pipeline::{latest_policy, run_eval, EvalPolicy, EvalPrompts};
 use std::path::PathBuf;
 
 /// Evaluates a policy of the run (l2t-spec section 9): `eval.k` samples per prompt, pass@1,
@@ -25,13 +25,13 @@ struct Args {
     #[arg(long)]
     prompts: Option<PathBuf>,
     #[command(flatten)]
-    shard: l2t::stages::ShardArgs,
+    shard: l2t::pipeline::ShardArgs,
 }
 
 fn main() {
     l2t::cli::run_main("eval", || -> Result<()> {
         let args = Args::parse();
-        let ctx = l2t::stages::Ctx { part: args.shard.part()?, ..args.common.ctx()? };
+        let ctx = l2t::pipeline::Ctx { part: args.shard.part()?, ..args.common.ctx()? };
         let target = if args.policy == "latest" { latest_policy(&ctx) } else { EvalPolicy::parse(&args.policy)? };
         let on = match args.prompts {
             Some(path) => EvalPrompts::File(path),
@@ -39,7 +39,7 @@ fn main() {
         };
         let summaries = run_eval(&ctx, target, &on)?;
         summaries.iter().for_each(|s| println!("{s}"));
-        if matches!(ctx.part, l2t::stages::Part::Shard(_)) {
+        if matches!(ctx.part, l2t::pipeline::Part::Shard(_)) {
             return Ok(()); // a shard's figures come with the merge
         }
         let m = &summaries.last().expect("run_eval returns the evaluated policy's summary").metrics;

@@ -13,14 +13,14 @@ struct Args {
     #[arg(long)]
     iter: u32,
     #[command(flatten)]
-    shard: l2t::stages::ShardArgs,
+    shard: l2t::pipeline::ShardArgs,
 }
 
 fn main() {
     l2t::cli::run_main("fisher-reward", || {
         let args = Args::parse();
-        let ctx = l2t::stages::Ctx { part: args.shard.part()?, ..args.common.ctx()? };
-        println!("{}", l2t::stages::run_fisher_reward(&ctx, args.iter)?);
+        let ctx = l2t::pipeline::Ctx { part: args.shard.part()?, ..args.common.ctx()? };
+        println!("{}", l2t::pipeline::run_fisher_reward(&ctx, args.iter)?);
         Ok(())
     })
 }

@@ -17,7 +17,7 @@ struct Args {
 fn main() {
     l2t::cli::run_main("grpo-update", || {
         let args = Args::parse();
-        println!("{}", l2t::stages::run_grpo_update(&args.common.ctx()?, args.iter)?);
+        println!("{}", l2t::pipeline::run_grpo_update(&args.common.ctx()?, args.iter)?);
         Ok(())
     })
 }

@@ -2,7 +2,7 @@
 //! context chain on one line behind the program name, exit code 1).
 
 use crate::config::Config;
-use crate::stages::Ctx;
+use crate::pipeline::Ctx;
 use anyhow::Result;
 use std::path::PathBuf;
 

@@ -25,7 +25,7 @@ pub mod table;
 pub mod sample;
 pub mod slurm;
 pub mod stage;
-pub mod stages;
+pub mod pipeline;
 pub mod task;
 pub mod train;
 

@@ -13,7 +13,7 @@
 
 use crate::audit::next_iteration;
 use crate::config::SlurmConfig;
-use crate::stages::Shard;
+use crate::pipeline::Shard;
 use crate::stage::Stage;
 use crate::store::{iter_slot, Store};
 use anyhow::{bail, Context, Result};

@@ -12,7 +12,7 @@ struct Args {
 fn main() {
     l2t::cli::run_main("prepare", || {
         let args = Args::parse();
-        println!("{}", l2t::stages::run_prepare(&args.common.ctx()?)?);
+        println!("{}", l2t::pipeline::run_prepare(&args.common.ctx()?)?);
         Ok(())
     })
 }

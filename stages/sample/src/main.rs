@@ -12,14 +12,14 @@ struct Args {
     #[arg(long)]
     iter: u32,
     #[command(flatten)]
-    shard: l2t::stages::ShardArgs,
+    shard: l2t::pipeline::ShardArgs,
 }
 
 fn main() {
     l2t::cli::run_main("sample", || {
         let args = Args::parse();
-        let ctx = l2t::stages::Ctx { part: args.shard.part()?, ..args.common.ctx()? };
-        println!("{}", l2t::stages::run_sample(&ctx, args.iter)?);
+        let ctx = l2t::pipeline::Ctx { part: args.shard.part()?, ..args.common.ctx()? };
+        println!("{}", l2t::pipeline::run_sample(&ctx, args.iter)?);
         Ok(())
     })
 }

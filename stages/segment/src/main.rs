@@ -19,7 +19,7 @@ struct Args {
 fn main() {
     l2t::cli::run_main("segment", || {
         let args = Args::parse();
-        println!("{}", l2t::stages::run_segment(&args.common.ctx()?, args.iter, args.show)?);
+        println!("{}", l2t::pipeline::run_segment(&args.common.ctx()?, args.iter, args.show)?);
         Ok(())
     })
 }

@@ -1,24 +1,27 @@
-//! One function per stage binary: resolve inputs through the run's refs, compute the stage key,
-//! reuse or compute the outputs, publish the ref, and return a one-line summary.
-//!
-//! - [`setup`]: `prepare` and `bootstrap` (once per run).
-//! - [`rollout`]: `sample` and `segment`.
-//! - [`reward`]: `fisher-reward` and `credit-assign`.
-//! - [`update`]: `grpo-update`.
+//! One module per stage, named after it, each with the function its binary runs: resolve the
+//! inputs through the run's refs, compute the stage key, reuse or compute the outputs, publish the
+//! ref, and return a one-line summary. What they share (the context, the cache-or-compute step,
+//! the policy of an iteration, the data cursor) is here; sharding is in [`shard`].
 
+mod bootstrap;
+mod credit_assign;
 mod eval;
-mod reward;
-mod rollout;
-mod setup;
+mod fisher_reward;
+mod grpo_update;
+mod prepare;
+mod sample;
+mod segment;
 mod shard;
-mod update;
 
+pub use bootstrap::{eval_figures, run_bootstrap, sft_examples, solution_corpus};
+pub use credit_assign::run_credit_assign;
 pub use eval::{eval_slot, latest_policy, run_eval, EvalPolicy, EvalPrompts};
-pub use reward::{run_credit_assign, run_fisher_reward};
-pub use rollout::{run_sample, run_segment};
-pub use setup::{eval_figures, rollout_seed, run_bootstrap, run_prepare, sft_examples, solution_corpus};
+pub use fisher_reward::run_fisher_reward;
+pub use grpo_update::run_grpo_update;
+pub use prepare::run_prepare;
+pub use sample::{rollout_seed, run_sample};
+pub use segment::run_segment;
 pub use shard::{Part, Shard, ShardArgs};
-pub use update::run_grpo_update;
 
 use crate::config::Config;
 use crate::stage::Stage;

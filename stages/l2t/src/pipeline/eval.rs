@@ -1,6 +1,6 @@
 //! `eval`: a policy of the run on a held-out split or a prompts file (l2t-spec section 9).
 
-use super::setup::rollout_seed;
+use super::sample::rollout_seed;
 use super::shard::{execute_sharded, Part, Sharded};
 use crate::stage::Stage;
 use super::{progress_bar, Ctx, Summary};

@@ -1,51 +1,19 @@
-//! `prepare` (the built-in task's splits) and `bootstrap` (the tiny base policy).
+//! `bootstrap`: the base policy, trained (the tiny policy) or imported (a real checkpoint).
 
 use crate::stage::Stage;
 use super::{execute, progress_bar, Ctx, Summary};
+use super::prepare::content_hash;
+use super::sample::rollout_seed;
 use crate::model::tokenizer::{self, EOS, PAD};
 use crate::model::{self, chat, Checkpoint, Policy};
 use crate::reward::segment::{outcome_reward, segment, span_bytes, token_char_ends};
 use crate::sample::{generate, Request, SamplerParams};
 use crate::table::prompts::{self, PromptRow};
-use crate::task::{self, episode_kind, Splits};
+use crate::task::episode_kind;
 use crate::train::sft::{self, Example, SftParams};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::path::Path;
 use std::time::Instant;
-
-/// `prepare`: the built-in task's train, eval (validation) and test splits.
-pub fn run_prepare(ctx: &Ctx) -> Result<Summary> {
-    let cfg = &ctx.config;
-    let mut params = Stage::Prepare.params(cfg);
-    let eval_file = (!cfg.task.eval_file.is_empty()).then(|| Path::new(&cfg.task.eval_file));
-    if let Some(path) = eval_file {
-        params["eval_file_blake3"] = content_hash(path)?.into();
-    }
-    execute(ctx, Stage::Prepare, Stage::Prepare.name(), params, vec![], |staging| {
-        let Splits { train, mut eval, test } = task::generate(&cfg.task, cfg.seed)?;
-        if let Some(path) = eval_file {
-            eval = prompts::read(path).with_context(|| format!("task.eval_file {}", path.display()))?;
-            if eval.is_empty() {
-                bail!("task.eval_file {}: no prompts", path.display());
-            }
-        }
-        prompts::write(staging, prompts::TRAIN_FILE, &train)?;
-        prompts::write(staging, prompts::EVAL_FILE, &eval)?;
-        prompts::write(staging, prompts::TEST_FILE, &test)?;
-        let mean_redundant = train.iter().map(|r| f64::from(r.n_redundant)).sum::<f64>() / train.len() as f64;
-        Ok(serde_json::json!({
-            "train_rows": train.len(),
-            "eval_rows": eval.len(),
-            "test_rows": test.len(),
-            "train_mean_redundant": mean_redundant,
-        }))
-    })
-}
-
-/// Per-row seed of a rollout, derived from the run seed and the rollout's identity.
-pub fn rollout_seed(seed: u64, iteration: u32, prompt_id: &str, sample_idx: u32) -> u64 {
-    crate::config::seed_of(&format!("{seed}/{iteration}/{prompt_id}/{sample_idx}"))
-}
 
 /// `bootstrap`: the base policy. `bootstrap.source = "tiny"` trains the tiny policy on the train
 /// split's worked solutions; a checkpoint path imports that checkpoint. Either way it then samples
@@ -137,27 +105,6 @@ fn import_base(ctx: &Ctx, source: &Path) -> Result<Summary> {
     })
 }
 
-/// blake3 of a file, or of a directory's files (names and contents, in name order).
-fn content_hash(path: &Path) -> Result<String> {
-    let mut hasher = blake3::Hasher::new();
-    let files: Vec<std::path::PathBuf> = if path.is_dir() {
-        let mut v: Vec<_> = std::fs::read_dir(path)
-            .with_context(|| format!("{}: cannot list", path.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file())
-            .collect();
-        v.sort();
-        v
-    } else {
-        vec![path.to_path_buf()]
-    };
-    for f in files {
-        let mut file = std::fs::File::open(&f).with_context(|| format!("bootstrap.source {}: cannot open", f.display()))?;
-        hasher.update(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
-        hasher.update_reader(&mut file).with_context(|| format!("{}: cannot read", f.display()))?;
-    }
-    Ok(hasher.finalize().to_hex().to_string())
-}
 
 /// Prompt + worked-solution texts: the tokenizer's training corpus.
 pub fn solution_corpus(rows: &[PromptRow]) -> Vec<String> {
@@ -220,4 +167,3 @@ pub fn eval_figures(ctx: &Ctx, policy: &Policy, rows: &[&PromptRow]) -> Result<s
         "sample_tokens_per_s": tokens as f64 / seconds,
     }))
 }
-
