@@ -301,7 +301,8 @@ update.lr = 2e-6
     env.chain();
     let base = env.manifest("bootstrap");
     assert_eq!(base["metrics"]["model_type"], "llama");
-    let config: serde_json::Value = serde_json::from_slice(&fs::read(env.slot("iter-0000/grpo-update").join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&fs::read(env.slot("iter-0000/grpo-update").join("config.json")).unwrap()).unwrap();
     assert_eq!((config["model_type"].as_str(), config["vocab_size"].as_u64()), (Some("llama"), Some(49152)));
     let tok_cfg: serde_json::Value =
         serde_json::from_slice(&fs::read(env.slot("iter-0000/grpo-update").join("tokenizer_config.json")).unwrap()).unwrap();
@@ -394,7 +395,11 @@ fn killed_stage_publishes_nothing_and_the_rerun_completes() {
     assert_eq!(entries_before, entries_after, "a killed stage published a store entry");
     // The killed owner's lock does not block the rerun, which takes it over at once.
     let locks = env.artifacts().join("store/locks");
-    assert_eq!(fs::read_dir(&locks).unwrap().filter(|e| !e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.')).count(), 1, "the killed run's lock");
+    assert_eq!(
+        fs::read_dir(&locks).unwrap().filter(|e| !e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.')).count(),
+        1,
+        "the killed run's lock"
+    );
     let rerun = env.run("sample", &["--iter", "0"]);
     assert!(rerun.status.success() && String::from_utf8_lossy(&rerun.stdout).contains("computed"));
     assert!(String::from_utf8_lossy(&rerun.stderr).contains("is gone; computing it here"), "{}", String::from_utf8_lossy(&rerun.stderr));
@@ -432,7 +437,8 @@ fn gc_in_a_loop_during_make_iterate_changes_nothing() {
 fn two_concurrent_make_iterate_compute_each_key_once() {
     let (alone, shared) = (Env::new(""), Env::new(""));
     alone.make_ok(&["iterate", "ITERS=2"]);
-    let both = [shared.make_command(&["iterate", "ITERS=2"]).spawn().unwrap(), shared.make_command(&["iterate", "ITERS=2"]).spawn().unwrap()];
+    let both =
+        [shared.make_command(&["iterate", "ITERS=2"]).spawn().unwrap(), shared.make_command(&["iterate", "ITERS=2"]).spawn().unwrap()];
     let outs: Vec<Output> = both.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
     let (mut stdout, mut stderr) = (String::new(), String::new());
     for out in &outs {
@@ -462,7 +468,11 @@ fn two_concurrent_make_iterate_compute_each_key_once() {
 fn ref_files(env: &Env, slot: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
     let manifest = env.manifest(slot);
     let outputs = manifest["outputs"].as_array().unwrap();
-    outputs.iter().map(|o| o["file"].as_str().unwrap().to_string()).map(|f| (f.clone(), fs::read(env.slot(slot).join(&f)).unwrap())).collect()
+    outputs
+        .iter()
+        .map(|o| o["file"].as_str().unwrap().to_string())
+        .map(|f| (f.clone(), fs::read(env.slot(slot).join(&f)).unwrap()))
+        .collect()
 }
 
 #[test]
@@ -516,7 +526,12 @@ fn slurm_cluster() -> Option<()> {
     if start.status.success() {
         return Some(());
     }
-    let why = String::from_utf8_lossy(&start.stderr).lines().chain(String::from_utf8_lossy(&start.stdout).lines()).last().unwrap_or_default().to_string();
+    let why = String::from_utf8_lossy(&start.stderr)
+        .lines()
+        .chain(String::from_utf8_lossy(&start.stdout).lines())
+        .last()
+        .unwrap_or_default()
+        .to_string();
     eprintln!("SKIPPED: the Slurm tests need a cluster and tests/slurm/start_cluster.sh could not start one here: {why}");
     None
 }
@@ -525,7 +540,9 @@ fn slurm_cluster() -> Option<()> {
 fn submitted(out: &str) -> Vec<(String, String)> {
     out.lines()
         .filter_map(|l| l.strip_prefix("slurm: submitted "))
-        .filter_map(|l| l.split_once(" as job ").map(|(label, rest)| (label.to_string(), rest.split_whitespace().next().unwrap().to_string())))
+        .filter_map(|l| {
+            l.split_once(" as job ").map(|(label, rest)| (label.to_string(), rest.split_whitespace().next().unwrap().to_string()))
+        })
         .collect()
 }
 
@@ -567,15 +584,22 @@ fn slurm_runner_gives_the_local_policy_and_resubmits_only_what_a_cancelled_job_l
     // The rerun submits the lost shard alone, then the rest; the policy is the local run's.
     cluster.set_config("");
     let rerun = cluster.make_ok(&["iterate", "RUNNER=slurm", "SHARDS=2"]);
-    let shards = submitted(&rerun).into_iter().find(|(label, _)| label == "iter-0002-sample-shards").expect("the lost shard is resubmitted");
-    assert!(rerun.contains(&format!("job {}_1)", shards.1)) && !rerun.contains(&format!("job {}_0)", shards.1)), "only shard 1 runs again:\n{rerun}");
+    let shards =
+        submitted(&rerun).into_iter().find(|(label, _)| label == "iter-0002-sample-shards").expect("the lost shard is resubmitted");
+    assert!(
+        rerun.contains(&format!("job {}_1)", shards.1)) && !rerun.contains(&format!("job {}_0)", shards.1)),
+        "only shard 1 runs again:\n{rerun}"
+    );
     assert_eq!(policy(&local, 2), policy(&cluster, 2), "the cluster's policy differs from the local run's after the resubmission");
     // A failing job: the runner names it, shows its log's end, cancels the rest, and fails.
     cluster.set_config("sample.prompts_per_iter = 100000");
     let failed = cluster.make(&["iterate", "RUNNER=slurm"]);
     let stderr = String::from_utf8_lossy(&failed.stderr);
     assert!(!failed.status.success(), "a failed job must fail make iterate");
-    assert!(stderr.contains("iter-0003-sample (job") && stderr.contains("FAILED") && stderr.contains("prompts_per_iter = 100000"), "{stderr}");
+    assert!(
+        stderr.contains("iter-0003-sample (job") && stderr.contains("FAILED") && stderr.contains("prompts_per_iter = 100000"),
+        "{stderr}"
+    );
     eprintln!("slurm: ran on a real single-node cluster: 3 iterations as jobs, a cancelled shard resubmitted alone, policies byte-identical to the local run's");
 }
 
@@ -601,7 +625,8 @@ fn corrupted_artifact_is_refused_naming_the_file() {
 fn make_verify_names_a_flipped_byte_and_repair_then_iterate_recomputes_only_that() {
     let env = Env::new("");
     env.make_ok(&["iterate", "ITERS=2"]);
-    let policies = |env: &Env| ["iter-0000", "iter-0001"].map(|i| fs::read(env.slot(&format!("{i}/grpo-update/model.safetensors"))).unwrap());
+    let policies =
+        |env: &Env| ["iter-0000", "iter-0001"].map(|i| fs::read(env.slot(&format!("{i}/grpo-update/model.safetensors"))).unwrap());
     let before = policies(&env);
     let clean = env.make_ok(&["verify"]);
     assert!(clean.contains(", 0 problems"), "{clean}");
@@ -712,7 +737,8 @@ fn audit_sees_one_rollout_row_per_prompt_and_sample() {
     let out = env.make_ok(&["audit", &format!("SQL={sql}")]);
     assert!(out.contains("bad=0"), "{out}");
     // The reward, advantage and update tables join the rollouts by ids.
-    let sql = "SELECT 'rewards=' || count(*) FROM episode_rewards w JOIN episodes e USING (run, iteration, prompt_id, sample_idx, episode_idx) \
+    let sql =
+        "SELECT 'rewards=' || count(*) FROM episode_rewards w JOIN episodes e USING (run, iteration, prompt_id, sample_idx, episode_idx) \
                WHERE abs(w.d_i - (w.j_after - w.j_before)) < 1e-12";
     let out = env.make_ok(&["audit", &format!("SQL={sql}")]);
     let episodes = env.make_ok(&["audit", "SQL=SELECT 'rewards=' || count(*) FROM episodes"]);
@@ -758,7 +784,8 @@ fn eval_reports_every_figure_from_its_own_samples_and_against_the_base() {
     let again = env.make_ok(&["eval", "POLICY=0"]);
     assert!(again.matches("eval: cache hit").count() == 2, "{again}");
     let jsonl = env.dir.path().join("mine.jsonl");
-    fs::write(&jsonl, "{\"prompt_id\": \"q1\", \"prompt\": \"Problem: start with 3.\\n1: + 2\\nSolution: \", \"gold_answer\": \"5\"}\n").unwrap();
+    fs::write(&jsonl, "{\"prompt_id\": \"q1\", \"prompt\": \"Problem: start with 3.\\n1: + 2\\nSolution: \", \"gold_answer\": \"5\"}\n")
+        .unwrap();
     let out = env.ok("eval", &["--policy", "base", "--prompts", jsonl.to_str().unwrap()]);
     assert!(out.contains("-> evals/mine/base"), "{out}");
     let err = env.fails("eval", &["--policy", "7"]);
@@ -829,7 +856,9 @@ fn compare_writes_its_report_and_redraws_it_from_cache() {
 
 #[test]
 fn help_works_for_every_binary() {
-    for name in ["prepare", "bootstrap", "sample", "segment", "fisher-reward", "credit-assign", "grpo-update", "eval", "compare", "bench", "l2t"] {
+    for name in
+        ["prepare", "bootstrap", "sample", "segment", "fisher-reward", "credit-assign", "grpo-update", "eval", "compare", "bench", "l2t"]
+    {
         let out = Command::new(bin(name)).arg("--help").output().unwrap();
         assert!(out.status.success(), "{name} --help");
         assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"), "{name} --help");

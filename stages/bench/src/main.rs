@@ -74,7 +74,10 @@ fn peak_rss_mb() -> f64 {
 }
 
 fn threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 fn emit(mut line: serde_json::Value) {
@@ -169,7 +172,12 @@ fn bench_generate(args: &Args, workload: &str, policy: &Policy, prompts: &[Vec<u
     let requests: Vec<Request> = if batch == 1 {
         vec![Request { prompt_ids: prompts[0].clone(), seed: 1234 }]
     } else {
-        prompts.iter().flat_map(|p| (0..4).map(move |s| (p, s))).enumerate().map(|(i, (p, _))| Request { prompt_ids: p.clone(), seed: 1234 + i as u64 }).collect()
+        prompts
+            .iter()
+            .flat_map(|p| (0..4).map(move |s| (p, s)))
+            .enumerate()
+            .map(|(i, (p, _))| Request { prompt_ids: p.clone(), seed: 1234 + i as u64 })
+            .collect()
     };
     let params = SamplerParams { temperature: 0.9, top_p: 1.0, max_new_tokens: 128, ignore_eos: fixed };
     generate(policy, &requests, &SamplerParams { max_new_tokens: 8, ..params }, batch, |_| {})?;
@@ -309,4 +317,3 @@ fn stage_times(ctx: &l2t::pipeline::Ctx) -> Result<()> {
     }
     Ok(())
 }
-

@@ -9,9 +9,9 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use l2t::config::{Config, Method, Rule};
 use l2t::eval::stats::{paired_difference, ratio_interval, t_interval, Interval};
+use l2t::pipeline::{self, eval_slot, run_eval, Ctx, EvalPolicy, EvalPrompts};
 use l2t::reward::segment::{segment, span_bytes};
 use l2t::stage::Stage;
-use l2t::pipeline::{self, eval_slot, run_eval, Ctx, EvalPolicy, EvalPrompts};
 use l2t::store::Store;
 use l2t::table::eval_samples::{self, EvalSampleRow};
 use l2t::table::eval_summary::{self, EvalSummaryRow};
@@ -71,7 +71,11 @@ impl Arm {
         let mut parts = text.split('+');
         let method: Method = parts.next().unwrap_or_default().parse().with_context(|| format!("arm {text:?}"))?;
         let overrides = parts
-            .map(|p| p.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).with_context(|| format!("arm {text:?}: {p:?} is not key=value")))
+            .map(|p| {
+                p.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .with_context(|| format!("arm {text:?}: {p:?} is not key=value"))
+            })
             .collect::<Result<_>>()?;
         Ok(Self { name: text.to_string(), method, overrides })
     }
@@ -459,7 +463,11 @@ impl Report<'_> {
                         })
                         .collect();
                     let m = per_seed.len().max(1) as f64;
-                    format!("{:.1}% / {:.1}", 100.0 * per_seed.iter().map(|x| x.0).sum::<f64>() / m, per_seed.iter().map(|x| x.1).sum::<f64>() / m)
+                    format!(
+                        "{:.1}% / {:.1}",
+                        100.0 * per_seed.iter().map(|x| x.0).sum::<f64>() / m,
+                        per_seed.iter().map(|x| x.1).sum::<f64>() / m
+                    )
                 })
                 .collect();
             format!("| {name} | {} |", cells.join(" | "))
@@ -514,7 +522,11 @@ impl Report<'_> {
                 .map(|i| {
                     let v: Vec<IterFigures> = self.curves.iter().filter(|((a, _), _)| a == &arm.name).map(|(_, f)| f[i]).collect();
                     let m = v.len().max(1) as f64;
-                    format!("{:.0}% / {:.0}", 100.0 * v.iter().map(|f| f.accuracy).sum::<f64>() / m, v.iter().map(|f| f.tokens).sum::<f64>() / m)
+                    format!(
+                        "{:.0}% / {:.0}",
+                        100.0 * v.iter().map(|f| f.accuracy).sum::<f64>() / m,
+                        v.iter().map(|f| f.tokens).sum::<f64>() / m
+                    )
                 })
                 .collect();
             let _ = writeln!(md, "| {} | {} |", arm.name, cells.join(" | "));
@@ -525,7 +537,15 @@ impl Report<'_> {
             let _ = writeln!(md, "| arm | rl_seed | iterations | pass@1 | mean tokens |");
             let _ = writeln!(md, "|---|---|---|---|---|");
             for p in evals {
-                let _ = writeln!(md, "| {} | {} | {} | {:.1}% | {:.1} |", p.arm, p.seed, p.after, 100.0 * p.eval.summary.pass_at_1, p.eval.summary.mean_tokens);
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {:.1}% | {:.1} |",
+                    p.arm,
+                    p.seed,
+                    p.after,
+                    100.0 * p.eval.summary.pass_at_1,
+                    p.eval.summary.mean_tokens
+                );
             }
         }
         let _ = writeln!(md);
@@ -566,10 +586,19 @@ impl Report<'_> {
         let _ = writeln!(md, "## Accuracy at token budgets (final policies, mean over seeds)\n");
         let _ = writeln!(md, "| arm | {} |", budgets.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(" | "));
         let _ = writeln!(md, "|---|{}", "---|".repeat(budgets.len()));
-        let _ = writeln!(md, "| base policy | {} |", self.budget_curve(&[self.base()]).iter().map(|(_, a)| format!("{:.1}%", 100.0 * a)).collect::<Vec<_>>().join(" | "));
+        let _ = writeln!(
+            md,
+            "| base policy | {} |",
+            self.budget_curve(&[self.base()]).iter().map(|(_, a)| format!("{:.1}%", 100.0 * a)).collect::<Vec<_>>().join(" | ")
+        );
         for arm in self.arms {
             let curve = self.budget_curve(&self.finals(&arm.name));
-            let _ = writeln!(md, "| {} | {} |", arm.name, curve.iter().map(|(_, a)| format!("{:.1}%", 100.0 * a)).collect::<Vec<_>>().join(" | "));
+            let _ = writeln!(
+                md,
+                "| {} | {} |",
+                arm.name,
+                curve.iter().map(|(_, a)| format!("{:.1}%", 100.0 * a)).collect::<Vec<_>>().join(" | ")
+            );
         }
     }
 
@@ -579,7 +608,9 @@ impl Report<'_> {
         budgets
             .iter()
             .enumerate()
-            .map(|(b, &x)| (f64::from(x), points.iter().map(|p| p.eval.summary.accuracy_at_budget[b]).sum::<f64>() / points.len().max(1) as f64))
+            .map(|(b, &x)| {
+                (f64::from(x), points.iter().map(|p| p.eval.summary.accuracy_at_budget[b]).sum::<f64>() / points.len().max(1) as f64)
+            })
             .collect()
     }
 
@@ -607,18 +638,35 @@ impl Report<'_> {
     /// Accuracy against the token budget for the base policy and each arm's final policies.
     fn plot_budgets(&self, path: &Path) -> Result<()> {
         let mut lines = vec![("base policy".to_string(), BLACK, self.budget_curve(&[self.base()]))];
-        lines.extend(self.arms.iter().enumerate().map(|(i, a)| (a.name.clone(), COLORS[i % COLORS.len()], self.budget_curve(&self.finals(&a.name)))));
+        lines.extend(
+            self.arms.iter().enumerate().map(|(i, a)| (a.name.clone(), COLORS[i % COLORS.len()], self.budget_curve(&self.finals(&a.name)))),
+        );
         let max_x = self.base().eval.budgets.iter().map(|&b| f64::from(b)).fold(1.0, f64::max);
         let ranges = (0f64..max_x * 1.05, 0f64..1f64);
-        draw_lines(path, "accuracy at a token budget (truncate, force the answer)", ("token budget", "accuracy"), ranges, &lines, SeriesLabelPosition::UpperLeft)
+        draw_lines(
+            path,
+            "accuracy at a token budget (truncate, force the answer)",
+            ("token budget", "accuracy"),
+            ranges,
+            &lines,
+            SeriesLabelPosition::UpperLeft,
+        )
     }
 }
 
-const COLORS: [RGBColor; 6] = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189), RGBColor(140, 86, 75)];
+const COLORS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
 
 fn register_font() -> Result<()> {
     static FONT: &[u8] = include_bytes!("../../../data/fonts/DejaVuSansMono.ttf");
-    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).map_err(|_| anyhow::anyhow!("the embedded font is not a valid TTF"))
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| anyhow::anyhow!("the embedded font is not a valid TTF"))
 }
 
 fn plot_error<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> anyhow::Error + '_ {
@@ -659,4 +707,3 @@ fn draw_lines(
     root.present().map_err(&err)?;
     Ok(())
 }
-

@@ -19,13 +19,13 @@ pub mod config;
 pub mod eval;
 pub mod kernels;
 pub mod model;
+pub mod pipeline;
 pub mod reward;
-pub mod store;
-pub mod table;
 pub mod sample;
 pub mod slurm;
 pub mod stage;
-pub mod pipeline;
+pub mod store;
+pub mod table;
 pub mod task;
 pub mod train;
 

@@ -4,8 +4,8 @@
 //! row draws from its own generator, seeded per (run seed, iteration, prompt, sample), so a
 //! rollout does not depend on which rows it was batched with.
 
-use crate::model::qwen2::padded_mask;
 use crate::kernels::vexp;
+use crate::model::qwen2::padded_mask;
 use crate::model::{KvCache, Policy};
 use crate::table::rollouts::FinishReason;
 use anyhow::{bail, Context, Result};
@@ -230,7 +230,11 @@ mod tests {
     fn requests() -> Vec<Request> {
         // Two groups of three rows sharing a prompt, and a single row; prompts of three lengths.
         let prompts: [&[u32]; 3] = [&[5, 6, 7, 8, 9], &[10, 11], &[12, 13, 14]];
-        [0usize, 0, 0, 1, 1, 1, 2].iter().enumerate().map(|(i, &p)| Request { prompt_ids: prompts[p].to_vec(), seed: 100 + i as u64 }).collect()
+        [0usize, 0, 0, 1, 1, 1, 2]
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| Request { prompt_ids: prompts[p].to_vec(), seed: 100 + i as u64 })
+            .collect()
     }
 
     #[test]
@@ -269,8 +273,12 @@ mod tests {
         let mut cache = KvCache::new(policy.cfg.num_hidden_layers);
         let unshared = policy
             .model
-            .forward_last(&Tensor::from_vec(tokens, (b, len), &dev).unwrap(), &Tensor::from_vec(positions, (b, len), &dev).unwrap(),
-                &padded_mask(&pad, 0, len, &dev).unwrap(), Some(&mut cache))
+            .forward_last(
+                &Tensor::from_vec(tokens, (b, len), &dev).unwrap(),
+                &Tensor::from_vec(positions, (b, len), &dev).unwrap(),
+                &padded_mask(&pad, 0, len, &dev).unwrap(),
+                Some(&mut cache),
+            )
             .unwrap();
         // The sampler's path: distinct prompts once, then rows selected; compare its first draws'
         // distribution through the logprob of every token.
@@ -294,8 +302,12 @@ mod tests {
         let mut cache = KvCache::new(policy.cfg.num_hidden_layers);
         let logits = policy
             .model
-            .forward_last(&Tensor::from_vec(tokens, (3, len), &dev).unwrap(), &Tensor::from_vec(positions, (3, len), &dev).unwrap(),
-                &padded_mask(&dpad, 0, len, &dev).unwrap(), Some(&mut cache))
+            .forward_last(
+                &Tensor::from_vec(tokens, (3, len), &dev).unwrap(),
+                &Tensor::from_vec(positions, (3, len), &dev).unwrap(),
+                &padded_mask(&dpad, 0, len, &dev).unwrap(),
+                Some(&mut cache),
+            )
             .unwrap()
             .index_select(&sel, 0)
             .unwrap();

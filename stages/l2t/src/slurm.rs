@@ -219,7 +219,10 @@ impl Runner<'_> {
         let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
         let mut shown: BTreeMap<String, String> = BTreeMap::new();
         loop {
-            let out = Command::new("squeue").args(["-h", "-t", "all", "-o", "%i|%T", "-j", &ids.join(",")]).output().context("cannot run squeue")?;
+            let out = Command::new("squeue")
+                .args(["-h", "-t", "all", "-o", "%i|%T", "-j", &ids.join(",")])
+                .output()
+                .context("cannot run squeue")?;
             if !out.status.success() {
                 bail!("squeue failed: {}", String::from_utf8_lossy(&out.stderr).trim());
             }
@@ -234,17 +237,24 @@ impl Runner<'_> {
             for job in jobs {
                 let Some(tasks) = states.get(&job.id) else { continue }; // gone from the queue: finished long ago
                 for (task, state) in tasks {
-                    let name = if task.is_empty() { format!("{} (job {})", job.label, job.id) } else { format!("{} (job {}_{task})", job.label, job.id) };
+                    let name = if task.is_empty() {
+                        format!("{} (job {})", job.label, job.id)
+                    } else {
+                        format!("{} (job {}_{task})", job.label, job.id)
+                    };
                     if shown.get(&name) != Some(state) {
                         println!("slurm: {name} {state}");
                         shown.insert(name.clone(), state.clone());
                     }
                     match state.as_str() {
                         "COMPLETED" => {}
-                        "PENDING" | "RUNNING" | "CONFIGURING" | "COMPLETING" | "SUSPENDED" | "REQUEUED" | "RESIZING" | "STAGE_OUT" | "SIGNALING" => running = true,
+                        "PENDING" | "RUNNING" | "CONFIGURING" | "COMPLETING" | "SUSPENDED" | "REQUEUED" | "RESIZING" | "STAGE_OUT"
+                        | "SIGNALING" => running = true,
                         failed => {
                             let _ = Command::new("scancel").args(&ids).status();
-                            let log = PathBuf::from(job.log.display().to_string().replace("%j", &job.id).replace("%A", &job.id).replace("%a", task));
+                            let log = PathBuf::from(
+                                job.log.display().to_string().replace("%j", &job.id).replace("%A", &job.id).replace("%a", task),
+                            );
                             let tail = std::fs::read_to_string(&log)
                                 .map(|t| t.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"))
                                 .unwrap_or_else(|e| format!("({}: {e})", log.display()));

@@ -77,13 +77,17 @@ impl Stage {
         use serde_json::json;
         match self {
             Stage::Prepare => json!({ "seed": cfg.seed, "task": cfg.task }),
-            Stage::Bootstrap => json!({ "seed": cfg.seed, "model": cfg.model, "bootstrap": cfg.bootstrap, "prompt": cfg.prompt, "segment_rule": cfg.segment.rule }),
+            Stage::Bootstrap => {
+                json!({ "seed": cfg.seed, "model": cfg.model, "bootstrap": cfg.bootstrap, "prompt": cfg.prompt, "segment_rule": cfg.segment.rule })
+            }
             Stage::Sample => json!({ "seed": cfg.seed, "rl_seed": cfg.rl_seed, "sample": cfg.sample, "prompt": cfg.prompt }),
             Stage::Segment => json!({ "segment": cfg.segment }),
             Stage::FisherReward => json!({ "reward": cfg.reward, "penalty": cfg.penalty }),
             Stage::CreditAssign => json!({ "credit": cfg.credit }),
             // The dr-grpo normaliser is the response token budget.
-            Stage::GrpoUpdate => json!({ "seed": cfg.seed, "rl_seed": cfg.rl_seed, "update": cfg.update, "max_new_tokens": cfg.sample.max_new_tokens }),
+            Stage::GrpoUpdate => {
+                json!({ "seed": cfg.seed, "rl_seed": cfg.rl_seed, "update": cfg.update, "max_new_tokens": cfg.sample.max_new_tokens })
+            }
             // The forced-termination suffix is the reward's `close`.
             Stage::Eval => json!({ "seed": cfg.seed, "eval": cfg.eval, "close": cfg.reward.close, "prompt": cfg.prompt }),
         }

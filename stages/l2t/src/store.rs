@@ -417,7 +417,9 @@ impl Store {
         loop {
             remove_if_present(&old)?;
             match fs::rename(&dir, &old) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e).with_context(|| format!("{}: cannot move aside", dir.display())),
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("{}: cannot move aside", dir.display()))
+                }
                 _ => {}
             }
             match fs::rename(&tmp, &dir) {
@@ -450,9 +452,7 @@ impl Store {
                 let downstream = match (iteration, stage) {
                     // A run-level input (prepare, bootstrap) feeds every iteration.
                     (None, _) => true,
-                    (Some(i), st) => {
-                        n > i || (n == i && Stage::ITERATION.iter().position(|x| x.name() == st).is_some_and(|p| pos > p))
-                    }
+                    (Some(i), st) => n > i || (n == i && Stage::ITERATION.iter().position(|x| x.name() == st).is_some_and(|p| pos > p)),
                 };
                 if downstream {
                     stale.push(entry.path().join(s.name()));
@@ -500,11 +500,12 @@ impl Store {
         let this_host = host_name();
         for entry in runs_in_progress.flatten() {
             let name = entry.file_name().to_string_lossy().to_string();
-            let owner_lives = match name.split_once('@').and_then(|(rest, host)| Some((rest.rsplit_once('.')?.1.parse::<u32>().ok()?, host))) {
-                Some((pid, host)) if host == this_host => Path::new("/proc").join(pid.to_string()).exists(),
-                Some(_) => fresh(&entry.path()),
-                None => false, // not a run's folder: a leftover
-            };
+            let owner_lives =
+                match name.split_once('@').and_then(|(rest, host)| Some((rest.rsplit_once('.')?.1.parse::<u32>().ok()?, host))) {
+                    Some((pid, host)) if host == this_host => Path::new("/proc").join(pid.to_string()).exists(),
+                    Some(_) => fresh(&entry.path()),
+                    None => false, // not a run's folder: a leftover
+                };
             if owner_lives {
                 report.kept_running += 1;
             } else {
@@ -526,7 +527,12 @@ impl Store {
         let mut v = Verification::default();
         let store = self.root.join("store");
         let mut keys: Vec<String> = match fs::read_dir(&store) {
-            Ok(entries) => entries.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n != TMP_DIR && n != LOCKS_DIR).collect(),
+            Ok(entries) => entries
+                .flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| n != TMP_DIR && n != LOCKS_DIR)
+                .collect(),
             Err(_) => Vec::new(),
         };
         keys.sort();
@@ -626,7 +632,11 @@ fn host_name() -> String {
 
 /// Sets a file's modification time to now.
 fn touch(path: &Path) -> Result<()> {
-    File::options().append(true).open(path).and_then(|f| f.set_modified(std::time::SystemTime::now())).with_context(|| format!("{}: cannot touch", path.display()))
+    File::options()
+        .append(true)
+        .open(path)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+        .with_context(|| format!("{}: cannot touch", path.display()))
 }
 
 /// Removes a folder, unless another process (a second gc, a publishing stage) already did.
@@ -643,8 +653,7 @@ fn collect_ref_keys(dir: &Path, live: &mut std::collections::BTreeSet<String>) -
         if path.is_dir() {
             collect_ref_keys(&path, live)?;
         } else if entry.file_name() == "manifest.json" {
-            let m: Manifest = serde_json::from_slice(&fs::read(&path)?)
-                .with_context(|| format!("{}: not a manifest", path.display()))?;
+            let m: Manifest = serde_json::from_slice(&fs::read(&path)?).with_context(|| format!("{}: not a manifest", path.display()))?;
             live.insert(m.key);
         }
     }
@@ -653,7 +662,9 @@ fn collect_ref_keys(dir: &Path, live: &mut std::collections::BTreeSet<String>) -
 
 fn dir_size(path: &Path) -> u64 {
     fs::read_dir(path)
-        .map(|es| es.flatten().map(|e| if e.path().is_dir() { dir_size(&e.path()) } else { e.metadata().map(|m| m.len()).unwrap_or(0) }).sum())
+        .map(|es| {
+            es.flatten().map(|e| if e.path().is_dir() { dir_size(&e.path()) } else { e.metadata().map(|m| m.len()).unwrap_or(0) }).sum()
+        })
         .unwrap_or(0)
 }
 

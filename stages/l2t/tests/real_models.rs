@@ -16,9 +16,8 @@ fn repo() -> PathBuf {
 }
 
 fn smollm2_gguf() -> PathBuf {
-    let path = std::env::var_os("L2T_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    let path =
+        std::env::var_os("L2T_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| repo().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
     assert!(path.exists(), "{}: missing; run `make models` (make test does)", path.display());
     path
 }
@@ -231,7 +230,15 @@ fn gguf_unpermute_inverts_llama_cpp_permutation() {
     let (heads, rows, cols) = (2usize, 8usize, 3usize);
     let w: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
     let hf = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
-    let permuted = hf.reshape((heads, 2, rows / heads / 2, cols)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((rows, cols)).unwrap();
+    let permuted = hf
+        .reshape((heads, 2, rows / heads / 2, cols))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((rows, cols))
+        .unwrap();
     let back = model::gguf::unpermute(&permuted, heads).unwrap();
     assert_eq!(back.to_vec2::<f32>().unwrap(), hf.to_vec2::<f32>().unwrap());
 }

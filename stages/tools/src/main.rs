@@ -5,7 +5,11 @@ use l2t::store::Store;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "l2t", version, about = "Run-level helpers (next iteration, DuckDB views, garbage collection, store check), score, grade, benchmarks")]
+#[command(
+    name = "l2t",
+    version,
+    about = "Run-level helpers (next iteration, DuckDB views, garbage collection, store check), score, grade, benchmarks"
+)]
 struct Args {
     /// The artifact store.
     #[arg(long, default_value = "artifacts", global = true)]
@@ -133,7 +137,13 @@ fn main() {
                 for line in v.problems.iter().chain(&v.repairs) {
                     println!("{line}");
                 }
-                println!("verify: {} store entries, {} refs, {} problems, {} repairs", v.entries, v.refs, v.problems.len(), v.repairs.len());
+                println!(
+                    "verify: {} store entries, {} refs, {} problems, {} repairs",
+                    v.entries,
+                    v.refs,
+                    v.problems.len(),
+                    v.repairs.len()
+                );
                 if !v.problems.is_empty() && !repair {
                     anyhow::bail!("{} problems in {} (`make verify REPAIR=1` repairs them)", v.problems.len(), store.root().display());
                 }
@@ -198,7 +208,8 @@ fn grade(input: &std::path::Path, bare: bool, boxed_only: bool) -> anyhow::Resul
         if line.trim().is_empty() {
             continue;
         }
-        let row: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("{}: line {}: not JSON", input.display(), i + 1))?;
+        let row: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("{}: line {}: not JSON", input.display(), i + 1))?;
         let field = |key: &str| -> anyhow::Result<&str> {
             row.get(key).and_then(|v| v.as_str()).with_context(|| format!("{}: line {}: no string field {key:?}", input.display(), i + 1))
         };
@@ -228,7 +239,9 @@ fn benchmarks(from: &std::path::Path, out: &std::path::Path) -> anyhow::Result<(
     use anyhow::Context;
     let sets = l2t::task::benchmarks::read(from)?;
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
-    for (file, rows) in [("gsm8k_test.parquet", &sets.gsm8k_test), ("math500.parquet", &sets.math500), ("math_train.parquet", &sets.math_train)] {
+    for (file, rows) in
+        [("gsm8k_test.parquet", &sets.gsm8k_test), ("math500.parquet", &sets.math500), ("math_train.parquet", &sets.math_train)]
+    {
         l2t::table::prompts::write_at(&out.join(file), rows)?;
         println!("benchmarks: {} ({} rows)", out.join(file).display(), rows.len());
     }

@@ -125,7 +125,16 @@ pub struct SlurmConfig {
 
 impl Default for SlurmConfig {
     fn default() -> Self {
-        Self { partition: String::new(), time: String::new(), cpus_per_task: 0, gpus_per_task: 0, mem: String::new(), extra: Vec::new(), shards: 1, poll_s: 2.0 }
+        Self {
+            partition: String::new(),
+            time: String::new(),
+            cpus_per_task: 0,
+            gpus_per_task: 0,
+            mem: String::new(),
+            extra: Vec::new(),
+            shards: 1,
+            poll_s: 2.0,
+        }
     }
 }
 
@@ -294,14 +303,7 @@ pub struct SampleConfig {
 
 impl Default for SampleConfig {
     fn default() -> Self {
-        Self {
-            prompts_per_iter: 16,
-            group_size: 8,
-            temperature: 1.0,
-            top_p: 1.0,
-            max_new_tokens: 160,
-            batch_rows: 64,
-        }
+        Self { prompts_per_iter: 16, group_size: 8, temperature: 1.0, top_p: 1.0, max_new_tokens: 160, batch_rows: 64 }
     }
 }
 
@@ -457,8 +459,7 @@ impl Config {
 
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read the configuration", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read the configuration", path.display()))?;
         Self::parse(&text).with_context(|| format!("{}: invalid configuration", path.display()))
     }
 
@@ -488,7 +489,8 @@ impl Config {
             bail!("{key}: unknown knob");
         }
         table.insert(leaf.to_string(), parsed);
-        let config: Config = root.try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("{key} = {value}: {}", e.to_string().trim_end()))?;
+        let config: Config =
+            root.try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("{key} = {value}: {}", e.to_string().trim_end()))?;
         config.validate().with_context(|| format!("{key} = {value}"))?;
         Ok(config)
     }
@@ -508,24 +510,35 @@ impl Config {
             (t.n_train >= 1 && t.n_eval >= 1, "task.n_train and task.n_eval must be at least 1"),
             (!b.source.is_empty(), "bootstrap.source must be tiny or a checkpoint path"),
             ((0.0..=1.0).contains(&t.redundant_share), "task.redundant_share must lie in [0, 1]"),
-            ((0.0..=1.0).contains(&t.split_share) && (0.0..=1.0).contains(&t.direct_error),
-                "task.split_share and task.direct_error must lie in [0, 1]"),
-            (t.kind != TaskKind::Decompose || (t.max_hard <= t.steps && (3..=MAX_LINKS).contains(&t.links)),
-                "task.kind = decompose needs task.max_hard <= task.steps and task.links in 3..=52"),
+            (
+                (0.0..=1.0).contains(&t.split_share) && (0.0..=1.0).contains(&t.direct_error),
+                "task.split_share and task.direct_error must lie in [0, 1]",
+            ),
+            (
+                t.kind != TaskKind::Decompose || (t.max_hard <= t.steps && (3..=MAX_LINKS).contains(&t.links)),
+                "task.kind = decompose needs task.max_hard <= task.steps and task.links in 3..=52",
+            ),
             (m.hidden_size % m.num_attention_heads.max(1) == 0, "model.hidden_size must be a multiple of model.num_attention_heads"),
-            (m.num_key_value_heads >= 1 && m.num_attention_heads % m.num_key_value_heads.max(1) == 0,
-                "model.num_attention_heads must be a multiple of model.num_key_value_heads"),
+            (
+                m.num_key_value_heads >= 1 && m.num_attention_heads % m.num_key_value_heads.max(1) == 0,
+                "model.num_attention_heads must be a multiple of model.num_key_value_heads",
+            ),
             ((m.hidden_size / m.num_attention_heads.max(1)) % 2 == 0, "model head dimension must be even (rotary embedding)"),
             (m.vocab_size >= 300, "model.vocab_size must be at least 300 (256 bytes + special and tag tokens)"),
-            (m.num_hidden_layers >= 1 && m.intermediate_size >= 1, "model.num_hidden_layers and model.intermediate_size must be at least 1"),
+            (
+                m.num_hidden_layers >= 1 && m.intermediate_size >= 1,
+                "model.num_hidden_layers and model.intermediate_size must be at least 1",
+            ),
             (b.steps >= 1 && b.batch_size >= 1, "bootstrap.steps and bootstrap.batch_size must be at least 1"),
             (b.lr > 0.0 && b.lr.is_finite(), "bootstrap.lr must be positive"),
             (b.eval_temperature >= 0.0, "bootstrap.eval_temperature must be >= 0"),
             (s.prompts_per_iter >= 1 && s.group_size >= 1, "sample.prompts_per_iter and sample.group_size must be at least 1"),
             (s.temperature >= 0.0 && s.temperature.is_finite(), "sample.temperature must be >= 0"),
             (s.top_p > 0.0 && s.top_p <= 1.0, "sample.top_p must lie in (0, 1]"),
-            (s.max_new_tokens >= 1 && s.batch_rows >= 1 && b.eval_max_new_tokens >= 1,
-                "sample.max_new_tokens, sample.batch_rows and bootstrap.eval_max_new_tokens must be at least 1"),
+            (
+                s.max_new_tokens >= 1 && s.batch_rows >= 1 && b.eval_max_new_tokens >= 1,
+                "sample.max_new_tokens, sample.batch_rows and bootstrap.eval_max_new_tokens must be at least 1",
+            ),
             (!self.reward.close.is_empty(), "reward.close must not be empty"),
             (self.reward.batch_rows >= 1, "reward.batch_rows must be at least 1"),
             (p.rank_fraction > 0.0 && p.rank_fraction <= 1.0, "penalty.rank_fraction must lie in (0, 1]"),
@@ -543,12 +556,18 @@ impl Config {
             (u.weight_decay >= 0.0 && u.max_grad_norm > 0.0, "update.weight_decay must be >= 0 and update.max_grad_norm positive"),
             ((0.0..1.0).contains(&u.eps_low) && u.eps_high >= 0.0, "update.eps_low must lie in [0, 1) and update.eps_high be >= 0"),
             (u.beta_kl >= 0.0 && u.beta_kl.is_finite(), "update.beta_kl must be >= 0"),
-            (u.ppo_epochs >= 1 && u.minibatches >= 1 && u.micro_batch >= 1 && u.planned_iterations >= 1,
-                "update.ppo_epochs, update.minibatches, update.micro_batch and update.planned_iterations must be at least 1"),
-            (self.eval.k >= 1 && self.eval.max_new_tokens >= 1 && self.eval.batch_rows >= 1 && self.eval.answer_tokens >= 1,
-                "eval.k, eval.max_new_tokens, eval.answer_tokens and eval.batch_rows must be at least 1"),
-            (self.eval.temperature >= 0.0 && self.eval.top_p > 0.0 && self.eval.top_p <= 1.0,
-                "eval.temperature must be >= 0 and eval.top_p lie in (0, 1]"),
+            (
+                u.ppo_epochs >= 1 && u.minibatches >= 1 && u.micro_batch >= 1 && u.planned_iterations >= 1,
+                "update.ppo_epochs, update.minibatches, update.micro_batch and update.planned_iterations must be at least 1",
+            ),
+            (
+                self.eval.k >= 1 && self.eval.max_new_tokens >= 1 && self.eval.batch_rows >= 1 && self.eval.answer_tokens >= 1,
+                "eval.k, eval.max_new_tokens, eval.answer_tokens and eval.batch_rows must be at least 1",
+            ),
+            (
+                self.eval.temperature >= 0.0 && self.eval.top_p > 0.0 && self.eval.top_p <= 1.0,
+                "eval.temperature must be >= 0 and eval.top_p lie in (0, 1]",
+            ),
             (self.eval.budgets.iter().all(|&b| b >= 1), "eval.budgets must be positive token counts"),
         ];
         for (ok, message) in checks {
@@ -603,7 +622,12 @@ mod tests {
         let c = c.with_override("credit.token_scale", "rollout").unwrap().with_override("eval.budgets", "[8, 16]").unwrap();
         assert_eq!((c.credit.token_scale, c.eval.budgets.clone()), (TokenScale::Rollout, vec![8, 16]));
         assert_eq!(Config::default().with_override("rl_seed", "4").unwrap().rl_seed, 4);
-        for (key, value, want) in [("credit.betta", "0", "unknown knob"), ("credits.beta", "0", "no section"), ("credit.token_scale", "up", "token_scale"), ("sample.top_p", "2", "sample.top_p")] {
+        for (key, value, want) in [
+            ("credit.betta", "0", "unknown knob"),
+            ("credits.beta", "0", "no section"),
+            ("credit.token_scale", "up", "token_scale"),
+            ("sample.top_p", "2", "sample.top_p"),
+        ] {
             let err = format!("{:#}", Config::default().with_override(key, value).unwrap_err());
             assert!(err.contains(want), "{key}: {err}");
         }

@@ -3,7 +3,6 @@
 //! force `close`, read the answer; a response that answered within the budget keeps its answer,
 //! see [`at_budget`]).
 
-
 pub mod stats;
 
 /// Unbiased pass@k of one prompt from `n` samples with `c` correct (Chen et al. 2021):
@@ -159,7 +158,12 @@ mod tests {
 
     #[test]
     fn summary_by_hand() {
-        let s = |n_tokens, correct, format_valid, budget: [bool; 2]| SampleResult { n_tokens, correct, format_valid, correct_at_budget: budget.to_vec() };
+        let s = |n_tokens, correct, format_valid, budget: [bool; 2]| SampleResult {
+            n_tokens,
+            correct,
+            format_valid,
+            correct_at_budget: budget.to_vec(),
+        };
         // Prompt a: 1 of 2 correct; prompt b: 0 of 2.
         let samples = vec![
             vec![s(10, true, true, [false, true]), s(20, false, true, [false, false])],

@@ -155,13 +155,15 @@ impl CustomOp2 for SwiGlu {
     /// d gate = g * up * s * (1 + gate * (1 - s)), d up = g * gate * s, with s = sigmoid(gate).
     fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (mut a, mut u, gv) = (values(gate)?, values(up)?, values(g)?);
-        a.par_chunks_mut(MIN_TASK_VALUES).zip(u.par_chunks_mut(MIN_TASK_VALUES)).zip(gv.par_chunks(MIN_TASK_VALUES)).for_each(|((a, u), g)| {
-            for ((a, u), &g) in a.iter_mut().zip(u.iter_mut()).zip(g) {
-                let s = 1.0 / (1.0 + (-*a).exp());
-                let (d_gate, d_up) = (g * *u * s * (1.0 + *a * (1.0 - s)), g * *a * s);
-                (*a, *u) = (d_gate, d_up);
-            }
-        });
+        a.par_chunks_mut(MIN_TASK_VALUES).zip(u.par_chunks_mut(MIN_TASK_VALUES)).zip(gv.par_chunks(MIN_TASK_VALUES)).for_each(
+            |((a, u), g)| {
+                for ((a, u), &g) in a.iter_mut().zip(u.iter_mut()).zip(g) {
+                    let s = 1.0 / (1.0 + (-*a).exp());
+                    let (d_gate, d_up) = (g * *u * s * (1.0 + *a * (1.0 - s)), g * *a * s);
+                    (*a, *u) = (d_gate, d_up);
+                }
+            },
+        );
         Ok((Some(like(a, gate)?), Some(like(u, up)?)))
     }
 }
@@ -325,7 +327,8 @@ mod tests {
         let (a, b) = (fused(&ts), composed(&ts));
         assert!(max_diff(&a, &b) < tol, "values differ by {}", max_diff(&a, &b));
         let probe = Tensor::randn(0f32, 1.0, a.shape(), a.device()).unwrap();
-        let (ga, gb) = ((&a * &probe).unwrap().sum_all().unwrap().backward().unwrap(), (&b * &probe).unwrap().sum_all().unwrap().backward().unwrap());
+        let (ga, gb) =
+            ((&a * &probe).unwrap().sum_all().unwrap().backward().unwrap(), (&b * &probe).unwrap().sum_all().unwrap().backward().unwrap());
         for (i, v) in vars.iter().enumerate() {
             let (x, y) = (ga.get(v.as_tensor()).unwrap(), gb.get(v.as_tensor()).unwrap());
             assert!(max_diff(x, y) < tol * 10.0, "gradient of input {i} differs by {}", max_diff(x, y));
@@ -374,7 +377,14 @@ mod tests {
         check(
             &[randn(&[6, 7, 500], 4.0)],
             |t| target_logprobs(&t[0], &targets).unwrap(),
-            |t| candle_nn::ops::log_softmax(&t[0], D::Minus1).unwrap().gather(&targets.unsqueeze(2).unwrap(), 2).unwrap().squeeze(2).unwrap(),
+            |t| {
+                candle_nn::ops::log_softmax(&t[0], D::Minus1)
+                    .unwrap()
+                    .gather(&targets.unsqueeze(2).unwrap(), 2)
+                    .unwrap()
+                    .squeeze(2)
+                    .unwrap()
+            },
             1e-5,
         );
     }

@@ -30,10 +30,14 @@ pub fn exp_scaled(row: &[f32], shift: f32, scale: f32, out: Option<&mut [f32]>) 
         return unsafe { exp_scaled_avx512(row, shift, scale, out) };
     }
     match out {
-        Some(out) => row.iter().zip(out.iter_mut()).map(|(&l, o)| {
-            *o = ((l - shift) * scale).exp();
-            *o
-        }).sum(),
+        Some(out) => row
+            .iter()
+            .zip(out.iter_mut())
+            .map(|(&l, o)| {
+                *o = ((l - shift) * scale).exp();
+                *o
+            })
+            .sum(),
         None => row.iter().map(|&l| ((l - shift) * scale).exp()).sum(),
     }
 }
@@ -119,7 +123,10 @@ unsafe fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 
     use std::arch::x86_64::*;
     let normal = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(-87.33));
     let x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.73)), _mm512_set1_ps(-87.33));
-    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+        x,
+        _mm512_set1_ps(std::f32::consts::LOG2_E),
+    ));
     let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
     let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
     let mut p = _mm512_set1_ps(1.987_569_1e-4);

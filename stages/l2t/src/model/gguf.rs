@@ -17,14 +17,17 @@ const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 /// GPT-2's pre-tokenizer regex with case-insensitive contractions, one digit per token (Qwen2).
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Llama 3's: up to three digits per token.
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Reads a GGUF file into a checkpoint (f32 weights in Hugging Face naming).
 pub fn read(path: &Path, dev: &Device) -> Result<Checkpoint> {
     let origin = path.display().to_string();
     let mut file = std::fs::File::open(path).with_context(|| format!("{origin}: cannot open"))?;
     let content = Content::read(&mut file).map_err(|e| {
-        anyhow!("{origin}: not a readable GGUF file: {e} (supported tensor types: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q8_K)")
+        anyhow!(
+            "{origin}: not a readable GGUF file: {e} (supported tensor types: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q8_K)"
+        )
     })?;
     let meta = Meta { content: &content, origin: &origin };
     let arch = meta.string("general.architecture")?;
@@ -146,7 +149,8 @@ fn build_tokenizer(meta: &Meta, tokens: &[String]) -> Result<tokenizers::Tokeniz
     let merges = meta.strings("tokenizer.ggml.merges")?;
     let types = meta.ints("tokenizer.ggml.token_type").unwrap_or_default();
     let pre = meta.string("tokenizer.ggml.pre").unwrap_or_else(|_| "default".into());
-    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let byte_level =
+        |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
     let pre_tokenizer = match pre.as_str() {
         "default" | "gpt2" => byte_level(true),

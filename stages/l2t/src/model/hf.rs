@@ -66,10 +66,9 @@ impl Checkpoint {
 pub fn chat_template(tokenizer_config: &serde_json::Value) -> Option<&str> {
     match tokenizer_config.get("chat_template")? {
         serde_json::Value::String(s) => Some(s),
-        serde_json::Value::Array(list) => list
-            .iter()
-            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-            .and_then(|t| t.get("template")?.as_str()),
+        serde_json::Value::Array(list) => {
+            list.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default")).and_then(|t| t.get("template")?.as_str())
+        }
         _ => None,
     }
 }
@@ -84,8 +83,8 @@ pub fn read(origin: &str, locate: impl Fn(&str) -> Result<Option<PathBuf>>, dev:
     cfg.resolve_rope_theta();
     cfg.validate().map_err(|e| anyhow!("{}: {e}", cfg_path.display()))?;
     let tok_path = need(TOKENIZER_FILE)?;
-    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
-        .map_err(|e| anyhow!("{}: cannot load the tokenizer: {e}", tok_path.display()))?;
+    let tokenizer =
+        tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow!("{}: cannot load the tokenizer: {e}", tok_path.display()))?;
     let tokenizer_config = match locate(TOKENIZER_CONFIG_FILE)? {
         Some(p) => serde_json::from_slice(&std::fs::read(&p)?).with_context(|| format!("{}: not JSON", p.display()))?,
         None => serde_json::json!({}),
@@ -111,15 +110,9 @@ fn read_weights(origin: &str, locate: &impl Fn(&str) -> Result<Option<PathBuf>>,
     } else if let Some(index) = locate(WEIGHTS_INDEX_FILE)? {
         let json: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&index)?).with_context(|| format!("{}: not JSON", index.display()))?;
-        let map = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| anyhow!("{}: no weight_map", index.display()))?;
+        let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| anyhow!("{}: no weight_map", index.display()))?;
         let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
-        shards
-            .into_iter()
-            .map(|s| locate(s)?.ok_or_else(|| anyhow!("{}: shard {s} is missing", index.display())))
-            .collect::<Result<_>>()?
+        shards.into_iter().map(|s| locate(s)?.ok_or_else(|| anyhow!("{}: shard {s} is missing", index.display()))).collect::<Result<_>>()?
     } else {
         bail!("{origin}: neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE}");
     };

@@ -352,11 +352,8 @@ mod tests {
     fn every_trainable_tensor_gets_a_nonzero_gradient() {
         let cfg = small_cfg();
         let dev = Device::Cpu;
-        let vars: BTreeMap<String, Var> = init_weights(&cfg, 1, &dev)
-            .unwrap()
-            .into_iter()
-            .map(|(k, t)| (k, Var::from_tensor(&t).unwrap()))
-            .collect();
+        let vars: BTreeMap<String, Var> =
+            init_weights(&cfg, 1, &dev).unwrap().into_iter().map(|(k, t)| (k, Var::from_tensor(&t).unwrap())).collect();
         let weights: Weights = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
         let model = build_model(&cfg, &weights, &dev).unwrap();
         let tokens = Tensor::from_vec(vec![1u32, 5, 9, 3, 7, 2, 8, 4], (2, 4), &dev).unwrap();
@@ -382,19 +379,15 @@ mod tests {
         let pad = [0usize, 2];
         let next = [vec![12u32, 13, 14], vec![15, 16, 17]];
         let full: Vec<Vec<u32>> = (0..2).map(|r| [prompt[r].clone(), next[r].clone()].concat()).collect();
-        let pos_of = |r: usize, slots: std::ops::Range<usize>| -> Vec<u32> {
-            slots.map(|s| s.saturating_sub(pad[r]) as u32).collect()
-        };
+        let pos_of = |r: usize, slots: std::ops::Range<usize>| -> Vec<u32> { slots.map(|s| s.saturating_sub(pad[r]) as u32).collect() };
         let full_tokens = Tensor::from_vec(full.concat(), (2, 8), &dev).unwrap();
         let full_pos = positions((0..2).map(|r| pos_of(r, 0..8)).collect());
-        let full_logits =
-            model.forward(&full_tokens, &full_pos, &padded_mask(&pad, 0, 8, &dev).unwrap(), None).unwrap();
+        let full_logits = model.forward(&full_tokens, &full_pos, &padded_mask(&pad, 0, 8, &dev).unwrap(), None).unwrap();
 
         let mut cache = KvCache::new(cfg.num_hidden_layers);
         let prompt_tokens = Tensor::from_vec(prompt.concat(), (2, 5), &dev).unwrap();
         let p = positions((0..2).map(|r| pos_of(r, 0..5)).collect());
-        let mut step_logits =
-            vec![model.forward(&prompt_tokens, &p, &padded_mask(&pad, 0, 5, &dev).unwrap(), Some(&mut cache)).unwrap()];
+        let mut step_logits = vec![model.forward(&prompt_tokens, &p, &padded_mask(&pad, 0, 5, &dev).unwrap(), Some(&mut cache)).unwrap()];
         for s in 0..3 {
             let tok = Tensor::from_vec(vec![next[0][s], next[1][s]], (2, 1), &dev).unwrap();
             let p = positions((0..2).map(|r| pos_of(r, 5 + s..6 + s)).collect());
@@ -412,9 +405,7 @@ mod tests {
         }
         // A left-padded row gives the same logits as the same tokens unpadded.
         let alone = Tensor::from_vec(full[1][2..].to_vec(), (1, 6), &dev).unwrap();
-        let alone_logits = model
-            .forward(&alone, &positions(vec![(0..6).collect()]), &causal_mask(1, 6, &dev).unwrap(), None)
-            .unwrap();
+        let alone_logits = model.forward(&alone, &positions(vec![(0..6).collect()]), &causal_mask(1, 6, &dev).unwrap(), None).unwrap();
         let padded = full_logits.get(1).unwrap().narrow(0, 2, 6).unwrap();
         let diff = (alone_logits.get(0).unwrap() - padded).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-4, "padded vs unpadded: {diff}");
@@ -437,15 +428,18 @@ mod tests {
             let logits = model.forward(&tokens, &pos, &mask, None).unwrap();
             let loss = token_logprobs(&logits, &tokens).unwrap().mean_all().unwrap().neg().unwrap();
             let grads = loss.backward().unwrap();
-            let grads: BTreeMap<String, Tensor> =
-                vars.iter().map(|(k, v)| (k.clone(), grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{k}: no gradient")).clone())).collect();
+            let grads: BTreeMap<String, Tensor> = vars
+                .iter()
+                .map(|(k, v)| (k.clone(), grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{k}: no gradient")).clone()))
+                .collect();
             (logits, grads, kernels::cpu_f32(&tokens.to_dtype(DType::F32).unwrap()))
         };
         let (fast_logits, fast_grads, fast_took_kernels) = run();
         let (generic_logits, generic_grads, generic_took_kernels) = kernels::generic(run);
         assert!(fast_took_kernels && !generic_took_kernels, "the switch must select the path");
         assert!(kernels::cpu_f32(&fast_logits), "the switch ends with the closure");
-        let max_diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let max_diff =
+            |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         let max_abs = |a: &Tensor| a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(max_diff(&fast_logits, &generic_logits) < 1e-5);
         assert_eq!(fast_grads.len(), cfg.tensor_shapes().len());
@@ -469,7 +463,8 @@ mod tests {
         let seqs: Vec<Vec<u32>> = (0..3u32).map(|r| (0..150).map(|i| (i * 7 + r * 31) % 300).collect()).collect();
         let pairs: Vec<(&[u32], &[u32])> = seqs.iter().map(|s| (&s[..5], &s[5..])).collect();
         let batch = TeacherForced::new(&pairs, 0, &dev).unwrap();
-        let max_diff = |a: Tensor, b: Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let max_diff =
+            |a: Tensor, b: Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         let logits = |m: &Model| m.forward(&batch.inputs, &batch.positions, &batch.mask, None).unwrap();
         assert!(max_diff(logits(&trainable), logits(&packed)) < 1e-5);
         let want = token_logprobs(&logits(&trainable), &batch.targets).unwrap();

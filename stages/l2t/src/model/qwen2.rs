@@ -103,7 +103,12 @@ impl Config {
         if !SUPPORTED_MODEL_TYPES.contains(&self.model_type.as_str()) {
             return Err(format!("model_type {:?} is not supported (supported: {})", self.model_type, SUPPORTED_MODEL_TYPES.join(", ")));
         }
-        if self.vocab_size == 0 || self.hidden_size == 0 || self.num_hidden_layers == 0 || self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
+        if self.vocab_size == 0
+            || self.hidden_size == 0
+            || self.num_hidden_layers == 0
+            || self.num_attention_heads == 0
+            || self.num_key_value_heads == 0
+        {
             return Err("vocab_size, hidden_size, num_hidden_layers and the head counts must be positive".into());
         }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
@@ -261,8 +266,7 @@ struct RotaryEmbedding {
 impl RotaryEmbedding {
     fn new(cfg: &Config, dtype: DType, dev: &Device) -> Result<Self> {
         let half = cfg.head_dim() / 2;
-        let inv_freq: Vec<f32> =
-            (0..half).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim() as f64) as f32).collect();
+        let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim() as f64) as f32).collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, half), dev)?;
         let n = cfg.max_position_embeddings.min(MAX_ROTARY_POSITIONS);
         let t = Tensor::arange(0u32, n as u32, dev)?.to_dtype(DType::F32)?;
@@ -427,9 +431,7 @@ impl KvCache {
             .layers
             .iter()
             .map(|l| {
-                l.as_ref()
-                    .map(|c| Ok(LayerCache { k: c.k.index_select(rows, 0)?, v: c.v.index_select(rows, 0)?, len: c.len }))
-                    .transpose()
+                l.as_ref().map(|c| Ok(LayerCache { k: c.k.index_select(rows, 0)?, v: c.v.index_select(rows, 0)?, len: c.len })).transpose()
             })
             .collect::<Result<_>>()?;
         Ok(Self { layers, reserve: self.reserve })
@@ -474,9 +476,8 @@ impl Attention {
     /// x: (b, t, hidden); mask: (b, 1, t, t_kv) additive; cache: this layer's past keys/values.
     fn forward(&self, x: &Tensor, positions: &Tensor, mask: &Tensor, rotary: &RotaryEmbedding, cache: Option<LayerSlot>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let heads = |proj: &Proj, n: usize| -> Result<Tensor> {
-            proj.forward(x)?.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
-        };
+        let heads =
+            |proj: &Proj, n: usize| -> Result<Tensor> { proj.forward(x)?.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous() };
         let (mut q, mut k) = (heads(&self.q_proj, self.num_heads)?, heads(&self.k_proj, self.num_kv_heads)?);
         if let Some((q_norm, k_norm)) = &self.qk_norm {
             q = q_norm.forward(&q)?;
@@ -528,26 +529,12 @@ impl DecoderLayer {
     }
 
     /// x + attention(norm(x)).
-    fn attend(
-        &self,
-        x: Tensor,
-        positions: &Tensor,
-        mask: &Tensor,
-        rotary: &RotaryEmbedding,
-        cache: Option<LayerSlot>,
-    ) -> Result<Tensor> {
+    fn attend(&self, x: Tensor, positions: &Tensor, mask: &Tensor, rotary: &RotaryEmbedding, cache: Option<LayerSlot>) -> Result<Tensor> {
         let h = self.self_attn.forward(&self.input_layernorm.forward(&x)?, positions, mask, rotary, cache)?;
         x + h
     }
 
-    fn forward(
-        &self,
-        x: Tensor,
-        positions: &Tensor,
-        mask: &Tensor,
-        rotary: &RotaryEmbedding,
-        cache: Option<LayerSlot>,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: Tensor, positions: &Tensor, mask: &Tensor, rotary: &RotaryEmbedding, cache: Option<LayerSlot>) -> Result<Tensor> {
         let x = self.attend(x, positions, mask, rotary, cache)?;
         let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         x + h
@@ -572,9 +559,7 @@ impl Model {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let m = vb.pp("model");
         let embed_tokens = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, m.pp("embed_tokens"))?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|l| DecoderLayer::new(cfg, m.pp(format!("layers.{l}"))))
-            .collect::<Result<Vec<_>>>()?;
+        let layers = (0..cfg.num_hidden_layers).map(|l| DecoderLayer::new(cfg, m.pp(format!("layers.{l}")))).collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
         let lm_head = if cfg.tie_word_embeddings {
             Proj { weight: embed_tokens.embeddings().clone(), bias: None, packed: None }
@@ -621,7 +606,8 @@ impl Model {
     pub fn pack_for_inference(&mut self) -> Result<()> {
         for layer in &mut self.layers {
             let attn = &mut layer.self_attn;
-            for proj in [&mut attn.q_proj, &mut attn.k_proj, &mut attn.v_proj, &mut attn.o_proj].into_iter().chain(layer.mlp.projections()) {
+            for proj in [&mut attn.q_proj, &mut attn.k_proj, &mut attn.v_proj, &mut attn.o_proj].into_iter().chain(layer.mlp.projections())
+            {
                 proj.pack()?;
             }
         }

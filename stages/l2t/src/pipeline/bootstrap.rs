@@ -1,13 +1,13 @@
 //! `bootstrap`: the base policy, trained (the tiny policy) or imported (a real checkpoint).
 
-use crate::stage::Stage;
-use super::{execute, progress_bar, Ctx, Summary};
 use super::prepare::content_hash;
 use super::sample::rollout_seed;
+use super::{execute, progress_bar, Ctx, Summary};
 use crate::model::tokenizer::{self, EOS, PAD};
 use crate::model::{self, chat, Checkpoint, Policy};
 use crate::reward::segment::{outcome_reward, segment, span_bytes, token_char_ends};
 use crate::sample::{generate, Request, SamplerParams};
+use crate::stage::Stage;
 use crate::table::prompts::{self, PromptRow};
 use crate::task::episode_kind;
 use crate::train::sft::{self, Example, SftParams};
@@ -105,7 +105,6 @@ fn import_base(ctx: &Ctx, source: &Path) -> Result<Summary> {
     })
 }
 
-
 /// Prompt + worked-solution texts: the tokenizer's training corpus.
 pub fn solution_corpus(rows: &[PromptRow]) -> Vec<String> {
     rows.iter().map(|r| format!("{}{}", r.prompt, r.solution.as_deref().unwrap_or_default())).collect()
@@ -130,10 +129,14 @@ pub fn eval_figures(ctx: &Ctx, policy: &Policy, rows: &[&PromptRow]) -> Result<s
     let rule = ctx.config.segment.rule;
     let requests: Vec<Request> = rows
         .iter()
-        .map(|r| Ok(Request { prompt_ids: chat::prompt_ids(policy, &ctx.config.prompt, &r.prompt)?, seed: rollout_seed(ctx.config.seed, u32::MAX, &r.prompt_id, 0) }))
+        .map(|r| {
+            Ok(Request {
+                prompt_ids: chat::prompt_ids(policy, &ctx.config.prompt, &r.prompt)?,
+                seed: rollout_seed(ctx.config.seed, u32::MAX, &r.prompt_id, 0),
+            })
+        })
         .collect::<Result<_>>()?;
-    let params =
-        SamplerParams { temperature: b.eval_temperature, top_p: 1.0, max_new_tokens: b.eval_max_new_tokens, ignore_eos: false };
+    let params = SamplerParams { temperature: b.eval_temperature, top_p: 1.0, max_new_tokens: b.eval_max_new_tokens, ignore_eos: false };
     let started = Instant::now();
     let gens = generate(policy, &requests, &params, ctx.config.sample.batch_rows, |_| {})?;
     let seconds = started.elapsed().as_secs_f64();

@@ -1,8 +1,8 @@
 //! `credit-assign`: episode rewards, token credit and group advantages (or a baseline's).
 
-use crate::stage::Stage;
 use super::{check_same_ids, episodes_by_rollout, execute, Ctx, Summary};
 use crate::reward::episode_reward;
+use crate::stage::Stage;
 use crate::table::advantages::{self, AdvantageRow};
 use crate::table::episode_rewards;
 use crate::table::episodes::{self, EpisodeRow};

@@ -2,14 +2,14 @@
 
 use super::sample::rollout_seed;
 use super::shard::{execute_sharded, Part, Sharded};
-use crate::stage::Stage;
 use super::{progress_bar, Ctx, Summary};
-use crate::eval::{at_budget, summarize, AtBudget, SampleResult};
-use crate::model::{chat, tokenizer};
-use crate::model::Policy;
-use crate::reward::segment::{answer_tokens, extract_answer_with, outcome_reward_with, reasoning_tokens, segment, token_char_ends};
 use crate::config::Rule;
+use crate::eval::{at_budget, summarize, AtBudget, SampleResult};
+use crate::model::Policy;
+use crate::model::{chat, tokenizer};
+use crate::reward::segment::{answer_tokens, extract_answer_with, outcome_reward_with, reasoning_tokens, segment, token_char_ends};
 use crate::sample::{generate, Request, SamplerParams};
+use crate::stage::Stage;
 use crate::store::{self, Artifact, InputRef, Staging, EVALS_DIR};
 use crate::table::eval_samples::{self, EvalSampleRow};
 use crate::table::eval_summary::{self, EvalSummaryRow};
@@ -48,7 +48,8 @@ impl EvalPolicy {
         if text == "base" {
             return Ok(Self::Base);
         }
-        let n = text.trim_start_matches("iter-").parse().with_context(|| format!("policy {text:?}: expected `base` or an iteration number"))?;
+        let n =
+            text.trim_start_matches("iter-").parse().with_context(|| format!("policy {text:?}: expected `base` or an iteration number"))?;
         Ok(Self::Iteration(n))
     }
 
@@ -164,7 +165,10 @@ pub fn run_eval(ctx: &Ctx, target: EvalPolicy, on: &EvalPrompts) -> Result<Vec<S
                 (vec![], None)
             } else {
                 let art = ctx.store.open_ref(&ctx.run, &eval_slot(&split, EvalPolicy::Base))?;
-                (vec![art.manifest.as_input("base_eval", &[eval_summary::FILE])?], Some(eval_summary::read(&art.file(eval_summary::FILE)?)?))
+                (
+                    vec![art.manifest.as_input("base_eval", &[eval_summary::FILE])?],
+                    Some(eval_summary::read(&art.file(eval_summary::FILE)?)?),
+                )
             }
         }
     };

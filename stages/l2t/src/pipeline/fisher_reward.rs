@@ -1,14 +1,14 @@
 //! `fisher-reward`: `J`, `dI` and the compression penalty `C` of every episode.
 
-use crate::stage::Stage;
+use super::shard::{execute_sharded, Sharded};
 use super::{check_sampled_by, episodes_by_rollout, iteration_policy, policy_input, progress_bar, Ctx, Summary};
+use crate::config::Scale;
 use crate::model::tokenizer;
 use crate::model::{build_model_as, Policy};
-use crate::reward::segment::{reasoning_tokens, token_char_ends};
-use crate::config::Scale;
 use crate::reward::info_gain::{delta_i, j_values, JRequest};
 use crate::reward::penalty::{self, c_fisher, direction, directional_derivatives, ProxyModel, SeqRequest};
-use super::shard::{execute_sharded, Sharded};
+use crate::reward::segment::{reasoning_tokens, token_char_ends};
+use crate::stage::Stage;
 use crate::store::{Artifact, Staging};
 use crate::table::episode_rewards::{self, EpisodeRewardRow};
 use crate::table::episodes::{self, EpisodeRow};
@@ -46,14 +46,7 @@ pub fn run_fisher_reward(ctx: &Ctx, iteration: u32) -> Result<Summary> {
         policy_input("policy", &policy, false)?,
         policy_input("base", &base, false)?,
     ];
-    let job = FisherJob {
-        ctx,
-        iteration,
-        sample,
-        seg,
-        policy,
-        base,
-    };
+    let job = FisherJob { ctx, iteration, sample, seg, policy, base };
     let slot = Stage::FisherReward.at(iteration);
     execute_sharded(ctx, Stage::FisherReward, &slot, Stage::FisherReward.params(cfg), inputs, vec![], &job)
 }
@@ -128,7 +121,8 @@ impl Terms {
         let lens: Vec<(usize, usize)> = (0..n.min(bytes.len())).map(|_| Ok((int()?, int()?))).collect::<Result<_>>()?;
         let (mut j, mut g_dot_d) = (Vec::new(), Vec::new());
         for (nj, ng) in lens {
-            let mut take = |len: usize| -> Result<Vec<f64>> { (0..len.min(bytes.len())).map(|_| Ok(f64::from_le_bytes(next()?))).collect() };
+            let mut take =
+                |len: usize| -> Result<Vec<f64>> { (0..len.min(bytes.len())).map(|_| Ok(f64::from_le_bytes(next()?))).collect() };
             j.push(take(nj)?);
             g_dot_d.push(take(ng)?);
         }
@@ -172,7 +166,9 @@ impl Sharded for FisherJob<'_> {
         let close = tokenizer::encode(&policy.tokenizer, &cfg.reward.close).context("reward.close")?;
         let mut answers: HashMap<&str, Vec<u32>> = HashMap::new();
         for r in &rollout_rows {
-            let g = gold.get(r.prompt_id.as_str()).with_context(|| format!("{}: prompt {} is not in {}", rollouts::FILE, r.prompt_id, prompts::ITERATION_FILE))?;
+            let g = gold
+                .get(r.prompt_id.as_str())
+                .with_context(|| format!("{}: prompt {} is not in {}", rollouts::FILE, r.prompt_id, prompts::ITERATION_FILE))?;
             if !answers.contains_key(r.prompt_id.as_str()) {
                 answers.insert(r.prompt_id.as_str(), tokenizer::encode(&policy.tokenizer, &format!("{g}}}"))?);
             }
@@ -313,7 +309,8 @@ impl Sharded for FisherJob<'_> {
                 });
             }
         }
-        if let Some(bad) = rows.iter().position(|r| ![r.j_before, r.j_after, r.g_dot_d, r.c_raw, r.c_scaled].iter().all(|v| v.is_finite())) {
+        if let Some(bad) = rows.iter().position(|r| ![r.j_before, r.j_after, r.g_dot_d, r.c_raw, r.c_scaled].iter().all(|v| v.is_finite()))
+        {
             bail!("episode {bad}: a non-finite J or C (the policy's log-probs overflowed)");
         }
         episode_rewards::write(staging, &rows)?;
@@ -329,7 +326,9 @@ impl Sharded for FisherJob<'_> {
         }
         let by_kind: serde_json::Map<String, serde_json::Value> = by_kind
             .into_iter()
-            .map(|(k, (n, d, c))| (k.to_string(), serde_json::json!({ "episodes": n, "mean_d_i": d / n as f64, "mean_c_scaled": c / n as f64 })))
+            .map(|(k, (n, d, c))| {
+                (k.to_string(), serde_json::json!({ "episodes": n, "mean_d_i": d / n as f64, "mean_c_scaled": c / n as f64 }))
+            })
             .collect();
         Ok(serde_json::json!({
             "scale": scale_metrics,

@@ -1,8 +1,10 @@
 //! `grpo-update`: the policy of iteration n+1 from iteration n's rollouts and advantages.
 
-use crate::stage::Stage;
-use super::{check_same_ids, check_sampled_by, data_cursor, execute, iteration_policy, policy_input, progress_bar, rollout_ids, Ctx, Summary};
+use super::{
+    check_same_ids, check_sampled_by, data_cursor, execute, iteration_policy, policy_input, progress_bar, rollout_ids, Ctx, Summary,
+};
 use crate::model::{self, response_logprobs, Policy};
+use crate::stage::Stage;
 use crate::table::advantages::{self, AdvantageRow};
 use crate::table::prompts;
 use crate::table::rollouts::{self, RolloutRow};
@@ -95,10 +97,11 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
         let loss_before = grpo::batch_loss(&seqs, &recomputed, &params);
         let bar = progress_bar((u.ppo_epochs * u.minibatches.min(seqs.len())) as u64, Stage::GrpoUpdate.name());
         let started = Instant::now();
-        let (weights, state, log) = grpo::update(&policy.cfg, policy.weights.clone(), optimizer, &seqs, &params, pad, &mut rng, &ctx.device, |m| {
-            bar.set_message(format!("loss {:+.4} kl {:.2e}", m.loss, m.kl));
-            bar.inc(1);
-        })?;
+        let (weights, state, log) =
+            grpo::update(&policy.cfg, policy.weights.clone(), optimizer, &seqs, &params, pad, &mut rng, &ctx.device, |m| {
+                bar.set_message(format!("loss {:+.4} kl {:.2e}", m.loss, m.kl));
+                bar.inc(1);
+            })?;
         bar.finish_and_clear();
         let seconds = started.elapsed().as_secs_f64();
         let mut updated = model::build_model(&policy.cfg, &weights, &ctx.device)?;

@@ -24,8 +24,8 @@ pub use segment::run_segment;
 pub use shard::{Part, Shard, ShardArgs};
 
 use crate::config::Config;
-use crate::stage::Stage;
 use crate::model::{self, tokenizer, Policy};
+use crate::stage::Stage;
 use crate::store::{self, stage_key, Artifact, Backend, Claim, InputRef, Manifest, Outcome, Staging, Store};
 use crate::table::episodes::{self, EpisodeRow};
 use crate::table::prompts::PromptRow;
@@ -62,7 +62,15 @@ impl Ctx {
             // candle's CPU kernels size their thread pool from this variable on first use.
             std::env::set_var("RAYON_NUM_THREADS", config.threads.to_string());
         }
-        Ok(Self { store: Store::new(artifacts), run: run.to_string(), config, device: Device::Cpu, dtype: DType::F32, part: Part::Whole, only_cached: false })
+        Ok(Self {
+            store: Store::new(artifacts),
+            run: run.to_string(),
+            config,
+            device: Device::Cpu,
+            dtype: DType::F32,
+            part: Part::Whole,
+            only_cached: false,
+        })
     }
 
     /// The device and dtype this context computes on, as keys and manifests record them.
@@ -279,22 +287,39 @@ pub fn episodes_by_rollout<'a>(rollouts: &[RolloutRow], episodes: &'a [EpisodeRo
         let mut end = 0;
         for (k, e) in eps.iter().enumerate() {
             if e.episode_idx as usize != k || e.token_start as usize != end || e.token_end < e.token_start || e.k as usize != eps.len() {
-                bail!("{}: row {}: episode {k} of {} sample {} does not continue the partition of its response", episodes::FILE, start + k, r.prompt_id, r.sample_idx);
+                bail!(
+                    "{}: row {}: episode {k} of {} sample {} does not continue the partition of its response",
+                    episodes::FILE,
+                    start + k,
+                    r.prompt_id,
+                    r.sample_idx
+                );
             }
             end = e.token_end as usize;
         }
         if end != r.token_ids.len() {
-            bail!("{}: the episodes of {} sample {} cover {end} of its {} tokens", episodes::FILE, r.prompt_id, r.sample_idx, r.token_ids.len());
+            bail!(
+                "{}: the episodes of {} sample {} cover {end} of its {} tokens",
+                episodes::FILE,
+                r.prompt_id,
+                r.sample_idx,
+                r.token_ids.len()
+            );
         }
         out.push(eps);
     }
     if at < episodes.len() {
         let e = &episodes[at];
-        bail!("{}: row {at}: extra episode {} of {} sample {}, which is not a rollout of this iteration", episodes::FILE, e.episode_idx, e.prompt_id, e.sample_idx);
+        bail!(
+            "{}: row {at}: extra episode {} of {} sample {}, which is not a rollout of this iteration",
+            episodes::FILE,
+            e.episode_idx,
+            e.prompt_id,
+            e.sample_idx
+        );
     }
     Ok(out)
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -1,7 +1,7 @@
 //! `prepare`: the task's train, validation and test splits.
 
-use crate::stage::Stage;
 use super::{execute, Ctx, Summary};
+use crate::stage::Stage;
 use crate::table::prompts;
 use crate::task::{self, Splits};
 use anyhow::{bail, Context, Result};
@@ -35,7 +35,6 @@ pub fn run_prepare(ctx: &Ctx) -> Result<Summary> {
         }))
     })
 }
-
 
 /// blake3 of a file, or of a directory's files (names and contents, in name order).
 pub(super) fn content_hash(path: &Path) -> Result<String> {

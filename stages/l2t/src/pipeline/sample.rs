@@ -1,11 +1,11 @@
 //! `sample`: G rollouts per prompt, with per-token log-probs and finish reasons.
 
-use crate::stage::Stage;
-use super::{data_cursor, iteration_policy, iteration_prompts, policy_input, progress_bar, Ctx, Summary};
 use super::shard::{execute_sharded, Sharded};
-use crate::model::{chat, tokenizer};
+use super::{data_cursor, iteration_policy, iteration_prompts, policy_input, progress_bar, Ctx, Summary};
 use crate::model::Policy;
+use crate::model::{chat, tokenizer};
 use crate::sample::{generate, Request, SamplerParams};
+use crate::stage::Stage;
 use crate::store::{Artifact, Staging};
 use crate::table::prompts::{self, PromptRow};
 use crate::table::rollouts::{self, FinishReason, RolloutRow};
@@ -74,7 +74,8 @@ impl Sharded for SampleJob<'_> {
                 );
             }
             for g in 0..s.group_size as u32 {
-                requests.push(Request { prompt_ids: ids.clone(), seed: rollout_seed(cfg.iteration_seed(), self.iteration, &p.prompt_id, g) });
+                requests
+                    .push(Request { prompt_ids: ids.clone(), seed: rollout_seed(cfg.iteration_seed(), self.iteration, &p.prompt_id, g) });
             }
         }
         let sampler = SamplerParams { temperature: s.temperature, top_p: s.top_p, max_new_tokens: s.max_new_tokens, ignore_eos: false };

@@ -1,10 +1,10 @@
 //! `segment`: episode spans and the outcome reward of every rollout.
 
-use crate::stage::Stage;
 use super::{execute, Ctx, Summary};
-use crate::model::tokenizer;
 use crate::model;
+use crate::model::tokenizer;
 use crate::reward::segment::{outcome_reward, segment, span_bytes, token_char_ends};
+use crate::stage::Stage;
 use crate::store;
 use crate::table::episodes::{self, EpisodeRow};
 use crate::table::prompts;
@@ -18,16 +18,10 @@ pub fn run_segment(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summary> {
     let cfg = &ctx.config;
     let sample = ctx.store.open_ref(&ctx.run, &Stage::Sample.at(iteration))?;
     // The tokenizer that produced the rollouts: the policy the sample stage read.
-    let policy_input = sample
-        .manifest
-        .inputs
-        .iter()
-        .find(|i| i.name == "policy")
-        .context("the sample manifest names no policy input")?;
-    let policy_art = ctx
-        .store
-        .entry(&policy_input.key)?
-        .with_context(|| format!("the policy {} that sampled iteration {iteration} is gone from the store", store::short(&policy_input.key)))?;
+    let policy_input = sample.manifest.inputs.iter().find(|i| i.name == "policy").context("the sample manifest names no policy input")?;
+    let policy_art = ctx.store.entry(&policy_input.key)?.with_context(|| {
+        format!("the policy {} that sampled iteration {iteration} is gone from the store", store::short(&policy_input.key))
+    })?;
     let inputs = vec![
         sample.manifest.as_input("rollouts", &[prompts::ITERATION_FILE, rollouts::FILE])?,
         policy_art.manifest.as_input("tokenizer", &[model::TOKENIZER_FILE])?,

@@ -5,8 +5,8 @@
 //! numbers do not depend on the rows batched with it, and the whole run and the merge write
 //! through the same [`Sharded::finish`].
 
-use crate::stage::Stage;
 use super::{execute, Ctx, Summary};
+use crate::stage::Stage;
 use crate::store::{stage_key, Artifact, InputRef, Staging, SHARDS_DIR};
 use anyhow::{bail, Context, Result};
 use std::ops::Range;
@@ -145,7 +145,10 @@ pub fn execute_sharded<J: Sharded>(
                     let shard = Shard { index, count };
                     let key = stage_key(stage.name(), stage.version(), &shard_params(&params, shard), &shard_inputs, &ctx.backend());
                     ctx.store.entry(&key)?.with_context(|| {
-                        format!("shard {shard} of {slot} is not in the store (key {}): run `{stage} --shard {shard}` first", crate::store::short(&key))
+                        format!(
+                            "shard {shard} of {slot} is not in the store (key {}): run `{stage} --shard {shard}` first",
+                            crate::store::short(&key)
+                        )
                     })
                 })
                 .collect::<Result<_>>()?;

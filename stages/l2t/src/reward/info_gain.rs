@@ -63,7 +63,9 @@ pub fn j_values(model: &Model, pad_id: u32, requests: &[JRequest], mode: JMode) 
     let mut positions = Vec::with_capacity(requests.len() * l);
     for (r, req) in requests.iter().enumerate() {
         let prefix_end = req.ends.last().copied().unwrap_or(0);
-        tokens.extend(std::iter::repeat(pad_id).take(pad[r]).chain(req.prompt.iter().copied()).chain(req.response[..prefix_end].iter().copied()));
+        tokens.extend(
+            std::iter::repeat(pad_id).take(pad[r]).chain(req.prompt.iter().copied()).chain(req.response[..prefix_end].iter().copied()),
+        );
         positions.extend((0..l).map(|j| j.saturating_sub(pad[r]) as u32));
     }
     let b = requests.len();

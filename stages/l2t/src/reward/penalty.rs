@@ -216,11 +216,7 @@ pub fn directional_derivatives(
                 Ok(requests.iter().enumerate().map(|(r, req)| episode_sums(&logp[r], offsets[r], req.spans)).collect())
             };
             let (plus, minus) = (episode_logp(1.0)?, episode_logp(-1.0)?);
-            Ok(plus
-                .iter()
-                .zip(&minus)
-                .map(|(p, m)| p.iter().zip(m).map(|(&lp, &lm)| fd_directional(lp, lm, eps)).collect())
-                .collect())
+            Ok(plus.iter().zip(&minus).map(|(p, m)| p.iter().zip(m).map(|(&lp, &lm)| fd_directional(lp, lm, eps)).collect()).collect())
         }
         Estimator::Grad => {
             let base = shifted(theta, &dir.block, 0.0)?;
@@ -359,10 +355,7 @@ mod tests {
         let proxy = ProxyModel { trunk: &trunk, tail: &tail, layer };
         let (p1, z1, s1) = (vec![5u32, 6, 7], vec![10u32, 11, 12, 13, 14, 15, 16], vec![(0, 3), (3, 5), (5, 7)]);
         let (p2, z2, s2) = (vec![9u32, 8], vec![20u32, 21, 22], vec![(0, 1), (1, 3)]);
-        let reqs = [
-            SeqRequest { prompt: &p1, response: &z1, spans: &s1 },
-            SeqRequest { prompt: &p2, response: &z2, spans: &s2 },
-        ];
+        let reqs = [SeqRequest { prompt: &p1, response: &z1, spans: &s1 }, SeqRequest { prompt: &p2, response: &z2, spans: &s2 }];
         let theta = trunk.mlp_weights(layer);
         let fd = directional_derivatives(&proxy, &theta, &dir, &reqs, 0, Estimator::Fd, 1e-3).unwrap();
         let grad = directional_derivatives(&proxy, &theta, &dir, &reqs, 0, Estimator::Grad, 1e-3).unwrap();

@@ -13,8 +13,8 @@
 //! - tokens before the first episode join it; `</think>` and the answer join the last episode;
 //! - no parseable episode: one episode over the whole response, `format_ok = false`.
 
-use crate::config::Rule;
 use crate::config::AnswerExtraction;
+use crate::config::Rule;
 use crate::table::rollouts::FinishReason;
 use crate::task::grade::{grade_optional, Grade};
 use crate::task::{BOXED_OPEN, THINK_CLOSE, THINK_OPEN};
@@ -82,11 +82,7 @@ pub fn segment(rule: Rule, text: &str, ends: &[usize]) -> Segmentation {
 /// Parses `<episode_N>` / `</episode_N>` at `pos`: (is_close, N, tag length).
 fn episode_tag(text: &str, pos: usize) -> Option<(bool, usize, usize)> {
     let rest = &text[pos..];
-    let (close, body) = if let Some(b) = rest.strip_prefix("</episode_") {
-        (true, b)
-    } else {
-        (false, rest.strip_prefix("<episode_")?)
-    };
+    let (close, body) = if let Some(b) = rest.strip_prefix("</episode_") { (true, b) } else { (false, rest.strip_prefix("<episode_")?) };
     let digits = body.bytes().take_while(u8::is_ascii_digit).count();
     if digits == 0 || body.as_bytes().get(digits) != Some(&b'>') {
         return None;
@@ -223,7 +219,8 @@ pub fn extract_answer_with(text: &str, how: AnswerExtraction) -> Option<String> 
 /// $\boxed{-2}$` is the list `1, -2`, as math-verify reads it).
 fn final_boxed(text: &str) -> Option<String> {
     let opens = |t: &str| -> Vec<usize> {
-        let mut v: Vec<usize> = t.match_indices(BOXED_OPEN).map(|(i, o)| i + o.len()).chain(t.match_indices(FBOX_OPEN).map(|(i, o)| i + o.len())).collect();
+        let mut v: Vec<usize> =
+            t.match_indices(BOXED_OPEN).map(|(i, o)| i + o.len()).chain(t.match_indices(FBOX_OPEN).map(|(i, o)| i + o.len())).collect();
         v.sort_unstable();
         v
     };
@@ -308,7 +305,10 @@ pub fn last_stated(text: &str) -> Option<String> {
         }
         best.map(|c| c.2.clone())
     };
-    final_is.or_else(|| anchored("answer:", 50)).or_else(|| anchored("answer", 50)).or_else(|| candidates.iter().max_by_key(|c| c.1).map(|c| c.2.clone()))
+    final_is
+        .or_else(|| anchored("answer:", 50))
+        .or_else(|| anchored("answer", 50))
+        .or_else(|| candidates.iter().max_by_key(|c| c.1).map(|c| c.2.clone()))
 }
 
 fn floor_char_boundary(s: &str, mut i: usize) -> usize {
@@ -416,7 +416,9 @@ fn stated_candidates(text: &str) -> Vec<(usize, usize, String, bool)> {
     let mut i = 0;
     while i < text.len() {
         let c = bytes[i];
-        let anchored = i == 0 || matches!(bytes[i - 1], b' ' | b'\n' | b'\t' | b'=' | b'*') || (bytes[i - 1] == b'$' && (i == 1 || bytes[i - 2].is_ascii_whitespace()));
+        let anchored = i == 0
+            || matches!(bytes[i - 1], b' ' | b'\n' | b'\t' | b'=' | b'*')
+            || (bytes[i - 1] == b'$' && (i == 1 || bytes[i - 2].is_ascii_whitespace()));
         if anchored && (c.is_ascii_digit() || (c == b'-' && bytes.get(i + 1).is_some_and(u8::is_ascii_digit))) {
             let (j, number) = plain_number(text, i);
             out.push((i, j, number, true));
@@ -490,7 +492,14 @@ pub fn outcome_reward(text: &str, gold: &str, finish: FinishReason, format_ok: b
 }
 
 /// [`outcome_reward`] with the answer read as `how` reads it (`eval.answer`).
-pub fn outcome_reward_with(text: &str, gold: &str, finish: FinishReason, format_ok: bool, format_penalty: f64, how: AnswerExtraction) -> Outcome {
+pub fn outcome_reward_with(
+    text: &str,
+    gold: &str,
+    finish: FinishReason,
+    format_ok: bool,
+    format_penalty: f64,
+    how: AnswerExtraction,
+) -> Outcome {
     let answer = extract_answer_with(text, how);
     let grade = grade_optional(answer.as_deref(), gold);
     let correct = solved(grade == Grade::Correct, finish);
@@ -535,8 +544,10 @@ mod tests {
     #[test]
     fn answer_ends_at_the_token_that_closes_the_final_box() {
         // Tokens:  0         1    2           3          4   5     6   7       8    9
-        let pieces: Vec<String> =
-            ["<think>", "a", "\\boxed{1}", "</think>", "\\", "boxed{", "2", "} ok", " \\boxed{", "3"].iter().map(|p| p.to_string()).collect();
+        let pieces: Vec<String> = ["<think>", "a", "\\boxed{1}", "</think>", "\\", "boxed{", "2", "} ok", " \\boxed{", "3"]
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
         let text = pieces.concat();
         let ends = token_char_ends(&pieces);
         // The final answer is `2` (the box after `</think>`; `\boxed{3` never closes), closed in token 7.
@@ -555,13 +566,7 @@ mod tests {
         let seg = segment_tags(GOOD, &char_ends(GOOD));
         assert_partition(&seg, GOOD.len());
         assert!(seg.format_ok && seg.well_formed);
-        assert_eq!(
-            texts(GOOD, &seg),
-            [
-                "<think><episode_1>2 + 3 = 5</episode_1>",
-                "<episode_2>5 * 2 = 10</episode_2></think>\\boxed{10}"
-            ]
-        );
+        assert_eq!(texts(GOOD, &seg), ["<think><episode_1>2 + 3 = 5</episode_1>", "<episode_2>5 * 2 = 10</episode_2></think>\\boxed{10}"]);
         let out = outcome_reward(GOOD, "10", FinishReason::Stop, seg.format_ok, -0.01);
         assert_eq!((out.answer.as_deref(), out.grade, out.r_out), (Some("10"), Grade::Correct, 1.0));
     }
@@ -585,7 +590,10 @@ mod tests {
         let text = "<think><episode_1>a<episode_2>b</episode_2>c</episode_1><episode_2>d</episode_2></think>\\boxed{1}";
         let seg = segment_tags(text, &char_ends(text));
         assert_partition(&seg, text.len());
-        assert_eq!(texts(text, &seg), ["<think><episode_1>a<episode_2>b</episode_2>c</episode_1>", "<episode_2>d</episode_2></think>\\boxed{1}"]);
+        assert_eq!(
+            texts(text, &seg),
+            ["<think><episode_1>a<episode_2>b</episode_2>c</episode_1>", "<episode_2>d</episode_2></think>\\boxed{1}"]
+        );
         assert!(seg.format_ok && !seg.well_formed);
     }
 
@@ -660,10 +668,7 @@ mod tests {
         let text = "First step.\n\nSecond step.\n\nWait, check it.\n\nAlternatively do this.\n\\boxed{1}";
         let seg = segment_paragraphs(text, &char_ends(text));
         assert_partition(&seg, text.len());
-        assert_eq!(
-            texts(text, &seg),
-            ["First step.\n\nSecond step.\n\n", "Wait, check it.\n\n", "Alternatively do this.\n\\boxed{1}"]
-        );
+        assert_eq!(texts(text, &seg), ["First step.\n\nSecond step.\n\n", "Wait, check it.\n\n", "Alternatively do this.\n\\boxed{1}"]);
         assert!(seg.well_formed);
     }
 
@@ -739,12 +744,20 @@ mod tests {
             assert_eq!(extract_answer_with(text, AnswerExtraction::Stated).as_deref(), Some(want), "{text:?}");
             assert_eq!(extract_answer_with(text, AnswerExtraction::Boxed), None, "{text:?}");
         }
-        assert_eq!(extract_answer_with("the answer is $\\boxed{4}$, not $5$", AnswerExtraction::Stated).as_deref(), Some("4"), "a box first");
+        assert_eq!(
+            extract_answer_with("the answer is $\\boxed{4}$, not $5$", AnswerExtraction::Stated).as_deref(),
+            Some("4"),
+            "a box first"
+        );
         assert_eq!(extract_answer_with("no answer here", AnswerExtraction::Stated), None);
         assert_eq!(extract_answer_with("We get $\\boxed 7$.", AnswerExtraction::Stated).as_deref(), Some("7"), "a box without braces");
         assert_eq!(extract_answer_with("", AnswerExtraction::Stated), None);
         let out = outcome_reward_with("so the answer is $10$.", "10", FinishReason::Stop, true, 0.0, AnswerExtraction::Stated);
         assert!(out.correct);
-        assert_eq!(outcome_reward("so the answer is $10$.", "10", FinishReason::Stop, true, 0.0).grade, Grade::Unparsable, "the reward needs a box");
+        assert_eq!(
+            outcome_reward("so the answer is $10$.", "10", FinishReason::Stop, true, 0.0).grade,
+            Grade::Unparsable,
+            "the reward needs a box"
+        );
     }
 }

@@ -353,7 +353,9 @@ mod tests {
             fs::create_dir(dir.path().join(name)).unwrap();
         }
         assert_eq!(collect_dead(dir.path()).unwrap(), 2);
-        for (name, kept) in [("live", true), ("remote", true), ("dead", false), (killed_while_taking.as_str(), false), (remote_taking, true)] {
+        for (name, kept) in
+            [("live", true), ("remote", true), ("dead", false), (killed_while_taking.as_str(), false), (remote_taking, true)]
+        {
             assert_eq!(dir.path().join(name).exists(), kept, "{name}");
         }
     }

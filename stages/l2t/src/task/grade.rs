@@ -76,7 +76,13 @@ pub fn grade_with_deadline(prediction: &str, gold: &str, budget: Duration) -> Gr
         }
     }
     // `p\%` is also p/100 (math-verify reads it so): `50\%` = `0.5`.
-    let hundredths = |raw: &str, normal: &str| if raw.contains('%') { normalize(&raw.replace("\\%", "/100").replace('%', "/100")) } else { Some(normal.to_string()) };
+    let hundredths = |raw: &str, normal: &str| {
+        if raw.contains('%') {
+            normalize(&raw.replace("\\%", "/100").replace('%', "/100"))
+        } else {
+            Some(normal.to_string())
+        }
+    };
     if raw_prediction.contains('%') || raw_gold.contains('%') {
         if let (Some(p), Some(g)) = (hundredths(raw_prediction, &prediction), hundredths(raw_gold, &gold)) {
             if p == g || equivalent(&p, &g, deadline) {
@@ -110,7 +116,9 @@ fn strip_thousands(digits: &str) -> Option<String> {
     let (int, frac) = digits.split_once('.').map_or((digits, None), |(i, f)| (i, Some(f)));
     let groups: Vec<&str> = int.split(',').collect();
     let grouped_ok = groups.len() == 1
-        || (!groups[0].is_empty() && groups[0].len() <= 3 && groups[1..].iter().all(|g| g.len() == 3 && g.bytes().all(|b| b.is_ascii_digit())));
+        || (!groups[0].is_empty()
+            && groups[0].len() <= 3
+            && groups[1..].iter().all(|g| g.len() == 3 && g.bytes().all(|b| b.is_ascii_digit())));
     grouped_ok.then(|| groups.concat() + &frac.map(|f| format!(".{f}")).unwrap_or_default())
 }
 
@@ -140,7 +148,13 @@ pub fn normalize(answer: &str) -> Option<String> {
     s = chars
         .iter()
         .enumerate()
-        .map(|(i, &c)| if c == ',' && i > 0 && !chars[i - 1].is_whitespace() && chars.get(i + 1).is_some_and(|n| n.is_whitespace()) { LIST_COMMA } else { c })
+        .map(|(i, &c)| {
+            if c == ',' && i > 0 && !chars[i - 1].is_whitespace() && chars.get(i + 1).is_some_and(|n| n.is_whitespace()) {
+                LIST_COMMA
+            } else {
+                c
+            }
+        })
         .collect();
     for (from, to) in [
         ("\\left", ""),
@@ -223,7 +237,11 @@ fn strip_text_commands(s: &str) -> String {
         // A choice letter in text has no case (`\\text{e}` = `\\text{(E)}`, as math-verify reads it).
         let inner = &out[open + 1..close];
         let letter = inner.trim().trim_start_matches('(').trim_end_matches(')');
-        let inner = if letter.chars().count() == 1 && letter.chars().all(|c| c.is_ascii_alphabetic()) { inner.to_ascii_uppercase() } else { inner.to_string() };
+        let inner = if letter.chars().count() == 1 && letter.chars().all(|c| c.is_ascii_alphabetic()) {
+            inner.to_ascii_uppercase()
+        } else {
+            inner.to_string()
+        };
         out = format!("{}{}{}", &out[..at], inner, &out[close + 1..]);
     }
     out
@@ -237,14 +255,13 @@ fn first_text_command(s: &str) -> Option<(usize, &'static str)> {
 fn drop_trailing_unit(s: &str) -> String {
     let t = s.trim_end();
     let body = match t.rfind('^') {
-        Some(i) if t[i + 1..].trim_matches(|c| c == '{' || c == '}').chars().all(|c| c.is_ascii_digit()) && !t[i + 1..].is_empty() => &t[..i],
+        Some(i) if t[i + 1..].trim_matches(|c| c == '{' || c == '}').chars().all(|c| c.is_ascii_digit()) && !t[i + 1..].is_empty() => {
+            &t[..i]
+        }
         _ => t,
     };
     let Some(close) = body.strip_suffix('}').map(|b| b.len()) else { return s.to_string() };
-    let Some((at, cmd)) = TEXT_COMMANDS
-        .iter()
-        .filter_map(|c| body.rfind(&format!("{c}{{")).map(|i| (i, *c)))
-        .max_by_key(|(i, _)| *i)
+    let Some((at, cmd)) = TEXT_COMMANDS.iter().filter_map(|c| body.rfind(&format!("{c}{{")).map(|i| (i, *c))).max_by_key(|(i, _)| *i)
     else {
         return s.to_string();
     };
@@ -313,12 +330,25 @@ fn strip_variable_prefix(s: &str) -> String {
         let rhs = rhs.trim();
         let rhs_is_text = first_text_command(rhs).is_some_and(|(at, cmd)| at == 0 && matching_brace(rhs, cmd.len()) == Some(rhs.len() - 1));
         // A function name with its variable counts as a name: `f(x) = x^2`.
-        let function = lhs.len() == 4 && lhs.as_bytes()[0].is_ascii_alphabetic() && lhs.as_bytes()[1] == b'(' && lhs.as_bytes()[2].is_ascii_alphabetic() && lhs.as_bytes()[3] == b')';
-        if !lhs.is_empty() && (lhs.len() <= 2 && lhs.chars().all(|c| c.is_ascii_alphabetic()) || function) && !rhs.trim().is_empty() && !rhs_is_text {
+        let function = lhs.len() == 4
+            && lhs.as_bytes()[0].is_ascii_alphabetic()
+            && lhs.as_bytes()[1] == b'('
+            && lhs.as_bytes()[2].is_ascii_alphabetic()
+            && lhs.as_bytes()[3] == b')';
+        if !lhs.is_empty()
+            && (lhs.len() <= 2 && lhs.chars().all(|c| c.is_ascii_alphabetic()) || function)
+            && !rhs.trim().is_empty()
+            && !rhs_is_text
+        {
             return rhs.trim().to_string();
         }
         // `15 = k`, `x + 3 = y`: the variable on the right.
-        if !rhs.is_empty() && rhs.len() <= 2 && rhs.chars().all(|c| c.is_ascii_alphabetic()) && !lhs.is_empty() && first_text_command(lhs).is_none() {
+        if !rhs.is_empty()
+            && rhs.len() <= 2
+            && rhs.chars().all(|c| c.is_ascii_alphabetic())
+            && !lhs.is_empty()
+            && first_text_command(lhs).is_none()
+        {
             return lhs.to_string();
         }
     }
@@ -335,7 +365,12 @@ fn strip_listed_names(s: &str) -> String {
         .iter()
         .map(|item| {
             let (name, value) = item.split_once('=')?;
-            (!name.is_empty() && name.len() <= 2 && name.chars().all(|c| c.is_ascii_alphabetic()) && !value.is_empty() && !value.contains('=')).then_some(value)
+            (!name.is_empty()
+                && name.len() <= 2
+                && name.chars().all(|c| c.is_ascii_alphabetic())
+                && !value.is_empty()
+                && !value.contains('='))
+            .then_some(value)
         })
         .collect();
     values.map_or_else(|| s.to_string(), |v| v.join(","))
@@ -372,12 +407,15 @@ fn inequality_interval(s: &str) -> Option<String> {
         } else {
             format!("{}{a},\\infty)", if closed(op) { "[" } else { "(" })
         }),
-        ([a, x], [op]) if var(x) && valid(a) => inequality_interval(&format!("{x}{}{a}", match *op {
-            "<" => ">",
-            ">" => "<",
-            "<=" | "\\le" => "\\ge",
-            _ => "\\le",
-        })),
+        ([a, x], [op]) if var(x) && valid(a) => inequality_interval(&format!(
+            "{x}{}{a}",
+            match *op {
+                "<" => ">",
+                ">" => "<",
+                "<=" | "\\le" => "\\ge",
+                _ => "\\le",
+            }
+        )),
         ([a, x, b], [o1, o2]) if var(x) && valid(a) && valid(b) && less(o1) == less(o2) => {
             let (lo, hi, lo_closed, hi_closed) = if less(o1) { (a, b, closed(o1), closed(o2)) } else { (b, a, closed(o2), closed(o1)) };
             Some(format!("{}{lo},{hi}{}", if lo_closed { "[" } else { "(" }, if hi_closed { "]" } else { ")" }))
@@ -454,7 +492,10 @@ fn unbrace_subscripts(s: &str) -> String {
 /// Two normalized answers: same structure and equivalent parts.
 fn equivalent(a: &str, b: &str, deadline: Instant) -> bool {
     // `a \pm b` is the pair `a + b, a - b`.
-    let plus_minus = |s: &str| (s.matches("\\pm").count() == 1 && split_top_level(s, ",").len() == 1).then(|| format!("{},{}", s.replacen("\\pm", "+", 1), s.replacen("\\pm", "-", 1)));
+    let plus_minus = |s: &str| {
+        (s.matches("\\pm").count() == 1 && split_top_level(s, ",").len() == 1)
+            .then(|| format!("{},{}", s.replacen("\\pm", "+", 1), s.replacen("\\pm", "-", 1)))
+    };
     if let Some(a) = plus_minus(a) {
         return equivalent(&a, b, deadline);
     }
@@ -462,7 +503,10 @@ fn equivalent(a: &str, b: &str, deadline: Instant) -> bool {
         return equivalent(a, &b, deadline);
     }
     if let (Some(x), Some(y)) = (matrix_entries(a), matrix_entries(b)) {
-        return x.len() == y.len() && x.iter().zip(&y).all(|(p, q)| p.len() == q.len() && p.iter().zip(q).all(|(u, v)| u == v || scalar_equivalent(u, v, deadline)));
+        return x.len() == y.len()
+            && x.iter()
+                .zip(&y)
+                .all(|(p, q)| p.len() == q.len() && p.iter().zip(q).all(|(u, v)| u == v || scalar_equivalent(u, v, deadline)));
     }
     if let (Some((l1, r1)), Some((l2, r2))) = (equation(a), equation(b)) {
         // Sides swapped or terms moved: the differences agree, up to sign.
@@ -500,8 +544,13 @@ fn matrix_entries(s: &str) -> Option<Vec<Vec<String>>> {
 /// The two sides of an equation with one `=` (none of `<`, `>`, `\\le`, `\\ge`).
 fn equation(s: &str) -> Option<(String, String)> {
     let parts = split_top_level(s, "=");
-    (parts.len() == 2 && parts.iter().all(|p| !p.is_empty()) && !s.contains(['<', '>']) && !s.contains("\\le") && !s.contains("\\ge") && !s.contains("\\ne"))
-        .then(|| (parts[0].clone(), parts[1].clone()))
+    (parts.len() == 2
+        && parts.iter().all(|p| !p.is_empty())
+        && !s.contains(['<', '>'])
+        && !s.contains("\\le")
+        && !s.contains("\\ge")
+        && !s.contains("\\ne"))
+    .then(|| (parts[0].clone(), parts[1].clone()))
 }
 
 /// Every item of `x` pairs with a distinct equivalent item of `y`.
@@ -519,7 +568,11 @@ enum Structure {
     /// `A \cup B \cup ..`
     Union(Vec<String>),
     /// `(a, b)`, `[a, b)`, `\{a, b\}`, or a bare `a, b` (open and close empty).
-    Seq { open: String, close: String, items: Vec<String> },
+    Seq {
+        open: String,
+        close: String,
+        items: Vec<String>,
+    },
     Scalar(String),
 }
 
@@ -615,7 +668,8 @@ fn scalar_equivalent(a: &str, b: &str, deadline: Instant) -> bool {
         return wa == wb;
     }
     // A ratio of numbers is their quotient: `1:2` = `\\frac{1}{2}`.
-    let ratio = |s: &str| s.split_once(':').and_then(|(p, q)| Some(parse_rational(p)? / parse_rational(q).filter(|q| *q != Q::from_integer(0))?));
+    let ratio =
+        |s: &str| s.split_once(':').and_then(|(p, q)| Some(parse_rational(p)? / parse_rational(q).filter(|q| *q != Q::from_integer(0))?));
     if a.contains(':') || b.contains(':') {
         return match (ratio(a).or_else(|| parse_rational(a)), ratio(b).or_else(|| parse_rational(b))) {
             (Some(x), Some(y)) => x == y,
@@ -845,7 +899,9 @@ fn tokenize(s: &str, out: &mut Vec<Tok>) -> Option<()> {
             out.push(Tok::Close);
             out.push(Tok::Close);
             rest = r;
-        } else if let Some((cmd, name)) = FUNCTIONS.iter().find(|(cmd, _)| rest.starts_with(cmd) && !rest[cmd.len()..].starts_with(|ch: char| ch.is_ascii_alphabetic())) {
+        } else if let Some((cmd, name)) =
+            FUNCTIONS.iter().find(|(cmd, _)| rest.starts_with(cmd) && !rest[cmd.len()..].starts_with(|ch: char| ch.is_ascii_alphabetic()))
+        {
             out.push(Tok::Func(name));
             rest = &rest[cmd.len()..];
             // An argument without parentheses: the next atom.
@@ -911,7 +967,9 @@ mod tests {
 
     #[test]
     fn integers_in_common_spellings() {
-        for (text, want) in [("42", Some(42)), (" -7 ", Some(-7)), ("+3", Some(3)), ("1,234", Some(1234)), ("$5", Some(5)), ("12.0", Some(12))] {
+        for (text, want) in
+            [("42", Some(42)), (" -7 ", Some(-7)), ("+3", Some(3)), ("1,234", Some(1234)), ("$5", Some(5)), ("12.0", Some(12))]
+        {
             assert_eq!(parse_integer(text), want, "{text:?}");
         }
         for text in ["", "abc", "1,23", "4.5", "--1", "12a", ",123"] {
@@ -1000,8 +1058,37 @@ mod tests {
     #[test]
     fn odd_input_gets_a_verdict_not_a_panic() {
         let odd = [
-            "\\sin é", "é", "\\frac", "\\sqrt[", "{{}}", "^", "\\text{", "}{", "1/0", "\\frac{1}{0}", "((((", "]", "\\sqrt[3",
-            "0.0000000000000000000001", "99999999999999999999999", "x^^2", "\\frac{a}", "\\left(", "$", "\\%", "12 \\text {cm}", "}\\frac{é", "}\\sqrt{é", "_{é}", "\\text{é}\\text{é}", "1:0", "a:b:c", "=", "==", "x=", "=x",
+            "\\sin é",
+            "é",
+            "\\frac",
+            "\\sqrt[",
+            "{{}}",
+            "^",
+            "\\text{",
+            "}{",
+            "1/0",
+            "\\frac{1}{0}",
+            "((((",
+            "]",
+            "\\sqrt[3",
+            "0.0000000000000000000001",
+            "99999999999999999999999",
+            "x^^2",
+            "\\frac{a}",
+            "\\left(",
+            "$",
+            "\\%",
+            "12 \\text {cm}",
+            "}\\frac{é",
+            "}\\sqrt{é",
+            "_{é}",
+            "\\text{é}\\text{é}",
+            "1:0",
+            "a:b:c",
+            "=",
+            "==",
+            "x=",
+            "=x",
         ];
         for a in odd {
             for b in odd {
@@ -1125,12 +1212,77 @@ mod tests {
         use crate::config::AnswerExtraction;
         use crate::reward::segment::extract_answer_with;
         const PIECES: &[&str] = &[
-            "\\frac", "\\dfrac", "\\sqrt", "\\sqrt[", "{", "}", "(", ")", "[", "]", "\\{", "\\}", "\\left(", "\\right)", "1", "23", "-", "+", "^", "_",
-            "_{", ",", "{,}", ".", "x", "=", "\\text{", "cm}", "\\%", "^\\circ", "$", "$$", "\\[", "\\]", "\\(", "\\)", "\\begin{pmatrix}", "\\end{pmatrix}",
-            "&", "\\\\", "\\cup", "\\infty", "\\pi", ":", "é", "°", " ", "\\boxed{", "\\fbox{", "**", "answer is ", "Final Answer: ", "\\sin", "\\!", "\\,",
-            "\\pm", "\\le", "0", "9999999999999999999", "\n",
+            "\\frac",
+            "\\dfrac",
+            "\\sqrt",
+            "\\sqrt[",
+            "{",
+            "}",
+            "(",
+            ")",
+            "[",
+            "]",
+            "\\{",
+            "\\}",
+            "\\left(",
+            "\\right)",
+            "1",
+            "23",
+            "-",
+            "+",
+            "^",
+            "_",
+            "_{",
+            ",",
+            "{,}",
+            ".",
+            "x",
+            "=",
+            "\\text{",
+            "cm}",
+            "\\%",
+            "^\\circ",
+            "$",
+            "$$",
+            "\\[",
+            "\\]",
+            "\\(",
+            "\\)",
+            "\\begin{pmatrix}",
+            "\\end{pmatrix}",
+            "&",
+            "\\\\",
+            "\\cup",
+            "\\infty",
+            "\\pi",
+            ":",
+            "é",
+            "°",
+            " ",
+            "\\boxed{",
+            "\\fbox{",
+            "**",
+            "answer is ",
+            "Final Answer: ",
+            "\\sin",
+            "\\!",
+            "\\,",
+            "\\pm",
+            "\\le",
+            "0",
+            "9999999999999999999",
+            "\n",
         ];
-        let seeds = ["\\frac{\\sqrt3}{9}", "\\{1, -4\\}", "\\begin{bmatrix} 1 & 2 \\\\ 3 & 4 \\end{bmatrix}", "x - 3z = 0", "443_{5}", "5{,}040", "\\left( 1, \\infty \\right)", "12\\text{ cm}^2"];
+        let seeds = [
+            "\\frac{\\sqrt3}{9}",
+            "\\{1, -4\\}",
+            "\\begin{bmatrix} 1 & 2 \\\\ 3 & 4 \\end{bmatrix}",
+            "x - 3z = 0",
+            "443_{5}",
+            "5{,}040",
+            "\\left( 1, \\infty \\right)",
+            "12\\text{ cm}^2",
+        ];
         let mut state = 0x9E37_79B9_7F4A_7C15u64;
         let mut next = move |n: usize| {
             state ^= state << 13;

@@ -1,9 +1,12 @@
 //! AdamW (Loshchilov & Hutter) with its state in the open, and global gradient-norm clipping.
 //! candle's own AdamW hides its moments and has neither clipping nor a schedule (design.md).
 
+use crate::kernels::{
+    self,
+    fused::{contiguous_f32, contiguous_f32_mut},
+};
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
-use crate::kernels::{self, fused::{contiguous_f32, contiguous_f32_mut}};
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -145,7 +148,15 @@ impl InplaceOp3 for Fused {
         "adamw-inplace"
     }
 
-    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, m: &CpuStorage, m_l: &Layout, v: &CpuStorage, v_l: &Layout) -> candle_core::Result<()> {
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        m: &CpuStorage,
+        m_l: &Layout,
+        v: &CpuStorage,
+        v_l: &Layout,
+    ) -> candle_core::Result<()> {
         let Fused::Update { lr, decay, bias1, bias2, eps } = *self else { candle_core::bail!("only the update reads two moments") };
         let (theta, m, v) = (contiguous_f32_mut(dst, dst_l, "adamw")?, contiguous_f32(m, m_l, "adamw")?, contiguous_f32(v, v_l, "adamw")?);
         if theta.len() != m.len() || theta.len() != v.len() {

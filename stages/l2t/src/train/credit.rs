@@ -16,8 +16,8 @@
 //! Ablations: `signed` (`A_i clip(r_t / rbar_i, -c, c)`), `rollout` (`A_t = A_i`), `abs`
 //! (`A_i clip(r_t / |rbar_i|, -c, c)`, the first reading, which inverts below-average rollouts).
 
-use crate::config::{Method, TokenScale};
 use crate::config::CreditConfig;
+use crate::config::{Method, TokenScale};
 
 fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
@@ -347,8 +347,22 @@ mod tests {
     #[test]
     fn no_rollout_is_inverted_under_regularised_but_abs_inverts() {
         // A below-average rollout with rbar < 0 (the case that abs inverts).
-        let a = RolloutSignal { logp_old: vec![-1.0; 3], spans: vec![(0, 3)], episode_rewards: vec![0.9], d_i: vec![0.0], r_out: 1.0, correct: true };
-        let b = RolloutSignal { logp_old: vec![-1.0, -2.0], spans: vec![(0, 1), (1, 2)], episode_rewards: vec![-0.4, 0.1], d_i: vec![0.0; 2], r_out: 0.0, correct: false };
+        let a = RolloutSignal {
+            logp_old: vec![-1.0; 3],
+            spans: vec![(0, 3)],
+            episode_rewards: vec![0.9],
+            d_i: vec![0.0],
+            r_out: 1.0,
+            correct: true,
+        };
+        let b = RolloutSignal {
+            logp_old: vec![-1.0, -2.0],
+            spans: vec![(0, 1), (1, 2)],
+            episode_rewards: vec![-0.4, 0.1],
+            d_i: vec![0.0; 2],
+            r_out: 0.0,
+            correct: false,
+        };
         let mut p = params(Method::L2t);
         let (credits, _) = assign_group(&[a.clone(), b.clone()], &p);
         assert!(credits[1].a_i < 0.0 && is_inverted(credits[1].a_i, &credits[1].a_t), "{credits:?}");
@@ -365,8 +379,22 @@ mod tests {
     #[test]
     fn l2t_group_by_hand() {
         // Two rollouts of one token per episode, so r_t = R and rbar = mean R (no trimming at 2).
-        let a = RolloutSignal { logp_old: vec![-1.0, -1.0], spans: vec![(0, 1), (1, 2)], episode_rewards: vec![0.5, 0.3], d_i: vec![0.0; 2], r_out: 1.0, correct: true };
-        let b = RolloutSignal { logp_old: vec![-2.0], spans: vec![(0, 1)], episode_rewards: vec![-0.2], d_i: vec![0.0], r_out: 0.0, correct: false };
+        let a = RolloutSignal {
+            logp_old: vec![-1.0, -1.0],
+            spans: vec![(0, 1), (1, 2)],
+            episode_rewards: vec![0.5, 0.3],
+            d_i: vec![0.0; 2],
+            r_out: 1.0,
+            correct: true,
+        };
+        let b = RolloutSignal {
+            logp_old: vec![-2.0],
+            spans: vec![(0, 1)],
+            episode_rewards: vec![-0.2],
+            d_i: vec![0.0],
+            r_out: 0.0,
+            correct: false,
+        };
         let (credits, zero) = assign_group(&[a, b], &params(Method::L2t));
         assert!(!zero);
         assert_eq!(credits[0].r_t, vec![0.5, 0.3]);
@@ -382,7 +410,14 @@ mod tests {
 
     #[test]
     fn outcome_method_is_grpo() {
-        let sig = |r_out| RolloutSignal { logp_old: vec![-1.0; 3], spans: vec![(0, 3)], episode_rewards: vec![9.0], d_i: vec![0.5], r_out, correct: r_out > 0.0 };
+        let sig = |r_out| RolloutSignal {
+            logp_old: vec![-1.0; 3],
+            spans: vec![(0, 3)],
+            episode_rewards: vec![9.0],
+            d_i: vec![0.5],
+            r_out,
+            correct: r_out > 0.0,
+        };
         let (credits, zero) = assign_group(&[sig(1.0), sig(0.0)], &params(Method::Outcome));
         assert!(!zero);
         let a = 0.5 / (0.5 + 1e-6);
@@ -408,7 +443,14 @@ mod tests {
         let r = length_penalty_rewards(&[0.99, 1.0], &[true, true], &[30, 10], 0.2);
         assert!((r[0] - 0.99 * 0.853788).abs() < 1e-6 && (r[1] - 0.946212).abs() < 1e-6, "{r:?}");
         // Then GRPO over those rewards: {0.9, 0} -> +-1.
-        let sig = |r_out: f64, n| RolloutSignal { logp_old: vec![-1.0; n], spans: vec![(0, n)], episode_rewards: vec![0.0], d_i: vec![0.0], r_out, correct: r_out > 0.0 };
+        let sig = |r_out: f64, n| RolloutSignal {
+            logp_old: vec![-1.0; n],
+            spans: vec![(0, n)],
+            episode_rewards: vec![0.0],
+            d_i: vec![0.0],
+            r_out,
+            correct: r_out > 0.0,
+        };
         let (credits, _) = assign_group(&[sig(1.0, 4), sig(0.0, 2)], &params(Method::LengthPenalty));
         assert!(close(credits[0].rbar, 0.9) && (credits[0].a_t[0] - 0.45 / (0.45 + 1e-6)).abs() < 1e-12);
     }
@@ -418,7 +460,14 @@ mod tests {
         // r_out 1 + 0.8 * (0.2 - 0.1 + 0.4) = 1.4; r_out 0 + 0.8 * (-0.25) = -0.2.
         let r = progress_rewards(&[1.0, 0.0], &[vec![0.2, -0.1, 0.4], vec![-0.25]], 0.8);
         assert!(close(r[0], 1.4) && close(r[1], -0.2), "{r:?}");
-        let sig = |r_out: f64, d_i: Vec<f64>| RolloutSignal { logp_old: vec![-1.0; 2], spans: vec![(0, 2)], episode_rewards: vec![0.0], d_i, r_out, correct: r_out > 0.0 };
+        let sig = |r_out: f64, d_i: Vec<f64>| RolloutSignal {
+            logp_old: vec![-1.0; 2],
+            spans: vec![(0, 2)],
+            episode_rewards: vec![0.0],
+            d_i,
+            r_out,
+            correct: r_out > 0.0,
+        };
         let (credits, zero) = assign_group(&[sig(1.0, vec![0.2, -0.1, 0.4]), sig(0.0, vec![-0.25])], &params(Method::Mrt));
         // {1.4, -0.2}: mean 0.6, std 0.8 -> +-0.8 / (0.8 + 1e-6).
         assert!(!zero && close(credits[0].rbar, 1.4) && (credits[1].a_i + 0.8 / (0.8 + 1e-6)).abs() < 1e-12);

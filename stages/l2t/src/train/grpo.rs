@@ -415,8 +415,20 @@ mod tests {
         let (cfg, weights) = small();
         let dev = Device::Cpu;
         let seqs = [
-            Sequence { prompt: vec![3, 4], response: vec![5, 6, 7], logp_old: vec![-5.5, -5.9, -5.2], logp_ref: vec![-5.6, -5.8, -5.7], a_t: vec![1.0, -0.5, 2.0] },
-            Sequence { prompt: vec![9], response: vec![10, 11], logp_old: vec![-5.7, -5.6], logp_ref: vec![-5.7, -5.6], a_t: vec![-1.0, 0.7] },
+            Sequence {
+                prompt: vec![3, 4],
+                response: vec![5, 6, 7],
+                logp_old: vec![-5.5, -5.9, -5.2],
+                logp_ref: vec![-5.6, -5.8, -5.7],
+                a_t: vec![1.0, -0.5, 2.0],
+            },
+            Sequence {
+                prompt: vec![9],
+                response: vec![10, 11],
+                logp_old: vec![-5.7, -5.6],
+                logp_ref: vec![-5.7, -5.6],
+                a_t: vec![-1.0, 0.7],
+            },
         ];
         let p = params();
         let refs: Vec<&Sequence> = seqs.iter().collect();
@@ -463,7 +475,13 @@ mod tests {
             .iter()
             .zip(&logp)
             .zip([1.0f32, -1.0])
-            .map(|(((p, z), lp), a)| Sequence { prompt: p.to_vec(), response: z.to_vec(), logp_old: lp.clone(), logp_ref: lp.clone(), a_t: vec![a; 2] })
+            .map(|(((p, z), lp), a)| Sequence {
+                prompt: p.to_vec(),
+                response: z.to_vec(),
+                logp_old: lp.clone(),
+                logp_ref: lp.clone(),
+                a_t: vec![a; 2],
+            })
             .collect();
         let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
         let mut p = params();
@@ -492,8 +510,20 @@ mod tests {
         let (cfg, weights) = small();
         let dev = Device::Cpu;
         let seqs = [
-            Sequence { prompt: vec![3, 4], response: vec![5, 6, 7], logp_old: vec![-5.5, -5.9, -5.2], logp_ref: vec![-5.6, -5.8, -5.7], a_t: vec![1.0, -0.5, 2.0] },
-            Sequence { prompt: vec![9], response: vec![10, 11], logp_old: vec![-5.7, -5.6], logp_ref: vec![-5.7, -5.6], a_t: vec![-1.0, 0.7] },
+            Sequence {
+                prompt: vec![3, 4],
+                response: vec![5, 6, 7],
+                logp_old: vec![-5.5, -5.9, -5.2],
+                logp_ref: vec![-5.6, -5.8, -5.7],
+                a_t: vec![1.0, -0.5, 2.0],
+            },
+            Sequence {
+                prompt: vec![9],
+                response: vec![10, 11],
+                logp_old: vec![-5.7, -5.6],
+                logp_ref: vec![-5.7, -5.6],
+                a_t: vec![-1.0, 0.7],
+            },
         ];
         let mut p = params();
         (p.update.ppo_epochs, p.update.weight_decay) = (2, 0.01);

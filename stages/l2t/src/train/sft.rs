@@ -56,12 +56,7 @@ pub fn batch_tensors(examples: &[&Example], pad_id: u32, dev: &Device) -> Result
             }
         }
     }
-    Ok((
-        Tensor::from_vec(inputs, (b, t), dev)?,
-        Tensor::from_vec(targets, (b, t), dev)?,
-        Tensor::from_vec(mask, (b, t), dev)?,
-        n_targets,
-    ))
+    Ok((Tensor::from_vec(inputs, (b, t), dev)?, Tensor::from_vec(targets, (b, t), dev)?, Tensor::from_vec(mask, (b, t), dev)?, n_targets))
 }
 
 /// Trains `weights` on `examples`; returns the trained weights and the step log.
@@ -90,8 +85,7 @@ pub fn train_micro(
     dev: &Device,
     mut on_step: impl FnMut(&StepLog),
 ) -> Result<(Weights, Vec<StepLog>)> {
-    let vars: Vec<(String, Var)> =
-        weights.into_iter().map(|(k, t)| Ok((k, Var::from_tensor(&t)?))).collect::<Result<_>>()?;
+    let vars: Vec<(String, Var)> = weights.into_iter().map(|(k, t)| Ok((k, Var::from_tensor(&t)?))).collect::<Result<_>>()?;
     let model_weights: Weights = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
     let model = build_model(cfg, &model_weights, dev)?;
     drop(model_weights);
@@ -101,8 +95,7 @@ pub fn train_micro(
     let warmup = (params.warmup_frac * params.steps as f64).round() as usize;
     let mut log = Vec::with_capacity(params.steps);
     for step in 0..params.steps {
-        let batch: Vec<&Example> =
-            (0..params.batch_size).map(|_| &examples[rng.random_range(0..examples.len())]).collect();
+        let batch: Vec<&Example> = (0..params.batch_size).map(|_| &examples[rng.random_range(0..examples.len())]).collect();
         let chunks: Vec<_> = batch.chunks(micro_batch.max(1)).map(|c| batch_tensors(c, pad_id, dev)).collect::<Result<_>>()?;
         let n_targets: usize = chunks.iter().map(|c| c.3).sum::<usize>().max(1);
         let (mut grads, mut loss_sum, mut tokens) = (Vec::new(), 0f64, 0usize);
