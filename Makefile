@@ -47,7 +47,7 @@ PROFILE_INPUTS_smollm2 := $(SMOLLM2_GGUF) $(BENCHMARKS)/gsm8k_test.parquet
 RUN_STAGES  := prepare bootstrap
 ITER_STAGES := sample segment fisher-reward credit-assign grpo-update
 
-.PHONY: all build iterate iteration stage eval compare pilot audit gc verify test bench bench-peers models data grade score
+.PHONY: all build iterate iteration stage eval compare pilot audit gc verify lint test bench bench-peers models data grade score
 
 all: iterate
 
@@ -163,7 +163,12 @@ verify: build
 # real-model tests need the SmolLM2 GGUF).
 # The Slurm test starts a single-node cluster (tests/slurm/start_cluster.sh) and says in the log
 # whether it ran or why it was skipped.
-test: build $(DUCKDB) $(SMOLLM2_GGUF)
+# Formatting (rustfmt.toml) and clippy with warnings as errors, over every target.
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --release --workspace --all-targets --quiet -- -D warnings
+
+test: lint build $(DUCKDB) $(SMOLLM2_GGUF)
 	cargo test --release --workspace -- --skip slurm_
 	cargo test --release --test pipeline slurm_ -- --nocapture
 

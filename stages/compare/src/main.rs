@@ -616,7 +616,7 @@ impl Report<'_> {
 
     /// One line per arm: the seed mean of a training figure against iterations.
     fn plot_curves(&self, path: &Path, what: &str, value: fn(&IterFigures) -> f64) -> Result<()> {
-        let lines: Vec<(String, RGBColor, Vec<(f64, f64)>)> = self
+        let lines: Vec<Line> = self
             .arms
             .iter()
             .enumerate()
@@ -673,13 +673,16 @@ fn plot_error<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> anyhow::Error + 
     move |e| anyhow::anyhow!("{}: cannot draw: {e:?}", path.display())
 }
 
+/// A plotted line: its label, colour and points.
+type Line = (String, RGBColor, Vec<(f64, f64)>);
+
 /// A line chart: one named, coloured series per line, with points marked and a legend.
 fn draw_lines(
     path: &Path,
     caption: &str,
     axes: (&str, &str),
     (x, y): (std::ops::Range<f64>, std::ops::Range<f64>),
-    lines: &[(String, RGBColor, Vec<(f64, f64)>)],
+    lines: &[Line],
     legend: SeriesLabelPosition,
 ) -> Result<()> {
     register_font()?;

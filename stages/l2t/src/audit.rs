@@ -44,7 +44,7 @@ fn glob_has_match(glob: &str) -> bool {
             None => base.exists(),
             Some((part, rest)) => {
                 if let Some(prefix) = part.strip_suffix('*') {
-                    std::fs::read_dir(base).map_or(false, |es| {
+                    std::fs::read_dir(base).is_ok_and(|es| {
                         es.flatten().any(|e| {
                             let name = e.file_name().to_string_lossy().to_string();
                             name.starts_with(prefix) && !name.starts_with('.') && walk(&e.path(), rest)
@@ -56,7 +56,10 @@ fn glob_has_match(glob: &str) -> bool {
             }
         }
     }
-    let (base, rest) = if glob.starts_with('/') { (Path::new("/"), &glob[1..]) } else { (Path::new("."), glob) };
+    let (base, rest) = match glob.strip_prefix('/') {
+        Some(rest) => (Path::new("/"), rest),
+        None => (Path::new("."), glob),
+    };
     walk(base, &rest.split('/').collect::<Vec<_>>())
 }
 

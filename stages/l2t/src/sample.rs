@@ -141,7 +141,7 @@ fn generate_batch(policy: &Policy, rows: &[Request], params: &SamplerParams) -> 
     let mut tokens = Vec::with_capacity(prompts.len() * prompt_len);
     let mut positions = Vec::with_capacity(prompts.len() * prompt_len);
     for (p, prompt) in prompts.iter().enumerate() {
-        tokens.extend(std::iter::repeat(policy.pad_id).take(prompt_pad[p]).chain(prompt.iter().copied()));
+        tokens.extend(std::iter::repeat_n(policy.pad_id, prompt_pad[p]).chain(prompt.iter().copied()));
         positions.extend((0..prompt_len).map(|j| j.saturating_sub(prompt_pad[p]) as u32));
     }
     let u = prompts.len();
@@ -266,7 +266,7 @@ mod tests {
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
         for (r, row) in rows.iter().enumerate() {
-            tokens.extend(std::iter::repeat(policy.pad_id).take(pad[r]).chain(row.prompt_ids.iter().copied()));
+            tokens.extend(std::iter::repeat_n(policy.pad_id, pad[r]).chain(row.prompt_ids.iter().copied()));
             positions.extend((0..len).map(|j| j.saturating_sub(pad[r]) as u32));
         }
         let b = rows.len();
@@ -295,7 +295,7 @@ mod tests {
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
         for &r in &distinct {
-            tokens.extend(std::iter::repeat(policy.pad_id).take(pad[r]).chain(rows[r].prompt_ids.iter().copied()));
+            tokens.extend(std::iter::repeat_n(policy.pad_id, pad[r]).chain(rows[r].prompt_ids.iter().copied()));
             positions.extend((0..len).map(|j| j.saturating_sub(pad[r]) as u32));
         }
         let dpad: Vec<usize> = distinct.iter().map(|&r| pad[r]).collect();

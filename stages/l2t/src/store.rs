@@ -808,7 +808,7 @@ mod tests {
         assert_ne!(k, stage_key("s", 2, &p, &[], &cpu));
         assert_ne!(k, stage_key("s", 1, &serde_json::json!({"a": 2}), &[], &cpu));
         let input = InputRef { name: "x".into(), key: "k".into(), files: [("f".to_string(), "h".to_string())].into() };
-        let with_input = stage_key("s", 1, &p, &[input.clone()], &cpu);
+        let with_input = stage_key("s", 1, &p, std::slice::from_ref(&input), &cpu);
         assert_ne!(k, with_input);
         assert_eq!(k, stage_key("s", 1, &serde_json::json!({"a": 1}), &[], &cpu));
         // The same bytes from another producer run give the same key (early cutoff); other bytes do not.

@@ -17,6 +17,7 @@ pub const MAX_LINKS: usize = 52;
 /// The whole configuration file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 pub struct Config {
     /// Root of every random draw in the run.
     pub seed: u64,
@@ -37,28 +38,6 @@ pub struct Config {
     pub update: UpdateConfig,
     pub eval: EvalConfig,
     pub slurm: SlurmConfig,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            seed: 0,
-            rl_seed: 0,
-            threads: 0,
-            task: TaskConfig::default(),
-            prompt: PromptConfig::default(),
-            model: ModelShape::default(),
-            bootstrap: BootstrapConfig::default(),
-            sample: SampleConfig::default(),
-            segment: SegmentConfig::default(),
-            reward: RewardConfig::default(),
-            penalty: PenaltyConfig::default(),
-            credit: CreditConfig::default(),
-            update: UpdateConfig::default(),
-            eval: EvalConfig::default(),
-            slurm: SlurmConfig::default(),
-        }
-    }
 }
 
 /// Evaluation (l2t-spec section 9), stage `eval`.
@@ -518,12 +497,15 @@ impl Config {
                 t.kind != TaskKind::Decompose || (t.max_hard <= t.steps && (3..=MAX_LINKS).contains(&t.links)),
                 "task.kind = decompose needs task.max_hard <= task.steps and task.links in 3..=52",
             ),
-            (m.hidden_size % m.num_attention_heads.max(1) == 0, "model.hidden_size must be a multiple of model.num_attention_heads"),
             (
-                m.num_key_value_heads >= 1 && m.num_attention_heads % m.num_key_value_heads.max(1) == 0,
+                m.hidden_size.is_multiple_of(m.num_attention_heads.max(1)),
+                "model.hidden_size must be a multiple of model.num_attention_heads",
+            ),
+            (
+                m.num_key_value_heads >= 1 && m.num_attention_heads.is_multiple_of(m.num_key_value_heads.max(1)),
                 "model.num_attention_heads must be a multiple of model.num_key_value_heads",
             ),
-            ((m.hidden_size / m.num_attention_heads.max(1)) % 2 == 0, "model head dimension must be even (rotary embedding)"),
+            ((m.hidden_size / m.num_attention_heads.max(1)).is_multiple_of(2), "model head dimension must be even (rotary embedding)"),
             (m.vocab_size >= 300, "model.vocab_size must be at least 300 (256 bytes + special and tag tokens)"),
             (
                 m.num_hidden_layers >= 1 && m.intermediate_size >= 1,

@@ -137,7 +137,7 @@ impl PackedLinear {
                 // from memory once, at an even pace, and is reused from L1 by the other blocks;
                 // the next slice is prefetched meanwhile, a share per block.
                 for steps in (0..k).step_by(STEPS).map(|i| i..(i + STEPS).min(k)) {
-                    let next = (steps.end < k).then(|| &panel[steps.end * PANEL..(steps.end + STEPS).min(k) * PANEL]).unwrap_or(&[]);
+                    let next = if steps.end < k { &panel[steps.end * PANEL..(steps.end + STEPS).min(k) * PANEL] } else { &[] };
                     let blocks = row_range.len().div_ceil(ROWS);
                     let share = next.len().div_ceil(blocks);
                     for b in 0..blocks {

@@ -375,7 +375,7 @@ mod tests {
         let dev = Device::Cpu;
         let model = build_model(&cfg, &init_weights(&cfg, 2, &dev).unwrap(), &dev).unwrap();
         // Row 0: 5 real tokens; row 1: 2 pads then 3 real tokens. Then 3 decoded tokens each.
-        let prompt = vec![vec![3u32, 4, 5, 6, 7], vec![0, 0, 9, 10, 11]];
+        let prompt = [vec![3u32, 4, 5, 6, 7], vec![0, 0, 9, 10, 11]];
         let pad = [0usize, 2];
         let next = [vec![12u32, 13, 14], vec![15, 16, 17]];
         let full: Vec<Vec<u32>> = (0..2).map(|r| [prompt[r].clone(), next[r].clone()].concat()).collect();
@@ -388,8 +388,8 @@ mod tests {
         let prompt_tokens = Tensor::from_vec(prompt.concat(), (2, 5), &dev).unwrap();
         let p = positions((0..2).map(|r| pos_of(r, 0..5)).collect());
         let mut step_logits = vec![model.forward(&prompt_tokens, &p, &padded_mask(&pad, 0, 5, &dev).unwrap(), Some(&mut cache)).unwrap()];
-        for s in 0..3 {
-            let tok = Tensor::from_vec(vec![next[0][s], next[1][s]], (2, 1), &dev).unwrap();
+        for (s, (&a, &b)) in next[0].iter().zip(&next[1]).enumerate() {
+            let tok = Tensor::from_vec(vec![a, b], (2, 1), &dev).unwrap();
             let p = positions((0..2).map(|r| pos_of(r, 5 + s..6 + s)).collect());
             let mask = padded_mask(&pad, 5 + s, 1, &dev).unwrap();
             step_logits.push(model.forward(&tok, &p, &mask, Some(&mut cache)).unwrap());
@@ -397,9 +397,9 @@ mod tests {
         assert_eq!(cache.len(), 8);
         let cached = Tensor::cat(&step_logits, 1).unwrap();
         // Compare only real (non-pad) positions.
-        for r in 0..2 {
-            let a = full_logits.get(r).unwrap().narrow(0, pad[r], 8 - pad[r]).unwrap();
-            let b = cached.get(r).unwrap().narrow(0, pad[r], 8 - pad[r]).unwrap();
+        for (r, &p) in pad.iter().enumerate() {
+            let a = full_logits.get(r).unwrap().narrow(0, p, 8 - p).unwrap();
+            let b = cached.get(r).unwrap().narrow(0, p, 8 - p).unwrap();
             let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-4, "row {r}: max abs diff {diff}");
         }

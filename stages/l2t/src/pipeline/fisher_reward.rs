@@ -126,7 +126,7 @@ impl Terms {
             j.push(take(nj)?);
             g_dot_d.push(take(ng)?);
         }
-        if next().is_ok() || bytes.len() % 8 != 0 {
+        if next().is_ok() || !bytes.len().is_multiple_of(8) {
             bail!("trailing bytes");
         }
         Ok(Self { j, g_dot_d, d_norm_sq, ranks, layer, j_seconds, c_seconds })

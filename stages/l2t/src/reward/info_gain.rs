@@ -64,7 +64,7 @@ pub fn j_values(model: &Model, pad_id: u32, requests: &[JRequest], mode: JMode) 
     for (r, req) in requests.iter().enumerate() {
         let prefix_end = req.ends.last().copied().unwrap_or(0);
         tokens.extend(
-            std::iter::repeat(pad_id).take(pad[r]).chain(req.prompt.iter().copied()).chain(req.response[..prefix_end].iter().copied()),
+            std::iter::repeat_n(pad_id, pad[r]).chain(req.prompt.iter().copied()).chain(req.response[..prefix_end].iter().copied()),
         );
         positions.extend((0..l).map(|j| j.saturating_sub(pad[r]) as u32));
     }

@@ -384,10 +384,10 @@ fn stated_candidates(text: &str) -> Vec<(usize, usize, String, bool)> {
                 prev = b;
             }
             end.filter(|&j| j > 0).map(|j| (1, 1 + j, 1 + j + 1))
-        } else if rest.starts_with("\\[") {
-            rest[2..].find("\\]").map(|j| (2, 2 + j, 2 + j + 2))
-        } else if rest.starts_with("\\(") {
-            rest[2..].find("\\)").filter(|&j| !rest[2..2 + j].contains('\n')).map(|j| (2, 2 + j, 2 + j + 2))
+        } else if let Some(inner) = rest.strip_prefix("\\[") {
+            inner.find("\\]").map(|j| (2, 2 + j, 2 + j + 2))
+        } else if let Some(inner) = rest.strip_prefix("\\(") {
+            inner.find("\\)").filter(|&j| !inner[..j].contains('\n')).map(|j| (2, 2 + j, 2 + j + 2))
         } else if rest.starts_with("\\frac{") || rest.starts_with("-\\frac{") {
             // A bare fraction of two plain numbers.
             let rest = rest.strip_prefix('-').unwrap_or(rest);

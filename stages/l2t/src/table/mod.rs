@@ -368,7 +368,8 @@ mod tests {
             c_scaled: 0.0,
             estimator: "fd".into(),
         };
-        let columns: [(&str, fn(&mut EpisodeRewardRow)); 6] = [
+        type Spoil = fn(&mut EpisodeRewardRow);
+        let columns: [(&str, Spoil); 6] = [
             ("j_before", |r| r.j_before = f64::NAN),
             ("j_after", |r| r.j_after = f64::INFINITY),
             ("d_i", |r| r.d_i = f64::NAN),

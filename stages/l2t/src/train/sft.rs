@@ -91,7 +91,7 @@ pub fn train_micro(
     drop(model_weights);
     let adam = AdamWParams { weight_decay: params.weight_decay, ..AdamWParams::default() };
     let mut opt = AdamW::new(vars, adam)?;
-    let mut rng = ChaCha8Rng::seed_from_u64(params.seed ^ 0x7366_74); // "sft"
+    let mut rng = ChaCha8Rng::seed_from_u64(params.seed ^ 0x0073_6674); // "sft"
     let warmup = (params.warmup_frac * params.steps as f64).round() as usize;
     let mut log = Vec::with_capacity(params.steps);
     for step in 0..params.steps {
