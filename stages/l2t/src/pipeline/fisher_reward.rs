@@ -2,7 +2,6 @@
 
 use super::shard::{execute_sharded, Sharded};
 use super::{check_sampled_by, episodes_by_rollout, iteration_policy, policy_input, progress_bar, Ctx, Summary};
-use crate::config::Scale;
 use crate::model::tokenizer;
 use crate::model::{build_model_as, Policy};
 use crate::reward::info_gain::{delta_i, j_values, JRequest};
@@ -279,15 +278,9 @@ impl Sharded for FisherJob<'_> {
         let d_i: Vec<Vec<f64>> = j.iter().map(|j| delta_i(j)).collect();
         // E: the episodes of rollouts that take part in training.
         let in_e: Vec<bool> = by_rollout.iter().flat_map(|eps| eps.iter().map(|e| !e.excluded)).collect();
-        let (c_scaled, scale_metrics) = match cfg.penalty.scale {
-            Scale::GainMatched => {
-                let g = penalty::scale_gain_matched(&c_raw, &d_i.concat(), &in_e, cfg.penalty.cap_quantile);
-                let metrics = serde_json::json!({ "q": g.q, "mean_abs_d_i": g.mean_abs_d_i, "mean_c_capped": g.mean_c_capped });
-                (g.c_scaled, metrics)
-            }
-            Scale::BatchMedian => (penalty::scale_by_batch_median(&c_raw), serde_json::Value::Null),
-            Scale::None => (c_raw.clone(), serde_json::Value::Null),
-        };
+        let (c_scaled, gain) = penalty::scale_penalties(&c_raw, &d_i.concat(), &in_e, cfg.penalty.scale, cfg.penalty.cap_quantile);
+        let scale_metrics =
+            gain.map(|g| serde_json::json!({ "q": g.q, "mean_abs_d_i": g.mean_abs_d_i, "mean_c_capped": g.mean_c_capped }));
 
         let mut rows = Vec::with_capacity(c_raw.len());
         for (i, r) in rollout_rows.iter().enumerate() {

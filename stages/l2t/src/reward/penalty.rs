@@ -11,7 +11,7 @@
 //! trunk below the block does not depend on `theta~`, so it runs once in f32; the block and what
 //! follows run in f64, where a step of `eps D~` is far above rounding noise.
 
-use crate::config::Estimator;
+use crate::config::{Estimator, Scale};
 use crate::model::qwen2::MlpWeights;
 use crate::model::{token_logprobs, Model, TeacherForced};
 use anyhow::{bail, Context, Result};
@@ -47,6 +47,19 @@ pub fn c_fisher(g_dot_d: f64, d_norm_sq: f64, damping: f64) -> f64 {
 /// `g . D~ ~= (l(+) - l(-)) / (2 eps)` (spec 5, estimator `fd`).
 pub fn fd_directional(l_plus: f64, l_minus: f64, eps: f64) -> f64 {
     (l_plus - l_minus) / (2.0 * eps)
+}
+
+/// The batch's raw `C` put on the scale of `dI` as `penalty.scale` says (spec 5): every
+/// episode's `C~`, and the gain-matched figures when that scaling ran.
+pub fn scale_penalties(c: &[f64], d_i: &[f64], in_e: &[bool], scale: Scale, cap_quantile: f64) -> (Vec<f64>, Option<GainMatched>) {
+    match scale {
+        Scale::GainMatched => {
+            let g = scale_gain_matched(c, d_i, in_e, cap_quantile);
+            (g.c_scaled.clone(), Some(g))
+        }
+        Scale::BatchMedian => (scale_by_batch_median(c), None),
+        Scale::None => (c.to_vec(), None),
+    }
 }
 
 /// `C / median(nonzero C)` over the batch; all zeros stay zeros (spec 5, `batch-median`).
@@ -257,6 +270,23 @@ mod tests {
     use super::*;
     use crate::model::{build_model, build_model_as, init_weights, Weights};
     use candle_core::Device;
+
+    #[test]
+    fn each_scale_by_hand() {
+        // C = [0, 2, 4, 10], dI = [1, -1, 0.5, 0.5], all in E.
+        let (c, d, in_e) = ([0.0, 2.0, 4.0, 10.0], [1.0, -1.0, 0.5, 0.5], [true; 4]);
+        assert_eq!(scale_penalties(&c, &d, &in_e, Scale::None, 0.9), (c.to_vec(), None));
+        // batch-median: the median of the nonzero C is 4.
+        assert_eq!(scale_penalties(&c, &d, &in_e, Scale::BatchMedian, 0.9).0, vec![0.0, 0.5, 1.0, 2.5]);
+        // gain-matched with the cap at the 0.5-quantile of {2, 4, 10} = 4: capped C = [0, 2, 4, 4]
+        // (mean 2.5), mean |dI| = 0.75, so C~ = capped * 0.3.
+        let (scaled, gain) = scale_penalties(&c, &d, &in_e, Scale::GainMatched, 0.5);
+        let gain = gain.unwrap();
+        assert_eq!((gain.q, gain.mean_abs_d_i, gain.mean_c_capped), (4.0, 0.75, 2.5));
+        for (got, want) in scaled.iter().zip([0.0, 0.6, 1.2, 1.2]) {
+            assert!((got - want).abs() < 1e-12, "{scaled:?}");
+        }
+    }
 
     #[test]
     fn c_on_a_2x2_example() {
