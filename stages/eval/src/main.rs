@@ -1,7 +1,7 @@
 //! `eval`: a policy of a run on a held-out split or a prompts file.
 use anyhow::Result;
 use clap::Parser;
-use l2t::pipeline::{latest_policy, run_eval, EvalPolicy, EvalPrompts};
+use l2t::pipeline::{latest_policy, read_eval_summary, run_eval, EvalPolicy, EvalPrompts};
 use std::path::PathBuf;
 
 /// Evaluates a policy of the run (l2t-spec section 9): `eval.k` samples per prompt, pass@1,
@@ -42,20 +42,7 @@ fn main() {
         if matches!(ctx.part, l2t::pipeline::Part::Shard(_)) {
             return Ok(()); // a shard's figures come with the merge
         }
-        let m = &summaries.last().expect("run_eval returns the evaluated policy's summary").metrics;
-        println!(
-            "eval: {}: pass@1 {:.3} pass@{} {:.3} tokens {:.1} (correct {:.1}) format-valid {:.3} efficiency {:.3} accuracy at budgets {} = {}",
-            target.name(),
-            m["pass_at_1"].as_f64().unwrap_or(f64::NAN),
-            m["k"],
-            m["pass_at_k"].as_f64().unwrap_or(f64::NAN),
-            m["mean_tokens"].as_f64().unwrap_or(f64::NAN),
-            m["mean_tokens_correct"].as_f64().unwrap_or(f64::NAN),
-            m["format_valid_rate"].as_f64().unwrap_or(f64::NAN),
-            m["token_efficiency"].as_f64().unwrap_or(f64::NAN),
-            m["budgets"],
-            m["accuracy_at_budget"]
-        );
+        println!("eval: {}", read_eval_summary(&ctx, &on, target)?);
         Ok(())
     })
 }

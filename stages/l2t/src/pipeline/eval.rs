@@ -332,6 +332,12 @@ pub fn eval_slot(split: &str, target: EvalPolicy) -> String {
     format!("{EVALS_DIR}{split}/{}", target.name())
 }
 
+/// The figures of an evaluation the run has published.
+pub fn read_eval_summary(ctx: &Ctx, on: &EvalPrompts, target: EvalPolicy) -> Result<EvalSummaryRow> {
+    let art = ctx.store.open_ref(&ctx.run, &eval_slot(&on.name()?, target))?;
+    eval_summary::read(&art.file(eval_summary::FILE)?)
+}
+
 /// The newest policy of the run: the last update's, or the base policy before any.
 pub fn latest_policy(ctx: &Ctx) -> EvalPolicy {
     let next = crate::audit::next_iteration(&ctx.store, &ctx.run);

@@ -279,8 +279,7 @@ impl Sharded for FisherJob<'_> {
         // E: the episodes of rollouts that take part in training.
         let in_e: Vec<bool> = by_rollout.iter().flat_map(|eps| eps.iter().map(|e| !e.excluded)).collect();
         let (c_scaled, gain) = penalty::scale_penalties(&c_raw, &d_i.concat(), &in_e, cfg.penalty.scale, cfg.penalty.cap_quantile);
-        let scale_metrics =
-            gain.map(|g| serde_json::json!({ "q": g.q, "mean_abs_d_i": g.mean_abs_d_i, "mean_c_capped": g.mean_c_capped }));
+        let scale_metrics = gain.map(|g| serde_json::json!({ "q": g.q, "mean_abs_d_i": g.mean_abs_d_i, "mean_c_capped": g.mean_c_capped }));
 
         let mut rows = Vec::with_capacity(c_raw.len());
         for (i, r) in rollout_rows.iter().enumerate() {

@@ -15,7 +15,7 @@ mod shard;
 
 pub use bootstrap::{eval_figures, run_bootstrap, sft_examples, solution_corpus};
 pub use credit_assign::run_credit_assign;
-pub use eval::{eval_slot, latest_policy, run_eval, EvalPolicy, EvalPrompts};
+pub use eval::{eval_slot, latest_policy, read_eval_summary, run_eval, EvalPolicy, EvalPrompts};
 pub use fisher_reward::run_fisher_reward;
 pub use grpo_update::run_grpo_update;
 pub use prepare::run_prepare;

@@ -37,6 +37,28 @@ pub struct EvalSummaryRow {
     pub budgets: Vec<u32>,
 }
 
+impl std::fmt::Display for EvalSummaryRow {
+    /// The one line `eval` prints.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.summary;
+        write!(
+            f,
+            "{}: pass@1 {:.3} pass@{} {:.3} tokens {:.1} (correct {:.1}) format-valid {:.3} efficiency {:.3} accuracy at budgets {:?} = {:?} (split {})",
+            self.policy,
+            s.pass_at_1,
+            s.k,
+            s.pass_at_k,
+            s.mean_tokens,
+            s.mean_tokens_correct,
+            s.format_valid_rate,
+            self.token_efficiency,
+            self.budgets,
+            s.accuracy_at_budget.iter().map(|a| (a * 1000.0).round() / 1000.0).collect::<Vec<_>>(),
+            self.split,
+        )
+    }
+}
+
 pub fn write(staging: &mut Staging, row: &EvalSummaryRow) -> Result<()> {
     let s = &row.summary;
     let accuracy: Vec<f32> = s.accuracy_at_budget.iter().map(|&a| a as f32).collect();
