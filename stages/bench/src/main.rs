@@ -244,10 +244,10 @@ fn bench_train(args: &Args, workload: &str, policy: Policy) -> Result<()> {
 fn bench_l2t_iteration(args: &Args, base: &Config) -> Result<()> {
     use l2t::pipeline::{self, Ctx};
     let mut config = base.clone();
-    config.bootstrap.source = args.smollm2.display().to_string();
+    config.bootstrap.source = l2t::config::Source::Checkpoint(args.smollm2.clone());
     config.bootstrap.eval_prompts = 0;
     config.task.prompt_style = PromptStyle::Question;
-    config.task.eval_file = String::new();
+    config.task.eval_file = None;
     config.prompt = PromptConfig { template: Template::Chat, system: String::new(), instructions: "Finish with \\boxed{answer}.".into() };
     config.sample.prompts_per_iter = 4;
     config.sample.group_size = 4;

@@ -232,6 +232,50 @@ impl From<Rule> for String {
     }
 }
 
+/// Where the base policy comes from (`bootstrap.source`): `tiny` (train the tiny policy on the
+/// task) or the path of a checkpoint to import (a `.gguf` file or a Hugging Face directory).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Source {
+    Tiny,
+    Checkpoint(std::path::PathBuf),
+}
+
+impl TryFrom<String> for Source {
+    type Error = anyhow::Error;
+    fn try_from(text: String) -> Result<Self> {
+        match text.as_str() {
+            "" => bail!("bootstrap.source must be tiny or a checkpoint path"),
+            "tiny" => Ok(Source::Tiny),
+            _ => Ok(Source::Checkpoint(text.into())),
+        }
+    }
+}
+
+impl From<Source> for String {
+    fn from(source: Source) -> String {
+        match source {
+            Source::Tiny => "tiny".into(),
+            Source::Checkpoint(path) => path.display().to_string(),
+        }
+    }
+}
+
+/// An optional file knob written as a path, or `""` for none (`task.eval_file`): TOML has no null.
+pub mod optional_path {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::path::PathBuf;
+
+    pub fn serialize<S: Serializer>(path: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&path.as_ref().map(|p| p.display().to_string()).unwrap_or_default())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+        let text = String::deserialize(d)?;
+        Ok((!text.is_empty()).then(|| text.into()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,6 +300,29 @@ mod tests {
         for bad in ["chunks:0", "chunks:x", "lines", ""] {
             assert!(bad.parse::<Rule>().unwrap_err().to_string().contains("segment.rule"), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_source_and_an_optional_path_read_and_write_as_before() {
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+        struct Knobs {
+            source: Source,
+            #[serde(with = "optional_path")]
+            file: Option<std::path::PathBuf>,
+        }
+        for (json, want) in [
+            (r#"{"source":"tiny","file":""}"#, Knobs { source: Source::Tiny, file: None }),
+            (
+                r#"{"source":"m/x.gguf","file":"d/p.parquet"}"#,
+                Knobs { source: Source::Checkpoint("m/x.gguf".into()), file: Some("d/p.parquet".into()) },
+            ),
+        ] {
+            let knobs: Knobs = serde_json::from_str(json).unwrap();
+            assert_eq!(knobs, want);
+            assert_eq!(serde_json::to_string(&knobs).unwrap(), json);
+        }
+        let err = serde_json::from_str::<Knobs>(r#"{"source":"","file":""}"#).unwrap_err().to_string();
+        assert!(err.contains("bootstrap.source"), "{err}");
     }
 
     #[test]

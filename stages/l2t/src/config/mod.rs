@@ -5,7 +5,7 @@
 
 mod knobs;
 
-pub use knobs::{AnswerExtraction, Estimator, JMode, LossAgg, Method, PromptStyle, Rule, Scale, TaskKind, Template, TokenScale};
+pub use knobs::{AnswerExtraction, Estimator, JMode, LossAgg, Method, PromptStyle, Rule, Scale, Source, TaskKind, Template, TokenScale};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -157,7 +157,8 @@ pub struct TaskConfig {
     pub prompt_style: PromptStyle,
     /// A prompts file (Parquet, written by `make data`, e.g. GSM8K test) that replaces the
     /// generated eval split; "" keeps the generated one.
-    pub eval_file: String,
+    #[serde(with = "knobs::optional_path")]
+    pub eval_file: Option<std::path::PathBuf>,
 }
 
 impl Default for TaskConfig {
@@ -178,7 +179,7 @@ impl Default for TaskConfig {
             split_share: 0.5,
             direct_error: 0.7,
             prompt_style: PromptStyle::Completion,
-            eval_file: String::new(),
+            eval_file: None,
         }
     }
 }
@@ -238,7 +239,7 @@ impl Default for ModelShape {
 pub struct BootstrapConfig {
     /// `tiny`: train the tiny policy on the task; otherwise the path of a checkpoint to start
     /// from (a `.gguf` file or a Hugging Face directory), imported as the base policy.
-    pub source: String,
+    pub source: Source,
     pub steps: usize,
     pub batch_size: usize,
     pub lr: f64,
@@ -253,7 +254,7 @@ pub struct BootstrapConfig {
 impl Default for BootstrapConfig {
     fn default() -> Self {
         Self {
-            source: "tiny".into(),
+            source: Source::Tiny,
             steps: 1_200,
             batch_size: 16,
             lr: 3e-3,
@@ -487,7 +488,6 @@ impl Config {
             (t.max_multiplier >= 2, "task.max_multiplier must be at least 2"),
             (t.max_value >= t.max_operand, "task.max_value must be at least task.max_operand"),
             (t.n_train >= 1 && t.n_eval >= 1, "task.n_train and task.n_eval must be at least 1"),
-            (!b.source.is_empty(), "bootstrap.source must be tiny or a checkpoint path"),
             ((0.0..=1.0).contains(&t.redundant_share), "task.redundant_share must lie in [0, 1]"),
             (
                 (0.0..=1.0).contains(&t.split_share) && (0.0..=1.0).contains(&t.direct_error),

@@ -3,6 +3,7 @@
 use super::prepare::content_hash;
 use super::sample::rollout_seed;
 use super::{execute, progress_bar, Ctx, Summary};
+use crate::config::Source;
 use crate::model::tokenizer::{self, EOS, PAD};
 use crate::model::{self, chat, Checkpoint, Policy};
 use crate::reward::segment::{outcome_reward, segment, span_bytes, token_char_ends};
@@ -19,8 +20,8 @@ use std::time::Instant;
 /// split's worked solutions; a checkpoint path imports that checkpoint. Either way it then samples
 /// the eval split once to report format-valid rate, accuracy and redundant episodes.
 pub fn run_bootstrap(ctx: &Ctx) -> Result<Summary> {
-    if ctx.config.bootstrap.source != "tiny" {
-        return import_base(ctx, Path::new(&ctx.config.bootstrap.source));
+    if let Source::Checkpoint(path) = &ctx.config.bootstrap.source {
+        return import_base(ctx, path);
     }
     let cfg = &ctx.config;
     let data = ctx.store.open_ref(&ctx.run, Stage::Prepare.name())?;

@@ -11,7 +11,7 @@ use std::path::Path;
 pub fn run_prepare(ctx: &Ctx) -> Result<Summary> {
     let cfg = &ctx.config;
     let mut params = Stage::Prepare.params(cfg);
-    let eval_file = (!cfg.task.eval_file.is_empty()).then(|| Path::new(&cfg.task.eval_file));
+    let eval_file = cfg.task.eval_file.as_deref();
     if let Some(path) = eval_file {
         params["eval_file_blake3"] = content_hash(path)?.into();
     }
