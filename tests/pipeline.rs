@@ -2,6 +2,7 @@
 //! with a micro configuration so that each test takes seconds. `make test` builds the binaries
 //! first.
 
+use l2t::stage::Stage;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -117,8 +118,8 @@ impl Env {
     fn chain_iter(&self, iter: u32) -> Vec<String> {
         let mut lines = vec![self.ok("prepare", &[]), self.ok("bootstrap", &[])];
         let iter = iter.to_string();
-        for stage in ITER_STAGES {
-            lines.push(self.ok(stage, &["--iter", &iter]));
+        for stage in Stage::ITERATION {
+            lines.push(self.ok(stage.name(), &["--iter", &iter]));
         }
         lines
     }
@@ -177,8 +178,6 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
         }
     }
 }
-
-const ITER_STAGES: &[&str] = &["sample", "segment", "fisher-reward", "credit-assign", "grpo-update"];
 
 const SLOTS: &[&str] = &[
     "prepare",
@@ -452,7 +451,7 @@ fn two_concurrent_make_iterate_compute_each_key_once() {
         let key = line.split(" key ").nth(1).and_then(|rest| rest.split_whitespace().next()).unwrap().to_string();
         *computed.entry(key).or_default() += usize::from(line.contains(": computed "));
     }
-    assert_eq!(computed.len(), 2 + 2 * ITER_STAGES.len(), "prepare, bootstrap and two iterations:\n{stdout}");
+    assert_eq!(computed.len(), 2 + 2 * Stage::ITERATION.len(), "prepare, bootstrap and two iterations:\n{stdout}");
     assert!(computed.values().all(|&n| n == 1), "a key computed twice or never: {computed:?}\n{stdout}");
     assert!(stderr.contains("waiting for it"), "no process waited for the other:\n{stderr}");
     for file in ["model.safetensors", "optimizer.safetensors", "trainer_state.json"] {
@@ -852,6 +851,29 @@ fn compare_writes_its_report_and_redraws_it_from_cache() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("credit.betta: unknown knob"), "{stderr}");
+}
+
+/// The Makefile is the user's DAG: its stage lists and its `iteration` recipe name the registry's
+/// stages in the registry's order.
+#[test]
+fn the_makefile_and_the_stage_registry_agree() {
+    let makefile = fs::read_to_string(repo().join("Makefile")).unwrap();
+    let list = |var: &str| -> Vec<String> {
+        let line = makefile.lines().find(|l| l.starts_with(var) && l.contains(":=")).unwrap_or_else(|| panic!("no {var} in the Makefile"));
+        line.split(":=").nth(1).unwrap().split_whitespace().map(str::to_string).collect()
+    };
+    let names = |stages: &[Stage]| -> Vec<String> { stages.iter().map(|s| s.name().to_string()).collect() };
+    assert_eq!(list("RUN_STAGES"), names(&Stage::RUN));
+    assert_eq!(list("ITER_STAGES"), names(&Stage::ITERATION));
+    let recipe: Vec<String> = makefile
+        .split("\niteration:\n")
+        .nth(1)
+        .expect("an iteration target")
+        .lines()
+        .take_while(|l| l.starts_with('\t'))
+        .map(|l| l.trim_start_matches("\t$(BIN)/").split_whitespace().next().unwrap().to_string())
+        .collect();
+    assert_eq!(recipe, names(&[Stage::RUN.as_slice(), Stage::ITERATION.as_slice()].concat()));
 }
 
 #[test]
