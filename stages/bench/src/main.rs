@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use l2t::config::{Config, Estimator, PromptConfig, PromptStyle, Rule, Template};
 use l2t::model::{self, chat, tokenizer, Checkpoint, Policy};
-use l2t::sample::{generate, Request, SamplerParams};
+use l2t::sampler::{generate, Request, SamplerParams};
 use l2t::stage::Stage;
 use l2t::train::sft::{self, Example, SftParams};
 use rand::{Rng, SeedableRng};

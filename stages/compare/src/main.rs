@@ -10,7 +10,7 @@ use clap::Parser;
 use l2t::config::{Config, Method, Rule};
 use l2t::eval::stats::{paired_difference, ratio_interval, t_interval, Interval};
 use l2t::pipeline::{self, eval_slot, run_eval, Ctx, EvalPolicy, EvalPrompts};
-use l2t::reward::segment::{segment, span_bytes};
+use l2t::reward::segment::{episode_solved, segment, span_bytes};
 use l2t::stage::Stage;
 use l2t::store::Store;
 use l2t::table::eval_samples::{self, EvalSampleRow};
@@ -231,7 +231,7 @@ fn iteration_figures(store: &Store, run: &str, it: u32, cfg: &Config) -> Result<
     let (n_eps, n_roll) = (eps.len().max(1) as f64, roll.len().max(1) as f64);
     let c = &cfg.credit;
     let firsts: Vec<&episodes::EpisodeRow> = eps.iter().filter(|e| e.episode_idx == 0).collect();
-    let correct = firsts.iter().zip(&roll).filter(|(e, r)| e.solved(r.finish_reason)).count();
+    let correct = firsts.iter().zip(&roll).filter(|(e, r)| episode_solved(e, r.finish_reason)).count();
     let signal: Vec<&advantages::AdvantageRow> = adv.iter().filter(|a| !a.excluded && !a.zero_std).collect();
     let n_signal = signal.len().max(1) as f64;
     let tokens: usize = adv.iter().map(|a| a.a_t.len()).sum();

@@ -193,7 +193,7 @@ fn score(model: &std::path::Path, text: Option<String>, text_file: Option<PathBu
 fn grade(input: &std::path::Path, bare: bool, boxed_only: bool) -> anyhow::Result<()> {
     use anyhow::Context;
     use l2t::config::AnswerExtraction;
-    use l2t::reward::segment::extract_answer_with;
+    use l2t::task::answer::extract_answer_with;
     use l2t::task::grade::{grade_optional, Grade};
     use std::io::{BufRead, Write};
     let reader: Box<dyn BufRead> = if input.as_os_str() == "-" {

@@ -35,18 +35,6 @@ impl Common {
 /// The exit status of a stage asked `--only-cached` whose key is not in the store.
 pub const NOT_CACHED_STATUS: i32 = 3;
 
-/// The error of a stage asked `--only-cached` whose key is not in the store.
-#[derive(Debug)]
-pub struct NotCached(pub String);
-
-impl std::fmt::Display for NotCached {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "key {} is not in the store (--only-cached computes nothing)", self.0)
-    }
-}
-
-impl std::error::Error for NotCached {}
-
 /// Runs a binary's body; on error prints `name: error: context: cause` and exits 1.
 pub fn run_main(name: &str, body: impl FnOnce() -> Result<()>) {
     crate::keep_freed_memory();
@@ -56,6 +44,6 @@ pub fn run_main(name: &str, body: impl FnOnce() -> Result<()>) {
             std::process::exit(0);
         }
         eprintln!("{name}: error: {e:#}");
-        std::process::exit(if e.downcast_ref::<NotCached>().is_some() { NOT_CACHED_STATUS } else { 1 });
+        std::process::exit(if e.downcast_ref::<crate::pipeline::NotCached>().is_some() { NOT_CACHED_STATUS } else { 1 });
     }
 }

@@ -2,16 +2,24 @@
 //! fine-tuning with an information-theoretic dense process reward, as a pipeline of small stage
 //! binaries over a content-addressed store of Parquet artifacts.
 //!
-//! - [`store`]: keys, hashing writer, atomic publish, manifests, refs, gc.
+//! Layers, each importing only those above it in this list (a test checks it; see
+//! docs/architecture.md):
+//!
+//! - [`config`]: every knob, typed ([`config::knobs`]), with its default.
+//! - [`stage`]: the stage registry: names, versions, the knobs in each key, the iteration order.
+//! - [`store`]: keys, hashing writer, atomic publish, manifests, refs, locks, gc, verify.
 //! - [`table`]: one module per Parquet table (schema, row struct, write, read, DuckDB view).
-//! - [`model`]: the Qwen2-family decoder, checkpoints, tokenizer.
-//! - [`task`]: the built-in arithmetic task and the grader.
-//! - [`reward`]: episodes and the outcome reward.
-//! - [`train`]: AdamW, the learning-rate schedule, supervised warm-up.
-//! - [`sample`]: batched sampling with a KV cache.
-//! - [`eval`]: pass@k and the other evaluation figures.
-//! - [`stages`]: one function per stage binary.
-//! - [`slurm`]: the cluster runner (an iteration's DAG as Slurm jobs).
+//! - [`task`]: the built-in tasks (`arith`, the `decompose` testbed), benchmarks, reading a
+//!   response's answer, the grader.
+//! - [`kernels`]: the CPU backend's kernels and the one predicate that selects them.
+//! - [`model`]: the Qwen2-family decoder, checkpoints (HF, GGUF), tokenizer, chat templates.
+//! - [`sampler`]: batched sampling with a KV cache.
+//! - [`reward`]: episodes, the outcome reward, `J` and `dI`, the compression penalty.
+//! - [`train`]: credit assignment, the GRPO loss and update, AdamW, the schedule, SFT.
+//! - [`eval`]: pass@k, accuracy at budgets, confidence intervals.
+//! - [`audit`]: the DuckDB views and a run's next iteration.
+//! - [`pipeline`]: one module per stage, each the body of its binary.
+//! - [`slurm`], [`cli`]: the cluster runner, the binaries' shared command line.
 
 pub mod audit;
 pub mod cli;
@@ -21,7 +29,7 @@ pub mod kernels;
 pub mod model;
 pub mod pipeline;
 pub mod reward;
-pub mod sample;
+pub mod sampler;
 pub mod slurm;
 pub mod stage;
 pub mod store;
@@ -49,4 +57,53 @@ extern "C" {
 pub fn keep_freed_memory() {
     // SAFETY: sets one option of the allocator this crate links, before the stage's work.
     unsafe { mi_option_set_default(MI_OPTION_PURGE_DELAY, -1) }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The modules in layer order, as the crate documentation lists them.
+    const LAYERS: &[&str] = &[
+        "config", "stage", "store", "table", "task", "kernels", "model", "sampler", "reward", "train", "eval", "audit", "pipeline",
+        "slurm", "cli",
+    ];
+
+    /// The `crate::<module>` paths a source file names outside comments.
+    fn imports(text: &str) -> Vec<String> {
+        let code: String = text.lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n");
+        code.match_indices("crate::")
+            .map(|(i, _)| code[i + 7..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect())
+            .collect()
+    }
+
+    fn sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    #[test]
+    fn no_module_imports_one_below_it() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        sources(&src, &mut files);
+        let layer = |name: &str| LAYERS.iter().position(|l| *l == name);
+        let mut checked = 0;
+        for file in files {
+            let relative = file.strip_prefix(&src).unwrap();
+            let top = relative.components().next().unwrap().as_os_str().to_string_lossy().trim_end_matches(".rs").to_string();
+            let Some(own) = layer(&top) else { continue }; // lib.rs
+            for name in imports(&std::fs::read_to_string(&file).unwrap()) {
+                if let Some(other) = layer(&name) {
+                    assert!(other <= own, "{}: {top} imports {name}, a layer below it", relative.display());
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 100, "only {checked} imports seen");
+    }
 }

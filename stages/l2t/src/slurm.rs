@@ -15,7 +15,7 @@ use crate::audit::next_iteration;
 use crate::config::SlurmConfig;
 use crate::pipeline::Shard;
 use crate::stage::Stage;
-use crate::store::{iter_slot, Store};
+use crate::store::Store;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -46,7 +46,7 @@ struct Step {
 impl Step {
     fn label(&self) -> String {
         match self.iteration {
-            Some(n) => format!("{}-{}", iter_slot(n, "").trim_end_matches('/'), self.stage),
+            Some(n) => self.stage.at(n).replace('/', "-"),
             None => self.stage.name().to_string(),
         }
     }

@@ -67,7 +67,7 @@ impl Stage {
 
     /// The ref slot of this stage in an iteration (`iter-0003/sample`).
     pub fn at(self, iteration: u32) -> String {
-        crate::store::iter_slot(iteration, self.name())
+        format!("iter-{iteration:04}/{}", self.name())
     }
 
     /// The knobs that define the stage's output (hashed into its key and written to its

@@ -676,11 +676,6 @@ fn parse_slot(slot: &str) -> (Option<u32>, &str) {
     }
 }
 
-/// The ref slot of an iteration's stage.
-pub fn iter_slot(iteration: u32, stage: &str) -> String {
-    format!("iter-{iteration:04}/{stage}")
-}
-
 /// Outputs of a run being written; nothing is visible in the store until [`Staging::publish`].
 pub struct Staging {
     dir: PathBuf,

@@ -7,7 +7,7 @@
 
 use candle_core::{Device, Tensor};
 use l2t::model::{self, chat, hf, score, tokenizer, Checkpoint, Policy};
-use l2t::sample::{generate, Request, SamplerParams};
+use l2t::sampler::{generate, Request, SamplerParams};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 

@@ -5,6 +5,8 @@
 
 pub mod stats;
 
+use crate::table::eval_summary::Summary;
+
 /// Unbiased pass@k of one prompt from `n` samples with `c` correct (Chen et al. 2021):
 /// `1 - C(n - c, k) / C(n, k)`, computed as a product to stay exact for large `n`.
 pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
@@ -49,20 +51,6 @@ pub struct SampleResult {
     pub format_valid: bool,
     /// Correct when cut at each budget (in the order of the budgets).
     pub correct_at_budget: Vec<bool>,
-}
-
-/// The figures of one evaluation.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Summary {
-    pub prompts: usize,
-    pub k: usize,
-    pub pass_at_1: f64,
-    pub pass_at_k: f64,
-    pub mean_tokens: f64,
-    /// Mean tokens of the correct samples (0 when none is correct).
-    pub mean_tokens_correct: f64,
-    pub format_valid_rate: f64,
-    pub accuracy_at_budget: Vec<f64>,
 }
 
 /// Summarises `k` samples per prompt (`samples[prompt][j]`).

@@ -339,7 +339,9 @@ mod tests {
     fn fused_ops_match_composed_values_and_gradients() {
         let dev = Device::Cpu;
         let randn = |shape: &[usize], std: f32| Tensor::randn(0f32, std, shape, &dev).unwrap();
-        let mask = crate::model::qwen2::padded_mask(&[0, 3], 2, 5, &dev).unwrap();
+        // Row 1's first three key slots are masked (left padding), as the model's masks do.
+        let mask: Vec<f32> = (0..2 * 5 * 7).map(|i| if i / 35 == 1 && i % 7 < 3 { -1e9 } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, (2, 1, 5, 7), &dev).unwrap();
         check(
             &[randn(&[2, 3, 5, 7], 3.0)],
             |t| masked_softmax(&t[0], &mask, 0.125).unwrap(),

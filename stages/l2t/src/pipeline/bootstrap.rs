@@ -7,7 +7,7 @@ use crate::config::Source;
 use crate::model::tokenizer::{self, EOS, PAD};
 use crate::model::{self, chat, Checkpoint, Policy};
 use crate::reward::segment::{outcome_reward, segment, span_bytes, token_char_ends};
-use crate::sample::{generate, Request, SamplerParams};
+use crate::sampler::{generate, Request, SamplerParams};
 use crate::stage::Stage;
 use crate::table::prompts::{self, PromptRow};
 use crate::task::episode_kind;

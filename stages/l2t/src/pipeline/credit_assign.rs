@@ -2,6 +2,7 @@
 
 use super::{check_same_ids, episodes_by_rollout, execute, Ctx, Summary};
 use crate::reward::episode_reward;
+use crate::reward::segment::episode_solved;
 use crate::stage::Stage;
 use crate::table::advantages::{self, AdvantageRow};
 use crate::table::episode_rewards;
@@ -59,7 +60,7 @@ pub fn run_credit_assign(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summa
                 episode_rewards: rewards.iter().map(|rw| episode_reward(r_out, k_i, rw.d_i, rw.c_scaled, c.alpha, c.beta)).collect(),
                 d_i: rewards.iter().map(|rw| rw.d_i).collect(),
                 r_out,
-                correct: eps[0].solved(rollout_rows[i].finish_reason),
+                correct: episode_solved(&eps[0], rollout_rows[i].finish_reason),
             }
         };
         let mut rows: Vec<Option<AdvantageRow>> = vec![None; rollout_rows.len()];

@@ -8,7 +8,7 @@ use crate::stage::Stage;
 use crate::table::advantages::{self, AdvantageRow};
 use crate::table::prompts;
 use crate::table::rollouts::{self, RolloutRow};
-use crate::table::update_metrics::{self, UpdateMetricsRow};
+use crate::table::update_metrics::{self, StepMetrics, UpdateMetricsRow};
 use crate::train::checkpoint::{self, RngState, TrainerState};
 use crate::train::grpo::{self, GrpoParams, Sequence};
 use anyhow::{bail, Result};
@@ -124,7 +124,7 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
             .collect();
         update_metrics::write(staging, &rows)?;
         let steps = log.len().max(1) as f64;
-        let mean = |f: fn(&grpo::StepMetrics) -> f64| log.iter().map(f).sum::<f64>() / steps;
+        let mean = |f: fn(&StepMetrics) -> f64| log.iter().map(f).sum::<f64>() / steps;
         let tokens: u64 = log.iter().map(|m| m.tokens).sum();
         Ok(serde_json::json!({
             "sequences": seqs.len(),

@@ -49,7 +49,7 @@ pub struct Ctx {
     pub dtype: DType,
     /// The whole stage run, or one shard of it, or the merge of its shards ([`shard`]).
     pub part: Part,
-    /// Take a cache hit or fail with [`crate::cli::NotCached`]; never compute.
+    /// Take a cache hit or fail with [`NotCached`]; never compute.
     pub only_cached: bool,
 }
 
@@ -78,6 +78,18 @@ impl Ctx {
         Backend::of(&self.device, self.dtype)
     }
 }
+
+/// The error of a stage asked `--only-cached` whose key is not in the store.
+#[derive(Debug)]
+pub struct NotCached(pub String);
+
+impl std::fmt::Display for NotCached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "key {} is not in the store (--only-cached computes nothing)", self.0)
+    }
+}
+
+impl std::error::Error for NotCached {}
 
 /// The one line a stage prints.
 #[derive(Debug, Clone)]
@@ -137,7 +149,7 @@ fn execute(
     let backend = ctx.backend();
     let key = stage_key(stage.name(), stage.version(), &params, &inputs, &backend);
     if ctx.only_cached && ctx.store.lookup(&key)?.is_none() {
-        return Err(crate::cli::NotCached(store::short(&key).to_string()).into());
+        return Err(NotCached(store::short(&key).to_string()).into());
     }
     let (artifact, outcome) = match ctx.store.claim(&key, stage.name())? {
         Claim::Done(artifact) => (artifact, Outcome::Hit),

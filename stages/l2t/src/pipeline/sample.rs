@@ -4,7 +4,7 @@ use super::shard::{execute_sharded, Sharded};
 use super::{data_cursor, iteration_policy, iteration_prompts, policy_input, progress_bar, Ctx, Summary};
 use crate::model::Policy;
 use crate::model::{chat, tokenizer};
-use crate::sample::{generate, Request, SamplerParams};
+use crate::sampler::{generate, Request, SamplerParams};
 use crate::stage::Stage;
 use crate::store::{Artifact, Staging};
 use crate::table::prompts::{self, PromptRow};

@@ -3,8 +3,6 @@
 
 use super::{bools, f32s, opt_utf8, u32s, utf8, TableReader};
 use crate::store::Staging;
-use crate::table::rollouts::FinishReason;
-use crate::task::grade::Grade;
 use anyhow::Result;
 use arrow::datatypes::{DataType, Field, Schema};
 use std::path::Path;
@@ -70,14 +68,6 @@ pub struct EpisodeRow {
     pub excluded: bool,
     /// Outcome reward with the format penalty added.
     pub r_out: f32,
-}
-
-impl EpisodeRow {
-    /// The rollout solved its problem, as `Outcome::correct` decided it (from the grade, never
-    /// from `r_out`, which the format penalty lowers); `finish` is the rollout's.
-    pub fn solved(&self, finish: FinishReason) -> bool {
-        crate::reward::segment::solved(self.grade == Grade::Correct.as_str(), finish)
-    }
 }
 
 pub fn write(staging: &mut Staging, rows: &[EpisodeRow]) -> Result<()> {

@@ -1,7 +1,6 @@
 //! The eval_summary table: the figures of one evaluation, one row (l2t-spec section 9).
 
 use super::{f64s, list_f32, list_field, list_u32, u32s, utf8, TableReader};
-use crate::eval::Summary;
 use crate::store::Staging;
 use anyhow::{bail, Result};
 use arrow::datatypes::{DataType, Field, Schema};
@@ -24,6 +23,20 @@ pub fn schema() -> Schema {
         list_field("budgets", DataType::UInt32),
         list_field("accuracy_at_budget", DataType::Float32),
     ])
+}
+
+/// The figures of one evaluation.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Summary {
+    pub prompts: usize,
+    pub k: usize,
+    pub pass_at_1: f64,
+    pub pass_at_k: f64,
+    pub mean_tokens: f64,
+    /// Mean tokens of the correct samples (0 when none is correct).
+    pub mean_tokens_correct: f64,
+    pub format_valid_rate: f64,
+    pub accuracy_at_budget: Vec<f64>,
 }
 
 /// One evaluation's figures.

@@ -4,10 +4,31 @@
 
 use super::{f64s, u32s, u64s, TableReader};
 use crate::store::Staging;
-use crate::train::grpo::StepMetrics;
 use anyhow::Result;
 use arrow::datatypes::{DataType, Field, Schema};
 use std::path::Path;
+
+/// One optimizer step's figures (the rows of `update_metrics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub epoch: u32,
+    pub minibatch: u32,
+    pub lr: f64,
+    pub loss: f64,
+    pub pg_loss: f64,
+    pub kl_loss: f64,
+    /// Mean k3 over the minibatch's tokens.
+    pub kl: f64,
+    /// Share of tokens whose ratio was clipped on the side that stops the gradient.
+    pub clip_frac: f64,
+    pub ratio_mean: f64,
+    pub grad_norm: f64,
+    /// Trainable tensors that received a gradient in this step.
+    pub tensors_with_grad: u32,
+    pub sequences: u32,
+    pub tokens: u64,
+}
 
 pub const FILE: &str = "update_metrics.parquet";
 

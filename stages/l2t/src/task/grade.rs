@@ -2,7 +2,7 @@
 //! as correct.
 //!
 //! Answers are the contents of a `\boxed{}` or `\fbox{}`, or a stated answer (see
-//! `reward::segment::extract_answer_with`). They are normalized in the Hendrycks MATH / PRM800K
+//! `task::answer::extract_answer_with`). They are normalized in the Hendrycks MATH / PRM800K
 //! style (`\left`/`\right`, `\!`, `\dfrac`, `\text{}` and units, degrees, percent, `$`, thousands
 //! separators with `{,}`, `x = ` prefixes, base subscripts, brace-less `\sqrt3`, matrix
 //! environments), then compared: numbers exactly as rationals (integers, decimals at 6 places,
@@ -1210,7 +1210,7 @@ mod tests {
     #[test]
     fn fuzzed_latex_gets_a_verdict_not_a_panic() {
         use crate::config::AnswerExtraction;
-        use crate::reward::segment::extract_answer_with;
+        use crate::task::answer::extract_answer_with;
         const PIECES: &[&str] = &[
             "\\frac",
             "\\dfrac",
@@ -1378,7 +1378,7 @@ mod tests {
     #[test]
     fn agrees_with_math_verify_on_math_train_responses() {
         use crate::config::AnswerExtraction;
-        use crate::reward::segment::extract_answer_with;
+        use crate::task::answer::extract_answer_with;
         let text = include_str!("../../../../tests/fixtures/grader/math_verify_train.jsonl");
         let started = Instant::now();
         let mut tally = std::collections::BTreeMap::<&str, (usize, usize)>::new();

@@ -1,6 +1,7 @@
 //! Tasks: the built-in synthetic tasks (`arith`, the `decompose` testbed), the real benchmarks,
 //! and the answer grader.
 
+pub mod answer;
 pub mod arith;
 pub mod benchmarks;
 pub mod decompose;

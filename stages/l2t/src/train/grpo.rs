@@ -14,6 +14,7 @@ use super::adamw::{clip_scale, AdamW, AdamWParams, Grads};
 use super::schedule::cosine_lr;
 use crate::config::{LossAgg, UpdateConfig};
 use crate::model::{build_model, Config, TeacherForced, Weights};
+use crate::table::update_metrics::StepMetrics;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, Var};
 use rand::seq::SliceRandom;
@@ -77,28 +78,6 @@ impl GrpoParams {
         let u = &self.update;
         u.planned_iterations * u.ppo_epochs * u.minibatches
     }
-}
-
-/// One optimizer step's figures (the rows of `update_metrics`).
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct StepMetrics {
-    pub step: u64,
-    pub epoch: u32,
-    pub minibatch: u32,
-    pub lr: f64,
-    pub loss: f64,
-    pub pg_loss: f64,
-    pub kl_loss: f64,
-    /// Mean k3 over the minibatch's tokens.
-    pub kl: f64,
-    /// Share of tokens whose ratio was clipped on the side that stops the gradient.
-    pub clip_frac: f64,
-    pub ratio_mean: f64,
-    pub grad_norm: f64,
-    /// Trainable tensors that received a gradient in this step.
-    pub tensors_with_grad: u32,
-    pub sequences: u32,
-    pub tokens: u64,
 }
 
 /// The loss of one micro batch (already weighted for its minibatch) and its metric sums.
@@ -286,27 +265,6 @@ fn split_even(items: &[usize], parts: usize) -> Vec<&[usize]> {
         at += n;
     }
     out
-}
-
-impl Default for StepMetrics {
-    fn default() -> Self {
-        Self {
-            step: 0,
-            epoch: 0,
-            minibatch: 0,
-            lr: 0.0,
-            loss: 0.0,
-            pg_loss: 0.0,
-            kl_loss: 0.0,
-            kl: 0.0,
-            clip_frac: 0.0,
-            ratio_mean: 0.0,
-            grad_norm: 0.0,
-            tensors_with_grad: 0,
-            sequences: 0,
-            tokens: 0,
-        }
-    }
 }
 
 #[cfg(test)]
