@@ -674,6 +674,17 @@ fn bad_input_exits_nonzero_with_one_clear_message() {
     let err = env.fails("prepare", &[]);
     assert!(err.contains("pipeline.toml"), "{err}");
 
+    // A GPU asked of a CPU build, in the configuration or on the command line.
+    env.set_config("device = \"cuda:0\"");
+    let err = env.fails("prepare", &[]);
+    assert!(err.contains("cuda:0") && err.contains("no CUDA support"), "{err}");
+    env.set_config("");
+    let err = env.fails("prepare", &["--device", "cuda:1"]);
+    assert!(err.contains("cuda:1") && err.contains("no CUDA support"), "{err}");
+    let out = env.run("prepare", &["--device", "tpu"]); // a usage error: clap's exit status 2
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(2) && err.contains("unknown device \"tpu\""), "{err}");
+
     env.set_config("");
     env.ok("prepare", &[]);
     env.ok("bootstrap", &[]);

@@ -40,6 +40,9 @@ enum Command {
         /// Print the job ids and return instead of waiting.
         #[arg(long)]
         no_wait: bool,
+        /// Where the stages' passes run (`cpu`, `cuda:N`), instead of the configuration's `device`.
+        #[arg(long)]
+        device: Option<l2t::config::DeviceSpec>,
     },
     /// Print the SQL that creates the DuckDB views over a run (`*` for all runs).
     Views {
@@ -112,7 +115,7 @@ fn main() {
         let store = Store::new(args.artifacts);
         match args.command {
             Command::NextIter { run } => println!("{}", l2t::audit::next_iteration(&store, &run)),
-            Command::SlurmIterate { run, config, iters, shards, no_wait } => {
+            Command::SlurmIterate { run, config, iters, shards, no_wait, device } => {
                 let cfg = l2t::config::Config::load(&config)?;
                 let absolute = |p: &std::path::Path| std::path::absolute(p).with_context(|| format!("{}: no absolute path", p.display()));
                 let exe = std::env::current_exe().context("cannot find this program's folder")?;
@@ -125,6 +128,7 @@ fn main() {
                     iters,
                     shards: shards.unwrap_or(cfg.slurm.shards),
                     wait: !no_wait,
+                    device,
                 }
                 .iterate()?;
             }

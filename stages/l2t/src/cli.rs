@@ -22,11 +22,18 @@ pub struct Common {
     /// with status 3 (the cluster runner asks this before it submits a job).
     #[arg(long)]
     pub only_cached: bool,
+    /// Where the policy's passes run (`cpu`, `cuda:N`), instead of the configuration's `device`.
+    #[arg(long)]
+    pub device: Option<crate::config::DeviceSpec>,
 }
 
 impl Common {
     pub fn ctx(&self) -> Result<Ctx> {
-        let mut ctx = Ctx::new(self.artifacts.clone(), &self.run, Config::load(&self.config)?)?;
+        let mut config = Config::load(&self.config)?;
+        if let Some(device) = self.device {
+            config.device = device;
+        }
+        let mut ctx = Ctx::new(self.artifacts.clone(), &self.run, config)?;
         ctx.only_cached = self.only_cached;
         Ok(ctx)
     }

@@ -12,7 +12,7 @@
 //! The store must be on a filesystem every node sees, at the same path.
 
 use crate::audit::next_iteration;
-use crate::config::SlurmConfig;
+use crate::config::{DeviceSpec, SlurmConfig};
 use crate::pipeline::Shard;
 use crate::stage::Stage;
 use crate::store::Store;
@@ -34,6 +34,8 @@ pub struct Runner<'a> {
     pub shards: u32,
     /// Wait for the jobs (else print their ids and return).
     pub wait: bool,
+    /// Passed to every stage as `--device` (else the configuration's `device`).
+    pub device: Option<DeviceSpec>,
 }
 
 /// One stage of the plan: a run-level stage, or an iteration's.
@@ -137,6 +139,9 @@ impl Runner<'_> {
         ];
         if let Some(n) = step.iteration {
             cmd.extend(["--iter".into(), n.to_string()]);
+        }
+        if let Some(device) = self.device {
+            cmd.extend(["--device".into(), device.to_string()]);
         }
         if let Some(part) = part {
             cmd.extend(part.split(' ').map(String::from));

@@ -232,6 +232,51 @@ impl From<Rule> for String {
     }
 }
 
+/// Where the policy's passes run (`device`): `cpu`, or `cuda:N` (a build with the `cuda` feature).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = anyhow::Error;
+    fn from_str(text: &str) -> Result<Self> {
+        match text {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => {
+                let n = text.strip_prefix("cuda:").with_context(|| format!("unknown device {text:?} (expected cpu or cuda:N)"))?;
+                Ok(DeviceSpec::Cuda(n.parse().with_context(|| format!("device cuda:N needs a GPU index, got {n:?}"))?))
+            }
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceSpec {
+    type Error = anyhow::Error;
+    fn try_from(text: String) -> Result<Self> {
+        text.parse()
+    }
+}
+
+impl From<DeviceSpec> for String {
+    fn from(device: DeviceSpec) -> String {
+        device.to_string()
+    }
+}
+
 /// Where the base policy comes from (`bootstrap.source`): `tiny` (train the tiny policy on the
 /// task) or the path of a checkpoint to import (a `.gguf` file or a Hugging Face directory).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -290,6 +335,16 @@ mod tests {
         assert_eq!(LossAgg::SeqMeanTokenMean.to_string(), "seq-mean-token-mean");
         let err = "up".parse::<TokenScale>().unwrap_err().to_string();
         assert_eq!(err, "unknown credit.token_scale \"up\" (expected regularised, signed, rollout, abs)");
+    }
+
+    #[test]
+    fn devices_parse_and_print_alike() {
+        assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!("cuda:1".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(1));
+        assert_eq!("cuda".parse::<DeviceSpec>().unwrap().to_string(), "cuda:0");
+        for bad in ["gpu", "cuda:x", "cuda:", ""] {
+            assert!(bad.parse::<DeviceSpec>().is_err(), "{bad}");
+        }
     }
 
     #[test]

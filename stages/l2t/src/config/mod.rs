@@ -5,7 +5,9 @@
 
 mod knobs;
 
-pub use knobs::{AnswerExtraction, Estimator, JMode, LossAgg, Method, PromptStyle, Rule, Scale, Source, TaskKind, Template, TokenScale};
+pub use knobs::{
+    AnswerExtraction, DeviceSpec, Estimator, JMode, LossAgg, Method, PromptStyle, Rule, Scale, Source, TaskKind, Template, TokenScale,
+};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -26,6 +28,8 @@ pub struct Config {
     pub rl_seed: u64,
     /// Compute threads (0 = all cores).
     pub threads: usize,
+    /// Where the policy's passes run: `cpu` or `cuda:N` (part of every key but on the CPU).
+    pub device: DeviceSpec,
     pub task: TaskConfig,
     pub prompt: PromptConfig,
     pub model: ModelShape,

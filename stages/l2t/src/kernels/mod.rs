@@ -8,7 +8,21 @@ pub mod fused;
 pub mod packed;
 pub mod vexp;
 
-use candle_core::{DType, Tensor};
+use crate::config::DeviceSpec;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+/// The candle device the `device` knob names. A CPU build asked for a GPU fails with one line
+/// that says how to get a CUDA build; a CUDA build without that GPU says so.
+pub fn open_device(spec: DeviceSpec) -> Result<Device> {
+    match spec {
+        DeviceSpec::Cpu => Ok(Device::Cpu),
+        DeviceSpec::Cuda(n) if !candle_core::utils::cuda_is_available() => {
+            bail!("device = \"cuda:{n}\": this build has no CUDA support (build the stages with the cargo feature `cuda`)")
+        }
+        DeviceSpec::Cuda(n) => Device::new_cuda(n).with_context(|| format!("device = \"cuda:{n}\": no such CUDA GPU")),
+    }
+}
 
 /// Whether a tensor takes the CPU backend's kernels: f32 on the CPU. Anything else (another
 /// dtype, another device) takes candle's composed ops.

@@ -65,8 +65,8 @@ impl Ctx {
         Ok(Self {
             store: Store::new(artifacts),
             run: run.to_string(),
+            device: crate::kernels::open_device(config.device)?,
             config,
-            device: Device::Cpu,
             dtype: DType::F32,
             part: Part::Whole,
             only_cached: false,
