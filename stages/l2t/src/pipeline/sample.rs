@@ -109,14 +109,16 @@ impl Sharded for SampleJob<'_> {
     fn write_piece(&self, piece: &Rollouts, staging: &mut Staging) -> Result<serde_json::Value> {
         prompts::write(staging, prompts::ITERATION_FILE, &piece.prompts)?;
         rollouts::write(staging, &piece.rows)?;
-        Ok(serde_json::json!({ "rollouts": piece.rows.len(), "sample_seconds": piece.seconds }))
+        Ok(serde_json::to_value(ShardMetrics { rollouts: piece.rows.len(), sample_seconds: piece.seconds })?)
     }
 
     fn read_piece(&self, shard: &Artifact) -> Result<Rollouts> {
+        let metrics: ShardMetrics = serde_json::from_value(shard.manifest.metrics.clone())
+            .with_context(|| format!("shard {}: manifest metrics", crate::store::short(&shard.manifest.key)))?;
         Ok(Rollouts {
             prompts: prompts::read(&shard.file(prompts::ITERATION_FILE)?)?,
             rows: rollouts::read(&shard.file(rollouts::FILE)?)?,
-            seconds: shard.manifest.metrics["sample_seconds"].as_f64().unwrap_or(f64::NAN),
+            seconds: metrics.sample_seconds,
         })
     }
 
@@ -140,6 +142,14 @@ impl Sharded for SampleJob<'_> {
             "data_cursor": self.cursor,
         }))
     }
+}
+
+/// What a shard of `sample` records in its manifest; the merge reads it back.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ShardMetrics {
+    rollouts: usize,
+    /// The shard's sampling time (the merged run reports the shards' total tokens per second).
+    sample_seconds: f64,
 }
 
 /// Per-row seed of a rollout, derived from the run seed and the rollout's identity.
