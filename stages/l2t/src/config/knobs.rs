@@ -5,6 +5,25 @@
 use anyhow::{bail, Context, Result};
 use std::fmt;
 
+/// Serde through the knob's text (`FromStr` and `Display`): `pipeline.toml`, manifests and stage
+/// keys hold the words users write.
+macro_rules! text_knob {
+    ($name:ident) => {
+        impl TryFrom<String> for $name {
+            type Error = anyhow::Error;
+            fn try_from(text: String) -> Result<Self> {
+                text.parse()
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(value: $name) -> String {
+                value.to_string()
+            }
+        }
+    };
+}
+
 /// A closed knob: an enum whose variants are written as fixed words in `pipeline.toml`.
 macro_rules! knob {
     ($(#[$meta:meta])* $name:ident = $key:literal { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)+ }) => {
@@ -43,18 +62,7 @@ macro_rules! knob {
             }
         }
 
-        impl TryFrom<String> for $name {
-            type Error = anyhow::Error;
-            fn try_from(text: String) -> Result<Self> {
-                text.parse()
-            }
-        }
-
-        impl From<$name> for String {
-            fn from(value: $name) -> String {
-                value.as_str().to_string()
-            }
-        }
+        text_knob!($name);
     };
 }
 
@@ -219,18 +227,7 @@ impl fmt::Display for Rule {
     }
 }
 
-impl TryFrom<String> for Rule {
-    type Error = anyhow::Error;
-    fn try_from(text: String) -> Result<Self> {
-        text.parse()
-    }
-}
-
-impl From<Rule> for String {
-    fn from(rule: Rule) -> String {
-        rule.to_string()
-    }
-}
+text_knob!(Rule);
 
 /// Where the policy's passes run (`device`): `cpu`, or `cuda:N` (a build with the `cuda` feature).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -264,18 +261,7 @@ impl fmt::Display for DeviceSpec {
     }
 }
 
-impl TryFrom<String> for DeviceSpec {
-    type Error = anyhow::Error;
-    fn try_from(text: String) -> Result<Self> {
-        text.parse()
-    }
-}
-
-impl From<DeviceSpec> for String {
-    fn from(device: DeviceSpec) -> String {
-        device.to_string()
-    }
-}
+text_knob!(DeviceSpec);
 
 /// Where the base policy comes from (`bootstrap.source`): `tiny` (train the tiny policy on the
 /// task) or the path of a checkpoint to import (a `.gguf` file or a Hugging Face directory).

@@ -366,28 +366,29 @@ mod tests {
         GrpoParams { update, max_new_tokens: 8 }
     }
 
+    /// Two sequences whose sampler log-probs are away from the policy's, so that the clip is
+    /// active on some tokens, with the KL term on.
+    fn two_sequences() -> [Sequence; 2] {
+        let seq = |prompt: &[u32], response: &[u32], logp_old: &[f32], logp_ref: &[f32], a_t: &[f32]| Sequence {
+            prompt: prompt.to_vec(),
+            response: response.to_vec(),
+            logp_old: logp_old.to_vec(),
+            logp_ref: logp_ref.to_vec(),
+            a_t: a_t.to_vec(),
+        };
+        [
+            seq(&[3, 4], &[5, 6, 7], &[-5.5, -5.9, -5.2], &[-5.6, -5.8, -5.7], &[1.0, -0.5, 2.0]),
+            seq(&[9], &[10, 11], &[-5.7, -5.6], &[-5.7, -5.6], &[-1.0, 0.7]),
+        ]
+    }
+
     /// The loss's gradient along one weight equals a central finite difference of the loss, with
     /// ratios away from 1 so that the clip is active on some tokens, and the KL term on.
     #[test]
     fn grpo_loss_gradient_matches_finite_difference() {
         let (cfg, weights) = small();
         let dev = Device::Cpu;
-        let seqs = [
-            Sequence {
-                prompt: vec![3, 4],
-                response: vec![5, 6, 7],
-                logp_old: vec![-5.5, -5.9, -5.2],
-                logp_ref: vec![-5.6, -5.8, -5.7],
-                a_t: vec![1.0, -0.5, 2.0],
-            },
-            Sequence {
-                prompt: vec![9],
-                response: vec![10, 11],
-                logp_old: vec![-5.7, -5.6],
-                logp_ref: vec![-5.7, -5.6],
-                a_t: vec![-1.0, 0.7],
-            },
-        ];
+        let seqs = two_sequences();
         let p = params();
         let refs: Vec<&Sequence> = seqs.iter().collect();
         let w = token_weights(&[3, 2], p.update.loss_agg, p.max_new_tokens);
@@ -467,22 +468,7 @@ mod tests {
     fn an_update_on_the_generic_path_matches_the_cpu_kernels() {
         let (cfg, weights) = small();
         let dev = Device::Cpu;
-        let seqs = [
-            Sequence {
-                prompt: vec![3, 4],
-                response: vec![5, 6, 7],
-                logp_old: vec![-5.5, -5.9, -5.2],
-                logp_ref: vec![-5.6, -5.8, -5.7],
-                a_t: vec![1.0, -0.5, 2.0],
-            },
-            Sequence {
-                prompt: vec![9],
-                response: vec![10, 11],
-                logp_old: vec![-5.7, -5.6],
-                logp_ref: vec![-5.7, -5.6],
-                a_t: vec![-1.0, 0.7],
-            },
-        ];
+        let seqs = two_sequences();
         let mut p = params();
         (p.update.ppo_epochs, p.update.weight_decay) = (2, 0.01);
         let train = || {
