@@ -12,6 +12,16 @@ use crate::config::DeviceSpec;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
+/// The devices this build can run on here: the CPU, and the first CUDA GPU when the build has
+/// CUDA and the machine has one. Numerics tests loop over them.
+pub fn available_devices() -> Vec<Device> {
+    let mut devices = vec![Device::Cpu];
+    if candle_core::utils::cuda_is_available() {
+        devices.extend(Device::new_cuda(0).ok());
+    }
+    devices
+}
+
 /// The candle device the `device` knob names. A CPU build asked for a GPU fails with one line
 /// that says how to get a CUDA build; a CUDA build without that GPU says so.
 pub fn open_device(spec: DeviceSpec) -> Result<Device> {

@@ -343,72 +343,76 @@ mod tests {
         test_config(32, 48, 2, 4, 2)
     }
 
-    fn positions(rows: Vec<Vec<u32>>) -> Tensor {
+    fn positions(rows: Vec<Vec<u32>>, dev: &Device) -> Tensor {
         let (b, t) = (rows.len(), rows[0].len());
-        Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu).unwrap()
+        Tensor::from_vec(rows.concat(), (b, t), dev).unwrap()
     }
 
     #[test]
     fn every_trainable_tensor_gets_a_nonzero_gradient() {
         let cfg = small_cfg();
-        let dev = Device::Cpu;
-        let vars: BTreeMap<String, Var> =
-            init_weights(&cfg, 1, &dev).unwrap().into_iter().map(|(k, t)| (k, Var::from_tensor(&t).unwrap())).collect();
-        let weights: Weights = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-        let model = build_model(&cfg, &weights, &dev).unwrap();
-        let tokens = Tensor::from_vec(vec![1u32, 5, 9, 3, 7, 2, 8, 4], (2, 4), &dev).unwrap();
-        let pos = positions(vec![vec![0, 1, 2, 3]; 2]);
-        let logits = model.forward(&tokens, &pos, &causal_mask(2, 4, &dev).unwrap(), None).unwrap();
-        let loss = token_logprobs(&logits, &tokens).unwrap().mean_all().unwrap().neg().unwrap();
-        let grads = loss.backward().unwrap();
-        assert_eq!(vars.len(), cfg.tensor_shapes().len());
-        for (name, var) in &vars {
-            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
-            let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(norm > 0.0, "{name}: zero gradient");
+        for dev in crate::kernels::available_devices() {
+            let vars: BTreeMap<String, Var> =
+                init_weights(&cfg, 1, &dev).unwrap().into_iter().map(|(k, t)| (k, Var::from_tensor(&t).unwrap())).collect();
+            let weights: Weights = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+            let model = build_model(&cfg, &weights, &dev).unwrap();
+            let tokens = Tensor::from_vec(vec![1u32, 5, 9, 3, 7, 2, 8, 4], (2, 4), &dev).unwrap();
+            let pos = positions(vec![vec![0, 1, 2, 3]; 2], &dev);
+            let logits = model.forward(&tokens, &pos, &causal_mask(2, 4, &dev).unwrap(), None).unwrap();
+            let loss = token_logprobs(&logits, &tokens).unwrap().mean_all().unwrap().neg().unwrap();
+            let grads = loss.backward().unwrap();
+            assert_eq!(vars.len(), cfg.tensor_shapes().len());
+            for (name, var) in &vars {
+                let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+                let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(norm > 0.0, "{name}: zero gradient");
+            }
         }
     }
 
     #[test]
     fn kv_cached_decode_matches_full_sequence_with_left_padding() {
         let cfg = small_cfg();
-        let dev = Device::Cpu;
-        let model = build_model(&cfg, &init_weights(&cfg, 2, &dev).unwrap(), &dev).unwrap();
-        // Row 0: 5 real tokens; row 1: 2 pads then 3 real tokens. Then 3 decoded tokens each.
-        let prompt = [vec![3u32, 4, 5, 6, 7], vec![0, 0, 9, 10, 11]];
-        let pad = [0usize, 2];
-        let next = [vec![12u32, 13, 14], vec![15, 16, 17]];
-        let full: Vec<Vec<u32>> = (0..2).map(|r| [prompt[r].clone(), next[r].clone()].concat()).collect();
-        let pos_of = |r: usize, slots: std::ops::Range<usize>| -> Vec<u32> { slots.map(|s| s.saturating_sub(pad[r]) as u32).collect() };
-        let full_tokens = Tensor::from_vec(full.concat(), (2, 8), &dev).unwrap();
-        let full_pos = positions((0..2).map(|r| pos_of(r, 0..8)).collect());
-        let full_logits = model.forward(&full_tokens, &full_pos, &padded_mask(&pad, 0, 8, &dev).unwrap(), None).unwrap();
+        for dev in crate::kernels::available_devices() {
+            let model = build_model(&cfg, &init_weights(&cfg, 2, &dev).unwrap(), &dev).unwrap();
+            // Row 0: 5 real tokens; row 1: 2 pads then 3 real tokens. Then 3 decoded tokens each.
+            let prompt = [vec![3u32, 4, 5, 6, 7], vec![0, 0, 9, 10, 11]];
+            let pad = [0usize, 2];
+            let next = [vec![12u32, 13, 14], vec![15, 16, 17]];
+            let full: Vec<Vec<u32>> = (0..2).map(|r| [prompt[r].clone(), next[r].clone()].concat()).collect();
+            let pos_of = |r: usize, slots: std::ops::Range<usize>| -> Vec<u32> { slots.map(|s| s.saturating_sub(pad[r]) as u32).collect() };
+            let full_tokens = Tensor::from_vec(full.concat(), (2, 8), &dev).unwrap();
+            let full_pos = positions((0..2).map(|r| pos_of(r, 0..8)).collect(), &dev);
+            let full_logits = model.forward(&full_tokens, &full_pos, &padded_mask(&pad, 0, 8, &dev).unwrap(), None).unwrap();
 
-        let mut cache = KvCache::new(cfg.num_hidden_layers);
-        let prompt_tokens = Tensor::from_vec(prompt.concat(), (2, 5), &dev).unwrap();
-        let p = positions((0..2).map(|r| pos_of(r, 0..5)).collect());
-        let mut step_logits = vec![model.forward(&prompt_tokens, &p, &padded_mask(&pad, 0, 5, &dev).unwrap(), Some(&mut cache)).unwrap()];
-        for (s, (&a, &b)) in next[0].iter().zip(&next[1]).enumerate() {
-            let tok = Tensor::from_vec(vec![a, b], (2, 1), &dev).unwrap();
-            let p = positions((0..2).map(|r| pos_of(r, 5 + s..6 + s)).collect());
-            let mask = padded_mask(&pad, 5 + s, 1, &dev).unwrap();
-            step_logits.push(model.forward(&tok, &p, &mask, Some(&mut cache)).unwrap());
+            let mut cache = KvCache::new(cfg.num_hidden_layers);
+            let prompt_tokens = Tensor::from_vec(prompt.concat(), (2, 5), &dev).unwrap();
+            let p = positions((0..2).map(|r| pos_of(r, 0..5)).collect(), &dev);
+            let mut step_logits =
+                vec![model.forward(&prompt_tokens, &p, &padded_mask(&pad, 0, 5, &dev).unwrap(), Some(&mut cache)).unwrap()];
+            for (s, (&a, &b)) in next[0].iter().zip(&next[1]).enumerate() {
+                let tok = Tensor::from_vec(vec![a, b], (2, 1), &dev).unwrap();
+                let p = positions((0..2).map(|r| pos_of(r, 5 + s..6 + s)).collect(), &dev);
+                let mask = padded_mask(&pad, 5 + s, 1, &dev).unwrap();
+                step_logits.push(model.forward(&tok, &p, &mask, Some(&mut cache)).unwrap());
+            }
+            assert_eq!(cache.len(), 8);
+            let cached = Tensor::cat(&step_logits, 1).unwrap();
+            // Compare only real (non-pad) positions.
+            for (r, &p) in pad.iter().enumerate() {
+                let a = full_logits.get(r).unwrap().narrow(0, p, 8 - p).unwrap();
+                let b = cached.get(r).unwrap().narrow(0, p, 8 - p).unwrap();
+                let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(diff < 1e-4, "row {r}: max abs diff {diff}");
+            }
+            // A left-padded row gives the same logits as the same tokens unpadded.
+            let alone = Tensor::from_vec(full[1][2..].to_vec(), (1, 6), &dev).unwrap();
+            let alone_logits =
+                model.forward(&alone, &positions(vec![(0..6).collect()], &dev), &causal_mask(1, 6, &dev).unwrap(), None).unwrap();
+            let padded = full_logits.get(1).unwrap().narrow(0, 2, 6).unwrap();
+            let diff = (alone_logits.get(0).unwrap() - padded).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-4, "padded vs unpadded: {diff}");
         }
-        assert_eq!(cache.len(), 8);
-        let cached = Tensor::cat(&step_logits, 1).unwrap();
-        // Compare only real (non-pad) positions.
-        for (r, &p) in pad.iter().enumerate() {
-            let a = full_logits.get(r).unwrap().narrow(0, p, 8 - p).unwrap();
-            let b = cached.get(r).unwrap().narrow(0, p, 8 - p).unwrap();
-            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(diff < 1e-4, "row {r}: max abs diff {diff}");
-        }
-        // A left-padded row gives the same logits as the same tokens unpadded.
-        let alone = Tensor::from_vec(full[1][2..].to_vec(), (1, 6), &dev).unwrap();
-        let alone_logits = model.forward(&alone, &positions(vec![(0..6).collect()]), &causal_mask(1, 6, &dev).unwrap(), None).unwrap();
-        let padded = full_logits.get(1).unwrap().narrow(0, 2, 6).unwrap();
-        let diff = (alone_logits.get(0).unwrap() - padded).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff < 1e-4, "padded vs unpadded: {diff}");
     }
 
     /// The device-generic path (candle's composed ops, what CUDA runs) against the CPU kernels on
@@ -420,7 +424,7 @@ mod tests {
         let dev = Device::Cpu;
         let weights = init_weights(&cfg, 5, &dev).unwrap();
         let tokens = Tensor::from_vec(vec![0u32, 0, 5, 9, 3, 7, 2, 8, 4, 6, 1, 11], (2, 6), &dev).unwrap();
-        let pos = positions(vec![vec![0, 0, 0, 1, 2, 3], vec![0, 1, 2, 3, 4, 5]]);
+        let pos = positions(vec![vec![0, 0, 0, 1, 2, 3], vec![0, 1, 2, 3, 4, 5]], &dev);
         let mask = padded_mask(&[2, 0], 0, 6, &dev).unwrap();
         let run = || {
             let vars: BTreeMap<String, Var> = weights.iter().map(|(k, t)| (k.clone(), Var::from_tensor(t).unwrap())).collect();
@@ -474,25 +478,26 @@ mod tests {
     #[test]
     fn checkpoint_round_trip_gives_identical_logits() {
         let cfg = small_cfg();
-        let dev = Device::Cpu;
-        let weights = init_weights(&cfg, 3, &dev).unwrap();
-        let corpus: Vec<String> = vec!["<think><episode_1>1 + 2 = 3</episode_1></think>\\boxed{3}".into(); 4];
-        let tok = tokenizer::train(&corpus, 300).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store::new(dir.path());
-        let mut staging = store.begin("ckpt").unwrap();
-        save_checkpoint(&mut staging, &cfg, &weights, &tok, &tiny_tokenizer_config(64)).unwrap();
-        let manifest = crate::store::Manifest::new("bootstrap", 1, "ckpt", serde_json::json!({}), vec![], 0);
-        let art = staging.publish(manifest).unwrap();
-        let policy = Policy::load(&art, &dev).unwrap();
-        assert_eq!(policy.cfg, cfg);
-        let original = Policy::from_parts(&cfg, &weights, tok, &dev).unwrap().model;
-        let tokens = Tensor::from_vec(vec![1u32, 2, 3], (1, 3), &dev).unwrap();
-        let pos = positions(vec![vec![0, 1, 2]]);
-        let mask = causal_mask(1, 3, &dev).unwrap();
-        let a = original.forward(&tokens, &pos, &mask, None).unwrap();
-        let b = policy.model.forward(&tokens, &pos, &mask, None).unwrap();
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert_eq!(diff, 0.0);
+        for dev in crate::kernels::available_devices() {
+            let weights = init_weights(&cfg, 3, &dev).unwrap();
+            let corpus: Vec<String> = vec!["<think><episode_1>1 + 2 = 3</episode_1></think>\\boxed{3}".into(); 4];
+            let tok = tokenizer::train(&corpus, 300).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let store = crate::store::Store::new(dir.path());
+            let mut staging = store.begin("ckpt").unwrap();
+            save_checkpoint(&mut staging, &cfg, &weights, &tok, &tiny_tokenizer_config(64)).unwrap();
+            let manifest = crate::store::Manifest::new("bootstrap", 1, "ckpt", serde_json::json!({}), vec![], 0);
+            let art = staging.publish(manifest).unwrap();
+            let policy = Policy::load(&art, &dev).unwrap();
+            assert_eq!(policy.cfg, cfg);
+            let original = Policy::from_parts(&cfg, &weights, tok, &dev).unwrap().model;
+            let tokens = Tensor::from_vec(vec![1u32, 2, 3], (1, 3), &dev).unwrap();
+            let pos = positions(vec![vec![0, 1, 2]], &dev);
+            let mask = causal_mask(1, 3, &dev).unwrap();
+            let a = original.forward(&tokens, &pos, &mask, None).unwrap();
+            let b = policy.model.forward(&tokens, &pos, &mask, None).unwrap();
+            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(diff, 0.0);
+        }
     }
 }
