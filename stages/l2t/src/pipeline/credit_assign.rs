@@ -9,7 +9,7 @@ use crate::table::episode_rewards;
 use crate::table::episodes::{self, EpisodeRow};
 use crate::table::prompts::{self, PromptRow};
 use crate::table::rollouts::{self, RolloutRow};
-use crate::train::credit::{assign_group, is_inverted, RolloutSignal};
+use crate::train::credit::{assign_iteration, Group, RolloutSignal};
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 
@@ -63,33 +63,15 @@ pub fn run_credit_assign(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summa
                 correct: episode_solved(&eps[0], rollout_rows[i].finish_reason),
             }
         };
+        let iteration_groups: Vec<Group> = groups
+            .iter()
+            .map(|members| Group { signals: members.iter().map(|&i| signal(i)).collect(), excluded: by_rollout[members[0]][0].excluded })
+            .collect();
+        let (assigned, stats) = assign_iteration(&iteration_groups, &cfg.credit);
         let mut rows: Vec<Option<AdvantageRow>> = vec![None; rollout_rows.len()];
-        let (mut zero_std_groups, mut excluded_groups, mut clipped, mut tokens) = (0usize, 0usize, 0usize, 0usize);
-        // Rollouts that carry a signal (not excluded, in a group with spread), and of those the
-        // ones where the regularised guard binds and whose credit is inverted.
-        let (mut signal_rollouts, mut guarded, mut inverted) = (0usize, 0usize, 0usize);
-        for members in &groups {
-            let signals: Vec<RolloutSignal> = members.iter().map(|&i| signal(i)).collect();
-            let excluded = by_rollout[members[0]][0].excluded;
-            let (mut credits, zero_std) = assign_group(&signals, &cfg.credit);
-            if excluded {
-                excluded_groups += 1;
-                credits.iter_mut().for_each(|cr| {
-                    cr.a_i = 0.0;
-                    cr.a_t.iter_mut().for_each(|a| *a = 0.0);
-                });
-            } else if zero_std {
-                zero_std_groups += 1;
-            }
-            for ((&i, credit), sig) in members.iter().zip(credits).zip(&signals) {
+        for ((members, group), (credits, zero_std)) in groups.iter().zip(&iteration_groups).zip(assigned) {
+            for ((&i, credit), sig) in members.iter().zip(credits).zip(&group.signals) {
                 let r = &rollout_rows[i];
-                clipped += credit.n_clipped;
-                tokens += credit.a_t.len();
-                if !excluded && !zero_std {
-                    signal_rollouts += 1;
-                    guarded += usize::from(credit.guard_binds);
-                    inverted += usize::from(is_inverted(credit.a_i, &credit.a_t));
-                }
                 let to_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
                 rows[i] = Some(AdvantageRow {
                     iteration,
@@ -105,7 +87,7 @@ pub fn run_credit_assign(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summa
                     n_clipped: credit.n_clipped as u32,
                     guard_binds: credit.guard_binds,
                     zero_std,
-                    excluded,
+                    excluded: group.excluded,
                 });
             }
         }
@@ -115,20 +97,19 @@ pub fn run_credit_assign(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summa
         }
         advantages::write(staging, &rows)?;
         let n = rows.len().max(1) as f64;
-        let groups_n = groups.len().max(1) as f64;
         Ok(serde_json::json!({
             "rollouts": rows.len(),
             "method": cfg.credit.method,
             "token_scale": cfg.credit.token_scale,
-            "frac_zero_std": zero_std_groups as f64 / groups_n,
-            "frac_guard_binds": guarded as f64 / signal_rollouts.max(1) as f64,
-            "frac_inverted": inverted as f64 / signal_rollouts.max(1) as f64,
-            "excluded_groups": excluded_groups,
-            "clipped_tokens": clipped,
-            "clip_frac": clipped as f64 / tokens.max(1) as f64,
+            "frac_zero_std": stats.zero_std_groups as f64 / stats.groups.max(1) as f64,
+            "frac_guard_binds": stats.guarded as f64 / stats.signal_rollouts.max(1) as f64,
+            "frac_inverted": stats.inverted as f64 / stats.signal_rollouts.max(1) as f64,
+            "excluded_groups": stats.excluded_groups,
+            "clipped_tokens": stats.clipped_tokens,
+            "clip_frac": stats.clipped_tokens as f64 / stats.tokens.max(1) as f64,
             "mean_rbar": rows.iter().map(|r| r.rbar).sum::<f64>() / n,
             "mean_r_out": by_rollout.iter().map(|e| f64::from(e[0].r_out)).sum::<f64>() / n,
-            "mean_abs_a_t": rows.iter().flat_map(|r| r.a_t.iter().map(|a| f64::from(a.abs()))).sum::<f64>() / tokens.max(1) as f64,
+            "mean_abs_a_t": rows.iter().flat_map(|r| r.a_t.iter().map(|a| f64::from(a.abs()))).sum::<f64>() / stats.tokens.max(1) as f64,
         }))
     })?;
     if show > 0 {

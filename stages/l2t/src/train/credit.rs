@@ -234,9 +234,90 @@ pub fn assign_group(group: &[RolloutSignal], p: &CreditConfig) -> (Vec<RolloutCr
     }
 }
 
+/// One group of an iteration: its rollouts' signals, and whether its prompt is excluded (a gold
+/// answer that cannot be read: every advantage is 0, and the update leaves it out).
+pub struct Group {
+    pub signals: Vec<RolloutSignal>,
+    pub excluded: bool,
+}
+
+/// The figures of an iteration's credit that `credit-assign` writes to its manifest.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CreditStats {
+    pub groups: usize,
+    pub zero_std_groups: usize,
+    pub excluded_groups: usize,
+    /// Rollouts that carry a signal (not excluded, in a group with spread).
+    pub signal_rollouts: usize,
+    /// Of those, the ones where the `regularised` guard binds.
+    pub guarded: usize,
+    /// Of those, the ones whose mean token advantage has the sign opposite to `A_i`.
+    pub inverted: usize,
+    pub clipped_tokens: usize,
+    pub tokens: usize,
+}
+
+/// Credit for every group of an iteration, in order: each group's credits and whether it had
+/// zero spread, and the iteration's figures.
+pub fn assign_iteration(groups: &[Group], p: &CreditConfig) -> (Vec<(Vec<RolloutCredit>, bool)>, CreditStats) {
+    let mut stats = CreditStats { groups: groups.len(), ..CreditStats::default() };
+    let assigned = groups
+        .iter()
+        .map(|group| {
+            let (mut credits, zero_std) = assign_group(&group.signals, p);
+            if group.excluded {
+                stats.excluded_groups += 1;
+                for credit in &mut credits {
+                    credit.a_i = 0.0;
+                    credit.a_t.iter_mut().for_each(|a| *a = 0.0);
+                }
+            } else if zero_std {
+                stats.zero_std_groups += 1;
+            }
+            for credit in &credits {
+                stats.clipped_tokens += credit.n_clipped;
+                stats.tokens += credit.a_t.len();
+                if !group.excluded && !zero_std {
+                    stats.signal_rollouts += 1;
+                    stats.guarded += usize::from(credit.guard_binds);
+                    stats.inverted += usize::from(is_inverted(credit.a_i, &credit.a_t));
+                }
+            }
+            (credits, zero_std)
+        })
+        .collect();
+    (assigned, stats)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_iteration_zeroes_excluded_groups_and_counts_what_carries_a_signal() {
+        let signal = |r_out: f64| RolloutSignal {
+            logp_old: vec![-1.0; 4],
+            spans: vec![(0, 2), (2, 4)],
+            episode_rewards: vec![r_out / 2.0; 2],
+            d_i: vec![0.0; 2],
+            r_out,
+            correct: r_out > 0.0,
+        };
+        let p = CreditConfig { method: Method::Outcome, ..CreditConfig::default() };
+        let groups = [
+            Group { signals: vec![signal(1.0), signal(0.0)], excluded: false },
+            Group { signals: vec![signal(1.0), signal(0.0)], excluded: true },
+            Group { signals: vec![signal(1.0), signal(1.0)], excluded: false },
+        ];
+        let (assigned, stats) = assign_iteration(&groups, &p);
+        // Group 0: z-scores +-1 over (1, 0); group 1 excluded: all zero; group 2: zero spread.
+        assert!((assigned[0].0[0].a_i - 1.0).abs() < 1e-5 && (assigned[0].0[1].a_i + 1.0).abs() < 1e-5);
+        assert!(assigned[1].0.iter().all(|c| c.a_i == 0.0 && c.a_t.iter().all(|&a| a == 0.0)));
+        assert!(assigned[2].1 && !assigned[0].1);
+        let want =
+            CreditStats { groups: 3, zero_std_groups: 1, excluded_groups: 1, signal_rollouts: 2, tokens: 24, ..CreditStats::default() };
+        assert_eq!(stats, want);
+    }
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() < 1e-9
