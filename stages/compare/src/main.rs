@@ -278,7 +278,9 @@ fn episode_counts(text: &str) -> BTreeMap<EpisodeKind, usize> {
     counts
 }
 
+/// A rate with its interval, in percent (the interval cut to [0, 100]).
 fn pct(i: &Interval) -> String {
+    let i = i.within(0.0, 1.0);
     if i.n < 2 {
         return format!("{:.1}%", 100.0 * i.mean);
     }

@@ -24,6 +24,14 @@ pub struct Interval {
     pub n: usize,
 }
 
+impl Interval {
+    /// The interval cut to the values the quantity can take (a rate to `[0, 1]`): a symmetric
+    /// t-interval around a rate near 0 or 1 otherwise reaches past them.
+    pub fn within(self, lo: f64, hi: f64) -> Self {
+        Self { lo: self.lo.clamp(lo, hi), hi: self.hi.clamp(lo, hi), ..self }
+    }
+}
+
 /// `mean +- t_{0.975, n-1} * s / sqrt(n)` with the sample std `s`; with one value the interval is
 /// unbounded (nothing can be said about the spread).
 pub fn t_interval(values: &[f64]) -> Interval {
@@ -54,6 +62,16 @@ pub fn ratio_interval(a: &[f64], b: &[f64]) -> Interval {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rate_interval_stays_within_its_range() {
+        // Rates 0.95, 1.0, 1.0: mean 0.9833, s = 0.02887, half = 4.303 * 0.02887 / sqrt(3) = 0.0717.
+        let i = t_interval(&[0.95, 1.0, 1.0]);
+        assert!((i.hi - 1.055).abs() < 1e-3, "{i:?}");
+        let r = i.within(0.0, 1.0);
+        assert_eq!((r.mean, r.hi, r.n), (i.mean, 1.0, 3));
+        assert!((r.lo - i.lo).abs() < 1e-12);
+    }
 
     #[test]
     fn t_interval_by_hand() {
