@@ -14,7 +14,7 @@ pub fn views_sql(store: &Store, run: &str) -> String {
     let root = store.root().display().to_string();
     let mut sql = Vec::new();
     for def in TABLES {
-        if glob_has_match(&format!("{root}/runs/{run}/{}/{}", def.dir, def.file)) {
+        if glob_has_match(&format!("{root}/runs/{run}/{}/{}", def.dir(), def.file)) {
             let view = duckdb_view(def, &root).replace("/runs/*/", &format!("/runs/{run}/"));
             sql.push(view);
         }

@@ -13,6 +13,7 @@ pub mod prompts;
 pub mod rollouts;
 pub mod update_metrics;
 
+use crate::stage::Stage;
 use crate::store::{Staging, CREATED_BY};
 use anyhow::{anyhow, bail, Context, Result};
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Float32Array, Float64Array, ListArray, StringArray, UInt32Array, UInt64Array};
@@ -26,27 +27,38 @@ use parquet::file::properties::WriterProperties;
 use std::path::Path;
 use std::sync::Arc;
 
-/// Where a table lives in a run, for the DuckDB views.
+/// A table and the stage that writes it.
 pub struct TableDef {
     /// View name.
     pub name: &'static str,
-    /// The ref folders that hold the file, as a glob under `runs/<run>/`.
-    pub dir: &'static str,
+    pub stage: Stage,
     pub file: &'static str,
     pub schema: fn() -> Schema,
 }
 
-/// Every table an iteration writes, in DAG order.
+impl TableDef {
+    /// The ref folders that hold the file, as a glob under `runs/<run>/`: an iteration stage's
+    /// `iter-*/<stage>`; an evaluation's `evals/<split>/<policy>`.
+    pub fn dir(&self) -> String {
+        match self.stage {
+            Stage::Eval => "evals/*/*".to_string(),
+            stage => format!("iter-*/{}", stage.name()),
+        }
+    }
+}
+
+/// Every table the stages write, in DAG order (`prepare`'s splits are the prompts schema too, read
+/// through the iterations' `prompts` view).
 pub const TABLES: &[TableDef] = &[
-    TableDef { name: "prompts", dir: "iter-*/sample", file: prompts::ITERATION_FILE, schema: prompts::schema },
-    TableDef { name: "rollouts", dir: "iter-*/sample", file: rollouts::FILE, schema: rollouts::schema },
-    TableDef { name: "episodes", dir: "iter-*/segment", file: episodes::FILE, schema: episodes::schema },
-    TableDef { name: "episode_rewards", dir: "iter-*/fisher-reward", file: episode_rewards::FILE, schema: episode_rewards::schema },
-    TableDef { name: "advantages", dir: "iter-*/credit-assign", file: advantages::FILE, schema: advantages::schema },
-    TableDef { name: "update_metrics", dir: "iter-*/grpo-update", file: update_metrics::FILE, schema: update_metrics::schema },
+    TableDef { name: "prompts", stage: Stage::Sample, file: prompts::ITERATION_FILE, schema: prompts::schema },
+    TableDef { name: "rollouts", stage: Stage::Sample, file: rollouts::FILE, schema: rollouts::schema },
+    TableDef { name: "episodes", stage: Stage::Segment, file: episodes::FILE, schema: episodes::schema },
+    TableDef { name: "episode_rewards", stage: Stage::FisherReward, file: episode_rewards::FILE, schema: episode_rewards::schema },
+    TableDef { name: "advantages", stage: Stage::CreditAssign, file: advantages::FILE, schema: advantages::schema },
+    TableDef { name: "update_metrics", stage: Stage::GrpoUpdate, file: update_metrics::FILE, schema: update_metrics::schema },
     // Evaluations sit under evals/<split>/<policy>; `iteration` is the policy's (NULL for base).
-    TableDef { name: "eval_samples", dir: "evals/*/*", file: eval_samples::FILE, schema: eval_samples::schema },
-    TableDef { name: "eval_summary", dir: "evals/*/*", file: eval_summary::FILE, schema: eval_summary::schema },
+    TableDef { name: "eval_samples", stage: Stage::Eval, file: eval_samples::FILE, schema: eval_samples::schema },
+    TableDef { name: "eval_summary", stage: Stage::Eval, file: eval_summary::FILE, schema: eval_summary::schema },
 ];
 
 /// `CREATE VIEW` text for a table over every run's refs under `artifacts`, with `run` and
@@ -64,7 +76,7 @@ pub fn duckdb_view(def: &TableDef, artifacts: &str) -> String {
         def.name,
         cols.join(", "),
         artifacts,
-        def.dir,
+        def.dir(),
         def.file
     )
 }
@@ -420,7 +432,7 @@ mod tests {
             }
             assert!(view.contains("AS run"));
             assert!(view.contains("iteration"));
-            assert!(view.contains(&format!("/{}/{}'", def.dir, def.file)));
+            assert!(view.contains(&format!("/{}/{}'", def.dir(), def.file)));
         }
     }
 }
