@@ -654,6 +654,24 @@ impl Model {
         }
     }
 
+    /// log p(target) (b, len) of `targets` (b, t) at the positions `from..from + len` only, after
+    /// `tokens` (b, t) that extend `cache`: the head (the costliest matrix of a small model's pass,
+    /// with its vocabulary rows) runs at those positions alone. Each position's value is the one
+    /// the full head would give it.
+    pub fn target_logprobs_window(
+        &self,
+        tokens: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut KvCache>,
+        targets: &Tensor,
+        (from, len): (usize, usize),
+    ) -> Result<Tensor> {
+        let h = self.run_hidden(self.embed_tokens.forward(tokens)?, 0, positions, mask, cache)?;
+        let h = self.norm.forward(&h.narrow(1, from, len)?)?;
+        super::token_logprobs(&self.lm_head.forward(&h)?, &targets.narrow(1, from, len)?.contiguous()?)
+    }
+
     /// Logits (b, vocab) of the last position only, for tokens (b, t): what a sampler needs after
     /// a prefill (the head over every prompt position would be wasted work).
     pub fn forward_last(&self, tokens: &Tensor, positions: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {

@@ -7,7 +7,7 @@
 
 use crate::config::JMode;
 use crate::model::qwen2::{padded_mask, MASKED};
-use crate::model::{token_logprobs, KvCache, Model};
+use crate::model::{KvCache, Model};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -105,18 +105,25 @@ pub fn j_values(model: &Model, pad_id: u32, requests: &[JRequest], mode: JMode) 
     }
     let select = Tensor::from_vec(rows.iter().map(|&(r, _)| r as u32).collect::<Vec<_>>(), n, &dev)?;
     let mut row_cache = cache.select_rows(&select)?;
-    let logits = model.forward(
-        &Tensor::from_vec(inputs, (n, c), &dev)?,
-        &Tensor::from_vec(pos, (n, c), &dev)?,
-        &Tensor::from_vec(mask, (n, 1, c, l + c), &dev)?,
-        Some(&mut row_cache),
-    )?;
-    let logp: Vec<Vec<f32>> = token_logprobs(&logits, &Tensor::from_vec(targets, (n, c), &dev)?)?.to_vec2()?;
+    // The head runs only from the earliest input that predicts an answer token: the close
+    // suffix before it is only read through the cache.
+    let first = |req: &JRequest| req.continuation.len() - req.answer_len - 1; // the input index predicting a*_0
+    let from = requests.iter().map(first).min().unwrap_or(0);
+    let logp: Vec<Vec<f32>> = model
+        .target_logprobs_window(
+            &Tensor::from_vec(inputs, (n, c), &dev)?,
+            &Tensor::from_vec(pos, (n, c), &dev)?,
+            &Tensor::from_vec(mask, (n, 1, c, l + c), &dev)?,
+            Some(&mut row_cache),
+            &Tensor::from_vec(targets, (n, c), &dev)?,
+            (from, c - from),
+        )?
+        .to_vec2()?;
     let mut out: Vec<Vec<f64>> = requests.iter().map(|r| Vec::with_capacity(r.ends.len() + 1)).collect();
     for (row, &(r, _)) in rows.iter().enumerate() {
         let req = &requests[r];
-        let first = req.continuation.len() - req.answer_len - 1; // input index predicting a*_0
-        let answer: Vec<f64> = logp[row][first..first + req.answer_len].iter().map(|&v| f64::from(v)).collect();
+        let at = first(req) - from;
+        let answer: Vec<f64> = logp[row][at..at + req.answer_len].iter().map(|&v| f64::from(v)).collect();
         out[r].push(j_prefix(&answer, mode));
     }
     Ok(out)
@@ -126,7 +133,7 @@ pub fn j_values(model: &Model, pad_id: u32, requests: &[JRequest], mode: JMode) 
 mod tests {
     use super::*;
     use crate::model::qwen2::causal_mask;
-    use crate::model::{build_model, init_weights};
+    use crate::model::{build_model, init_weights, token_logprobs};
     use candle_core::Device;
 
     #[test]
