@@ -47,6 +47,7 @@ for round in $(seq 1 "$ROUNDS"); do
   if [ "${SKIP_TRL:-0}" != 1 ]; then
     peer "grpo step" bench_trl_grpo.py --steps 2
     ours "grpo step" smollm2-l2t-iteration
+    ours "grpo step: ours as outcome GRPO" smollm2-outcome-iteration
   fi
 done
 
@@ -65,7 +66,7 @@ def figure(side, r):
 by = {}
 for row in rows:
     r = row['result']
-    if row['name'] == 'grpo step' and row['side'] == 'ours' and r.get('iteration') != 1:
+    if row['name'].startswith('grpo step') and row['side'] == 'ours' and r.get('iteration') != 1:
         continue
     v, unit, hib = figure(row['side'], r)
     if v is None:
@@ -75,6 +76,10 @@ for row in rows:
     e['rss'][row['side']].append(r.get('peak_rss_mb', 0))
 print('| workload | PyTorch | ours | ratio ours/PyTorch | peak RSS PyTorch / ours (MB) |')
 print('|---|---|---|---|---|')
+# Our outcome-GRPO iteration is measured against the same TRL step.
+for name, e in by.items():
+    if name.startswith('grpo step: ') and 'grpo step' in by:
+        e['pytorch'], e['rss']['pytorch'] = by['grpo step']['pytorch'], by['grpo step']['rss']['pytorch']
 for name, e in by.items():
     if not e['pytorch'] or not e['ours']:
         continue
@@ -83,5 +88,9 @@ for name, e in by.items():
     rp, ro = statistics.median(e['rss']['pytorch']), statistics.median(e['rss']['ours'])
     speed = f"{ratio:.2f}x ({'faster' if (ratio > 1) == e['hib'] else 'slower'})"
     print(f"| {name} | {p:,.3g} {e['unit']} | {o:,.3g} {e['unit']} | {speed} | {rp:,.0f} / {ro:,.0f} |")
+overheads = [row['result']['l2t_overhead'] for row in rows
+             if row['name'] == 'grpo step' and row['side'] == 'ours' and row['result'].get('iteration') == 1]
+if overheads:
+    print(f"\nL2T overhead (fisher-reward time / sample time, iteration 1, median): {statistics.median(overheads):.2f}")
 PY
 echo "lines: $OUT" >&2

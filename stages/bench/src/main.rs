@@ -9,7 +9,7 @@
 //! workload's own. Nothing is asserted: figures are printed.
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use l2t::config::{Config, Estimator, PromptConfig, PromptStyle, Rule, Template};
+use l2t::config::{Config, Estimator, Method, PromptConfig, PromptStyle, Rule, Template};
 use l2t::model::{self, chat, tokenizer, Checkpoint, Policy};
 use l2t::sampler::{generate, Request, SamplerParams};
 use l2t::stage::Stage;
@@ -48,6 +48,7 @@ const WORKLOADS: &[&str] = &[
     "smollm2-score",
     "smollm2-train-step",
     "smollm2-l2t-iteration",
+    "smollm2-outcome-iteration",
     "tiny-qwen2-generate-b16-fixed",
     "tiny-qwen2-generate-b1-fixed",
     "tiny-qwen2-score",
@@ -134,7 +135,8 @@ fn run(args: &Args, workload: &str) -> Result<()> {
         }
         "score" => bench_score(args, workload, &policy),
         "train-step" => bench_train(args, workload, policy),
-        "l2t-iteration" if model_name == "smollm2" => bench_l2t_iteration(args, &ctx.config),
+        "l2t-iteration" if model_name == "smollm2" => bench_iteration(args, &ctx.config, Method::L2t),
+        "outcome-iteration" if model_name == "smollm2" => bench_iteration(args, &ctx.config, Method::Outcome),
         _ => Err(unknown()),
     }
 }
@@ -239,9 +241,11 @@ fn bench_train(args: &Args, workload: &str, policy: Policy) -> Result<()> {
     Ok(())
 }
 
-/// Two L2T iterations of SmolLM2 at TRL's GRPO shape (4 prompts x 4 generations, 64 new tokens)
-/// in a scratch store; iteration 1 (where the penalty is computed) is the figure.
-fn bench_l2t_iteration(args: &Args, base: &Config) -> Result<()> {
+/// Two iterations of SmolLM2 at TRL's GRPO shape (4 prompts x 4 generations, 64 new tokens) in a
+/// scratch store, with L2T's credit or outcome GRPO's (the like-for-like peer of TRL's step);
+/// iteration 1 (where the penalty is computed) is the figure. `l2t_overhead` is `fisher-reward`'s
+/// time over `sample`'s, what the dense reward costs beside generation.
+fn bench_iteration(args: &Args, base: &Config, method: Method) -> Result<()> {
     use l2t::pipeline::{self, Ctx};
     let mut config = base.clone();
     config.bootstrap.source = l2t::config::Source::Checkpoint(args.smollm2.clone());
@@ -257,19 +261,22 @@ fn bench_l2t_iteration(args: &Args, base: &Config) -> Result<()> {
     config.reward.batch_rows = 16;
     config.update.micro_batch = 4;
     config.update.lr = 1e-6;
+    config.credit.method = method;
     let scratch = tempfile::Builder::new().prefix(".bench-").tempdir()?;
     let ctx = Ctx::new(scratch.path().to_path_buf(), "bench", config)?;
     pipeline::run_prepare(&ctx)?;
     pipeline::run_bootstrap(&ctx)?;
     for iter in 0..2u32 {
-        let mut seconds = serde_json::Map::new();
+        let mut seconds = std::collections::BTreeMap::new();
         let started = Instant::now();
         for stage in Stage::ITERATION {
             let summary = pipeline::run_iteration_stage(&ctx, stage, iter)?;
-            seconds.insert(stage.name().into(), serde_json::json!((summary.seconds * 1000.0).round() / 1000.0));
+            seconds.insert(stage.name(), (summary.seconds * 1000.0).round() / 1000.0);
         }
-        emit(serde_json::json!({"workload": "smollm2-l2t-iteration", "iteration": iter, "prompts": 4, "generations": 4,
-            "max_new_tokens": 64, "s_per_iteration": started.elapsed().as_secs_f64(), "stage_seconds": seconds}));
+        let overhead = seconds[Stage::FisherReward.name()] / seconds[Stage::Sample.name()];
+        emit(serde_json::json!({"workload": format!("smollm2-{method}-iteration"), "iteration": iter, "prompts": 4, "generations": 4,
+            "max_new_tokens": 64, "s_per_iteration": started.elapsed().as_secs_f64(), "stage_seconds": seconds,
+            "l2t_overhead": (overhead * 1000.0).round() / 1000.0}));
     }
     Ok(())
 }
