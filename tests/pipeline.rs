@@ -264,7 +264,7 @@ fn an_unchanged_output_stops_the_cascade() {
 
 #[test]
 fn each_update_lowers_the_loss_on_its_batch() {
-    let env = Env::new("");
+    let env = Env::new("update.loss_after = true");
     env.make_ok(&["iterate", "ITERS=3"]);
     for iter in 0..3 {
         let m = env.manifest(&format!("iter-{iter:04}/grpo-update"))["metrics"].clone();

@@ -410,6 +410,9 @@ pub struct UpdateConfig {
     pub planned_iterations: usize,
     /// The cosine schedule decays to this share of `lr` (0 = to zero).
     pub min_lr_ratio: f64,
+    /// Score the batch again after the update, to record `batch_loss_after` in the manifest (one
+    /// more pass over the batch, for auditing; the update itself is the same either way).
+    pub loss_after: bool,
 }
 
 impl Default for UpdateConfig {
@@ -428,6 +431,7 @@ impl Default for UpdateConfig {
             micro_batch: 16,
             planned_iterations: 20,
             min_lr_ratio: 0.0,
+            loss_after: false,
         }
     }
 }

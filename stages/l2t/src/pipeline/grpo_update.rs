@@ -104,9 +104,13 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
             })?;
         bar.finish_and_clear();
         let seconds = started.elapsed().as_secs_f64();
-        let mut updated = model::build_model(&policy.cfg, &weights, &ctx.device)?;
-        updated.pack_for_inference()?;
-        let loss_after = grpo::batch_loss(&seqs, &response_logprobs(&updated, &pairs, pad, SCORE_ROWS)?, &params);
+        let loss_after = if u.loss_after {
+            let mut updated = model::build_model(&policy.cfg, &weights, &ctx.device)?;
+            updated.pack_for_inference()?;
+            Some(grpo::batch_loss(&seqs, &response_logprobs(&updated, &pairs, pad, SCORE_ROWS)?, &params))
+        } else {
+            None
+        };
 
         model::save_checkpoint(staging, &policy.cfg, &weights, &policy.tokenizer, &policy.tokenizer_config)?;
         checkpoint::save_optimizer(staging, &names, &state)?;
