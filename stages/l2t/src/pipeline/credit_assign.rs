@@ -91,7 +91,7 @@ pub fn run_credit_assign(ctx: &Ctx, iteration: u32, show: usize) -> Result<Summa
                 });
             }
         }
-        let rows: Vec<AdvantageRow> = rows.into_iter().map(|r| r.expect("every rollout is in one group")).collect();
+        let rows: Vec<AdvantageRow> = rows.into_iter().collect::<Option<_>>().context("a rollout belongs to no prompt group")?;
         if let Some(bad) = rows.iter().position(|r| !r.rbar.is_finite() || !r.a_i.is_finite() || r.a_t.iter().any(|a| !a.is_finite())) {
             bail!("rollout {bad}: a non-finite advantage");
         }
