@@ -33,7 +33,16 @@ COMPARE_SPLIT  ?= test
 # The pilot on the validation split that chose the learning rate (docs/testbed.md).
 PILOT_ARMS     ?= outcome+update.lr=1e-4,outcome+update.lr=3e-4,outcome+update.lr=1e-3,length-penalty+update.lr=3e-4
 
+# DEVICE=cuda:N runs the CUDA build (make build-cuda), anything else the CPU build.
+CUDA_COMPUTE_CAP ?= 90
+CUDA_TARGET := target/cuda-sm$(CUDA_COMPUTE_CAP)
+ifneq ($(filter cuda%,$(DEVICE)),)
+BIN     := $(CUDA_TARGET)/release
+BUILD   := build-cuda
+else
 BIN     := target/release
+BUILD   := build
+endif
 TOOLS   := tools
 DUCKDB  := $(TOOLS)/duckdb
 DUCKDB_VERSION := 1.5.6
@@ -47,7 +56,7 @@ PROFILE_INPUTS_smollm2 := $(SMOLLM2_GGUF) $(BENCHMARKS)/gsm8k_test.parquet
 RUN_STAGES  := prepare bootstrap
 ITER_STAGES := sample segment fisher-reward credit-assign grpo-update
 
-.PHONY: all build iterate iteration stage eval compare pilot audit gc verify lint test bench bench-peers models data grade score
+.PHONY: all build build-cuda gpu-bundle gpu-check-dry iterate iteration stage eval compare pilot audit gc verify lint test bench bench-peers models data grade score
 
 all: iterate
 
@@ -57,7 +66,7 @@ build:
 
 # Runs the next ITERS iteration(s) of RUN: here (RUNNER=local), or as Slurm jobs (RUNNER=slurm,
 # SHARDS=N job-array shards of sample and fisher-reward, NO_WAIT=1 to print the job ids and return).
-iterate: build $(PROFILE_INPUTS_$(PROFILE))
+iterate: $(BUILD) $(PROFILE_INPUTS_$(PROFILE))
 ifeq ($(RUNNER),slurm)
 	$(BIN)/l2t slurm-iterate $(COMMON) --iters $(ITERS) $(if $(SHARDS),--shards $(SHARDS)) $(if $(NO_WAIT),--no-wait)
 else ifeq ($(RUNNER),local)
@@ -79,25 +88,59 @@ iteration:
 	$(BIN)/credit-assign $(COMMON) --iter $(ITER) --show $(SHOW)
 	$(BIN)/grpo-update $(COMMON) --iter $(ITER)
 
+# The CUDA build (docs/gpu.md): every stage binary with the `cuda` feature, in its own target
+# folder (target/cuda-sm$(CUDA_COMPUTE_CAP)/release), against the CUDA 13.0 toolchain that
+# gpu/toolchain.sh fetches from PyPI into tools/ (no system CUDA, no GPU needed to build).
+# CUDA_COMPUTE_CAP: the GPU's compute capability without the dot (90 = H100/H200).
+CUDA_TOOLKIT := $(TOOLS)/cuda-13.0
+CUDA_ROOT    := $(abspath $(CUDA_TOOLKIT))/root
+CUDA_ENV      = CUDA_HOME=$(CUDA_ROOT) CUDA_PATH=$(CUDA_ROOT) PATH="$(CUDA_ROOT)/bin:$$PATH" CUDARC_CUDA_VERSION=13000 \
+                CUDA_COMPUTE_CAP=$(CUDA_COMPUTE_CAP) CUDAFORGE_THREADS=$$(nproc)
+
+build-cuda: $(CUDA_TOOLKIT)/.complete
+	$(CUDA_ENV) cargo build --release --workspace --bins --features l2t/cuda --target-dir $(CUDA_TARGET) --quiet
+
+$(CUDA_TOOLKIT)/.complete:
+	gpu/toolchain.sh $(CUDA_TOOLKIT)
+
+# The device check's bundle (docs/gpu.md): the CUDA `bench` binary, stripped and xz-compressed,
+# with gpu/check.sh, the PyTorch peer script, the tiny fixtures and pipeline.toml, well under
+# the 64 MiB that travel to the GPU machine. There: `target/gpu-bundle/gpu/check.sh OUT`.
+GPU_BUNDLE := target/gpu-bundle
+gpu-bundle: build-cuda
+	rm -rf $(GPU_BUNDLE) && mkdir -p $(GPU_BUNDLE)/bin $(GPU_BUNDLE)/gpu $(GPU_BUNDLE)/tests/fixtures
+	strip -o $(GPU_BUNDLE)/bin/bench $(CUDA_TARGET)/release/bench
+	xz -9e -T0 $(GPU_BUNDLE)/bin/bench
+	cp gpu/check.sh gpu/peers_torch.py gpu/summarize.py $(GPU_BUNDLE)/gpu/
+	cp -r tests/fixtures/tiny_hf $(GPU_BUNDLE)/tests/fixtures/
+	cp pipeline.toml $(GPU_BUNDLE)/
+	@du -sh $(GPU_BUNDLE) $(GPU_BUNDLE)/bin/bench.xz
+
+# The device check end to end on the CPU build (device cpu, the tiny shape, one rep): what the
+# one GPU run will do, so that it is not spent on a typo. CHECK_OUT= where its files go.
+CHECK_OUT ?= target/gpu-check-dry
+gpu-check-dry: build
+	DEVICE=cpu BIN=target/release SHAPES=tiny-qwen2 REPS=1 STORES=$(abspath $(CHECK_OUT))/stores gpu/check.sh $(CHECK_OUT)
+
 # Re-runs one stage of one iteration with the current config: STAGE=<name> ITER=<n>.
-stage: build
+stage: $(BUILD)
 	@case " $(RUN_STAGES) $(ITER_STAGES) " in *" $(STAGE) "*) ;; \
 	  *) echo "make stage: STAGE must be one of: $(RUN_STAGES) $(ITER_STAGES)" >&2; exit 2;; esac
 	$(BIN)/$(STAGE) $(COMMON) $(if $(filter $(STAGE),$(ITER_STAGES)),--iter $(ITER))
 
 # Evaluates a policy of the run on a split: ITER=<n> (the policy iteration n produced) or
 # POLICY=base|<n>|latest (default latest), SPLIT=eval|train.
-eval: build
+eval: $(BUILD)
 	$(BIN)/eval $(COMMON) --policy $(if $(filter command line,$(origin ITER)),$(ITER),$(POLICY)) --split $(SPLIT)
 
 # L2T against outcome GRPO, length penalty and MRT (and two L2T ablations) from one base policy,
 # paired over SEEDS, evaluated on the test split; report under $(ARTIFACTS)/reports/compare-<hash>/.
-compare: build
+compare: $(BUILD)
 	$(BIN)/compare --artifacts $(ARTIFACTS) --config $(COMPARE_CONFIG) --iters $(COMPARE_ITERS) --seeds $(SEEDS) \
 	  --arms $(ARMS) --ablation-seeds $(ABLATION_SEEDS) --split $(COMPARE_SPLIT) --eval-every 0
 
 # The pilot: outcome GRPO at several learning rates, and length penalty, on the validation split (rl_seed 1).
-pilot: build
+pilot: $(BUILD)
 	$(BIN)/compare --artifacts $(ARTIFACTS) --config $(COMPARE_CONFIG) --iters $(COMPARE_ITERS) --seeds 1 \
 	  --arms $(PILOT_ARMS) --split eval --eval-every 5
 
@@ -176,7 +219,7 @@ test: lint build $(DUCKDB) $(SMOLLM2_GGUF)
 # iteration at TRL's GRPO shape, the tiny task's stage times), one JSON line each; WORKLOAD=name
 # runs one (see README, "Performance").
 WORKLOAD ?= all
-bench: build $(SMOLLM2_GGUF)
+bench: $(BUILD) $(SMOLLM2_GGUF)
 	$(BIN)/bench $(COMMON) --workload $(WORKLOAD)
 
 # The same workloads beside the PyTorch / TRL peers (shared/bench/peers), alternating, with the

@@ -898,3 +898,41 @@ fn help_works_for_every_binary() {
     }
     assert!(Path::new(&repo().join("pipeline.toml")).exists());
 }
+
+/// The prepared GPU check (`gpu/check.sh`, docs/gpu.md) runs end to end on the CPU build as its
+/// dry run: every check passes, the CPU's two iterations are byte-identical, the timings land in
+/// the ratio table's input and a summary is written.
+#[test]
+fn device_check_dry_run_passes_on_the_cpu() {
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new("make")
+        .current_dir(repo())
+        .args(["--no-print-directory", "-s", "gpu-check-dry"])
+        .arg(format!("CHECK_OUT={}", out.path().display()))
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+    let log = fs::read_to_string(out.path().join("check.log")).unwrap_or_default();
+    assert!(run.status.success(), "make gpu-check-dry failed:\n{}\n{}\n--- check.log\n{log}", text(&run.stdout), text(&run.stderr));
+    let results: Vec<serde_json::Value> = fs::read_to_string(out.path().join("results.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    let of = |check: &str| -> Vec<&serde_json::Value> { results.iter().filter(|r| r["check"] == check).collect() };
+    let fixtures = of("fixture-logits");
+    assert_eq!(fixtures.len(), 6, "three families at two dtypes: {fixtures:?}");
+    assert!(fixtures.iter().all(|r| r["pass"] == true && r["device"] == "cpu"), "{fixtures:?}");
+    let iterations = of("iteration");
+    assert_eq!(iterations.len(), 2, "{iterations:?}");
+    assert!(iterations.iter().all(|r| r["pass"] == true), "{iterations:?}");
+    assert!(iterations.iter().all(|r| r["byte_identical"] == true), "the CPU is deterministic: {iterations:?}");
+    for w in ["generate-b1-fixed", "generate-b16-fixed", "generate-b64-fixed", "score", "train-step"] {
+        let name = format!("tiny-qwen2-{w}");
+        assert!(results.iter().any(|r| r["workload"] == name.as_str() && r["median_tok_per_s"].as_f64().unwrap_or(0.0) > 0.0), "{name}");
+    }
+    let failed: Vec<&serde_json::Value> = results.iter().filter(|r| r.get("rc").is_some_and(|rc| rc != 0)).collect();
+    assert!(failed.is_empty(), "{failed:?}\n{log}");
+    let summary = fs::read_to_string(out.path().join("summary.md")).unwrap();
+    assert!(summary.contains("| tiny-qwen2-score | bf16 |"), "{summary}");
+}

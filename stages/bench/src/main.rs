@@ -7,6 +7,13 @@
 //!
 //! `--workload all` runs each workload in its own process, so each line's `peak_rss_mb` is that
 //! workload's own. Nothing is asserted: figures are printed.
+//!
+//! On a GPU (`--device cuda:0`, a CUDA build; `--dtype bf16` for sampling and scoring), the same
+//! workloads run on random weights in SmolLM2-135M's and Qwen2.5-1.5B's shapes
+//! (`smollm2-shape-*`, `qwen2.5-1.5b-shape-*`: speed does not depend on the weights), sampling
+//! also at batch 64; and two checks of the device path: `check-fixtures` (the tiny Hugging Face
+//! fixtures' logits against transformers') and `check-iteration` (a tiny-task iteration, twice).
+//! `gpu/check.sh` runs them all (docs/gpu.md).
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use l2t::config::{Config, Estimator, Method, PromptConfig, PromptStyle, Rule, Template};
@@ -38,6 +45,12 @@ struct Args {
     /// ~5.8 GB), 16 for the tiny model (the whole batch in one pass).
     #[arg(long)]
     micro_batch: Option<usize>,
+    /// Precision of sampling and scoring (`f32`, `bf16`), instead of the configuration's `dtype`.
+    #[arg(long)]
+    dtype: Option<l2t::config::Precision>,
+    /// `check-fixtures`: the tiny Hugging Face checkpoints with their transformers logits.
+    #[arg(long, default_value = "tests/fixtures/tiny_hf")]
+    fixtures: PathBuf,
 }
 
 const WORKLOADS: &[&str] = &[
@@ -81,9 +94,16 @@ fn threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
+/// The device and dtype every line of this process records (set once its context is opened).
+static BACKEND: std::sync::OnceLock<l2t::store::Backend> = std::sync::OnceLock::new();
+
 fn emit(mut line: serde_json::Value) {
     line["peak_rss_mb"] = serde_json::json!((peak_rss_mb() * 10.0).round() / 10.0);
     line["threads"] = threads().into();
+    if let Some(backend) = BACKEND.get() {
+        line["device"] = backend.device.clone().into();
+        line["dtype"] = backend.dtype.clone().into();
+    }
     println!("{line}");
 }
 
@@ -110,39 +130,58 @@ fn main() {
     })
 }
 
+/// The models of the workloads: random weights in two real models' shapes, SmolLM2 from its
+/// GGUF, the peers' tiny Qwen2 (a name is matched before any name it starts).
+const MODELS: [&str; 4] = ["smollm2-shape", "qwen2.5-1.5b-shape", "smollm2", "tiny-qwen2"];
+
 fn run(args: &Args, workload: &str) -> Result<()> {
-    let dev = candle_core::Device::Cpu;
-    let ctx = args.common.ctx()?;
-    let unknown = || anyhow::anyhow!("unknown workload {workload:?} (`--workload list` lists them)");
-    if workload == "tiny-iteration-stages" {
-        return stage_times(&ctx);
+    let mut ctx = args.common.ctx()?;
+    if let Some(precision) = args.dtype {
+        ctx.config.dtype = precision;
+        ctx.dtype = precision.dtype();
     }
-    let (model_name, rest) = ["smollm2", "tiny-qwen2"]
+    let (dev, dtype) = (ctx.device.clone(), ctx.dtype);
+    BACKEND.get_or_init(|| ctx.backend());
+    let unknown = || anyhow::anyhow!("unknown workload {workload:?} (`--workload list` lists them)");
+    match workload {
+        "tiny-iteration-stages" => return stage_times(&ctx),
+        "check-fixtures" => return check_fixtures(&args.fixtures, &dev, dtype),
+        "check-iteration" => return check_iteration(&ctx),
+        _ => {}
+    }
+    let (model_name, rest) = MODELS
         .iter()
         .find_map(|m| workload.strip_prefix(m).and_then(|r| r.strip_prefix('-')).map(|r| (*m, r)))
         .ok_or_else(unknown)?;
-    let policy = if model_name == "smollm2" {
-        Policy::from_checkpoint(model::read_checkpoint(&args.smollm2, &dev).with_context(|| "run `make models` first")?, &dev)?
-    } else {
-        tiny_qwen2(&dev)?
+    let policy = match model_name {
+        "smollm2" => Policy::from_checkpoint_as(
+            model::read_checkpoint(&args.smollm2, &dev).with_context(|| "run `make models` first")?,
+            &dev,
+            dtype,
+        )?,
+        "tiny-qwen2" => random_policy(tiny_qwen2_config(), &dev, dtype)?,
+        shape => random_policy(real_shape(shape)?, &dev, dtype)?,
     };
     let prompts = prompts(&policy, model_name)?;
     match rest {
-        r if r.starts_with("generate-") => {
-            let batch: usize = if r.contains("-b16-") { 16 } else { 1 };
-            let fixed = r.ends_with("-fixed");
-            bench_generate(args, workload, &policy, &prompts, batch, fixed)
+        r if r.starts_with("generate-b") => {
+            let (batch, mode) = r["generate-b".len()..].split_once('-').ok_or_else(unknown)?;
+            let batch: usize = batch.parse().map_err(|_| unknown())?;
+            if batch != 1 && !batch.is_multiple_of(prompts.len()) {
+                bail!("{workload}: the batch is 1 or a multiple of the {} prompts", prompts.len());
+            }
+            bench_generate(args, workload, &policy, &prompts, batch, mode == "fixed")
         }
         "score" => bench_score(args, workload, &policy),
-        "train-step" => bench_train(args, workload, policy),
+        "train-step" => bench_train(args, workload, policy, &dev),
         "l2t-iteration" if model_name == "smollm2" => bench_iteration(args, &ctx.config, Method::L2t),
         "outcome-iteration" if model_name == "smollm2" => bench_iteration(args, &ctx.config, Method::Outcome),
         _ => Err(unknown()),
     }
 }
 
-/// The peers' tiny Qwen2 (hidden 256, 4 layers, 4 heads / 2 KV, FFN 1024, vocab 512), random weights.
-fn tiny_qwen2(dev: &candle_core::Device) -> Result<Policy> {
+/// The peers' tiny Qwen2 (hidden 256, 4 layers, 4 heads / 2 KV, FFN 1024, vocab 512).
+fn tiny_qwen2_config() -> model::Config {
     let shape = l2t::config::ModelShape {
         vocab_size: 512,
         hidden_size: 256,
@@ -154,13 +193,75 @@ fn tiny_qwen2(dev: &candle_core::Device) -> Result<Policy> {
         rope_theta: 10_000.0,
         tie_word_embeddings: true,
     };
-    let cfg = model::tiny_config(&shape, 2);
-    let tok = tokenizer::train(&vec!["What is 12 plus 30? 42.".to_string(); 8], 300)?;
-    let ckpt = Checkpoint { weights: model::init_weights(&cfg, 0, dev)?, cfg, tokenizer: tok, tokenizer_config: serde_json::json!({}) };
-    Policy::from_checkpoint(ckpt, dev)
+    model::tiny_config(&shape, 2)
 }
 
-/// SmolLM2: the four prompts through its chat template; tiny Qwen2: random ids of the peers' lengths.
+/// SmolLM2-135M's (Llama) and Qwen2.5-1.5B's (Qwen2, q/k/v biases) shapes, as their config.json
+/// files give them.
+fn real_shape(name: &str) -> Result<model::Config> {
+    let (shape, model_type, eps) = match name {
+        "smollm2-shape" => (
+            l2t::config::ModelShape {
+                vocab_size: 49_152,
+                hidden_size: 576,
+                intermediate_size: 1536,
+                num_hidden_layers: 30,
+                num_attention_heads: 9,
+                num_key_value_heads: 3,
+                max_position_embeddings: 8192,
+                rope_theta: 100_000.0,
+                tie_word_embeddings: true,
+            },
+            "llama",
+            1e-5,
+        ),
+        "qwen2.5-1.5b-shape" => (
+            l2t::config::ModelShape {
+                vocab_size: 151_936,
+                hidden_size: 1536,
+                intermediate_size: 8960,
+                num_hidden_layers: 28,
+                num_attention_heads: 12,
+                num_key_value_heads: 2,
+                max_position_embeddings: 32_768,
+                rope_theta: 1_000_000.0,
+                tie_word_embeddings: true,
+            },
+            "qwen2",
+            1e-6,
+        ),
+        other => bail!("no shape named {other:?}"),
+    };
+    Ok(model::Config { model_type: model_type.into(), rms_norm_eps: eps, ..model::tiny_config(&shape, 2) })
+}
+
+/// A policy with random weights and a small tokenizer (the workloads feed token ids). On the CPU
+/// the weights are the tiny policy's seeded init; on a GPU they are drawn on the device itself
+/// (N(0, 0.02) matrices, unit norms, zero biases: a 1.5B model in a moment).
+fn random_policy(cfg: model::Config, dev: &candle_core::Device, dtype: candle_core::DType) -> Result<Policy> {
+    let weights = if dev.is_cpu() { model::init_weights(&cfg, 0, dev)? } else { device_random_weights(&cfg, dev)? };
+    let tok = tokenizer::train(&vec!["What is 12 plus 30? 42.".to_string(); 8], 300)?;
+    Policy::from_checkpoint_as(Checkpoint { weights, cfg, tokenizer: tok, tokenizer_config: serde_json::json!({}) }, dev, dtype)
+}
+
+fn device_random_weights(cfg: &model::Config, dev: &candle_core::Device) -> Result<model::Weights> {
+    use candle_core::Tensor;
+    dev.set_seed(0)?;
+    let mut weights = model::Weights::new();
+    for (name, shape) in cfg.tensor_shapes() {
+        let t = if name.ends_with("norm.weight") {
+            Tensor::ones(shape, candle_core::DType::F32, dev)?
+        } else if name.ends_with(".bias") {
+            Tensor::zeros(shape, candle_core::DType::F32, dev)?
+        } else {
+            Tensor::randn(0f32, 0.02, shape, dev)?
+        };
+        weights.insert(name, t);
+    }
+    Ok(weights)
+}
+
+/// SmolLM2: the four prompts through its chat template; random weights: random ids of the peers' lengths.
 fn prompts(policy: &Policy, model_name: &str) -> Result<Vec<Vec<u32>>> {
     if model_name == "smollm2" {
         let cfg = PromptConfig { template: Template::Chat, ..Default::default() };
@@ -171,12 +272,13 @@ fn prompts(policy: &Policy, model_name: &str) -> Result<Vec<Vec<u32>>> {
 }
 
 fn bench_generate(args: &Args, workload: &str, policy: &Policy, prompts: &[Vec<u32>], batch: usize, fixed: bool) -> Result<()> {
+    let per_prompt = batch / prompts.len();
     let requests: Vec<Request> = if batch == 1 {
         vec![Request { prompt_ids: prompts[0].clone(), seed: 1234 }]
     } else {
         prompts
             .iter()
-            .flat_map(|p| (0..4).map(move |s| (p, s)))
+            .flat_map(|p| (0..per_prompt).map(move |s| (p, s)))
             .enumerate()
             .map(|(i, (p, _))| Request { prompt_ids: p.clone(), seed: 1234 + i as u64 })
             .collect()
@@ -219,7 +321,7 @@ fn bench_score(args: &Args, workload: &str, policy: &Policy) -> Result<()> {
     Ok(())
 }
 
-fn bench_train(args: &Args, workload: &str, policy: Policy) -> Result<()> {
+fn bench_train(args: &Args, workload: &str, policy: Policy, dev: &candle_core::Device) -> Result<()> {
     let seqs = random_batch(policy.cfg.vocab_size, 3);
     let examples: Vec<Example> = seqs.iter().map(|s| Example { prompt: s[..1].to_vec(), completion: s[1..].to_vec() }).collect();
     let steps = args.reps + 1;
@@ -228,8 +330,9 @@ fn bench_train(args: &Args, workload: &str, policy: Policy) -> Result<()> {
     let mut losses = Vec::new();
     let (cfg, weights, pad) = (policy.cfg.clone(), policy.weights.clone(), policy.pad_id);
     drop(policy);
-    let micro_batch = args.micro_batch.unwrap_or(if workload.starts_with("tiny") { 16 } else { 2 });
-    sft::train_micro(&cfg, weights, &examples, pad, &params, micro_batch, &candle_core::Device::Cpu, |s| {
+    // A GPU takes the whole batch in one pass.
+    let micro_batch = args.micro_batch.unwrap_or(if workload.starts_with("tiny") || !dev.is_cpu() { 16 } else { 2 });
+    sft::train_micro(&cfg, weights, &examples, pad, &params, micro_batch, dev, |s| {
         marks.push(Instant::now());
         losses.push(s.loss);
     })?;
@@ -321,6 +424,129 @@ fn stage_times(ctx: &l2t::pipeline::Ctx) -> Result<()> {
         let rollouts = fd.config.sample.prompts_per_iter * fd.config.sample.group_size;
         emit(serde_json::json!({"workload": "tiny-iteration-stages", "iteration": iter, "policy": policy_note,
             "rollouts": rollouts, "stage_seconds": times}));
+    }
+    Ok(())
+}
+
+/// The tiny Hugging Face checkpoints of each family (`tests/fixtures/tiny_hf`, written by
+/// transformers) through this device at this dtype, against transformers' f32 logits: one line
+/// per family with the largest error over every logit and log-sum-exp and whether it is within
+/// the dtype's tolerance. f32: 1e-4, as on the CPU. bf16: 2^-8 relative rounding of weights and
+/// activations through the layers, on logits of size ~0.5, gives errors of a few 1e-3; 3e-2
+/// holds them with margin and still fails a wrong kernel (whose errors are the logits' size).
+fn check_fixtures(dir: &std::path::Path, dev: &candle_core::Device, dtype: candle_core::DType) -> Result<()> {
+    let tolerance = if dtype == candle_core::DType::F32 { 1e-4 } else { 3e-2 };
+    let floats = |v: &serde_json::Value| -> Result<Vec<f64>> {
+        v.as_array().context("expected an array")?.iter().map(|x| x.as_f64().context("expected a number")).collect()
+    };
+    let mut failed = Vec::new();
+    for family in ["qwen2", "llama", "qwen3"] {
+        let path = dir.join(family);
+        let ckpt = model::hf::read_dir(&path, dev).with_context(|| format!("{}", path.display()))?;
+        let policy = Policy::from_checkpoint_as(ckpt, dev, dtype)?;
+        let reference: serde_json::Value = serde_json::from_slice(&std::fs::read(path.join("reference.json"))?)?;
+        let ids: Vec<u32> = floats(&reference["token_ids"])?.into_iter().map(|x| x as u32).collect();
+        let logits: Vec<Vec<f32>> = model::score::logits(&policy, &ids)?.to_dtype(candle_core::DType::F32)?.to_vec2()?;
+        let want_rows = reference["logits"].as_array().context("reference logits")?;
+        let want_lse = floats(&reference["logsumexp"])?;
+        if want_rows.len() != logits.len() || want_lse.len() != logits.len() {
+            bail!("{family}: {} positions scored, the reference has {}", logits.len(), want_rows.len());
+        }
+        let (mut worst, mut scale) = (0f64, 0f64);
+        for ((row, want), lse) in logits.iter().zip(want_rows).zip(want_lse) {
+            for (&got, want) in row.iter().zip(floats(want)?) {
+                worst = worst.max((f64::from(got) - want).abs());
+                scale = scale.max(want.abs());
+            }
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let got_lse = m + row.iter().map(|&x| (f64::from(x) - m).exp()).sum::<f64>().ln();
+            worst = worst.max((got_lse - lse).abs());
+        }
+        let pass = worst <= tolerance;
+        if !pass {
+            failed.push(family);
+        }
+        emit(serde_json::json!({"check": "fixture-logits", "family": family, "positions": logits.len(),
+            "max_abs_error": worst, "max_abs_logit": scale, "tolerance": tolerance, "pass": pass}));
+    }
+    if !failed.is_empty() {
+        bail!("logits differ from transformers' beyond {tolerance} for {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// A whole tiny-task iteration (prepare -> grpo-update, a 40-step bootstrap) on this device, run
+/// twice in two fresh stores under the artifacts folder, with what the CPU end-to-end tests
+/// check: every tensor gets a gradient, the update lowers its batch's loss, the sampler's
+/// log-probs match the trainer's, each table has its rows; then whether the two runs wrote the
+/// same bytes, stage by stage. One line per stage per run, one verdict line.
+fn check_iteration(ctx: &l2t::pipeline::Ctx) -> Result<()> {
+    use l2t::pipeline::{self, Ctx};
+    let mut config = ctx.config.clone();
+    config.bootstrap.steps = 40;
+    config.bootstrap.eval_prompts = 0;
+    config.update.loss_after = true;
+    let stages: Vec<Stage> = [Stage::Prepare, Stage::Bootstrap].into_iter().chain(Stage::ITERATION).collect();
+    let mut outputs: Vec<Vec<Vec<(String, String)>>> = Vec::new();
+    let mut problems: Vec<String> = Vec::new();
+    for (attempt, store) in ["check-a", "check-b"].into_iter().enumerate() {
+        let root = ctx.store.root().join(store);
+        if root.exists() {
+            std::fs::remove_dir_all(&root).with_context(|| format!("clearing {}", root.display()))?;
+        }
+        let run_ctx = Ctx::new(root, "check", config.clone())?;
+        let mut per_stage = Vec::new();
+        for &stage in &stages {
+            let summary = match stage {
+                Stage::Prepare => pipeline::run_prepare(&run_ctx)?,
+                Stage::Bootstrap => pipeline::run_bootstrap(&run_ctx)?,
+                s => pipeline::run_iteration_stage(&run_ctx, s, 0)?,
+            };
+            let slot = if Stage::ITERATION.contains(&stage) { stage.at(0) } else { stage.name().to_string() };
+            let artifact = run_ctx.store.open_ref(&run_ctx.run, &slot)?;
+            per_stage.push(artifact.manifest.outputs.iter().map(|o| (o.file.clone(), o.blake3.clone())).collect());
+            emit(serde_json::json!({"check": "iteration-stage", "run": attempt + 1, "stage": stage.name(), "rows": summary.rows,
+                "seconds": summary.seconds, "metrics": summary.metrics}));
+            if attempt > 0 {
+                continue;
+            }
+            let m = &summary.metrics;
+            match stage {
+                Stage::Sample => {
+                    let want = (config.sample.prompts_per_iter * config.sample.group_size) as u64;
+                    if m["rollouts"].as_u64() != Some(want) {
+                        problems.push(format!("sample wrote {} rollouts, not {want}", m["rollouts"]));
+                    }
+                }
+                Stage::GrpoUpdate => {
+                    let (with_grad, tensors) = (m["tensors_with_grad"].as_u64(), m["tensors"].as_u64());
+                    if with_grad.is_none() || with_grad != tensors {
+                        problems.push(format!("{with_grad:?} of {tensors:?} tensors got a gradient"));
+                    }
+                    let (before, after) = (m["batch_loss_before"].as_f64(), m["batch_loss_after"].as_f64());
+                    if !matches!((before, after), (Some(b), Some(a)) if a < b) {
+                        problems.push(format!("the update took its batch's loss from {before:?} to {after:?}"));
+                    }
+                    // The sampler's log-probs against the trainer's f32 recompute: bf16 sampling
+                    // is allowed its rounding, f32 only the order of its sums.
+                    let limit = if ctx.dtype == candle_core::DType::F32 { 1e-3 } else { 0.25 };
+                    match m["logp_mismatch_max"].as_f64() {
+                        Some(x) if x <= limit => {}
+                        other => problems.push(format!("sampler/trainer log-prob mismatch {other:?} above {limit}")),
+                    }
+                }
+                _ if summary.rows == 0 && stage != Stage::Bootstrap => problems.push(format!("{} wrote no rows", stage.name())),
+                _ => {}
+            }
+        }
+        outputs.push(per_stage);
+    }
+    let differing: Vec<&str> =
+        stages.iter().zip(outputs[0].iter().zip(&outputs[1])).filter(|(_, (a, b))| a != b).map(|(s, _)| s.name()).collect();
+    emit(serde_json::json!({"check": "iteration", "pass": problems.is_empty(), "problems": problems,
+        "byte_identical": differing.is_empty(), "stages_differing": differing}));
+    if !problems.is_empty() {
+        bail!("the iteration check failed: {}", problems.join("; "));
     }
     Ok(())
 }

@@ -106,4 +106,55 @@ mod tests {
         }
         assert!(checked > 100, "only {checked} imports seen");
     }
+
+    /// candle's fused ops that cut the autograd graph without an error (docs/gpu.md): the
+    /// `_no_bwd` application of a custom op, and the candle_nn ops built on it.
+    const GRADIENT_DROPPING: &[&str] = &[
+        "_no_bwd(",
+        "softmax_last_dim",
+        "ops::rms_norm",
+        "ops::layer_norm",
+        "rotary_emb::",
+        "candle_nn::RmsNorm",
+        "candle_nn::LayerNorm",
+        "candle_nn::rms_norm",
+        "candle_nn::layer_norm",
+    ];
+
+    /// The packed inference projections: built only over weights that are not variables, and
+    /// taken only by inputs that track no gradient (`gradient_free` in model::qwen2).
+    const INFERENCE_ONLY: &str = "kernels/packed.rs";
+
+    /// No path that trains may lose its gradients silently: outside the inference-only module,
+    /// no source of the workspace calls a gradient-dropping op.
+    #[test]
+    fn no_gradient_dropping_op_outside_inference_kernels() {
+        let stages = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(&stages).unwrap().flatten() {
+            if entry.path().join("src").is_dir() {
+                sources(&entry.path().join("src"), &mut files);
+            }
+        }
+        let mut allowed_seen = false;
+        for file in &files {
+            let text = std::fs::read_to_string(file).unwrap();
+            let code: String = text.lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n");
+            // This file names the ops it forbids.
+            if file.ends_with("l2t/src/lib.rs") {
+                continue;
+            }
+            for op in GRADIENT_DROPPING {
+                if code.contains(op) {
+                    if file.ends_with(INFERENCE_ONLY) && *op == "_no_bwd(" {
+                        allowed_seen = true;
+                        continue;
+                    }
+                    panic!("{}: calls {op}, which drops gradients (use the composed ops or a custom op with a backward pass)", file.display());
+                }
+            }
+        }
+        assert!(files.len() > 50, "only {} sources scanned", files.len());
+        assert!(allowed_seen, "the scan no longer sees the inference kernels' own _no_bwd call");
+    }
 }

@@ -117,6 +117,32 @@ knob! {
 }
 
 knob! {
+    /// The precision of the gradient-free passes (`dtype`): sampling, fisher-reward's `J` and
+    /// `dI`, eval. Training, the penalty and the update's `logp_old` stay f32 (or f64).
+    Precision = "dtype" {
+        /// f32 everywhere (default; the CPU backend's kernels are f32).
+        F32 = "f32",
+        /// bf16 weights and activations, f32 logits: half the bytes a decode step reads (on a GPU).
+        Bf16 = "bf16",
+    }
+}
+
+impl Default for Precision {
+    fn default() -> Self {
+        Precision::F32
+    }
+}
+
+impl Precision {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
+knob! {
     /// How raw `C` is put on the scale of `dI` (`penalty.scale`, spec 5 revised 2026-12-01).
     Scale = "penalty.scale" {
         /// Cap at a quantile of the nonzero `C`, then scale so that the batch's mean penalty

@@ -6,7 +6,7 @@
 mod knobs;
 
 pub use knobs::{
-    AnswerExtraction, DeviceSpec, Estimator, JMode, LossAgg, Method, PromptStyle, Rule, Scale, Source, TaskKind, Template, TokenScale,
+    AnswerExtraction, DeviceSpec, Estimator, JMode, LossAgg, Method, Precision, PromptStyle, Rule, Scale, Source, TaskKind, Template, TokenScale,
 };
 
 use anyhow::{bail, Context, Result};
@@ -30,6 +30,9 @@ pub struct Config {
     pub threads: usize,
     /// Where the policy's passes run: `cpu` or `cuda:N` (part of every key but on the CPU).
     pub device: DeviceSpec,
+    /// Precision of sampling and scoring (`f32` or `bf16`); training is f32. Part of every key
+    /// but f32's.
+    pub dtype: Precision,
     pub task: TaskConfig,
     pub prompt: PromptConfig,
     pub model: ModelShape,

@@ -108,6 +108,29 @@ pub fn build_model_as(cfg: &Config, weights: &Weights, dtype: DType, dev: &Devic
     Model::new(cfg, vb).context("building the model from its weights")
 }
 
+/// The model from decoder layer `from` up, renumbered from 0, with the final norm and the head,
+/// in `dtype`: what the penalty's passes above its proxy block run on, without a copy of the
+/// layers below (which it never reads).
+pub fn build_top_as(cfg: &Config, weights: &Weights, from: usize, dtype: DType, dev: &Device) -> Result<Model> {
+    if from >= cfg.num_hidden_layers {
+        bail!("layer {from} is not below the model's {} layers", cfg.num_hidden_layers);
+    }
+    const LAYERS: &str = "model.layers.";
+    let mut top = Weights::new();
+    for (name, t) in weights {
+        let renamed = match name.strip_prefix(LAYERS).and_then(|rest| rest.split_once('.')) {
+            Some((n, rest)) => match n.parse::<usize>() {
+                Ok(n) if n >= from => format!("{LAYERS}{}.{rest}", n - from),
+                _ => continue,
+            },
+            None => name.clone(),
+        };
+        top.insert(renamed, t.clone());
+    }
+    let cfg = Config { num_hidden_layers: cfg.num_hidden_layers - from, ..cfg.clone() };
+    build_model_as(&cfg, &top, dtype, dev)
+}
+
 /// A loaded policy checkpoint.
 pub struct Policy {
     pub cfg: Config,
@@ -131,9 +154,14 @@ pub struct Policy {
 impl Policy {
     /// A policy over a checkpoint in memory (not yet, or never, written as an artifact).
     pub fn from_checkpoint(ckpt: Checkpoint, dev: &Device) -> Result<Self> {
+        Self::from_checkpoint_as(ckpt, dev, DType::F32)
+    }
+
+    /// The same, with the model's passes in `dtype` (`weights` stay as read: f32).
+    pub fn from_checkpoint_as(ckpt: Checkpoint, dev: &Device, dtype: DType) -> Result<Self> {
         let Checkpoint { cfg, weights, tokenizer, tokenizer_config } = ckpt;
         let (eos_id, stop_ids, pad_id) = special_ids(&cfg, &tokenizer, &tokenizer_config)?;
-        let mut model = build_model(&cfg, &weights, dev)?;
+        let mut model = build_model_as(&cfg, &weights, dtype, dev)?;
         model.pack_for_inference()?;
         Ok(Self {
             model,
@@ -158,6 +186,11 @@ impl Policy {
 
     /// Loads a checkpoint artifact, verifying each file against its manifest.
     pub fn load(artifact: &Artifact, dev: &Device) -> Result<Self> {
+        Self::load_as(artifact, dev, DType::F32)
+    }
+
+    /// Loads a checkpoint artifact for passes in `dtype` (the `dtype` knob).
+    pub fn load_as(artifact: &Artifact, dev: &Device, dtype: DType) -> Result<Self> {
         let origin = artifact.dir.display().to_string();
         let locate = |f: &str| -> Result<Option<std::path::PathBuf>> {
             if artifact.manifest.output(f).is_ok() {
@@ -167,7 +200,7 @@ impl Policy {
             }
         };
         let ckpt = hf::read(&origin, locate, dev)?;
-        let mut policy = Self::from_checkpoint(ckpt, dev)?;
+        let mut policy = Self::from_checkpoint_as(ckpt, dev, dtype)?;
         policy.weights_hash = artifact.manifest.output(WEIGHTS_FILE)?.blake3.clone();
         policy.tokenizer_hash = artifact.manifest.output(TOKENIZER_FILE)?.blake3.clone();
         Ok(policy)

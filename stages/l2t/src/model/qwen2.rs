@@ -251,8 +251,25 @@ impl RmsNorm {
         if kernels::cpu_f32(x) {
             return fused::rms_norm(x, &self.weight, self.eps);
         }
+        // Half precision normalises in f32, as transformers does.
+        let (dtype, x) = (x.dtype(), widen(x)?);
         let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
-        x.broadcast_div(&(mean_sq + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)
+        x.broadcast_div(&(mean_sq + self.eps)?.sqrt()?)?.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+/// Whether a dtype is a half-precision float (bf16, f16).
+fn is_half(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
+}
+
+/// `x` in f32 if it is in half precision (where a softmax, a norm or the logits are computed),
+/// else `x` itself.
+fn widen(x: &Tensor) -> Result<Tensor> {
+    if is_half(x.dtype()) {
+        x.to_dtype(DType::F32)
+    } else {
+        Ok(x.clone())
     }
 }
 
@@ -499,8 +516,8 @@ impl Attention {
         let probs = if kernels::cpu_f32(&scores) {
             fused::masked_softmax(&scores.reshape((b, self.num_heads, t, total))?, mask, scale)?
         } else {
-            let scores = (scores * scale)?.reshape((b, kv, n_rep, t, total))?.broadcast_add(&mask.unsqueeze(2)?)?;
-            candle_nn::ops::softmax(&scores, D::Minus1)?
+            let scores = (widen(&scores)? * scale)?.reshape((b, kv, n_rep, t, total))?.broadcast_add(&mask.unsqueeze(2)?)?;
+            candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?
         };
         let y = probs.reshape((b, kv, n_rep * t, total))?.matmul(&v)?.reshape((b, self.num_heads, t, self.head_dim))?;
         self.o_proj.forward(&y.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?)
@@ -579,7 +596,7 @@ impl Model {
 
     /// The residual stream (b, t, hidden) entering the MLP of layer `layer`, after its attention.
     pub fn forward_to_mlp(&self, tokens: &Tensor, positions: &Tensor, mask: &Tensor, layer: usize) -> Result<Tensor> {
-        let mask = mask.to_dtype(self.dtype())?;
+        let mask = self.mask_for(mask)?;
         let mut x = self.embed_tokens.forward(tokens)?;
         for l in &self.layers[..layer] {
             x = l.forward(x, positions, &mask, &self.rotary, None)?;
@@ -625,12 +642,23 @@ impl Model {
     /// Layers `from..` then the final norm and the head.
     fn run_layers(&self, x: Tensor, from: usize, positions: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.run_hidden(x, from, positions, mask, cache)?;
-        self.lm_head.forward(&self.norm.forward(&h)?)
+        self.logits(&h)
+    }
+
+    /// The additive mask in the dtype of the attention scores it is added to: the model's, or f32
+    /// in half precision (whose softmax runs in f32).
+    fn mask_for(&self, mask: &Tensor) -> Result<Tensor> {
+        mask.to_dtype(if is_half(self.dtype()) { DType::F32 } else { self.dtype() })
+    }
+
+    /// The head over the final norm of `h`; logits in f32 when the model runs in half precision.
+    fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        widen(&self.lm_head.forward(&self.norm.forward(h)?)?)
     }
 
     /// The residual stream after layers `from..`, before the final norm.
     fn run_hidden(&self, mut x: Tensor, from: usize, positions: &Tensor, mask: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let mask = mask.to_dtype(self.dtype())?;
+        let mask = self.mask_for(mask)?;
         for (l, layer) in self.layers.iter().enumerate().skip(from) {
             let slot = cache.as_mut().map(|c| (&mut c.layers[l], c.reserve));
             x = layer.forward(x, positions, &mask, &self.rotary, slot)?;
@@ -642,15 +670,16 @@ impl Model {
     /// head are reduced a chunk of rows at a time (never all held at once); otherwise the full
     /// logits go through [`super::token_logprobs`] (differentiable).
     pub fn target_logprobs(&self, tokens: &Tensor, positions: &Tensor, mask: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        let h = self.norm.forward(&self.run_hidden(self.embed_tokens.forward(tokens)?, 0, positions, mask, None)?)?;
+        let h = self.run_hidden(self.embed_tokens.forward(tokens)?, 0, positions, mask, None)?;
         match &self.lm_head.packed {
             Some(head) if gradient_free(&[&h]) => {
+                let h = self.norm.forward(&h)?;
                 let (b, t, _) = h.dims3()?;
                 let x: Vec<f32> = h.flatten_all()?.to_vec1()?;
                 let logp = head.target_logprobs(&x, &targets.flatten_all()?.to_vec1()?)?;
                 Tensor::from_vec(logp, (b, t), h.device())
             }
-            _ => super::token_logprobs(&self.lm_head.forward(&h)?, targets),
+            _ => super::token_logprobs(&self.logits(&h)?, targets),
         }
     }
 
@@ -668,16 +697,14 @@ impl Model {
         (from, len): (usize, usize),
     ) -> Result<Tensor> {
         let h = self.run_hidden(self.embed_tokens.forward(tokens)?, 0, positions, mask, cache)?;
-        let h = self.norm.forward(&h.narrow(1, from, len)?)?;
-        super::token_logprobs(&self.lm_head.forward(&h)?, &targets.narrow(1, from, len)?.contiguous()?)
+        super::token_logprobs(&self.logits(&h.narrow(1, from, len)?)?, &targets.narrow(1, from, len)?.contiguous()?)
     }
 
     /// Logits (b, vocab) of the last position only, for tokens (b, t): what a sampler needs after
     /// a prefill (the head over every prompt position would be wasted work).
     pub fn forward_last(&self, tokens: &Tensor, positions: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let h = self.run_hidden(self.embed_tokens.forward(tokens)?, 0, positions, mask, cache)?;
-        let last = h.narrow(1, h.dim(1)? - 1, 1)?.squeeze(1)?;
-        self.lm_head.forward(&self.norm.forward(&last)?)
+        self.logits(&h.narrow(1, h.dim(1)? - 1, 1)?.squeeze(1)?)
     }
 }
 

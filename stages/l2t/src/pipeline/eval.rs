@@ -209,7 +209,7 @@ impl Sharded for EvalJob<'_> {
         let (ctx, cfg, e, target, split, rule) = (self.ctx, &self.ctx.config, &self.ctx.config.eval, self.target, &self.split, self.rule);
         let policy_art = &self.policy;
         let rows: Vec<&PromptRow> = self.rows[groups].iter().collect();
-        let policy = Policy::load(policy_art, &ctx.device)?;
+        let policy = Policy::load_as(policy_art, &ctx.device, ctx.dtype)?;
         let mut requests = Vec::with_capacity(rows.len() * e.k);
         for p in &rows {
             let ids = chat::prompt_ids(&policy, &cfg.prompt, &p.prompt).with_context(|| format!("prompt {}", p.prompt_id))?;

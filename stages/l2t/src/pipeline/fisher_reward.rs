@@ -3,7 +3,7 @@
 use super::shard::{execute_sharded, Sharded};
 use super::{check_sampled_by, episodes_by_rollout, iteration_policy, policy_input, progress_bar, Ctx, Summary};
 use crate::model::tokenizer;
-use crate::model::{build_model_as, Policy};
+use crate::model::{build_model, build_top_as, Policy};
 use crate::reward::info_gain::{delta_i, j_values, JRequest};
 use crate::reward::penalty::{self, c_fisher, direction, directional_derivatives, ProxyModel, SeqRequest};
 use crate::reward::segment::{reasoning_tokens, token_char_ends};
@@ -153,7 +153,7 @@ impl Sharded for FisherJob<'_> {
         let cfg = &self.ctx.config;
         let batch = self.batch()?;
         let all_by_rollout = batch.by_rollout()?;
-        let policy = Policy::load(&self.policy, &self.ctx.device)?;
+        let policy = Policy::load_as(&self.policy, &self.ctx.device, self.ctx.dtype)?;
         check_sampled_by(&policy, &batch.rollouts, self.iteration)?;
         let base = Policy::load(&self.base, &self.ctx.device)?;
         let pad = policy.pad_id;
@@ -215,13 +215,22 @@ impl Sharded for FisherJob<'_> {
         if base.cfg != policy.cfg {
             bail!("the base policy's config.json differs from the policy's: D = theta_now - theta_ref needs one architecture");
         }
-        let theta = policy.model.mlp_weights(layer);
+        // The penalty's trunk runs in f32 whatever `dtype` is: a step of eps D~ must stay above
+        // the rounding of what it is compared across.
+        let f32_trunk;
+        let trunk = if policy.model.dtype() == DType::F32 {
+            &policy.model
+        } else {
+            f32_trunk = build_model(&policy.cfg, &policy.weights, &self.ctx.device)?;
+            &f32_trunk
+        };
+        let theta = trunk.mlp_weights(layer);
         let dir = direction(&theta, &base.model.mlp_weights(layer), cfg.penalty.rank_fraction)?;
         let g_dot_d: Vec<Vec<f64>> = if dir.is_zero() || rollout_rows.is_empty() {
             by_rollout.iter().map(|eps| vec![0.0; eps.len()]).collect()
         } else {
-            let tail = build_model_as(&policy.cfg, &policy.weights, DType::F64, &self.ctx.device)?;
-            let proxy = ProxyModel { trunk: &policy.model, tail: &tail, layer };
+            let tail = build_top_as(&policy.cfg, &policy.weights, layer, DType::F64, &self.ctx.device)?;
+            let proxy = ProxyModel { trunk, tail: &tail, layer };
             let bar = progress_bar(rollout_rows.len() as u64, "fisher-reward C");
             let mut out = Vec::with_capacity(rollout_rows.len());
             for (rows, eps) in rollout_rows.chunks(chunk).zip(by_rollout.chunks(chunk)) {

@@ -66,8 +66,8 @@ impl Ctx {
             store: Store::new(artifacts),
             run: run.to_string(),
             device: crate::kernels::open_device(config.device)?,
+            dtype: config.dtype.dtype(),
             config,
-            dtype: DType::F32,
             part: Part::Whole,
             only_cached: false,
         })

@@ -60,7 +60,7 @@ impl Sharded for SampleJob<'_> {
             );
         }
         let chosen = iteration_prompts(&train, cfg.seed, self.cursor, s.prompts_per_iter)[groups].to_vec();
-        let policy = Policy::load(&self.policy, &self.ctx.device)?;
+        let policy = Policy::load_as(&self.policy, &self.ctx.device, self.ctx.dtype)?;
         let mut requests = Vec::with_capacity(chosen.len() * s.group_size);
         let context = policy.cfg.max_position_embeddings;
         for p in &chosen {

@@ -179,8 +179,10 @@ pub struct SeqRequest<'a> {
 /// The proxy block and the model above it in f64, with the f32 trunk below.
 pub struct ProxyModel<'a> {
     pub trunk: &'a Model,
-    /// The same weights in f64 (only the block and what follows it are used).
+    /// The layers from the proxy block's up, the final norm and the head, in f64, renumbered
+    /// from 0 ([`crate::model::build_top_as`]).
     pub tail: &'a Model,
+    /// The proxy block's layer in `trunk`.
     pub layer: usize,
 }
 
@@ -224,7 +226,7 @@ pub fn directional_derivatives(
         Estimator::Fd => {
             let episode_logp = |sign: f64| -> Result<Vec<Vec<f64>>> {
                 let block = shifted(theta, &dir.block, sign * eps)?;
-                let logits = model.tail.forward_from_mlp(&x_mid, &positions, &mask, model.layer, &block)?;
+                let logits = model.tail.forward_from_mlp(&x_mid, &positions, &mask, 0, &block)?;
                 let logp: Vec<Vec<f64>> = token_logprobs(&logits, &targets)?.to_vec2()?;
                 Ok(requests.iter().enumerate().map(|(r, req)| episode_sums(&logp[r], offsets[r], req.spans)).collect())
             };
@@ -240,7 +242,7 @@ pub fn directional_derivatives(
                 let (gate, up, down) = (gate?, up?, down?);
                 let block = MlpWeights::from_matrices([gate.as_tensor().clone(), up.as_tensor().clone(), down.as_tensor().clone()]);
                 let row = |t: &Tensor| t.narrow(0, r, 1);
-                let logits = model.tail.forward_from_mlp(&row(&x_mid)?, &row(&positions)?, &row(&mask)?, model.layer, &block)?;
+                let logits = model.tail.forward_from_mlp(&row(&x_mid)?, &row(&positions)?, &row(&mask)?, 0, &block)?;
                 let logp = token_logprobs(&logits, &row(&targets)?)?.squeeze(0)?;
                 let mut per_episode = Vec::with_capacity(req.spans.len());
                 for &(s, e) in req.spans {
@@ -268,7 +270,7 @@ pub fn directional_derivatives(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{build_model, build_model_as, init_weights, Weights};
+    use crate::model::{build_model, build_top_as, init_weights, Weights};
     use candle_core::Device;
 
     #[test]
@@ -375,11 +377,15 @@ mod tests {
 
     /// Derivatives of both estimators for a policy moved away from its reference along a random
     /// direction in the last MLP block.
-    fn both_estimators(cfg: &crate::model::Config, reference: &Weights, moved: &Weights) -> (Direction, Vec<Vec<f64>>, Vec<Vec<f64>>) {
+    fn both_estimators(
+        cfg: &crate::model::Config,
+        reference: &Weights,
+        moved: &Weights,
+        layer: usize,
+    ) -> (Direction, Vec<Vec<f64>>, Vec<Vec<f64>>) {
         let dev = Device::Cpu;
-        let layer = cfg.num_hidden_layers - 1;
         let trunk = build_model(cfg, moved, &dev).unwrap();
-        let tail = build_model_as(cfg, moved, DType::F64, &dev).unwrap();
+        let tail = build_top_as(cfg, moved, layer, DType::F64, &dev).unwrap();
         let reference_model = build_model(cfg, reference, &dev).unwrap();
         let dir = direction(&trunk.mlp_weights(layer), &reference_model.mlp_weights(layer), 0.25).unwrap();
         let proxy = ProxyModel { trunk: &trunk, tail: &tail, layer };
@@ -397,29 +403,34 @@ mod tests {
         let (cfg, reference) = small();
         let mut moved = reference.clone();
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(11);
-        for name in MlpWeights::names(cfg.num_hidden_layers - 1) {
-            let w = &moved[&name];
-            let noise: Vec<f32> = (0..w.elem_count()).map(|_| 0.05 * crate::model::standard_normal(&mut rng)).collect();
-            let noise = Tensor::from_vec(noise, w.dims(), &Device::Cpu).unwrap();
-            moved.insert(name.clone(), (w + noise).unwrap());
-        }
-        let (dir, fd, grad) = both_estimators(&cfg, &reference, &moved);
-        assert!(dir.norm_sq > 0.0);
-        let mut compared = 0;
-        for (f, g) in fd.iter().flatten().zip(grad.iter().flatten()) {
-            if g.abs() > 1e-4 {
-                let rel = (f - g).abs() / g.abs();
-                assert!(rel < 1e-2, "fd {f} vs grad {g}: relative error {rel}");
-                compared += 1;
+        for layer in 0..cfg.num_hidden_layers {
+            for name in MlpWeights::names(layer) {
+                let w = &moved[&name];
+                let noise: Vec<f32> = (0..w.elem_count()).map(|_| 0.05 * crate::model::standard_normal(&mut rng)).collect();
+                let noise = Tensor::from_vec(noise, w.dims(), &Device::Cpu).unwrap();
+                moved.insert(name.clone(), (w + noise).unwrap());
             }
         }
-        assert!(compared >= 3, "too few episodes with a measurable derivative: {fd:?} {grad:?}");
+        // The last block (the default) and one below it (the top model then carries a layer above).
+        for layer in [cfg.num_hidden_layers - 1, 0] {
+            let (dir, fd, grad) = both_estimators(&cfg, &reference, &moved, layer);
+            assert!(dir.norm_sq > 0.0);
+            let mut compared = 0;
+            for (f, g) in fd.iter().flatten().zip(grad.iter().flatten()) {
+                if g.abs() > 1e-4 {
+                    let rel = (f - g).abs() / g.abs();
+                    assert!(rel < 1e-2, "layer {layer}: fd {f} vs grad {g}: relative error {rel}");
+                    compared += 1;
+                }
+            }
+            assert!(compared >= 3, "layer {layer}: too few episodes with a measurable derivative: {fd:?} {grad:?}");
+        }
     }
 
     #[test]
     fn c_is_zero_when_the_policy_is_its_reference() {
         let (cfg, reference) = small();
-        let (dir, fd, grad) = both_estimators(&cfg, &reference, &reference);
+        let (dir, fd, grad) = both_estimators(&cfg, &reference, &reference, cfg.num_hidden_layers - 1);
         assert!(dir.is_zero());
         for g_dot_d in fd.iter().chain(&grad).flatten() {
             assert_eq!(c_fisher(*g_dot_d, dir.norm_sq, 1e-5), 0.0);
