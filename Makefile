@@ -114,7 +114,7 @@ gpu-bundle: build-cuda
 	cp gpu/check.sh gpu/peers_torch.py gpu/summarize.py $(GPU_BUNDLE)/gpu/
 	cp -r tests/fixtures/tiny_hf $(GPU_BUNDLE)/tests/fixtures/
 	cp pipeline.toml $(GPU_BUNDLE)/
-	@du -sh $(GPU_BUNDLE) $(GPU_BUNDLE)/bin/bench.xz
+	@du -sh $(GPU_BUNDLE); ls -l $(GPU_BUNDLE)/bin
 
 # The device check end to end on the CPU build (device cpu, the tiny shape, one rep): what the
 # one GPU run will do, so that it is not spent on a typo. CHECK_OUT= where its files go.

@@ -681,6 +681,10 @@ fn bad_input_exits_nonzero_with_one_clear_message() {
     env.set_config("");
     let err = env.fails("prepare", &["--device", "cuda:1"]);
     assert!(err.contains("cuda:1") && err.contains("no CUDA support"), "{err}");
+    env.set_config("dtype = \"fp8\"");
+    let err = env.fails("prepare", &[]);
+    assert!(err.contains("fp8") && err.contains("bf16"), "{err}");
+    env.set_config("");
     let out = env.run("prepare", &["--device", "tpu"]); // a usage error: clap's exit status 2
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.code() == Some(2) && err.contains("unknown device \"tpu\""), "{err}");

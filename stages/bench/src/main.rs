@@ -149,10 +149,8 @@ fn run(args: &Args, workload: &str) -> Result<()> {
         "check-iteration" => return check_iteration(&ctx),
         _ => {}
     }
-    let (model_name, rest) = MODELS
-        .iter()
-        .find_map(|m| workload.strip_prefix(m).and_then(|r| r.strip_prefix('-')).map(|r| (*m, r)))
-        .ok_or_else(unknown)?;
+    let (model_name, rest) =
+        MODELS.iter().find_map(|m| workload.strip_prefix(m).and_then(|r| r.strip_prefix('-')).map(|r| (*m, r))).ok_or_else(unknown)?;
     let policy = match model_name {
         "smollm2" => Policy::from_checkpoint_as(
             model::read_checkpoint(&args.smollm2, &dev).with_context(|| "run `make models` first")?,
@@ -386,7 +384,7 @@ fn bench_iteration(args: &Args, base: &Config, method: Method) -> Result<()> {
 
 /// Runs two iterations of every stage of the tiny task in a scratch store that reuses the run's
 /// bootstrap (or trains a short one), and prints each stage's wall time. Iteration 0 has `D~ = 0`
-/// (no penalty passes); iteration 1 is the representative one, timed with both estimators.
+/// (no penalty passes); iteration 1 is the representative one, timed with each estimator.
 fn stage_times(ctx: &l2t::pipeline::Ctx) -> Result<()> {
     use l2t::pipeline::{self, Ctx};
     std::fs::create_dir_all(ctx.store.root())?;
@@ -402,26 +400,28 @@ fn stage_times(ctx: &l2t::pipeline::Ctx) -> Result<()> {
         c.penalty.estimator = estimator;
         Ctx::new(scratch.path().to_path_buf(), "bench", c)
     };
+    let jvp = with_estimator(Estimator::Jvp)?;
     let fd = with_estimator(Estimator::Fd)?;
     let grad = with_estimator(Estimator::Grad)?;
-    pipeline::run_prepare(&fd)?;
+    pipeline::run_prepare(&jvp)?;
     if let Some(base) = &base {
-        fd.store.import(base)?;
+        jvp.store.import(base)?;
     }
-    pipeline::run_bootstrap(&fd)?;
+    pipeline::run_bootstrap(&jvp)?;
     for iter in 0..2u32 {
         let mut times = serde_json::Map::new();
         let mut time = |name: &str, summary: pipeline::Summary| {
             times.insert(name.to_string(), serde_json::json!((summary.seconds * 1000.0).round() / 1000.0));
         };
-        time("sample", pipeline::run_iteration_stage(&fd, Stage::Sample, iter)?);
-        time("segment", pipeline::run_iteration_stage(&fd, Stage::Segment, iter)?);
-        // grad first, so that the run's fisher-reward ref ends on the default estimator.
+        time("sample", pipeline::run_iteration_stage(&jvp, Stage::Sample, iter)?);
+        time("segment", pipeline::run_iteration_stage(&jvp, Stage::Segment, iter)?);
+        // The default estimator last, so that the run's fisher-reward ref ends on it.
         time("fisher-reward (grad)", pipeline::run_fisher_reward(&grad, iter)?);
         time("fisher-reward (fd)", pipeline::run_fisher_reward(&fd, iter)?);
-        time("credit-assign", pipeline::run_iteration_stage(&fd, Stage::CreditAssign, iter)?);
-        time("grpo-update", pipeline::run_iteration_stage(&fd, Stage::GrpoUpdate, iter)?);
-        let rollouts = fd.config.sample.prompts_per_iter * fd.config.sample.group_size;
+        time("fisher-reward (jvp)", pipeline::run_fisher_reward(&jvp, iter)?);
+        time("credit-assign", pipeline::run_iteration_stage(&jvp, Stage::CreditAssign, iter)?);
+        time("grpo-update", pipeline::run_iteration_stage(&jvp, Stage::GrpoUpdate, iter)?);
+        let rollouts = jvp.config.sample.prompts_per_iter * jvp.config.sample.group_size;
         emit(serde_json::json!({"workload": "tiny-iteration-stages", "iteration": iter, "policy": policy_note,
             "rollouts": rollouts, "stage_seconds": times}));
     }
@@ -475,7 +475,8 @@ fn check_fixtures(dir: &std::path::Path, dev: &candle_core::Device, dtype: candl
     Ok(())
 }
 
-/// A whole tiny-task iteration (prepare -> grpo-update, a 40-step bootstrap) on this device, run
+/// A whole tiny-task iteration (prepare -> grpo-update, a 20-step bootstrap, 8 prompts x 4
+/// samples) on this device, run
 /// twice in two fresh stores under the artifacts folder, with what the CPU end-to-end tests
 /// check: every tensor gets a gradient, the update lowers its batch's loss, the sampler's
 /// log-probs match the trainer's, each table has its rows; then whether the two runs wrote the
@@ -483,8 +484,12 @@ fn check_fixtures(dir: &std::path::Path, dev: &candle_core::Device, dtype: candl
 fn check_iteration(ctx: &l2t::pipeline::Ctx) -> Result<()> {
     use l2t::pipeline::{self, Ctx};
     let mut config = ctx.config.clone();
-    config.bootstrap.steps = 40;
+    // Small enough to run in a minute on the CPU (the dry run): what is checked does not depend
+    // on the scale.
+    config.bootstrap.steps = 20;
     config.bootstrap.eval_prompts = 0;
+    config.sample.prompts_per_iter = 8;
+    config.sample.group_size = 4;
     config.update.loss_after = true;
     let stages: Vec<Stage> = [Stage::Prepare, Stage::Bootstrap].into_iter().chain(Stage::ITERATION).collect();
     let mut outputs: Vec<Vec<Vec<(String, String)>>> = Vec::new();

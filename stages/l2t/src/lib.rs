@@ -150,7 +150,10 @@ mod tests {
                         allowed_seen = true;
                         continue;
                     }
-                    panic!("{}: calls {op}, which drops gradients (use the composed ops or a custom op with a backward pass)", file.display());
+                    panic!(
+                        "{}: calls {op}, which drops gradients (use the composed ops or a custom op with a backward pass)",
+                        file.display()
+                    );
                 }
             }
         }

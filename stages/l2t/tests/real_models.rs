@@ -242,3 +242,50 @@ fn gguf_unpermute_inverts_llama_cpp_permutation() {
     let back = model::gguf::unpermute(&permuted, heads).unwrap();
     assert_eq!(back.to_vec2::<f32>().unwrap(), hf.to_vec2::<f32>().unwrap());
 }
+
+/// The penalty's `jvp` estimator against `grad` on real checkpoints (the tiny transformers
+/// fixtures of each family and SmolLM2-135M): the policy moved away from its reference by a
+/// random step in the proxy block (the last MLP), `g . D~` of a few episodes within 1e-3.
+#[test]
+fn jvp_penalty_matches_grad_on_real_checkpoints() {
+    use l2t::config::Estimator;
+    use l2t::model::qwen2::MlpWeights;
+    use l2t::reward::penalty::{direction, directional_derivatives, ProxyModel, SeqRequest};
+    let dev = Device::Cpu;
+    let mut checkpoints: Vec<(String, Checkpoint)> = ["qwen2", "llama", "qwen3"]
+        .iter()
+        .map(|f| (f.to_string(), hf::read_dir(&repo().join("tests/fixtures/tiny_hf").join(f), &dev).unwrap()))
+        .collect();
+    checkpoints.push(("smollm2".into(), model::read_checkpoint(&smollm2_gguf(), &dev).unwrap()));
+    for (name, ckpt) in checkpoints {
+        let cfg = ckpt.cfg.clone();
+        let layer = cfg.num_hidden_layers - 1;
+        let mut moved = ckpt.weights.clone();
+        for (i, m) in MlpWeights::names(layer).into_iter().enumerate() {
+            let w = &moved[&m];
+            // A deterministic perturbation the size of a few updates.
+            let scale = 0.02 * w.abs().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+            let n = w.elem_count();
+            let noise: Vec<f32> = (0..n).map(|k| scale * (((k * 7919 + i * 104_729) % 1000) as f32 / 500.0 - 1.0)).collect();
+            moved.insert(m, (w + Tensor::from_vec(noise, w.dims(), &dev).unwrap()).unwrap());
+        }
+        let trunk = model::build_model(&cfg, &moved, &dev).unwrap();
+        let reference = model::build_model(&cfg, &ckpt.weights, &dev).unwrap();
+        let tail = model::build_top_as(&cfg, &moved, layer, candle_core::DType::F64, &dev).unwrap();
+        let dir = direction(&trunk.mlp_weights(layer), &reference.mlp_weights(layer), 0.05).unwrap();
+        let proxy = ProxyModel { trunk: &trunk, tail: Some(&tail), layer };
+        let vocab = cfg.vocab_size as u32;
+        let ids = |seed: u32, n: u32| -> Vec<u32> { (0..n).map(|k| (seed * 31 + k * 17) % (vocab - 3) + 3).collect() };
+        let (p1, z1, s1) = (ids(1, 6), ids(2, 12), vec![(0, 4), (4, 9), (9, 12)]);
+        let (p2, z2, s2) = (ids(3, 4), ids(4, 8), vec![(0, 5), (5, 8)]);
+        let reqs = [SeqRequest { prompt: &p1, response: &z1, spans: &s1 }, SeqRequest { prompt: &p2, response: &z2, spans: &s2 }];
+        let theta = trunk.mlp_weights(layer);
+        let estimate = |e| directional_derivatives(&proxy, &theta, &dir, &reqs, 0, e, 1e-3).unwrap();
+        let (grad, jvp) = (estimate(Estimator::Grad), estimate(Estimator::Jvp));
+        let scale = grad.iter().flatten().fold(0f64, |m, g| m.max(g.abs()));
+        assert!(scale > 0.0, "{name}: no measurable derivative");
+        let worst = grad.iter().flatten().zip(jvp.iter().flatten()).map(|(g, j)| (g - j).abs() / g.abs().max(1e-3 * scale)).fold(0f64, f64::max);
+        eprintln!("{name}: jvp vs grad, worst relative error {worst:.1e}");
+        assert!(worst < 1e-3, "{name}: jvp {jvp:?} vs grad {grad:?}");
+    }
+}

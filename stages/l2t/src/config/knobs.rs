@@ -109,7 +109,10 @@ knob! {
 knob! {
     /// How `g . D~` is computed (`penalty.estimator`).
     Estimator = "penalty.estimator" {
-        /// Central finite difference, two passes for all rollouts (default).
+        /// Exact, one forward-mode pass for every episode at once: the tangent of the proxy
+        /// block's output along `D~`, carried to each token's log-probability, in f32 (default).
+        Jvp = "jvp",
+        /// Central finite difference, two passes for all rollouts, in f64 (the spec's default).
         Fd = "fd",
         /// Exact, one backward pass per episode through the proxy block.
         Grad = "grad",
@@ -119,17 +122,13 @@ knob! {
 knob! {
     /// The precision of the gradient-free passes (`dtype`): sampling, fisher-reward's `J` and
     /// `dI`, eval. Training, the penalty and the update's `logp_old` stay f32 (or f64).
+    #[derive(Default)]
     Precision = "dtype" {
         /// f32 everywhere (default; the CPU backend's kernels are f32).
+        #[default]
         F32 = "f32",
         /// bf16 weights and activations, f32 logits: half the bytes a decode step reads (on a GPU).
         Bf16 = "bf16",
-    }
-}
-
-impl Default for Precision {
-    fn default() -> Self {
-        Precision::F32
     }
 }
 

@@ -6,7 +6,8 @@
 mod knobs;
 
 pub use knobs::{
-    AnswerExtraction, DeviceSpec, Estimator, JMode, LossAgg, Method, Precision, PromptStyle, Rule, Scale, Source, TaskKind, Template, TokenScale,
+    AnswerExtraction, DeviceSpec, Estimator, JMode, LossAgg, Method, Precision, PromptStyle, Rule, Scale, Source, TaskKind, Template,
+    TokenScale,
 };
 
 use anyhow::{bail, Context, Result};
@@ -349,7 +350,7 @@ impl Default for PenaltyConfig {
             block: -1,
             rank_fraction: 0.05,
             damping: 1e-5,
-            estimator: Estimator::Fd,
+            estimator: Estimator::Jvp,
             eps: 1e-3,
             scale: Scale::GainMatched,
             cap_quantile: 0.9,

@@ -256,6 +256,53 @@ impl RmsNorm {
         let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
         x.broadcast_div(&(mean_sq + self.eps)?.sqrt()?)?.to_dtype(dtype)?.broadcast_mul(&self.weight)
     }
+
+    /// The norm and its tangent along `dx`: with `r = 1 / sqrt(mean(x^2) + eps)`,
+    /// `d(x r w) = w r (dx - x r^2 mean(x dx))`.
+    fn jvp(&self, x: &Tensor, dx: &Tensor) -> Result<Dual> {
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        let along = (x * dx)?.mean_keepdim(D::Minus1)?.broadcast_mul(&r.sqr()?)?;
+        let dy = (dx - x.broadcast_mul(&along)?)?.broadcast_mul(&r)?.broadcast_mul(&self.weight)?;
+        Ok((self.forward(x)?, dy))
+    }
+}
+
+/// A value and its tangent: forward-mode differentiation along one direction of the weights
+/// (the penalty's `jvp` estimator, [`Model::jvp_target_logprobs`]).
+type Dual = (Tensor, Tensor);
+
+/// The gated MLP `down(silu(gate h) * up h)` and its tangent, for a tangent of the input `dh`
+/// and tangents of the weights `dw` (gate, up, down), either absent when zero. With
+/// `s = sigmoid(g)`, `silu'(g) = s (1 + g (1 - s))`.
+fn mlp_jvp(w: [&Tensor; 3], h: &Tensor, dh: Option<&Tensor>, dw: Option<[&Tensor; 3]>) -> Result<Dual> {
+    let [wg, wu, wd] = w;
+    let tangent = |m: usize, wm: &Tensor, x: &Tensor| -> Result<Option<Tensor>> {
+        let from_input = dh.map(|dh| matmul_t(dh, wm, None)).transpose()?;
+        let from_weight = dw.map(|dw| matmul_t(x, dw[m], None)).transpose()?;
+        Ok(match (from_input, from_weight) {
+            (Some(a), Some(b)) => Some((a + b)?),
+            (a, b) => a.or(b),
+        })
+    };
+    let (g, u) = (matmul_t(h, wg, None)?, matmul_t(h, wu, None)?);
+    let (dg, du) = (tangent(0, wg, h)?, tangent(1, wu, h)?);
+    let s = (g.neg()?.exp()? + 1.0)?.recip()?;
+    let silu = (&g * &s)?;
+    let a = (&silu * &u)?;
+    let mut da = match du {
+        Some(du) => (&silu * du)?,
+        None => a.zeros_like()?,
+    };
+    if let Some(dg) = dg {
+        let slope = (&s * ((&g * (1.0 - &s)?)? + 1.0)?)?;
+        da = (da + (slope * dg)? * &u)?;
+    }
+    let y = matmul_t(&a, wd, None)?;
+    let mut dy = matmul_t(&da, wd, None)?;
+    if let Some(dw) = dw {
+        dy = (dy + matmul_t(&a, dw[2], None)?)?;
+    }
+    Ok((y, dy))
 }
 
 /// Whether a dtype is a half-precision float (bf16, f16).
@@ -359,6 +406,11 @@ struct Mlp {
 }
 
 impl Mlp {
+    /// Its matrices (gate, up, down).
+    fn weights(&self) -> [&Tensor; 3] {
+        [&self.gate_proj.weight, &self.up_proj.weight, &self.down_proj.weight]
+    }
+
     fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
@@ -522,6 +574,40 @@ impl Attention {
         let y = probs.reshape((b, kv, n_rep * t, total))?.matmul(&v)?.reshape((b, self.num_heads, t, self.head_dim))?;
         self.o_proj.forward(&y.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?)
     }
+
+    /// Attention over `x` and its tangent along `dx` (fixed weights), without a cache.
+    fn jvp(&self, x: &Tensor, dx: &Tensor, positions: &Tensor, mask: &Tensor, rotary: &RotaryEmbedding) -> Result<Dual> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> { y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous() };
+        let project = |proj: &Proj, n: usize| -> Result<Dual> {
+            Ok((heads(proj.forward(x)?, n)?, heads(matmul_t(dx, &proj.weight, None)?, n)?))
+        };
+        let ((mut q, mut dq), (mut k, mut dk), (v, dv)) = (project(&self.q_proj, nh)?, project(&self.k_proj, nkv)?, project(&self.v_proj, nkv)?);
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            (q, dq) = q_norm.jvp(&q, &dq)?;
+            (k, dk) = k_norm.jvp(&k, &dk)?;
+        }
+        // Rotary is linear in its input: the tangent turns as the value does.
+        let (q, dq) = (rotary.apply(&q, positions)?, rotary.apply(&dq, positions)?);
+        let (k, dk) = (rotary.apply(&k, positions)?, rotary.apply(&dk, positions)?);
+        let n_rep = nh / nkv;
+        let stack = |y: Tensor| y.reshape((b, nkv, n_rep * t, hd));
+        let (q, dq) = (stack(q)?, stack(dq)?);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let (kt, dkt) = (k.t()?, dk.t()?);
+        let scores = (q.matmul(&kt)? * scale)?.reshape((b, nkv, n_rep, t, t))?.broadcast_add(&mask.unsqueeze(2)?)?;
+        let d_scores = ((dq.matmul(&kt)? + q.matmul(&dkt)?)? * scale)?.reshape((b, nkv, n_rep, t, t))?;
+        // d softmax(s) = p (ds - sum_j p_j ds_j).
+        let p = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let dp = (&p * d_scores.broadcast_sub(&(&p * &d_scores)?.sum_keepdim(D::Minus1)?)?)?;
+        let (p, dp) = (p.reshape((b, nkv, n_rep * t, t))?, dp.reshape((b, nkv, n_rep * t, t))?);
+        let y = p.matmul(&v)?;
+        let dy = (dp.matmul(&v)? + p.matmul(&dv)?)?;
+        let merge = |y: Tensor| y.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd));
+        let (y, dy) = (merge(y)?, merge(dy)?);
+        Ok((self.o_proj.forward(&y)?, matmul_t(&dy, &self.o_proj.weight, None)?))
+    }
 }
 
 /// A layer's cache slot and the capacity to reserve when it is first allocated.
@@ -555,6 +641,16 @@ impl DecoderLayer {
         let x = self.attend(x, positions, mask, rotary, cache)?;
         let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         x + h
+    }
+
+    /// The layer over `x` and its tangent along `dx` (fixed weights).
+    fn jvp(&self, x: &Tensor, dx: &Tensor, positions: &Tensor, mask: &Tensor, rotary: &RotaryEmbedding) -> Result<Dual> {
+        let (n, dn) = self.input_layernorm.jvp(x, dx)?;
+        let (a, da) = self.self_attn.jvp(&n, &dn, positions, mask, rotary)?;
+        let (x, dx) = ((x + a)?, (dx + da)?);
+        let (n, dn) = self.post_attention_layernorm.jvp(&x, &dx)?;
+        let (y, dy) = mlp_jvp(self.mlp.weights(), &n, Some(&dn), None)?;
+        Ok(((x + y)?, (dx + dy)?))
     }
 }
 
@@ -610,6 +706,40 @@ impl Model {
         let post = &self.layers[layer].post_attention_layernorm;
         let x = (x + block.forward(&post.forward(x)?)?)?;
         self.run_layers(x, layer + 1, positions, mask, None)
+    }
+
+    /// `d/de log p(target)` (b, t) at `e = 0` when layer `layer`'s MLP weights are `theta + e dir`,
+    /// from the residual `x` entering that MLP ([`Self::forward_to_mlp`]): forward-mode
+    /// differentiation, the tangent carried through the layers above, the final norm and the head
+    /// to each target's log-probability, `dz[target] - sum softmax(z) dz`. Exact, in the model's
+    /// dtype, one pass; the head runs one row at a time (never all logits of the batch at once).
+    pub fn jvp_target_logprobs(
+        &self,
+        x: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        layer: usize,
+        (theta, dir): (&MlpWeights, &MlpWeights),
+        targets: &Tensor,
+    ) -> Result<Tensor> {
+        let mask = self.mask_for(mask)?;
+        let h = self.layers[layer].post_attention_layernorm.forward(x)?;
+        let (y, dy) = mlp_jvp(theta.matrices(), &h, None, Some(dir.matrices()))?;
+        let (mut x, mut dx) = ((x + y)?, dy);
+        for l in &self.layers[layer + 1..] {
+            (x, dx) = l.jvp(&x, &dx, positions, &mask, &self.rotary)?;
+        }
+        let (n, dn) = self.norm.jvp(&x, &dx)?;
+        let head = &self.lm_head.weight;
+        let mut rows = Vec::with_capacity(n.dim(0)?);
+        for r in 0..n.dim(0)? {
+            let (z, dz) = (matmul_t(&n.get(r)?, head, None)?, matmul_t(&dn.get(r)?, head, None)?);
+            let target = targets.get(r)?.unsqueeze(D::Minus1)?.contiguous()?;
+            let picked = dz.gather(&target, D::Minus1)?.squeeze(D::Minus1)?;
+            let expected = (candle_nn::ops::softmax(&z, D::Minus1)? * dz)?.sum(D::Minus1)?;
+            rows.push((picked - expected)?);
+        }
+        Tensor::stack(&rows, 0)
     }
 
     /// The weights of layer `layer`'s MLP block.

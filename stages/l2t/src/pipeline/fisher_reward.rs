@@ -4,6 +4,7 @@ use super::shard::{execute_sharded, Sharded};
 use super::{check_sampled_by, episodes_by_rollout, iteration_policy, policy_input, progress_bar, Ctx, Summary};
 use crate::model::tokenizer;
 use crate::model::{build_model, build_top_as, Policy};
+use crate::config::Estimator;
 use crate::reward::info_gain::{delta_i, j_values, JRequest};
 use crate::reward::penalty::{self, c_fisher, direction, directional_derivatives, ProxyModel, SeqRequest};
 use crate::reward::segment::{reasoning_tokens, token_char_ends};
@@ -229,8 +230,11 @@ impl Sharded for FisherJob<'_> {
         let g_dot_d: Vec<Vec<f64>> = if dir.is_zero() || rollout_rows.is_empty() {
             by_rollout.iter().map(|eps| vec![0.0; eps.len()]).collect()
         } else {
-            let tail = build_top_as(&policy.cfg, &policy.weights, layer, DType::F64, &self.ctx.device)?;
-            let proxy = ProxyModel { trunk, tail: &tail, layer };
+            let tail = match cfg.penalty.estimator {
+                Estimator::Jvp => None,
+                Estimator::Fd | Estimator::Grad => Some(build_top_as(&policy.cfg, &policy.weights, layer, DType::F64, &self.ctx.device)?),
+            };
+            let proxy = ProxyModel { trunk, tail: tail.as_ref(), layer };
             let bar = progress_bar(rollout_rows.len() as u64, "fisher-reward C");
             let mut out = Vec::with_capacity(rollout_rows.len());
             for (rows, eps) in rollout_rows.chunks(chunk).zip(by_rollout.chunks(chunk)) {

@@ -6,10 +6,12 @@
 //! C(i,k) = (g(i,k) . D~)^2 + damping * ||D~||^2,     D~ = top-r SVD of (theta_now - theta_ref)
 //! ```
 //!
-//! Only `g . D~` is needed, a directional derivative: `fd` takes it by a central difference of
-//! the episode log-likelihoods at `theta +- eps D~`, `grad` by one backward pass per episode. The
-//! trunk below the block does not depend on `theta~`, so it runs once in f32; the block and what
-//! follows run in f64, where a step of `eps D~` is far above rounding noise.
+//! Only `g . D~` is needed, a directional derivative: `jvp` carries its tangent forward from the
+//! block to every token's log-probability in one pass (exact, in f32, every episode at once);
+//! `fd` takes it by a central difference of the episode log-likelihoods at `theta +- eps D~`,
+//! `grad` by one backward pass per episode. The trunk below the block does not depend on
+//! `theta~`, so it runs once in f32; for `fd` and `grad` the block and what follows run in f64,
+//! where a step of `eps D~` is far above rounding noise.
 
 use crate::config::{Estimator, Scale};
 use crate::model::qwen2::MlpWeights;
@@ -176,12 +178,13 @@ pub struct SeqRequest<'a> {
     pub spans: &'a [(usize, usize)],
 }
 
-/// The proxy block and the model above it in f64, with the f32 trunk below.
+/// The policy in f32 (`trunk`), with, for `fd` and `grad`, the proxy block and the model above
+/// it in f64.
 pub struct ProxyModel<'a> {
     pub trunk: &'a Model,
     /// The layers from the proxy block's up, the final norm and the head, in f64, renumbered
-    /// from 0 ([`crate::model::build_top_as`]).
-    pub tail: &'a Model,
+    /// from 0 ([`crate::model::build_top_as`]); `jvp` needs none.
+    pub tail: Option<&'a Model>,
     /// The proxy block's layer in `trunk`.
     pub layer: usize,
 }
@@ -221,12 +224,23 @@ pub fn directional_derivatives(
     }
     let seqs: Vec<(&[u32], &[u32])> = requests.iter().map(|r| (r.prompt, r.response)).collect();
     let TeacherForced { inputs, targets, positions, mask, offsets } = TeacherForced::new(&seqs, pad_id, &model.trunk.device())?;
-    let x_mid = model.trunk.forward_to_mlp(&inputs, &positions, &mask, model.layer)?.to_dtype(DType::F64)?;
+    let x_mid = model.trunk.forward_to_mlp(&inputs, &positions, &mask, model.layer)?;
+    if estimator == Estimator::Jvp {
+        let dtype = x_mid.dtype();
+        let [gate, up, down] = dir.block.matrices().map(|m| m.to_dtype(dtype));
+        let dir = MlpWeights::from_matrices([gate?, up?, down?]);
+        let dlogp = model.trunk.jvp_target_logprobs(&x_mid, &positions, &mask, model.layer, (theta, &dir), &targets)?;
+        let dlogp: Vec<Vec<f64>> = dlogp.to_dtype(DType::F64)?.to_vec2()?;
+        return Ok(requests.iter().enumerate().map(|(r, req)| episode_sums(&dlogp[r], offsets[r], req.spans)).collect());
+    }
+    let tail = model.tail.context("the fd and grad estimators need the f64 tail of the model")?;
+    let x_mid = x_mid.to_dtype(DType::F64)?;
     match estimator {
+        Estimator::Jvp => unreachable!("taken above"),
         Estimator::Fd => {
             let episode_logp = |sign: f64| -> Result<Vec<Vec<f64>>> {
                 let block = shifted(theta, &dir.block, sign * eps)?;
-                let logits = model.tail.forward_from_mlp(&x_mid, &positions, &mask, 0, &block)?;
+                let logits = tail.forward_from_mlp(&x_mid, &positions, &mask, 0, &block)?;
                 let logp: Vec<Vec<f64>> = token_logprobs(&logits, &targets)?.to_vec2()?;
                 Ok(requests.iter().enumerate().map(|(r, req)| episode_sums(&logp[r], offsets[r], req.spans)).collect())
             };
@@ -242,7 +256,7 @@ pub fn directional_derivatives(
                 let (gate, up, down) = (gate?, up?, down?);
                 let block = MlpWeights::from_matrices([gate.as_tensor().clone(), up.as_tensor().clone(), down.as_tensor().clone()]);
                 let row = |t: &Tensor| t.narrow(0, r, 1);
-                let logits = model.tail.forward_from_mlp(&row(&x_mid)?, &row(&positions)?, &row(&mask)?, 0, &block)?;
+                let logits = tail.forward_from_mlp(&row(&x_mid)?, &row(&positions)?, &row(&mask)?, 0, &block)?;
                 let logp = token_logprobs(&logits, &row(&targets)?)?.squeeze(0)?;
                 let mut per_episode = Vec::with_capacity(req.spans.len());
                 for &(s, e) in req.spans {
@@ -382,57 +396,66 @@ mod tests {
         reference: &Weights,
         moved: &Weights,
         layer: usize,
-    ) -> (Direction, Vec<Vec<f64>>, Vec<Vec<f64>>) {
+    ) -> (Direction, Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>) {
         let dev = Device::Cpu;
         let trunk = build_model(cfg, moved, &dev).unwrap();
         let tail = build_top_as(cfg, moved, layer, DType::F64, &dev).unwrap();
         let reference_model = build_model(cfg, reference, &dev).unwrap();
         let dir = direction(&trunk.mlp_weights(layer), &reference_model.mlp_weights(layer), 0.25).unwrap();
-        let proxy = ProxyModel { trunk: &trunk, tail: &tail, layer };
+        let proxy = ProxyModel { trunk: &trunk, tail: Some(&tail), layer };
         let (p1, z1, s1) = (vec![5u32, 6, 7], vec![10u32, 11, 12, 13, 14, 15, 16], vec![(0, 3), (3, 5), (5, 7)]);
         let (p2, z2, s2) = (vec![9u32, 8], vec![20u32, 21, 22], vec![(0, 1), (1, 3)]);
         let reqs = [SeqRequest { prompt: &p1, response: &z1, spans: &s1 }, SeqRequest { prompt: &p2, response: &z2, spans: &s2 }];
         let theta = trunk.mlp_weights(layer);
         let fd = directional_derivatives(&proxy, &theta, &dir, &reqs, 0, Estimator::Fd, 1e-3).unwrap();
         let grad = directional_derivatives(&proxy, &theta, &dir, &reqs, 0, Estimator::Grad, 1e-3).unwrap();
-        (dir, fd, grad)
+        let jvp = directional_derivatives(&proxy, &theta, &dir, &reqs, 0, Estimator::Jvp, 1e-3).unwrap();
+        (dir, fd, grad, jvp)
     }
 
+    /// `fd` agrees with `grad` to its truncation error; `jvp`, exact in f32, to 1e-3 relative: on
+    /// each family (Qwen2 with q/k/v biases, Llama, Qwen3 with q/k norms), for the last block
+    /// (the default) and one below it (the tangent then crosses a whole layer).
     #[test]
-    fn fd_and_grad_estimators_agree() {
-        let (cfg, reference) = small();
-        let mut moved = reference.clone();
-        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(11);
-        for layer in 0..cfg.num_hidden_layers {
-            for name in MlpWeights::names(layer) {
-                let w = &moved[&name];
-                let noise: Vec<f32> = (0..w.elem_count()).map(|_| 0.05 * crate::model::standard_normal(&mut rng)).collect();
-                let noise = Tensor::from_vec(noise, w.dims(), &Device::Cpu).unwrap();
-                moved.insert(name.clone(), (w + noise).unwrap());
-            }
-        }
-        // The last block (the default) and one below it (the top model then carries a layer above).
-        for layer in [cfg.num_hidden_layers - 1, 0] {
-            let (dir, fd, grad) = both_estimators(&cfg, &reference, &moved, layer);
-            assert!(dir.norm_sq > 0.0);
-            let mut compared = 0;
-            for (f, g) in fd.iter().flatten().zip(grad.iter().flatten()) {
-                if g.abs() > 1e-4 {
-                    let rel = (f - g).abs() / g.abs();
-                    assert!(rel < 1e-2, "layer {layer}: fd {f} vs grad {g}: relative error {rel}");
-                    compared += 1;
+    fn fd_grad_and_jvp_estimators_agree() {
+        for (family, bias) in [("qwen2", true), ("llama", false), ("qwen3", false)] {
+            let (mut cfg, _) = small();
+            cfg.model_type = family.into();
+            cfg.attention_bias = Some(bias);
+            let reference = init_weights(&cfg, 7, &Device::Cpu).unwrap();
+            let mut moved = reference.clone();
+            let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(11);
+            for layer in 0..cfg.num_hidden_layers {
+                for name in MlpWeights::names(layer) {
+                    let w = &moved[&name];
+                    let noise: Vec<f32> = (0..w.elem_count()).map(|_| 0.05 * crate::model::standard_normal(&mut rng)).collect();
+                    let noise = Tensor::from_vec(noise, w.dims(), &Device::Cpu).unwrap();
+                    moved.insert(name.clone(), (w + noise).unwrap());
                 }
             }
-            assert!(compared >= 3, "layer {layer}: too few episodes with a measurable derivative: {fd:?} {grad:?}");
+            for layer in [cfg.num_hidden_layers - 1, 0] {
+                let (dir, fd, grad, jvp) = both_estimators(&cfg, &reference, &moved, layer);
+                assert!(dir.norm_sq > 0.0);
+                let mut compared = 0;
+                for ((f, g), j) in fd.iter().flatten().zip(grad.iter().flatten()).zip(jvp.iter().flatten()) {
+                    if g.abs() > 1e-4 {
+                        let rel = |x: f64| (x - g).abs() / g.abs();
+                        assert!(rel(*f) < 1e-2, "{family} layer {layer}: fd {f} vs grad {g}");
+                        assert!(rel(*j) < 1e-3, "{family} layer {layer}: jvp {j} vs grad {g}: relative error {}", rel(*j));
+                        compared += 1;
+                    }
+                }
+                assert!(compared >= 3, "{family} layer {layer}: too few episodes with a measurable derivative: {grad:?}");
+            }
         }
     }
 
     #[test]
     fn c_is_zero_when_the_policy_is_its_reference() {
         let (cfg, reference) = small();
-        let (dir, fd, grad) = both_estimators(&cfg, &reference, &reference, cfg.num_hidden_layers - 1);
+        let (dir, fd, grad, jvp) = both_estimators(&cfg, &reference, &reference, cfg.num_hidden_layers - 1);
         assert!(dir.is_zero());
-        for g_dot_d in fd.iter().chain(&grad).flatten() {
+        for g_dot_d in fd.iter().chain(&grad).chain(&jvp).flatten() {
             assert_eq!(c_fisher(*g_dot_d, dir.norm_sq, 1e-5), 0.0);
         }
     }
