@@ -213,7 +213,7 @@ lint:
 
 test: lint build $(DUCKDB) $(SMOLLM2_GGUF)
 	cargo test --release --workspace -- --skip slurm_
-	cargo test --release --test pipeline slurm_ -- --nocapture
+	cargo test --release --workspace --test pipeline slurm_ -- --nocapture
 
 # The performance workloads (SmolLM2 and tiny Qwen2 sampling, scoring, train step, an L2T
 # iteration at TRL's GRPO shape, the tiny task's stage times), one JSON line each; WORKLOAD=name

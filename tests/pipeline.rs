@@ -931,6 +931,13 @@ fn device_check_dry_run_passes_on_the_cpu() {
     assert_eq!(iterations.len(), 2, "{iterations:?}");
     assert!(iterations.iter().all(|r| r["pass"] == true), "{iterations:?}");
     assert!(iterations.iter().all(|r| r["byte_identical"] == true), "the CPU is deterministic: {iterations:?}");
+    // The update's ratio starts from the sampler's log-probs in f32, from its own f32 ones after bf16 sampling.
+    let logp_old: Vec<(&serde_json::Value, &serde_json::Value)> =
+        of("iteration-stage").iter().filter(|r| r["stage"] == "grpo-update").map(|r| (&r["dtype"], &r["metrics"]["logp_old"])).collect();
+    assert_eq!(logp_old.len(), 4, "{logp_old:?}");
+    for (dtype, source) in logp_old {
+        assert_eq!(source, if dtype == "f32" { "sampler" } else { "recomputed in f32" }, "{dtype}");
+    }
     for w in ["generate-b1-fixed", "generate-b16-fixed", "generate-b64-fixed", "score", "train-step"] {
         let name = format!("tiny-qwen2-{w}");
         assert!(results.iter().any(|r| r["workload"] == name.as_str() && r["median_tok_per_s"].as_f64().unwrap_or(0.0) > 0.0), "{name}");

@@ -74,6 +74,13 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
             seqs.iter().zip(&recomputed).flat_map(|(s, r)| s.logp_old.iter().zip(r).map(|(a, b)| f64::from((a - b).abs()))).collect();
         let mismatch_mean = diffs.iter().sum::<f64>() / diffs.len().max(1) as f64;
         let mismatch_max = diffs.iter().copied().fold(0.0, f64::max);
+        // The sampler's log-probs are the ratio's denominator when it ran in f32 (they match the
+        // trainer's to the order of its sums); from a sampler in another precision (bf16) the
+        // update takes its own f32 log-probs instead, the mismatch recorded either way.
+        let sampled_in_f32 = sample.manifest.dtype == "f32";
+        if !sampled_in_f32 {
+            seqs.iter_mut().zip(&recomputed).for_each(|(s, r)| s.logp_old.clone_from(r));
+        }
         if u.beta_kl > 0.0 {
             let base = Policy::load(&base_art, &ctx.device)?;
             if base.tokenizer_hash != policy.tokenizer_hash {
@@ -145,6 +152,7 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
             "tensors": names.len(),
             "logp_mismatch_mean": mismatch_mean,
             "logp_mismatch_max": mismatch_max,
+            "logp_old": if sampled_in_f32 { "sampler" } else { "recomputed in f32" },
             "train_tokens_per_s": tokens as f64 / seconds,
             "data_cursor": trainer.data_cursor,
         }))
