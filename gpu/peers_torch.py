@@ -66,7 +66,7 @@ def build(dtype):
     cfg = cls(**kw, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
     with torch.device(dev):  # drawn on the device: a 1.5B model in a moment
-        model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype)
     return model.eval(), cfg
 
 

@@ -44,6 +44,7 @@ for lib in cublas cublasLt cudart curand nvrtc; do
 done
 # libcuda: a stub with the driver's SONAME that defines every driver entry point cudarc's
 # bindings declare (the symbol list comes from the cudarc version Cargo.lock pins).
+cargo fetch --quiet
 cudarc=$(cargo metadata --format-version 1 --features l2t/cuda 2>/dev/null |
   python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"]=="cudarc"))')
 bindings=$(dirname "$cudarc")/src/driver/sys/mod.rs

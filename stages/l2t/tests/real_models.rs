@@ -284,7 +284,8 @@ fn jvp_penalty_matches_grad_on_real_checkpoints() {
         let (grad, jvp) = (estimate(Estimator::Grad), estimate(Estimator::Jvp));
         let scale = grad.iter().flatten().fold(0f64, |m, g| m.max(g.abs()));
         assert!(scale > 0.0, "{name}: no measurable derivative");
-        let worst = grad.iter().flatten().zip(jvp.iter().flatten()).map(|(g, j)| (g - j).abs() / g.abs().max(1e-3 * scale)).fold(0f64, f64::max);
+        let worst =
+            grad.iter().flatten().zip(jvp.iter().flatten()).map(|(g, j)| (g - j).abs() / g.abs().max(1e-3 * scale)).fold(0f64, f64::max);
         eprintln!("{name}: jvp vs grad, worst relative error {worst:.1e}");
         assert!(worst < 1e-3, "{name}: jvp {jvp:?} vs grad {grad:?}");
     }

@@ -580,10 +580,10 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |y: Tensor, n: usize| -> Result<Tensor> { y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous() };
-        let project = |proj: &Proj, n: usize| -> Result<Dual> {
-            Ok((heads(proj.forward(x)?, n)?, heads(matmul_t(dx, &proj.weight, None)?, n)?))
-        };
-        let ((mut q, mut dq), (mut k, mut dk), (v, dv)) = (project(&self.q_proj, nh)?, project(&self.k_proj, nkv)?, project(&self.v_proj, nkv)?);
+        let project =
+            |proj: &Proj, n: usize| -> Result<Dual> { Ok((heads(proj.forward(x)?, n)?, heads(matmul_t(dx, &proj.weight, None)?, n)?)) };
+        let ((mut q, mut dq), (mut k, mut dk), (v, dv)) =
+            (project(&self.q_proj, nh)?, project(&self.k_proj, nkv)?, project(&self.v_proj, nkv)?);
         if let Some((q_norm, k_norm)) = &self.qk_norm {
             (q, dq) = q_norm.jvp(&q, &dq)?;
             (k, dk) = k_norm.jvp(&k, &dk)?;

@@ -2,9 +2,9 @@
 
 use super::shard::{execute_sharded, Sharded};
 use super::{check_sampled_by, episodes_by_rollout, iteration_policy, policy_input, progress_bar, Ctx, Summary};
+use crate::config::Estimator;
 use crate::model::tokenizer;
 use crate::model::{build_model, build_top_as, Policy};
-use crate::config::Estimator;
 use crate::reward::info_gain::{delta_i, j_values, JRequest};
 use crate::reward::penalty::{self, c_fisher, direction, directional_derivatives, ProxyModel, SeqRequest};
 use crate::reward::segment::{reasoning_tokens, token_char_ends};

@@ -383,20 +383,23 @@ mod tests {
         assert_eq!(g.c_scaled, vec![0.0, 0.0]);
     }
 
+    /// `g . D~` of every episode of every request.
+    type PerEpisode = Vec<Vec<f64>>;
+
     fn small() -> (crate::model::Config, Weights) {
         let cfg = crate::model::test_config(32, 64, 2, 4, 2);
         let w = init_weights(&cfg, 7, &Device::Cpu).unwrap();
         (cfg, w)
     }
 
-    /// Derivatives of both estimators for a policy moved away from its reference along a random
+    /// Derivatives of the three estimators for a policy moved away from its reference along a random
     /// direction in the last MLP block.
     fn both_estimators(
         cfg: &crate::model::Config,
         reference: &Weights,
         moved: &Weights,
         layer: usize,
-    ) -> (Direction, Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>) {
+    ) -> (Direction, PerEpisode, PerEpisode, PerEpisode) {
         let dev = Device::Cpu;
         let trunk = build_model(cfg, moved, &dev).unwrap();
         let tail = build_top_as(cfg, moved, layer, DType::F64, &dev).unwrap();
