@@ -393,8 +393,8 @@ mod tests {
     }
 
     /// Derivatives of the three estimators for a policy moved away from its reference along a random
-    /// direction in the last MLP block.
-    fn both_estimators(
+    /// direction in MLP block `layer`.
+    fn estimates(
         cfg: &crate::model::Config,
         reference: &Weights,
         moved: &Weights,
@@ -437,7 +437,7 @@ mod tests {
                 }
             }
             for layer in [cfg.num_hidden_layers - 1, 0] {
-                let (dir, fd, grad, jvp) = both_estimators(&cfg, &reference, &moved, layer);
+                let (dir, fd, grad, jvp) = estimates(&cfg, &reference, &moved, layer);
                 assert!(dir.norm_sq > 0.0);
                 let mut compared = 0;
                 for ((f, g), j) in fd.iter().flatten().zip(grad.iter().flatten()).zip(jvp.iter().flatten()) {
@@ -456,7 +456,7 @@ mod tests {
     #[test]
     fn c_is_zero_when_the_policy_is_its_reference() {
         let (cfg, reference) = small();
-        let (dir, fd, grad, jvp) = both_estimators(&cfg, &reference, &reference, cfg.num_hidden_layers - 1);
+        let (dir, fd, grad, jvp) = estimates(&cfg, &reference, &reference, cfg.num_hidden_layers - 1);
         assert!(dir.is_zero());
         for g_dot_d in fd.iter().chain(&grad).chain(&jvp).flatten() {
             assert_eq!(c_fisher(*g_dot_d, dir.norm_sq, 1e-5), 0.0);
