@@ -116,11 +116,11 @@ gpu-bundle: build-cuda
 	cp pipeline.toml $(GPU_BUNDLE)/
 	@du -sh $(GPU_BUNDLE); ls -l $(GPU_BUNDLE)/bin
 
-# The device check end to end on the CPU build (device cpu, the tiny shape, one rep): what the
+# The device check end to end on the CPU build (device cpu, the tiny shape, one rep, small sizes): what the
 # one GPU run will do, so that it is not spent on a typo. CHECK_OUT= where its files go.
 CHECK_OUT ?= target/gpu-check-dry
 gpu-check-dry: build
-	DEVICE=cpu BIN=target/release SHAPES=tiny-qwen2 REPS=1 STORES=$(abspath $(CHECK_OUT))/stores gpu/check.sh $(CHECK_OUT)
+	DEVICE=cpu BIN=target/release SHAPES=tiny-qwen2 REPS=1 NEW_TOKENS=32 SCORE_SHAPE=16x128 TRAIN_SHAPE=8x128 STORES=$(abspath $(CHECK_OUT))/stores gpu/check.sh $(CHECK_OUT)
 
 # Re-runs one stage of one iteration with the current config: STAGE=<name> ITER=<n>.
 stage: $(BUILD)

@@ -4,7 +4,8 @@
 #   1. numerics: the tiny Qwen2 / Llama / Qwen3 fixtures' logits against transformers' (f32, bf16);
 #   2. a whole tiny-task iteration on the device, twice in two stores: gradients, loss, log-prob
 #      mismatch, row counts, and whether the two runs wrote the same bytes (f32, then bf16 sampling);
-#   3. timings of sampling (batch 1, 16, 64), scoring and a train step on random weights in
+#   3. timings of sampling (batch 1, 16, 64; 256 new tokens), scoring (64 x 1024) and a train
+#      step (16 x 1024, AdamW) on random weights in
 #      SmolLM2-135M's and Qwen2.5-1.5B's shapes, ours and PyTorch + transformers' in the same run,
 #      with the ratio table.
 # Everything lands in OUT as at most five files: results.jsonl (one JSON line per check and
@@ -20,6 +21,12 @@ device=${DEVICE:-cuda:0}
 bin=${BIN:-$root/bin}
 shapes=${SHAPES:-smollm2-shape qwen2.5-1.5b-shape}
 reps=${REPS:-3}
+# The workloads' sizes (issue 17's targets): tokens per sampled sequence, scoring and train-step
+# batches (rows x tokens), and the train step's rows per forward/backward on our side.
+new_tokens=${NEW_TOKENS:-256}
+score_shape=${SCORE_SHAPE:-64x1024}
+train_shape=${TRAIN_SHAPE:-16x1024}
+train_micro=${TRAIN_MICRO:-4}
 step_timeout=${STEP_TIMEOUT:-150}
 # Past this many seconds no further step starts (its line says so): the run must end inside the
 # GPU machine's 10-minute command limit with its files written.
@@ -65,7 +72,8 @@ step() {
   echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $(( $(date +%s) - t0 ))}" >>"$results"
   [[ $rc == 0 ]] || note "$name: exit status $rc"
 }
-bench=("$bin/bench" --device "$device" --config "$root/pipeline.toml" --artifacts "$stores")
+bench=("$bin/bench" --device "$device" --config "$root/pipeline.toml" --artifacts "$stores"
+  --new-tokens "$new_tokens" --score-shape "$score_shape" --train-shape "$train_shape")
 
 rm -rf "$stores"
 for dtype in f32 bf16; do
@@ -80,7 +88,7 @@ for shape in $shapes; do
       step "ours-$shape-$w-$dtype" "${bench[@]}" --workload "$shape-$w" --dtype "$dtype" --reps "$reps"
     done
   done
-  step "ours-$shape-train-step" "${bench[@]}" --workload "$shape-train-step" --reps "$reps"
+  step "ours-$shape-train-step" "${bench[@]}" --workload "$shape-train-step" --reps "$reps" --micro-batch "$train_micro"
 done
 
 # The peers: PyTorch + transformers on the same device, the same workloads.
@@ -93,6 +101,7 @@ if python3 -c "import torch, transformers" 2>>"$log"; then
     (( left > 30 )) || { note "peers $shape: skipped (out of time)"; continue; }
     note "peers: $shape"
     timeout "$left" python3 "$here/peers_torch.py" --device "$torch_device" --shape "$shape" --reps "$reps" \
+      --new-tokens "$new_tokens" --score-shape "$score_shape" --train-shape "$train_shape" \
       >>"$peers" 2>>"$log" || note "peers $shape: exit status $?"
   done
 else

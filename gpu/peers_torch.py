@@ -3,10 +3,11 @@ workloads as `bench` (after shared/bench/peers, the CPU peer scripts, adapted to
 random weights in real models' shapes):
 
   {shape}-generate-b{1,16,64}-fixed  HF generate, do_sample, temperature 0.9, top_k 0, KV cache,
-                                     128 new tokens (min_new_tokens = max), 4 prompts of 44/40/41/38
+                                     --new-tokens (min_new_tokens = max), 4 prompts of 44/40/41/38
                                      random ids x batch/4 samples (batch 1: the first prompt)
-  {shape}-score                      teacher-forced per-token log-probs of 16 x 256 random ids
-  {shape}-train-step                 forward + backward + AdamW on 16 x 256, f32
+  {shape}-score                      teacher-forced per-token log-probs of --score-shape random
+                                     ids (rows x tokens), 16 rows per pass as ours
+  {shape}-train-step                 forward + backward + AdamW on --train-shape, f32, one pass
 
 Sampling and scoring run in f32 and bf16, the train step in f32. One JSON line per workload.
 """
@@ -34,6 +35,10 @@ ap = argparse.ArgumentParser()
 ap.add_argument('--device', default='cuda')
 ap.add_argument('--shape', required=True, choices=sorted(SHAPES))
 ap.add_argument('--reps', type=int, default=3)
+ap.add_argument('--new-tokens', type=int, default=128)
+shape_arg = lambda text: tuple(int(x) for x in text.split('x'))
+ap.add_argument('--score-shape', type=shape_arg, default=(16, 256))
+ap.add_argument('--train-shape', type=shape_arg, default=(16, 256))
 args = ap.parse_args()
 dev = torch.device(args.device)
 
@@ -87,41 +92,45 @@ def generate(model, cfg, dtype_name, batch):
     if batch == 1:
         n = PROMPT_LENS[0]
         ids, mask, nret = ids[:1, -n:], mask[:1, -n:], 1
-    kw = dict(do_sample=True, temperature=0.9, top_k=0, top_p=1.0, num_return_sequences=nret, max_new_tokens=128,
-              min_new_tokens=128, use_cache=True, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+    kw = dict(do_sample=True, temperature=0.9, top_k=0, top_p=1.0, num_return_sequences=nret, max_new_tokens=args.new_tokens,
+              min_new_tokens=args.new_tokens, use_cache=True, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
     with torch.inference_mode():
         model.generate(input_ids=ids, attention_mask=mask, **{**kw, 'max_new_tokens': 8, 'min_new_tokens': 8})
         walls = []
         for _ in range(args.reps):
             torch.manual_seed(1234)
             walls.append(timed(lambda: model.generate(input_ids=ids, attention_mask=mask, **kw))[0])
-    tokens = batch * 128
-    emit(dict(workload=f'{args.shape}-generate-b{batch}-fixed', dtype=dtype_name, batch=batch, reps=args.reps,
+    tokens = batch * args.new_tokens
+    emit(dict(workload=f'{args.shape}-generate-b{batch}-fixed', dtype=dtype_name, batch=batch, new_tokens=args.new_tokens, reps=args.reps,
               wall_s=[round(w, 4) for w in walls], median_tok_per_s=round(tokens / statistics.median(walls), 1)))
 
 
-def batch_ids(cfg, seed):
+def batch_ids(cfg, shape, seed):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, cfg.vocab_size, (16, 256), generator=g).to(dev)
+    return torch.randint(3, cfg.vocab_size, shape, generator=g).to(dev)
 
 
 def score(model, cfg, dtype_name):
-    ids = batch_ids(cfg, 2)
+    ids = batch_ids(cfg, args.score_shape, 2)
 
     def run():
-        logits = model(input_ids=ids).logits.float()
-        return torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        out = []
+        for chunk in ids.split(16):
+            logits = model(input_ids=chunk).logits.float()
+            out.append(torch.log_softmax(logits[:, :-1], -1).gather(-1, chunk[:, 1:, None]).squeeze(-1))
+        return torch.cat(out)
 
     with torch.inference_mode():
         run()
         walls = [timed(run)[0] for _ in range(args.reps)]
-    emit(dict(workload=f'{args.shape}-score', dtype=dtype_name, batch=16, seq=256, reps=args.reps,
-              wall_s=[round(w, 4) for w in walls], median_tok_per_s=round(4096 / statistics.median(walls), 1)))
+    rows, seq = args.score_shape
+    emit(dict(workload=f'{args.shape}-score', dtype=dtype_name, batch=rows, seq=seq, reps=args.reps,
+              wall_s=[round(w, 4) for w in walls], median_tok_per_s=round(rows * seq / statistics.median(walls), 1)))
 
 
 def train_step(model, cfg):
     model.train()
-    ids = batch_ids(cfg, 3)
+    ids = batch_ids(cfg, args.train_shape, 3)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
 
     def step():
@@ -133,9 +142,10 @@ def train_step(model, cfg):
 
     step()  # warm-up (allocates the AdamW state)
     walls = [timed(step)[0] for _ in range(args.reps)]
-    emit(dict(workload=f'{args.shape}-train-step', dtype='f32', batch=16, seq=256, reps=args.reps, optimizer='AdamW',
+    rows, seq = args.train_shape
+    emit(dict(workload=f'{args.shape}-train-step', dtype='f32', batch=rows, seq=seq, reps=args.reps, optimizer='AdamW',
               wall_s=[round(w, 4) for w in walls], median_s_per_step=round(statistics.median(walls), 4),
-              median_tok_per_s=round(4096 / statistics.median(walls), 1)))
+              median_tok_per_s=round(rows * seq / statistics.median(walls), 1)))
 
 
 for dtype_name, dtype in [('f32', torch.float32), ('bf16', torch.bfloat16)]:

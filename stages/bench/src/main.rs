@@ -40,17 +40,36 @@ struct Args {
     /// SmolLM2-135M-Instruct as GGUF (`make models`).
     #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     smollm2: PathBuf,
-    /// Sequences per forward/backward in the train step (gradients accumulate over the 16).
-    /// Default: 2 for SmolLM2 (keeps the peak under half of PyTorch's; 4 is ~10% faster at
-    /// ~5.8 GB), 16 for the tiny model (the whole batch in one pass).
+    /// Sequences per forward/backward in the train step (gradients accumulate over the batch).
+    /// Default: 2 for SmolLM2 on the CPU (keeps the peak under half of PyTorch's; 4 is ~10%
+    /// faster at ~5.8 GB); the whole batch in one pass for the tiny model and on a GPU.
     #[arg(long)]
     micro_batch: Option<usize>,
     /// Precision of sampling and scoring (`f32`, `bf16`), instead of the configuration's `dtype`.
     #[arg(long)]
     dtype: Option<l2t::config::Precision>,
+    /// New tokens per sampled sequence.
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    /// Sequences x tokens of the scoring workload.
+    #[arg(long, value_parser = parse_shape, default_value = "16x256")]
+    score_shape: (usize, usize),
+    /// Sequences x tokens of the train step.
+    #[arg(long, value_parser = parse_shape, default_value = "16x256")]
+    train_shape: (usize, usize),
     /// `check-fixtures`: the tiny Hugging Face checkpoints with their transformers logits.
     #[arg(long, default_value = "tests/fixtures/tiny_hf")]
     fixtures: PathBuf,
+}
+
+/// `ROWSxTOKENS`, as `16x256`.
+fn parse_shape(text: &str) -> std::result::Result<(usize, usize), String> {
+    let bad = || format!("expected ROWSxTOKENS (as 16x256), got {text:?}");
+    let (rows, tokens) = text.split_once('x').ok_or_else(bad)?;
+    match (rows.parse(), tokens.parse()) {
+        (Ok(r), Ok(t)) if r > 0 && t > 1 => Ok((r, t)),
+        _ => Err(bad()),
+    }
 }
 
 const WORKLOADS: &[&str] = &[
@@ -281,7 +300,7 @@ fn bench_generate(args: &Args, workload: &str, policy: &Policy, prompts: &[Vec<u
             .map(|(i, (p, _))| Request { prompt_ids: p.clone(), seed: 1234 + i as u64 })
             .collect()
     };
-    let params = SamplerParams { temperature: 0.9, top_p: 1.0, max_new_tokens: 128, ignore_eos: fixed };
+    let params = SamplerParams { temperature: 0.9, top_p: 1.0, max_new_tokens: args.new_tokens, ignore_eos: fixed };
     generate(policy, &requests, &SamplerParams { max_new_tokens: 8, ..params }, batch, |_| {})?;
     let (mut walls, mut counts) = (Vec::new(), Vec::new());
     for _ in 0..args.reps {
@@ -292,53 +311,60 @@ fn bench_generate(args: &Args, workload: &str, policy: &Policy, prompts: &[Vec<u
     }
     let rates: Vec<f64> = walls.iter().zip(&counts).map(|(w, &c)| c as f64 / w).collect();
     emit(serde_json::json!({"workload": workload, "batch": batch, "mode": if fixed { "fixed" } else { "eos" },
-        "prompt_tokens": prompts.iter().map(Vec::len).collect::<Vec<_>>(), "max_new_tokens": 128, "temperature": 0.9,
+        "prompt_tokens": prompts.iter().map(Vec::len).collect::<Vec<_>>(), "max_new_tokens": args.new_tokens, "temperature": 0.9,
         "reps": args.reps, "wall_s": walls, "gen_tokens": counts, "median_tok_per_s": median(&rates)}));
     Ok(())
 }
 
-/// Random ids in [3, vocab), 16 x 256 (the peers' seed differs; the cost does not depend on them).
-fn random_batch(vocab: usize, seed: u64) -> Vec<Vec<u32>> {
+/// Random ids in [3, vocab), `rows x tokens` (the peers' seed differs; the cost does not depend
+/// on them).
+fn random_batch(vocab: usize, (rows, tokens): (usize, usize), seed: u64) -> Vec<Vec<u32>> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..16).map(|_| (0..256).map(|_| rng.random_range(3..vocab as u32)).collect()).collect()
+    (0..rows).map(|_| (0..tokens).map(|_| rng.random_range(3..vocab as u32)).collect()).collect()
 }
 
+/// Per-token log-probs of `--score-shape` random sequences, 16 rows per pass.
 fn bench_score(args: &Args, workload: &str, policy: &Policy) -> Result<()> {
-    let seqs = random_batch(policy.cfg.vocab_size, 2);
+    let (rows, seq) = args.score_shape;
+    let seqs = random_batch(policy.cfg.vocab_size, args.score_shape, 2);
     let pairs: Vec<(&[u32], &[u32])> = seqs.iter().map(|s| (&s[..1], &s[1..])).collect();
     let logp = model::response_logprobs(&policy.model, &pairs, policy.pad_id, 16)?;
-    let mean = logp.iter().flatten().map(|&x| f64::from(x)).sum::<f64>() / (16.0 * 255.0);
+    let mean = logp.iter().flatten().map(|&x| f64::from(x)).sum::<f64>() / (rows * (seq - 1)) as f64;
     let mut walls = Vec::new();
     for _ in 0..args.reps {
         let t = Instant::now();
         model::response_logprobs(&policy.model, &pairs, policy.pad_id, 16)?;
         walls.push(t.elapsed().as_secs_f64());
     }
-    emit(serde_json::json!({"workload": workload, "batch": 16, "seq": 256, "tokens": 4096, "reps": args.reps, "wall_s": walls,
-        "median_tok_per_s": 4096.0 / median(&walls), "mean_logp": mean}));
+    let tokens = rows * seq;
+    emit(serde_json::json!({"workload": workload, "batch": rows, "seq": seq, "tokens": tokens, "reps": args.reps, "wall_s": walls,
+        "median_tok_per_s": tokens as f64 / median(&walls), "mean_logp": mean}));
     Ok(())
 }
 
 fn bench_train(args: &Args, workload: &str, policy: Policy, dev: &candle_core::Device) -> Result<()> {
-    let seqs = random_batch(policy.cfg.vocab_size, 3);
+    let (rows, seq) = args.train_shape;
+    let seqs = random_batch(policy.cfg.vocab_size, args.train_shape, 3);
     let examples: Vec<Example> = seqs.iter().map(|s| Example { prompt: s[..1].to_vec(), completion: s[1..].to_vec() }).collect();
     let steps = args.reps + 1;
-    let params = SftParams { steps, batch_size: 16, lr: 1e-5, warmup_frac: 0.0, weight_decay: 0.0, max_grad_norm: f64::INFINITY, seed: 0 };
+    let params =
+        SftParams { steps, batch_size: rows, lr: 1e-5, warmup_frac: 0.0, weight_decay: 0.0, max_grad_norm: f64::INFINITY, seed: 0 };
     let mut marks = vec![Instant::now()];
     let mut losses = Vec::new();
     let (cfg, weights, pad) = (policy.cfg.clone(), policy.weights.clone(), policy.pad_id);
     drop(policy);
     // A GPU takes the whole batch in one pass.
-    let micro_batch = args.micro_batch.unwrap_or(if workload.starts_with("tiny") || !dev.is_cpu() { 16 } else { 2 });
+    let micro_batch = args.micro_batch.unwrap_or(if workload.starts_with("tiny") || !dev.is_cpu() { rows } else { 2 });
     sft::train_micro(&cfg, weights, &examples, pad, &params, micro_batch, dev, |s| {
         marks.push(Instant::now());
         losses.push(s.loss);
     })?;
     // The first step is the warm-up (it also allocates the AdamW state).
     let walls: Vec<f64> = marks.windows(2).skip(1).map(|w| (w[1] - w[0]).as_secs_f64()).collect();
-    emit(serde_json::json!({"workload": workload, "batch": 16, "seq": 256, "tokens": 4096, "micro_batch": micro_batch,
+    let tokens = rows * seq;
+    emit(serde_json::json!({"workload": workload, "batch": rows, "seq": seq, "tokens": tokens, "micro_batch": micro_batch,
         "optimizer": "AdamW (f32 moments)", "reps": args.reps, "wall_s": walls, "median_s_per_step": median(&walls),
-        "median_tok_per_s": 4096.0 / median(&walls), "losses": losses}));
+        "median_tok_per_s": tokens as f64 / median(&walls), "losses": losses}));
     Ok(())
 }
 
