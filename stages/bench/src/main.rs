@@ -517,6 +517,7 @@ fn check_iteration(ctx: &l2t::pipeline::Ctx) -> Result<()> {
     config.sample.prompts_per_iter = 8;
     config.sample.group_size = 4;
     config.update.loss_after = true;
+    config.update.audit_logp_old = true;
     let stages: Vec<Stage> = [Stage::Prepare, Stage::Bootstrap].into_iter().chain(Stage::ITERATION).collect();
     let mut outputs: Vec<Vec<Vec<(String, String)>>> = Vec::new();
     let mut problems: Vec<String> = Vec::new();

@@ -417,6 +417,10 @@ pub struct UpdateConfig {
     /// Score the batch again after the update, to record `batch_loss_after` in the manifest (one
     /// more pass over the batch, for auditing; the update itself is the same either way).
     pub loss_after: bool,
+    /// Score the batch before the update even when the sampler ran in f32, to record the
+    /// sampler/trainer log-prob mismatch (after bf16 sampling the update always does: its
+    /// `logp_old` are then its own f32 log-probs).
+    pub audit_logp_old: bool,
 }
 
 impl Default for UpdateConfig {
@@ -436,6 +440,7 @@ impl Default for UpdateConfig {
             planned_iterations: 20,
             min_lr_ratio: 0.0,
             loss_after: false,
+            audit_logp_old: false,
         }
     }
 }
@@ -600,6 +605,7 @@ mod tests {
         }
         let mut want = Config::default();
         (want.update.planned_iterations, want.eval.k, want.eval.prompts) = (10, 4, 128);
+        want.penalty.estimator = Estimator::Fd;
         assert_eq!(Config::parse(include_str!("../../../../profiles/compare-arith.toml")).unwrap(), want);
     }
 

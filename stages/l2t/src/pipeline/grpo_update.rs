@@ -68,19 +68,32 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
             bail!("every rollout of iteration {iteration} is excluded (unparsable gold answers): nothing to train on");
         }
         let pairs: Vec<(&[u32], &[u32])> = included.iter().map(|(r, _)| (r.prompt_token_ids.as_slice(), r.token_ids.as_slice())).collect();
-        // The sampler's log-probs against the same policy scored in one teacher-forced pass.
-        let recomputed = response_logprobs(&policy.model, &pairs, pad, SCORE_ROWS)?;
-        let diffs: Vec<f64> =
-            seqs.iter().zip(&recomputed).flat_map(|(s, r)| s.logp_old.iter().zip(r).map(|(a, b)| f64::from((a - b).abs()))).collect();
-        let mismatch_mean = diffs.iter().sum::<f64>() / diffs.len().max(1) as f64;
-        let mismatch_max = diffs.iter().copied().fold(0.0, f64::max);
         // The sampler's log-probs are the ratio's denominator when it ran in f32 (they match the
-        // trainer's to the order of its sums); from a sampler in another precision (bf16) the
-        // update takes its own f32 log-probs instead, the mismatch recorded either way.
+        // trainer's to the order of its sums), and no pass recomputes them unless asked to audit
+        // the mismatch. From a sampler in another precision (bf16) the update takes its own f32
+        // log-probs instead, recording the mismatch.
         let sampled_in_f32 = sample.manifest.dtype == "f32";
-        if !sampled_in_f32 {
-            seqs.iter_mut().zip(&recomputed).for_each(|(s, r)| s.logp_old.clone_from(r));
+        let recomputed =
+            if sampled_in_f32 && !u.audit_logp_old { None } else { Some(response_logprobs(&policy.model, &pairs, pad, SCORE_ROWS)?) };
+        let (mismatch_mean, mismatch_max) = match &recomputed {
+            Some(recomputed) => {
+                let diffs: Vec<f64> = seqs
+                    .iter()
+                    .zip(recomputed)
+                    .flat_map(|(s, r)| s.logp_old.iter().zip(r).map(|(a, b)| f64::from((a - b).abs())))
+                    .collect();
+                (Some(diffs.iter().sum::<f64>() / diffs.len().max(1) as f64), Some(diffs.iter().copied().fold(0.0, f64::max)))
+            }
+            None => (None, None),
+        };
+        if let (false, Some(recomputed)) = (sampled_in_f32, &recomputed) {
+            seqs.iter_mut().zip(recomputed).for_each(|(s, r)| s.logp_old.clone_from(r));
         }
+        // The batch's loss under the policy before the update: its own log-probs where scored.
+        let current: Vec<Vec<f32>> = match recomputed {
+            Some(recomputed) => recomputed,
+            None => seqs.iter().map(|s| s.logp_old.clone()).collect(),
+        };
         if u.beta_kl > 0.0 {
             let base = Policy::load(&base_art, &ctx.device)?;
             if base.tokenizer_hash != policy.tokenizer_hash {
@@ -101,7 +114,7 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
         if previous.as_ref().is_some_and(|p| p.optimizer_step >= params.planned_steps()) {
             eprintln!("warning: iteration {iteration} is past update.planned_iterations; the cosine schedule is at its floor (update.min_lr_ratio)");
         }
-        let loss_before = grpo::batch_loss(&seqs, &recomputed, &params);
+        let loss_before = grpo::batch_loss(&seqs, &current, &params);
         let bar = progress_bar((u.ppo_epochs * u.minibatches.min(seqs.len())) as u64, Stage::GrpoUpdate.name());
         let started = Instant::now();
         let (weights, state, log) =

@@ -205,6 +205,14 @@ impl TableReader {
         Ok(values)
     }
 
+    /// A double column whose nulls are figures not measured; NaN and infinities are refused.
+    pub fn opt_f64(&self, col: &str) -> Result<Vec<Option<f64>>> {
+        let a = self.column(col, "float64")?;
+        let values: Vec<Option<f64>> = self.typed::<Float64Array>(col, "float64", a)?.iter().collect();
+        self.check_finite(col, values.iter().enumerate().filter_map(|(i, v)| v.map(|v| (i, v))))?;
+        Ok(values)
+    }
+
     pub fn list_u32(&self, col: &str) -> Result<Vec<Vec<u32>>> {
         let a = self.column(col, "list<uint32>")?;
         let list: &ListArray = self.typed(col, "list<uint32>", a)?;
@@ -238,7 +246,7 @@ impl TableReader {
 
 /// Columns that may hold nulls (an answer that could not be parsed, a prompt without a solution).
 fn col_nullable(col: &str) -> bool {
-    matches!(col, "answer" | "solution")
+    matches!(col, "answer" | "solution" | "logp_mismatch_mean" | "logp_mismatch_max")
 }
 
 // Array builders shared by the table modules.
@@ -265,6 +273,11 @@ pub fn f32s(values: impl IntoIterator<Item = f32>) -> ArrayRef {
 
 pub fn f64s(values: impl IntoIterator<Item = f64>) -> ArrayRef {
     Arc::new(Float64Array::from_iter_values(values))
+}
+
+/// A double column with nulls (a figure not measured).
+pub fn opt_f64s(values: impl IntoIterator<Item = Option<f64>>) -> ArrayRef {
+    Arc::new(Float64Array::from_iter(values))
 }
 
 pub fn bools(values: impl IntoIterator<Item = bool>) -> ArrayRef {
@@ -332,6 +345,23 @@ mod tests {
         assert_eq!(rollouts::read(&path).unwrap(), rows);
         let (_, again) = write_rollouts(&store, "b", &rows);
         assert_eq!(hash, again);
+    }
+
+    /// The mismatch columns hold nulls where the update did not measure it, and read back so.
+    #[test]
+    fn update_metrics_round_trip_with_and_without_the_mismatch() {
+        use update_metrics::{StepMetrics, UpdateMetricsRow};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let step = |n: u64| StepMetrics { step: n, lr: 1e-4, loss: -0.5, tokens: 10, sequences: 2, ..Default::default() };
+        let rows = vec![
+            UpdateMetricsRow { iteration: 0, step: step(1), logp_mismatch_mean: None, logp_mismatch_max: None },
+            UpdateMetricsRow { iteration: 1, step: step(2), logp_mismatch_mean: Some(2e-7), logp_mismatch_max: Some(3e-6) },
+        ];
+        let mut staging = store.begin("m").unwrap();
+        update_metrics::write(&mut staging, &rows).unwrap();
+        let art = staging.publish(Manifest::new("grpo-update", 1, "m", serde_json::json!({}), vec![], 0)).unwrap();
+        assert_eq!(update_metrics::read(&art.file(update_metrics::FILE).unwrap()).unwrap(), rows);
     }
 
     #[test]

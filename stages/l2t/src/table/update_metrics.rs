@@ -2,7 +2,7 @@
 //! (l2t-spec section 8). Throughput is wall-clock, so it lives in the stage's manifest instead
 //! (tables stay byte-deterministic).
 
-use super::{f64s, u32s, u64s, TableReader};
+use super::{f64s, opt_f64s, u32s, u64s, TableReader};
 use crate::store::Staging;
 use anyhow::Result;
 use arrow::datatypes::{DataType, Field, Schema};
@@ -33,9 +33,10 @@ pub struct StepMetrics {
 pub const FILE: &str = "update_metrics.parquet";
 
 /// The float columns, in schema order: [`StepMetrics`]' figures, then the iteration-wide
-/// sampler-vs-recomputed log-prob mismatch.
-const F64_COLS: [&str; 10] =
-    ["lr", "loss", "pg_loss", "kl_loss", "kl", "clip_frac", "ratio_mean", "grad_norm", "logp_mismatch_mean", "logp_mismatch_max"];
+/// sampler-vs-recomputed log-prob mismatch (null where the update did not score its batch first:
+/// `update.audit_logp_old`).
+const F64_COLS: [&str; 8] = ["lr", "loss", "pg_loss", "kl_loss", "kl", "clip_frac", "ratio_mean", "grad_norm"];
+const MISMATCH_COLS: [&str; 2] = ["logp_mismatch_mean", "logp_mismatch_max"];
 
 pub fn schema() -> Schema {
     let mut fields = vec![
@@ -48,6 +49,7 @@ pub fn schema() -> Schema {
         Field::new("tokens", DataType::UInt64, false),
     ];
     fields.extend(F64_COLS.iter().map(|c| Field::new(*c, DataType::Float64, false)));
+    fields.extend(MISMATCH_COLS.iter().map(|c| Field::new(*c, DataType::Float64, true)));
     Schema::new(fields)
 }
 
@@ -57,8 +59,8 @@ pub struct UpdateMetricsRow {
     pub iteration: u32,
     pub step: StepMetrics,
     /// Mean and max |log-prob the sampler recorded - log-prob recomputed by the update|.
-    pub logp_mismatch_mean: f64,
-    pub logp_mismatch_max: f64,
+    pub logp_mismatch_mean: Option<f64>,
+    pub logp_mismatch_max: Option<f64>,
 }
 
 pub fn write(staging: &mut Staging, rows: &[UpdateMetricsRow]) -> Result<()> {
@@ -79,8 +81,8 @@ pub fn write(staging: &mut Staging, rows: &[UpdateMetricsRow]) -> Result<()> {
         f64_of(|r| r.step.clip_frac),
         f64_of(|r| r.step.ratio_mean),
         f64_of(|r| r.step.grad_norm),
-        f64_of(|r| r.logp_mismatch_mean),
-        f64_of(|r| r.logp_mismatch_max),
+        opt_f64s(rows.iter().map(|r| r.logp_mismatch_mean)),
+        opt_f64s(rows.iter().map(|r| r.logp_mismatch_max)),
     ];
     super::write_table(staging, FILE, schema(), columns)
 }
@@ -90,6 +92,7 @@ pub fn read(path: &Path) -> Result<Vec<UpdateMetricsRow>> {
     let (iteration, step, epoch, minibatch) = (t.u32("iteration")?, t.u64("step")?, t.u32("epoch")?, t.u32("minibatch")?);
     let (sequences, tensors_with_grad, tokens) = (t.u32("sequences")?, t.u32("tensors_with_grad")?, t.u64("tokens")?);
     let f: Vec<Vec<f64>> = F64_COLS.iter().map(|c| t.f64(c)).collect::<Result<_>>()?;
+    let (mismatch_mean, mismatch_max) = (t.opt_f64(MISMATCH_COLS[0])?, t.opt_f64(MISMATCH_COLS[1])?);
     Ok((0..t.rows())
         .map(|i| UpdateMetricsRow {
             iteration: iteration[i],
@@ -109,8 +112,8 @@ pub fn read(path: &Path) -> Result<Vec<UpdateMetricsRow>> {
                 ratio_mean: f[6][i],
                 grad_norm: f[7][i],
             },
-            logp_mismatch_mean: f[8][i],
-            logp_mismatch_max: f[9][i],
+            logp_mismatch_mean: mismatch_mean[i],
+            logp_mismatch_max: mismatch_max[i],
         })
         .collect())
 }

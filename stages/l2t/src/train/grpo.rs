@@ -362,7 +362,7 @@ mod tests {
             micro_batch: 1,
             planned_iterations: 10,
             min_lr_ratio: 0.0,
-            loss_after: false,
+            ..UpdateConfig::default()
         };
         GrpoParams { update, max_new_tokens: 8 }
     }
