@@ -369,7 +369,8 @@ fn bench_train(args: &Args, workload: &str, policy: Policy, dev: &candle_core::D
 }
 
 /// Two iterations of SmolLM2 at TRL's GRPO shape (4 prompts x 4 generations, 64 new tokens) in a
-/// scratch store, with L2T's credit or outcome GRPO's (the like-for-like peer of TRL's step);
+/// scratch store, with L2T's credit or outcome GRPO's (the like-for-like peer of TRL's step), the
+/// update set as TRL's (beta 0, one optimizer step);
 /// iteration 1 (where the penalty is computed) is the figure. `l2t_overhead` is `fisher-reward`'s
 /// time over `sample`'s, what the dense reward costs beside generation.
 fn bench_iteration(args: &Args, base: &Config, method: Method) -> Result<()> {
@@ -388,6 +389,10 @@ fn bench_iteration(args: &Args, base: &Config, method: Method) -> Result<()> {
     config.reward.batch_rows = 16;
     config.update.micro_batch = 4;
     config.update.lr = 1e-6;
+    // As the TRL peer's step: no KL term (TRL's default beta = 0, so no reference pass) and one
+    // optimizer step per generation.
+    config.update.beta_kl = 0.0;
+    config.update.minibatches = 1;
     config.credit.method = method;
     let scratch = tempfile::Builder::new().prefix(".bench-").tempdir()?;
     let ctx = Ctx::new(scratch.path().to_path_buf(), "bench", config)?;
