@@ -48,7 +48,7 @@ impl Stage {
             Stage::Bootstrap => 2,
             Stage::Sample => 1,
             Stage::Segment => 2,
-            Stage::FisherReward => 3,
+            Stage::FisherReward => 4,
             Stage::CreditAssign => 2,
             Stage::GrpoUpdate => 1,
             Stage::Eval => 3,
