@@ -400,7 +400,7 @@ fn bench_iteration(args: &Args, base: &Config, method: Method) -> Result<()> {
     pipeline::run_bootstrap(&ctx)?;
     for iter in 0..2u32 {
         let mut seconds = std::collections::BTreeMap::new();
-        let mut fisher_split = serde_json::Value::Null;
+        let (mut fisher_split, mut update_split) = (serde_json::Value::Null, serde_json::Value::Null);
         let started = Instant::now();
         for stage in Stage::ITERATION {
             let summary = pipeline::run_iteration_stage(&ctx, stage, iter)?;
@@ -408,11 +408,14 @@ fn bench_iteration(args: &Args, base: &Config, method: Method) -> Result<()> {
             if stage == Stage::FisherReward {
                 fisher_split = serde_json::json!({"j": summary.metrics["j_seconds"], "penalty": summary.metrics["c_seconds"]});
             }
+            if stage == Stage::GrpoUpdate {
+                update_split = summary.metrics["phase_seconds"].clone();
+            }
         }
         let overhead = seconds[Stage::FisherReward.name()] / seconds[Stage::Sample.name()];
         emit(serde_json::json!({"workload": format!("smollm2-{method}-iteration"), "iteration": iter, "prompts": 4, "generations": 4,
             "max_new_tokens": 64, "s_per_iteration": started.elapsed().as_secs_f64(), "stage_seconds": seconds,
-            "fisher_reward_seconds": fisher_split, "l2t_overhead": (overhead * 1000.0).round() / 1000.0}));
+            "fisher_reward_seconds": fisher_split, "grpo_update_seconds": update_split, "l2t_overhead": (overhead * 1000.0).round() / 1000.0}));
     }
     Ok(())
 }

@@ -39,6 +39,7 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
     }
     let slot = Stage::GrpoUpdate.at(iteration);
     execute(ctx, Stage::GrpoUpdate, &slot, Stage::GrpoUpdate.params(cfg), inputs, |staging| {
+        let stage_started = Instant::now();
         let prompt_rows = prompts::read(&sample.file(prompts::ITERATION_FILE)?)?;
         let rollout_rows = rollouts::read(&sample.file(rollouts::FILE)?)?;
         let adv_rows = advantages::read(&credit.file(advantages::FILE)?)?;
@@ -115,6 +116,7 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
             eprintln!("warning: iteration {iteration} is past update.planned_iterations; the cosine schedule is at its floor (update.min_lr_ratio)");
         }
         let loss_before = grpo::batch_loss(&seqs, &current, &params);
+        let prepare_seconds = stage_started.elapsed().as_secs_f64();
         let bar = progress_bar((u.ppo_epochs * u.minibatches.min(seqs.len())) as u64, Stage::GrpoUpdate.name());
         let started = Instant::now();
         let (weights, state, log) =
@@ -132,6 +134,7 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
             None
         };
 
+        let saving = Instant::now();
         model::save_checkpoint(staging, &policy.cfg, &weights, &policy.tokenizer, &policy.tokenizer_config)?;
         checkpoint::save_optimizer(staging, &names, &state)?;
         let trainer = TrainerState {
@@ -147,6 +150,7 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
             .map(|&step| UpdateMetricsRow { iteration, step, logp_mismatch_mean: mismatch_mean, logp_mismatch_max: mismatch_max })
             .collect();
         update_metrics::write(staging, &rows)?;
+        let save_seconds = saving.elapsed().as_secs_f64();
         let steps = log.len().max(1) as f64;
         let mean = |f: fn(&StepMetrics) -> f64| log.iter().map(f).sum::<f64>() / steps;
         let tokens: u64 = log.iter().map(|m| m.tokens).sum();
@@ -167,6 +171,9 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
             "logp_mismatch_max": mismatch_max,
             "logp_old": if sampled_in_f32 { "sampler" } else { "recomputed in f32" },
             "train_tokens_per_s": tokens as f64 / seconds,
+            // Where the stage's time goes: loading the policy and optimizer and the passes before
+            // the update, the update itself, writing the checkpoint (publishing is on top).
+            "phase_seconds": { "prepare": prepare_seconds, "update": seconds, "save": save_seconds },
             "data_cursor": trainer.data_cursor,
         }))
     })
