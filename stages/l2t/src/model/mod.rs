@@ -274,8 +274,48 @@ pub fn save_checkpoint(
     write(TOKENIZER_FILE, tok.as_bytes())?;
     write(TOKENIZER_CONFIG_FILE, serde_json::to_string_pretty(tokenizer_config)?.as_bytes())?;
     let tensors: Vec<(&str, &Tensor)> = weights.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let bytes = safetensors::serialize(tensors, None).context("serialising the weights")?;
-    write(WEIGHTS_FILE, &bytes)
+    write_safetensors(staging, WEIGHTS_FILE, &tensors).context("writing the weights")
+}
+
+/// Writes `tensors` as the safetensors file `file` of `staging`, one tensor at a time: the bytes
+/// `safetensors::serialize` gives, without the whole file (weights or AdamW moments: the largest
+/// outputs of a stage) held in memory a second time.
+pub fn write_safetensors(staging: &mut Staging, file: &str, tensors: &[(&str, &Tensor)]) -> Result<()> {
+    use safetensors::View;
+    use std::io::Write;
+    /// A tensor's header entry without its data: `serialize` over these writes the header alone.
+    struct HeaderOnly {
+        dtype: safetensors::Dtype,
+        shape: Vec<usize>,
+        len: usize,
+    }
+    impl View for &HeaderOnly {
+        fn dtype(&self) -> safetensors::Dtype {
+            self.dtype
+        }
+        fn shape(&self) -> &[usize] {
+            &self.shape
+        }
+        fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+            std::borrow::Cow::Borrowed(&[])
+        }
+        fn data_len(&self) -> usize {
+            self.len
+        }
+    }
+    // safetensors' order: by descending dtype, then by name.
+    let mut order: Vec<&(&str, &Tensor)> = tensors.iter().collect();
+    order.sort_by(|(a, x), (b, y)| View::dtype(*y).cmp(&View::dtype(*x)).then(a.cmp(b)));
+    let heads: Vec<HeaderOnly> =
+        order.iter().map(|(_, t)| HeaderOnly { dtype: View::dtype(*t), shape: t.dims().to_vec(), len: View::data_len(*t) }).collect();
+    let header =
+        safetensors::serialize(order.iter().map(|(name, _)| *name).zip(&heads), None).with_context(|| format!("{file}: header"))?;
+    let mut w = staging.create(file)?;
+    w.write_all(&header).with_context(|| format!("{file}: cannot write"))?;
+    for (_, t) in order {
+        w.write_all(&View::data(*t)).with_context(|| format!("{file}: cannot write"))?;
+    }
+    staging.record(file, w, None)
 }
 
 /// log p(target) under logits: (b, t, vocab), (b, t) u32 -> (b, t). Differentiable.
@@ -506,6 +546,24 @@ mod tests {
         assert!(max_diff(logits(&trainable), logits(&packed)) < 1e-5);
         let want = token_logprobs(&logits(&trainable), &batch.targets).unwrap();
         assert!(max_diff(batch.logprobs(&packed).unwrap(), want) < 1e-5);
+    }
+
+    /// The streamed writer gives safetensors' own bytes: names out of order, mixed dtypes.
+    #[test]
+    fn streamed_safetensors_are_the_serialized_bytes() {
+        let dev = Device::Cpu;
+        let a = Tensor::from_vec((0..12).map(|x| x as f32 * 0.5).collect::<Vec<_>>(), (3, 4), &dev).unwrap();
+        let b = Tensor::from_vec(vec![1u8, 2, 3], 3, &dev).unwrap();
+        let c = Tensor::from_vec(vec![-1.5f32, 2.25], 2, &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let d = Tensor::from_vec(vec![7u32, 8], (1, 2), &dev).unwrap();
+        let tensors = [("z.weight", &a), ("b", &b), ("m.x", &c), ("a.ids", &d), ("c.weight", &a)];
+        let want = safetensors::serialize(tensors.iter().map(|(n, t)| (*n, *t)), None).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::new(dir.path());
+        let mut staging = store.begin("st").unwrap();
+        write_safetensors(&mut staging, "x.safetensors", &tensors).unwrap();
+        let art = staging.publish(crate::store::Manifest::new("bootstrap", 1, "st", serde_json::json!({}), vec![], 0)).unwrap();
+        assert_eq!(std::fs::read(art.file("x.safetensors").unwrap()).unwrap(), want);
     }
 
     #[test]

@@ -76,14 +76,13 @@ pub fn load_trainer_state(policy: &Artifact) -> Result<Option<TrainerState>> {
 
 /// Writes the moments as `m.<tensor name>` / `v.<tensor name>`.
 pub fn save_optimizer(staging: &mut Staging, names: &[String], state: &OptimizerState) -> Result<()> {
-    let mut tensors: Vec<(String, &Tensor)> = Vec::with_capacity(2 * names.len());
-    for (i, name) in names.iter().enumerate() {
-        tensors.push((format!("m.{name}"), &state.m[i]));
-        tensors.push((format!("v.{name}"), &state.v[i]));
+    let keys: Vec<(String, String)> = names.iter().map(|n| (format!("m.{n}"), format!("v.{n}"))).collect();
+    let mut tensors: Vec<(&str, &Tensor)> = Vec::with_capacity(2 * names.len());
+    for (i, (m, v)) in keys.iter().enumerate() {
+        tensors.push((m, &state.m[i]));
+        tensors.push((v, &state.v[i]));
     }
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    let bytes = safetensors::serialize(tensors, None).context("serialising the optimizer state")?;
-    staging.write_file(OPTIMIZER_FILE, &bytes)
+    crate::model::write_safetensors(staging, OPTIMIZER_FILE, &tensors).context("writing the optimizer state")
 }
 
 /// The optimizer state of a policy artifact, in `names` order; `None` for the base policy.
