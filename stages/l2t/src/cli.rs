@@ -25,6 +25,9 @@ pub struct Common {
     /// Where the policy's passes run (`cpu`, `cuda:N`), instead of the configuration's `device`.
     #[arg(long)]
     pub device: Option<crate::config::DeviceSpec>,
+    /// Precision of sampling and scoring (`f32`, `bf16`), instead of the configuration's `dtype`.
+    #[arg(long)]
+    pub dtype: Option<crate::config::Precision>,
 }
 
 impl Common {
@@ -32,6 +35,9 @@ impl Common {
         let mut config = Config::load(&self.config)?;
         if let Some(device) = self.device {
             config.device = device;
+        }
+        if let Some(dtype) = self.dtype {
+            config.dtype = dtype;
         }
         let mut ctx = Ctx::new(self.artifacts.clone(), &self.run, config)?;
         ctx.only_cached = self.only_cached;
