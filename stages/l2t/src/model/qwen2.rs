@@ -276,16 +276,17 @@ type Dual = (Tensor, Tensor);
 /// `s = sigmoid(g)`, `silu'(g) = s (1 + g (1 - s))`.
 fn mlp_jvp(w: [&Tensor; 3], h: &Tensor, dh: Option<&Tensor>, dw: Option<[&Tensor; 3]>) -> Result<Dual> {
     let [wg, wu, wd] = w;
-    let tangent = |m: usize, wm: &Tensor, x: &Tensor| -> Result<Option<Tensor>> {
+    // The tangent of `h W_m^T`: `dh W_m^T + h dW_m^T`, each term present when its tangent is.
+    let tangent = |m: usize, wm: &Tensor| -> Result<Option<Tensor>> {
         let from_input = dh.map(|dh| matmul_t(dh, wm, None)).transpose()?;
-        let from_weight = dw.map(|dw| matmul_t(x, dw[m], None)).transpose()?;
+        let from_weight = dw.map(|dw| matmul_t(h, dw[m], None)).transpose()?;
         Ok(match (from_input, from_weight) {
             (Some(a), Some(b)) => Some((a + b)?),
             (a, b) => a.or(b),
         })
     };
     let (g, u) = (matmul_t(h, wg, None)?, matmul_t(h, wu, None)?);
-    let (dg, du) = (tangent(0, wg, h)?, tangent(1, wu, h)?);
+    let (dg, du) = (tangent(0, wg)?, tangent(1, wu)?);
     let s = (g.neg()?.exp()? + 1.0)?.recip()?;
     let silu = (&g * &s)?;
     let a = (&silu * &u)?;
@@ -295,7 +296,7 @@ fn mlp_jvp(w: [&Tensor; 3], h: &Tensor, dh: Option<&Tensor>, dw: Option<[&Tensor
     };
     if let Some(dg) = dg {
         let slope = (&s * ((&g * (1.0 - &s)?)? + 1.0)?)?;
-        da = (da + (slope * dg)? * &u)?;
+        da = (da + ((slope * dg)? * &u)?)?;
     }
     let y = matmul_t(&a, wd, None)?;
     let mut dy = matmul_t(&da, wd, None)?;
