@@ -131,6 +131,19 @@ pub fn build_top_as(cfg: &Config, weights: &Weights, from: usize, dtype: DType, 
     build_model_as(&cfg, &top, dtype, dev)
 }
 
+/// The checkpoint of a store artifact (weights, config, tokenizer), each file verified against the
+/// manifest, without building a model over it.
+pub fn read_artifact_checkpoint(artifact: &Artifact, dev: &Device) -> Result<Checkpoint> {
+    let locate = |f: &str| -> Result<Option<std::path::PathBuf>> {
+        if artifact.manifest.output(f).is_ok() {
+            artifact.file(f).map(Some)
+        } else {
+            Ok(None)
+        }
+    };
+    hf::read(&artifact.dir.display().to_string(), locate, dev)
+}
+
 /// A loaded policy checkpoint.
 pub struct Policy {
     pub cfg: Config,
@@ -191,16 +204,7 @@ impl Policy {
 
     /// Loads a checkpoint artifact for passes in `dtype` (the `dtype` knob).
     pub fn load_as(artifact: &Artifact, dev: &Device, dtype: DType) -> Result<Self> {
-        let origin = artifact.dir.display().to_string();
-        let locate = |f: &str| -> Result<Option<std::path::PathBuf>> {
-            if artifact.manifest.output(f).is_ok() {
-                artifact.file(f).map(Some)
-            } else {
-                Ok(None)
-            }
-        };
-        let ckpt = hf::read(&origin, locate, dev)?;
-        let mut policy = Self::from_checkpoint_as(ckpt, dev, dtype)?;
+        let mut policy = Self::from_checkpoint_as(read_artifact_checkpoint(artifact, dev)?, dev, dtype)?;
         policy.weights_hash = artifact.manifest.output(WEIGHTS_FILE)?.blake3.clone();
         policy.tokenizer_hash = artifact.manifest.output(TOKENIZER_FILE)?.blake3.clone();
         Ok(policy)

@@ -3,8 +3,9 @@
 use super::shard::{execute_sharded, Sharded};
 use super::{check_sampled_by, episodes_by_rollout, iteration_policy, policy_input, progress_bar, Ctx, Summary};
 use crate::config::Estimator;
+use crate::model::qwen2::MlpWeights;
 use crate::model::tokenizer;
-use crate::model::{build_model, build_top_as, Policy};
+use crate::model::{build_model, build_top_as, read_artifact_checkpoint, Policy};
 use crate::reward::info_gain::{delta_i, j_values, JRequest};
 use crate::reward::penalty::{self, c_fisher, direction, directional_derivatives, ProxyModel, SeqRequest};
 use crate::reward::segment::{reasoning_tokens, token_char_ends};
@@ -156,7 +157,8 @@ impl Sharded for FisherJob<'_> {
         let all_by_rollout = batch.by_rollout()?;
         let policy = Policy::load_as(&self.policy, &self.ctx.device, self.ctx.dtype)?;
         check_sampled_by(&policy, &batch.rollouts, self.iteration)?;
-        let base = Policy::load(&self.base, &self.ctx.device)?;
+        // Only the base's proxy block is read: its checkpoint, no model built over it.
+        let base = read_artifact_checkpoint(&self.base, &self.ctx.device)?;
         let pad = policy.pad_id;
         let gold: HashMap<&str, &str> = batch.prompts.iter().map(|p| (p.prompt_id.as_str(), p.gold_answer.as_str())).collect();
         // This shard's rollouts: those of its prompt groups.
@@ -226,7 +228,10 @@ impl Sharded for FisherJob<'_> {
             &f32_trunk
         };
         let theta = trunk.mlp_weights(layer);
-        let dir = direction(&theta, &base.model.mlp_weights(layer), cfg.penalty.rank_fraction)?;
+        let base_block =
+            MlpWeights::names(layer).map(|name| base.weights.get(&name).cloned().with_context(|| format!("the base policy has no {name}")));
+        let [gate, up, down] = base_block;
+        let dir = direction(&theta, &MlpWeights::from_matrices([gate?, up?, down?]), cfg.penalty.rank_fraction)?;
         let g_dot_d: Vec<Vec<f64>> = if dir.is_zero() || rollout_rows.is_empty() {
             by_rollout.iter().map(|eps| vec![0.0; eps.len()]).collect()
         } else {
