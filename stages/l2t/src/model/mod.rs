@@ -172,10 +172,17 @@ impl Policy {
 
     /// The same, with the model's passes in `dtype` (`weights` stay as read: f32).
     pub fn from_checkpoint_as(ckpt: Checkpoint, dev: &Device, dtype: DType) -> Result<Self> {
+        Self::assemble(ckpt, dev, dtype, true)
+    }
+
+    /// The policy over `ckpt`, its projections packed for gradient-free passes when `pack`.
+    fn assemble(ckpt: Checkpoint, dev: &Device, dtype: DType, pack: bool) -> Result<Self> {
         let Checkpoint { cfg, weights, tokenizer, tokenizer_config } = ckpt;
         let (eos_id, stop_ids, pad_id) = special_ids(&cfg, &tokenizer, &tokenizer_config)?;
         let mut model = build_model_as(&cfg, &weights, dtype, dev)?;
-        model.pack_for_inference()?;
+        if pack {
+            model.pack_for_inference()?;
+        }
         Ok(Self {
             model,
             cfg,
@@ -204,7 +211,17 @@ impl Policy {
 
     /// Loads a checkpoint artifact for passes in `dtype` (the `dtype` knob).
     pub fn load_as(artifact: &Artifact, dev: &Device, dtype: DType) -> Result<Self> {
-        let mut policy = Self::from_checkpoint_as(read_artifact_checkpoint(artifact, dev)?, dev, dtype)?;
+        Self::load_artifact(artifact, dev, dtype, true)
+    }
+
+    /// Loads a checkpoint artifact to be trained (f32, nothing packed): the update reads its
+    /// weights and scores with the model only to audit, so packing would be work for nothing.
+    pub fn load_for_update(artifact: &Artifact, dev: &Device) -> Result<Self> {
+        Self::load_artifact(artifact, dev, DType::F32, false)
+    }
+
+    fn load_artifact(artifact: &Artifact, dev: &Device, dtype: DType, pack: bool) -> Result<Self> {
+        let mut policy = Self::assemble(read_artifact_checkpoint(artifact, dev)?, dev, dtype, pack)?;
         policy.weights_hash = artifact.manifest.output(WEIGHTS_FILE)?.blake3.clone();
         policy.tokenizer_hash = artifact.manifest.output(TOKENIZER_FILE)?.blake3.clone();
         Ok(policy)

@@ -50,7 +50,7 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
                 bail!("{}: row {i}: {} token advantages for a response of {} tokens", advantages::FILE, a.a_t.len(), r.token_ids.len());
             }
         }
-        let policy = Policy::load(&policy_art, &ctx.device)?;
+        let policy = Policy::load_for_update(&policy_art, &ctx.device)?;
         check_sampled_by(&policy, &rollout_rows, iteration)?;
         let pad = policy.pad_id;
 
