@@ -18,7 +18,7 @@ use std::sync::Arc;
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &["qwen2", "llama", "qwen3"];
 
 /// Longest rotary table built up front; longer contexts are refused rather than allocated.
-const MAX_ROTARY_POSITIONS: usize = 32_768;
+pub(crate) const MAX_ROTARY_POSITIONS: usize = 32_768;
 
 /// A token id or a list of them (`eos_token_id` is either in Hugging Face configs).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

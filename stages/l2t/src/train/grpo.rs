@@ -13,6 +13,10 @@
 use super::adamw::{clip_scale, AdamW, AdamWParams, Grads};
 use super::schedule::cosine_lr;
 use crate::config::{LossAgg, UpdateConfig};
+use crate::kernels::{
+    self,
+    decoder_pass::{Batch, GradBuffers, Locked, Params, Tape},
+};
 use crate::model::{build_model, Config, TeacherForced, Weights};
 use crate::table::update_metrics::StepMetrics;
 use anyhow::{bail, Result};
@@ -34,6 +38,30 @@ pub fn k3(logp_ref: f64, logp: f64) -> f64 {
 /// `-min(ratio * a, clip(ratio, 1 - eps_low, 1 + eps_high) * a)`.
 pub fn clipped_surrogate(ratio: f64, a: f64, eps_low: f64, eps_high: f64) -> f64 {
     -(ratio * a).min(ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * a)
+}
+
+/// One response token's loss terms under the update's formula, and the gradient of its loss
+/// `pg + beta_kl * k3` with respect to its log-prob: `-A ratio` while the surrogate is not clipped
+/// (0 where `min` picks the constant clipped branch), plus `beta_kl (1 - exp(logp_ref - logp))`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenLoss {
+    pub ratio: f64,
+    pub pg: f64,
+    pub k3: f64,
+    pub clipped: bool,
+    pub dloss_dlogp: f64,
+}
+
+pub fn token_loss(logp: f64, logp_old: f64, logp_ref: f64, a: f64, u: &UpdateConfig) -> TokenLoss {
+    let r = ratio(logp, logp_old);
+    let clipped = (r < 1.0 - u.eps_low && a < 0.0) || (r > 1.0 + u.eps_high && a > 0.0);
+    let mut dloss_dlogp = if clipped { 0.0 } else { -a * r };
+    let mut k3_value = 0.0;
+    if u.beta_kl > 0.0 {
+        k3_value = k3(logp_ref, logp);
+        dloss_dlogp += u.beta_kl * (1.0 - (logp_ref - logp).exp());
+    }
+    TokenLoss { ratio: r, pg: clipped_surrogate(r, a, u.eps_low, u.eps_high), k3: k3_value, clipped, dloss_dlogp }
 }
 
 /// The weight of each token's loss in the minibatch loss, so that `loss = sum_t weight_t * loss_t`.
@@ -81,13 +109,49 @@ impl GrpoParams {
 }
 
 /// The loss of one micro batch (already weighted for its minibatch) and its metric sums.
+#[derive(Debug, Default)]
 struct MicroLoss {
-    loss: Tensor,
+    loss: f64,
     pg: f64,
     kl_loss: f64,
     kl_sum: f64,
     clipped: f64,
     ratio_sum: f64,
+}
+
+/// One micro batch through the owned pass ([`decoder_pass`]): the response tokens' log-probs,
+/// [`token_loss`] of each, and the gradients of the weighted loss added into `grads`.
+fn owned_micro_step(
+    cfg: &Config,
+    vars: &[(String, Var)],
+    seqs: &[&Sequence],
+    weights: &[&Vec<f64>],
+    p: &GrpoParams,
+    pad_id: u32,
+    grads: &mut GradBuffers,
+) -> Result<MicroLoss> {
+    let pairs: Vec<(&[u32], &[u32])> = seqs.iter().map(|s| (s.prompt.as_slice(), s.response.as_slice())).collect();
+    let locked = Locked::new(vars);
+    let params = Params::new(cfg, &locked)?;
+    let tape = Tape::forward(&params, Batch::responses(&pairs, pad_id)?)?;
+    let (mut m, mut dlogp) = (MicroLoss::default(), Vec::with_capacity(tape.logp().len()));
+    let mut logp = tape.logp().iter();
+    for (s, w) in seqs.iter().zip(weights) {
+        for (j, &w) in w.iter().enumerate().take(s.response.len()) {
+            let Some(&lp) = logp.next() else { bail!("the pass scored fewer tokens than the responses hold") };
+            let reference = if p.update.beta_kl > 0.0 { f64::from(s.logp_ref[j]) } else { 0.0 };
+            let t = token_loss(f64::from(lp), f64::from(s.logp_old[j]), reference, f64::from(s.a_t[j]), &p.update);
+            m.pg += w * t.pg;
+            m.kl_loss += w * p.update.beta_kl * t.k3;
+            m.kl_sum += t.k3;
+            m.clipped += f64::from(u8::from(t.clipped));
+            m.ratio_sum += t.ratio;
+            dlogp.push((w * t.dloss_dlogp) as f32);
+        }
+    }
+    m.loss = m.pg + m.kl_loss;
+    tape.backward(&dlogp, grads)?;
+    Ok(m)
 }
 
 fn micro_loss(
@@ -97,7 +161,7 @@ fn micro_loss(
     p: &GrpoParams,
     pad_id: u32,
     dev: &Device,
-) -> Result<MicroLoss> {
+) -> Result<(Tensor, MicroLoss)> {
     let pairs: Vec<(&[u32], &[u32])> = seqs.iter().map(|s| (s.prompt.as_slice(), s.response.as_slice())).collect();
     let batch = TeacherForced::new(&pairs, pad_id, dev)?;
     let (b, t) = batch.inputs.dims2()?;
@@ -123,7 +187,7 @@ fn micro_loss(
 /// before the exponential: a prompt or padding token's log-prob can be very negative (or `-inf`),
 /// `exp(0 - logp)` then overflows to inf, and inf times a zero weight is NaN in the loss and its
 /// gradient.
-fn formula_loss(logp: &Tensor, old: &Tensor, reference: &Tensor, adv: &Tensor, w: &Tensor, p: &GrpoParams) -> Result<MicroLoss> {
+fn formula_loss(logp: &Tensor, old: &Tensor, reference: &Tensor, adv: &Tensor, w: &Tensor, p: &GrpoParams) -> Result<(Tensor, MicroLoss)> {
     let ratio = (logp - old)?.exp()?;
     let clipped_ratio = ratio.clamp(1.0 - p.update.eps_low, 1.0 + p.update.eps_high)?;
     let pg = (ratio.broadcast_mul(adv)?.minimum(&clipped_ratio.broadcast_mul(adv)?)?).neg()?;
@@ -153,7 +217,8 @@ fn formula_loss(logp: &Tensor, old: &Tensor, reference: &Tensor, adv: &Tensor, w
             clipped += 1.0;
         }
     }
-    Ok(MicroLoss { pg: f64::from(pg_loss.to_scalar::<f32>()?), loss, kl_loss, kl_sum, clipped, ratio_sum })
+    let value = f64::from(loss.to_scalar::<f32>()?);
+    Ok((loss, MicroLoss { pg: f64::from(pg_loss.to_scalar::<f32>()?), loss: value, kl_loss, kl_sum, clipped, ratio_sum }))
 }
 
 /// The loss of the whole batch taken as one minibatch, from the policy's log-probs of every
@@ -201,8 +266,14 @@ pub fn update(
         bail!("no sequences to train on");
     }
     let vars: Vec<(String, Var)> = weights.into_iter().map(|(k, t)| Ok((k, Var::from_tensor(&t)?))).collect::<Result<_>>()?;
-    let model_weights: Weights = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-    let model = build_model(cfg, &model_weights, dev)?;
+    // f32 weights on the CPU take the owned pass; anything else candle's autograd over the model.
+    let owned = vars.first().is_some_and(|(_, v)| kernels::cpu_f32(v.as_tensor()));
+    let model = if owned {
+        None
+    } else {
+        let model_weights: Weights = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        Some(build_model(cfg, &model_weights, dev)?)
+    };
     let mut opt = AdamW::new(vars, AdamWParams { weight_decay: p.update.weight_decay, ..AdamWParams::default() })?;
     if let Some(s) = state {
         if s.m.len() != opt.vars.len() || s.v.len() != opt.vars.len() {
@@ -220,20 +291,31 @@ pub fn update(
             let lens: Vec<usize> = part.iter().map(|&i| seqs[i].response.len()).collect();
             let weights = token_weights(&lens, p.update.loss_agg, p.max_new_tokens);
             let mut grads = Grads::new();
+            let mut owned_grads = owned.then(|| GradBuffers::zeros(&opt.vars));
             let mut m = StepMetrics { epoch: epoch as u32, minibatch: mb as u32, sequences: part.len() as u32, ..StepMetrics::default() };
             m.tokens = lens.iter().sum::<usize>() as u64;
             let (mut kl_sum, mut clipped, mut ratio_sum) = (0.0, 0.0, 0.0);
             for (chunk, chunk_w) in part.chunks(p.update.micro_batch.max(1)).zip(weights.chunks(p.update.micro_batch.max(1))) {
                 let chunk_seqs: Vec<&Sequence> = chunk.iter().map(|&i| &seqs[i]).collect();
                 let chunk_w: Vec<&Vec<f64>> = chunk_w.iter().collect();
-                let micro = micro_loss(&model, &chunk_seqs, &chunk_w, p, pad_id, dev)?;
-                opt.accumulate(&mut grads, &micro.loss.backward()?)?;
-                m.loss += f64::from(micro.loss.to_scalar::<f32>()?);
+                let micro = match (&model, owned_grads.as_mut()) {
+                    (Some(model), _) => {
+                        let (loss, micro) = micro_loss(model, &chunk_seqs, &chunk_w, p, pad_id, dev)?;
+                        opt.accumulate(&mut grads, &loss.backward()?)?;
+                        micro
+                    }
+                    (None, Some(buffers)) => owned_micro_step(cfg, &opt.vars, &chunk_seqs, &chunk_w, p, pad_id, buffers)?,
+                    (None, None) => bail!("no model and no gradient buffers"),
+                };
+                m.loss += micro.loss;
                 m.pg_loss += micro.pg;
                 m.kl_loss += micro.kl_loss;
                 kl_sum += micro.kl_sum;
                 clipped += micro.clipped;
                 ratio_sum += micro.ratio_sum;
+            }
+            if let Some(buffers) = owned_grads {
+                grads = buffers.into_tensors(&opt.vars)?;
             }
             let tokens = m.tokens.max(1) as f64;
             (m.kl, m.clip_frac, m.ratio_mean) = (kl_sum / tokens, clipped / tokens, ratio_sum / tokens);
@@ -293,10 +375,10 @@ mod tests {
         let row = |v: [f32; 3]| Tensor::from_vec(v.to_vec(), (1, 3), &dev).unwrap();
         let logp = Var::from_tensor(&row([outside, -1.0, -2.0])).unwrap();
         let (old, reference, adv, w) = (row([0.0, -1.2, -1.9]), row([0.0, -0.8, -2.5]), row([0.0, 1.0, -1.0]), row([0.0, 0.5, 0.5]));
-        let m = formula_loss(logp.as_tensor(), &old, &reference, &adv, &w, &params()).unwrap();
-        let grads = m.loss.backward().unwrap();
+        let (loss, m) = formula_loss(logp.as_tensor(), &old, &reference, &adv, &w, &params()).unwrap();
+        let grads = loss.backward().unwrap();
         let g: Vec<f32> = grads.get(logp.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        (f64::from(m.loss.to_scalar::<f32>().unwrap()), m.kl_sum, g)
+        (m.loss, m.kl_sum, g)
     }
 
     #[test]
@@ -315,6 +397,29 @@ mod tests {
             assert_eq!((l, k), (loss, kl_sum), "log-prob {outside} outside the response");
             assert_eq!(g, grad, "log-prob {outside}: gradient");
             assert_eq!(g[0], 0.0);
+        }
+    }
+
+    /// The owned pass's per-token loss and its gradient are the tensor formula's (autograd), on
+    /// and off the clipped branches.
+    #[test]
+    fn token_loss_matches_the_tensor_formula_and_its_gradient() {
+        let dev = Device::Cpu;
+        let p = params();
+        assert!(p.update.beta_kl > 0.0);
+        // (logp, old, reference, A): inside the clip range; ratio e^1 with A > 0 (clipped, no
+        // gradient but the KL's); ratio e^-2 with A < 0 (clipped) and with A > 0 (not clipped).
+        let cases =
+            [(-1.0, -1.2, -0.8, 1.0), (-2.0, -1.9, -2.5, -1.0), (-0.5, -1.5, -0.4, 2.0), (-3.0, -1.0, -2.0, -1.5), (-3.0, -1.0, -2.0, 1.5)];
+        for (lp, old, reference, a) in cases {
+            let one = |v: f32| Tensor::from_vec(vec![v], (1, 1), &dev).unwrap();
+            let logp = Var::from_tensor(&one(lp)).unwrap();
+            let (loss, m) = formula_loss(logp.as_tensor(), &one(old), &one(reference), &one(a), &one(1.0), &p).unwrap();
+            let g = loss.backward().unwrap().get(logp.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
+            let t = token_loss(f64::from(lp), f64::from(old), f64::from(reference), f64::from(a), &p.update);
+            assert!((t.pg + p.update.beta_kl * t.k3 - m.loss).abs() < 1e-5, "{lp} {old} {reference} {a}: loss {t:?} vs {}", m.loss);
+            assert!((t.dloss_dlogp - f64::from(g)).abs() < 1e-5, "{lp} {old} {reference} {a}: gradient {} vs {g}", t.dloss_dlogp);
+            assert_eq!(t.clipped, m.clipped == 1.0);
         }
     }
 
@@ -396,14 +501,14 @@ mod tests {
         let wr: Vec<&Vec<f64>> = w.iter().collect();
         let loss_at = |weights: &Weights| -> f64 {
             let model = build_model(&cfg, weights, &dev).unwrap();
-            f64::from(micro_loss(&model, &refs, &wr, &p, 0, &dev).unwrap().loss.to_scalar::<f32>().unwrap())
+            micro_loss(&model, &refs, &wr, &p, 0, &dev).unwrap().1.loss
         };
         let name = "model.layers.0.mlp.up_proj.weight";
         let var = Var::from_tensor(&weights[name]).unwrap();
         let mut with_var = weights.clone();
         with_var.insert(name.into(), var.as_tensor().clone());
         let model = build_model(&cfg, &with_var, &dev).unwrap();
-        let grads = micro_loss(&model, &refs, &wr, &p, 0, &dev).unwrap().loss.backward().unwrap();
+        let grads = micro_loss(&model, &refs, &wr, &p, 0, &dev).unwrap().0.backward().unwrap();
         let g: Vec<f32> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         // Perturb the entries with the largest gradients.
         let mut idx: Vec<usize> = (0..g.len()).collect();
@@ -453,8 +558,8 @@ mod tests {
         assert!(after < before, "the loss on the batch went from {before} to {after}");
         // The scalar formula agrees with the tensor loss the update differentiates.
         let w = token_weights(&[2, 2], p.update.loss_agg, p.max_new_tokens);
-        let tensor_loss = micro_loss(&model, &seqs.iter().collect::<Vec<_>>(), &w.iter().collect::<Vec<_>>(), &p, 0, &dev).unwrap();
-        assert!((f64::from(tensor_loss.loss.to_scalar::<f32>().unwrap()) - before).abs() < 1e-5);
+        let (_, tensor_loss) = micro_loss(&model, &seqs.iter().collect::<Vec<_>>(), &w.iter().collect::<Vec<_>>(), &p, 0, &dev).unwrap();
+        assert!((tensor_loss.loss - before).abs() < 1e-5);
         assert_eq!(state.step, 4);
         assert_eq!(log.len(), 4);
         let sum = |v: &Vec<f32>| v.iter().sum::<f32>();

@@ -1,0 +1,750 @@
+//! The decoder's training pass on the CPU in f32, forward and backward written out by hand.
+//!
+//! candle's autograd gives every op of the graph its own output buffer and, in the backward pass,
+//! a zero-filled gradient buffer plus an add per contribution, with copies around attention's
+//! transposes; on a small model that bookkeeping cost as much as the matrix products. Here a pass
+//! is a fixed sequence of products (`gemm`, the kernels candle's CPU matmul calls) and row kernels
+//! over buffers it owns, the activations the backward pass reads are kept in a [`Tape`], and each
+//! weight's gradient is accumulated in place into one buffer ([`GradBuffers`]) across the micro
+//! batches of an optimizer step. The head runs only at the positions whose log-probs are asked
+//! for (a GRPO batch's response tokens), as TRL's `logits_to_keep` does.
+//!
+//! The model is the one [`crate::model::qwen2::Model`] runs (Qwen2 with q/k/v biases, Llama,
+//! Qwen3 with q/k norm; tied or untied head), on right-padded rows starting at position 0 under
+//! a causal mask: a row's padding only follows its tokens, so nothing scored reads it. The
+//! tests check the log-probs and every gradient against candle's autograd over the model.
+
+use super::vexp;
+use crate::model::Config;
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{CpuStorage, Device, Storage, StorageRef, Tensor, Var};
+use gemm::Parallelism;
+use rayon::prelude::*;
+use std::collections::HashMap;
+
+/// Rows handed to one parallel task of a row kernel, for rows of `width` values.
+fn task_rows(width: usize) -> usize {
+    ((1 << 14) / width.max(1)).max(1)
+}
+
+/// A strided matrix: element (i, j) at `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> View<'a> {
+    /// A row-major (rows, cols) matrix at the start of `data`.
+    fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self { data, rows, cols, rs: cols, cs: 1 }
+    }
+
+    /// (rows, cols) with rows `rs` apart (a head's columns inside a wider row).
+    fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize) -> Self {
+        Self { data, rows, cols, rs, cs: 1 }
+    }
+
+    fn t(self) -> Self {
+        Self { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, ..self }
+    }
+
+    /// Whether every element lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst (m, n) = a (m, k) b (k, n)`, or `dst += a b` when `accumulate`; `dst` row-major with
+/// rows `dst_rs` apart. `par`: split over the thread pool (not inside a parallel task).
+fn matmul(dst: &mut [f32], dst_rs: usize, a: View, b: View, accumulate: bool, par: bool) -> Result<()> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    ensure!(b.rows == k, "matmul: ({m}, {k}) x ({}, {n})", b.rows);
+    ensure!(a.in_bounds() && b.in_bounds(), "matmul: an operand reaches past its buffer");
+    ensure!(dst_rs >= n && (m == 0 || n == 0 || (m - 1) * dst_rs + n <= dst.len()), "matmul: the destination is too small");
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.chunks_mut(dst_rs).take(m).for_each(|row| row[..n].fill(0.0));
+        }
+        return Ok(());
+    }
+    let parallelism = if par { Parallelism::Rayon(rayon::current_num_threads()) } else { Parallelism::None };
+    // SAFETY: gemm reads a[i * rs + j * cs] for i < m, j < k (and b likewise for k, n), all inside
+    // their slices (`in_bounds`), and writes dst[i * dst_rs + j] for i < m, j < n, inside `dst`
+    // (checked above); `dst` is a unique borrow, so it overlaps neither operand, and its rows do
+    // not overlap each other (dst_rs >= n).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    Ok(())
+}
+
+/// `y (rows, out) = x (rows, in) W^T (+ bias)` for a weight `W (out, in)`.
+fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, n_in: usize, n_out: usize) -> Result<Vec<f32>> {
+    let mut y = vec![0f32; rows * n_out];
+    matmul(&mut y, n_out, View::rows(x, rows, n_in), View::rows(w, n_out, n_in).t(), false, true)?;
+    if let Some(b) = bias {
+        y.par_chunks_mut(n_out).for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
+    }
+    Ok(y)
+}
+
+/// The backward pass of [`linear`] (without its bias) for the output gradient `dy`:
+/// `dw += dy^T x`, and `dx = dy W` (`dx += dy W` when `accumulate`).
+fn linear_backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    (rows, n_in, n_out): (usize, usize, usize),
+    dw: &mut [f32],
+    dx: &mut [f32],
+    accumulate: bool,
+) -> Result<()> {
+    matmul(dw, n_in, View::rows(dy, rows, n_out).t(), View::rows(x, rows, n_in), true, true)?;
+    matmul(dx, n_in, View::rows(dy, rows, n_out), View::rows(w, n_out, n_in), accumulate, true)
+}
+
+/// The bias's gradient: `db += sum of dy's rows`.
+fn bias_backward(dy: &[f32], db: &mut [f32]) {
+    for row in dy.chunks(db.len().max(1)) {
+        db.iter_mut().zip(row).for_each(|(b, g)| *b += g);
+    }
+}
+
+/// RMS norm of each `width`-row of `x` with `weight`: the normalised rows and each row's
+/// `1 / sqrt(mean(x^2) + eps)` (the backward pass reads it).
+fn rms_norm(x: &[f32], weight: &[f32], width: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let mut y = x.to_vec();
+    let mut inv = vec![0f32; x.len() / width];
+    let rows = task_rows(width);
+    y.par_chunks_mut(rows * width).zip(inv.par_chunks_mut(rows)).for_each(|(ys, invs)| {
+        for (row, inv) in ys.chunks_mut(width).zip(invs) {
+            let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
+            *inv = 1.0 / (mean_sq + eps).sqrt();
+            row.iter_mut().zip(weight).for_each(|(v, &w)| *v *= *inv * w);
+        }
+    });
+    (y, inv)
+}
+
+/// The backward pass of [`rms_norm`] for the output gradient `dy`, in place (it becomes dx):
+/// `dx = r g w - x r^3 sum(g w x) / n`; `dw += sum over rows of g x r`.
+fn rms_norm_backward(x: &[f32], inv: &[f32], weight: &[f32], width: usize, dy: &mut [f32], dw: &mut [f32]) {
+    let rows = task_rows(width);
+    let partial = dy
+        .par_chunks_mut(rows * width)
+        .zip(x.par_chunks(rows * width))
+        .zip(inv.par_chunks(rows))
+        .map(|((gs, xs), invs)| {
+            let mut dw = vec![0f32; width];
+            for ((g, x), &r) in gs.chunks_mut(width).zip(xs.chunks(width)).zip(invs) {
+                let dot: f32 = g.iter().zip(weight).zip(x).map(|((g, w), x)| g * w * x).sum();
+                let k = r * r * r * dot / width as f32;
+                for (((g, &w), &x), dw) in g.iter_mut().zip(weight).zip(x).zip(dw.iter_mut()) {
+                    *dw += *g * x * r;
+                    *g = r * *g * w - x * k;
+                }
+            }
+            dw
+        })
+        .reduce(|| vec![0f32; width], |a, b| a.iter().zip(&b).map(|(a, b)| a + b).collect());
+    dw.iter_mut().zip(&partial).for_each(|(d, p)| *d += p);
+}
+
+/// `a += b`.
+fn add_assign(a: &mut [f32], b: &[f32]) {
+    a.par_chunks_mut(1 << 14).zip(b.par_chunks(1 << 14)).for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+}
+
+/// Rotary tables cos, sin (t, head_dim / 2) for positions 0..t, as the model builds them.
+fn rotary_tables(cfg: &Config, t: usize) -> (Vec<f32>, Vec<f32>) {
+    let (hd, half) = (cfg.head_dim(), cfg.head_dim() / 2);
+    let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32).collect();
+    let freqs: Vec<f32> = (0..t).flat_map(|p| inv_freq.iter().map(move |f| p as f32 * f)).collect();
+    (freqs.iter().map(|f| f.cos()).collect(), freqs.iter().map(|f| f.sin()).collect())
+}
+
+/// Rotates every head of rows (b * t, heads * hd) in place by its position's angles (`sign` 1),
+/// or back (`sign` -1: the backward pass): the halves of a head rotate as pairs (`rotate_half`).
+fn rotate(x: &mut [f32], width: usize, hd: usize, t: usize, (cos, sin): (&[f32], &[f32]), sign: f32) {
+    let half = hd / 2;
+    x.par_chunks_mut(width).enumerate().for_each(|(n, row)| {
+        let at = (n % t) * half;
+        let (cos, sin) = (&cos[at..at + half], &sin[at..at + half]);
+        for head in row.chunks_mut(hd) {
+            let (x1, x2) = head.split_at_mut(half);
+            for i in 0..half {
+                let (a, c) = (x1[i], x2[i]);
+                x1[i] = a * cos[i] - sign * c * sin[i];
+                x2[i] = sign * a * sin[i] + c * cos[i];
+            }
+        }
+    });
+}
+
+/// (b * t, heads * hd) rows -> (b, heads, t, hd) head-major blocks, or back when `back`.
+fn transpose_heads(x: &[f32], b: usize, t: usize, heads: usize, hd: usize, back: bool) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(t * heads * hd).zip(x.par_chunks(t * heads * hd)).for_each(|(o, x)| {
+        for i in 0..t {
+            for h in 0..heads {
+                let (rows, heads_major) = (i * heads * hd + h * hd, h * t * hd + i * hd);
+                let (from, to) = if back { (heads_major, rows) } else { (rows, heads_major) };
+                o[to..to + hd].copy_from_slice(&x[from..from + hd]);
+            }
+        }
+    });
+    debug_assert_eq!(out.len(), b * t * heads * hd);
+    out
+}
+
+/// One weight: its index among the pass's variables (where its gradient goes) and its values.
+#[derive(Clone, Copy)]
+struct W<'a> {
+    at: usize,
+    v: &'a [f32],
+}
+
+struct LayerParams<'a> {
+    ln1: W<'a>,
+    ln2: W<'a>,
+    q: W<'a>,
+    k: W<'a>,
+    v: W<'a>,
+    q_bias: Option<W<'a>>,
+    k_bias: Option<W<'a>>,
+    v_bias: Option<W<'a>>,
+    q_norm: Option<W<'a>>,
+    k_norm: Option<W<'a>>,
+    o: W<'a>,
+    gate: W<'a>,
+    up: W<'a>,
+    down: W<'a>,
+}
+
+/// The variables' storage, read-locked for one pass (the optimizer writes them between passes).
+pub struct Locked<'a> {
+    names: Vec<&'a str>,
+    guards: Vec<StorageRef<'a>>,
+    layouts: Vec<candle_core::Layout>,
+}
+
+impl<'a> Locked<'a> {
+    pub fn new(vars: &'a [(String, Var)]) -> Self {
+        let (mut names, mut guards, mut layouts) = (Vec::new(), Vec::new(), Vec::new());
+        for (name, var) in vars {
+            let (guard, layout) = var.as_tensor().storage_and_layout();
+            names.push(name.as_str());
+            layouts.push(layout.clone());
+            guards.push(guard);
+        }
+        Self { names, guards, layouts }
+    }
+}
+
+/// The model's weights as f32 slices, checked against the config's shapes.
+pub struct Params<'a> {
+    cfg: &'a Config,
+    embed: W<'a>,
+    layers: Vec<LayerParams<'a>>,
+    norm: W<'a>,
+    head: W<'a>,
+}
+
+impl<'a> Params<'a> {
+    pub fn new(cfg: &'a Config, locked: &'a Locked<'a>) -> Result<Self> {
+        let mut by_name: HashMap<&str, W<'a>> = HashMap::new();
+        for (at, ((name, guard), layout)) in locked.names.iter().zip(&locked.guards).zip(&locked.layouts).enumerate() {
+            let Storage::Cpu(CpuStorage::F32(data)) = &**guard else { bail!("{name}: the owned pass takes f32 weights on the CPU") };
+            let (start, end) = layout.contiguous_offsets().with_context(|| format!("{name}: not contiguous"))?;
+            by_name.insert(name, W { at, v: &data[start..end] });
+        }
+        for (name, shape) in cfg.tensor_shapes() {
+            let n: usize = shape.iter().product();
+            let w = by_name.get(name.as_str()).with_context(|| format!("the policy has no weight {name}"))?;
+            ensure!(w.v.len() == n, "{name}: {} values for shape {shape:?}", w.v.len());
+        }
+        let get = |name: &str| -> W<'a> { by_name[name] };
+        let opt = |name: String| -> Option<W<'a>> { by_name.get(name.as_str()).copied() };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| {
+                let p = format!("model.layers.{l}");
+                let attn = |n: &str| get(&format!("{p}.self_attn.{n}.weight"));
+                let bias = |n: &str| if cfg.attention_bias() { opt(format!("{p}.self_attn.{n}.bias")) } else { None };
+                let qk_norm = |n: &str| if cfg.qk_norm() { opt(format!("{p}.self_attn.{n}.weight")) } else { None };
+                LayerParams {
+                    ln1: get(&format!("{p}.input_layernorm.weight")),
+                    ln2: get(&format!("{p}.post_attention_layernorm.weight")),
+                    q: attn("q_proj"),
+                    k: attn("k_proj"),
+                    v: attn("v_proj"),
+                    q_bias: bias("q_proj"),
+                    k_bias: bias("k_proj"),
+                    v_bias: bias("v_proj"),
+                    q_norm: qk_norm("q_norm"),
+                    k_norm: qk_norm("k_norm"),
+                    o: attn("o_proj"),
+                    gate: get(&format!("{p}.mlp.gate_proj.weight")),
+                    up: get(&format!("{p}.mlp.up_proj.weight")),
+                    down: get(&format!("{p}.mlp.down_proj.weight")),
+                }
+            })
+            .collect();
+        let head = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+        Ok(Self { cfg, embed: get("model.embed_tokens.weight"), layers, norm: get("model.norm.weight"), head: get(head) })
+    }
+}
+
+/// One gradient buffer per variable (in the variables' order), accumulated over passes.
+pub struct GradBuffers(pub Vec<Vec<f32>>);
+
+impl GradBuffers {
+    pub fn zeros(vars: &[(String, Var)]) -> Self {
+        Self(vars.iter().map(|(_, v)| vec![0f32; v.elem_count()]).collect())
+    }
+
+    /// The buffers as CPU tensors of the variables' shapes.
+    pub fn into_tensors(self, vars: &[(String, Var)]) -> Result<Vec<Option<Tensor>>> {
+        ensure!(self.0.len() == vars.len(), "{} gradient buffers for {} variables", self.0.len(), vars.len());
+        self.0.into_iter().zip(vars).map(|(g, (_, v))| Ok(Some(Tensor::from_vec(g, v.shape(), &Device::Cpu)?))).collect()
+    }
+}
+
+/// A batch of right-padded rows (b, t) from position 0 and the positions to score: `(row index
+/// in 0..b * t, target token)`.
+pub struct Batch {
+    pub tokens: Vec<u32>,
+    pub b: usize,
+    pub t: usize,
+    pub scored: Vec<(usize, u32)>,
+}
+
+impl Batch {
+    /// (prompt, response) pairs laid out as [`crate::model::TeacherForced`] lays them out, each
+    /// response token scored, row after row.
+    pub fn responses(seqs: &[(&[u32], &[u32])], pad_id: u32) -> Result<Self> {
+        if let Some(i) = seqs.iter().position(|(p, z)| p.is_empty() || z.is_empty()) {
+            bail!("sequence {i}: empty prompt or response");
+        }
+        let t = seqs.iter().map(|(p, z)| p.len() + z.len() - 1).max().unwrap_or(1);
+        let mut tokens = vec![pad_id; seqs.len() * t];
+        let mut scored = Vec::with_capacity(seqs.iter().map(|(_, z)| z.len()).sum());
+        for (r, (prompt, response)) in seqs.iter().enumerate() {
+            let row = &mut tokens[r * t..(r + 1) * t];
+            row[..prompt.len()].copy_from_slice(prompt);
+            row[prompt.len()..prompt.len() + response.len() - 1].copy_from_slice(&response[..response.len() - 1]);
+            scored.extend(response.iter().enumerate().map(|(j, &z)| (r * t + prompt.len() - 1 + j, z)));
+        }
+        Ok(Self { tokens, b: seqs.len(), t, scored })
+    }
+}
+
+/// What one layer's backward pass reads.
+struct LayerTape {
+    x: Vec<f32>,
+    inv1: Vec<f32>,
+    n1: Vec<f32>,
+    /// q and k before the q/k norm, with its inverse RMS per head (Qwen3).
+    q_pre: Option<(Vec<f32>, Vec<f32>)>,
+    k_pre: Option<(Vec<f32>, Vec<f32>)>,
+    /// Rotated q (b * t, heads * hd), k and v (b * t, kv * hd).
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Attention probabilities (b, heads, t, t), zero above the diagonal.
+    probs: Vec<f32>,
+    /// Attention output (b * t, heads * hd), the o projection's input.
+    o: Vec<f32>,
+    x2: Vec<f32>,
+    inv2: Vec<f32>,
+    n2: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    act: Vec<f32>,
+}
+
+/// A forward pass's log-probs and the activations its backward pass reads.
+pub struct Tape<'p> {
+    params: &'p Params<'p>,
+    tokens: Vec<u32>,
+    b: usize,
+    t: usize,
+    scored: Vec<(usize, u32)>,
+    rotary: (Vec<f32>, Vec<f32>),
+    layers: Vec<LayerTape>,
+    /// The last layer's output at the scored rows, its final-norm inverse RMS and normed rows.
+    x_scored: Vec<f32>,
+    inv_scored: Vec<f32>,
+    h_scored: Vec<f32>,
+    /// The head's logits at the scored rows (scored, vocab).
+    logits: Vec<f32>,
+    logp: Vec<f32>,
+}
+
+impl<'p> Tape<'p> {
+    /// The forward pass: log p(target) at every scored position.
+    pub fn forward(params: &'p Params<'p>, batch: Batch) -> Result<Self> {
+        let cfg = params.cfg;
+        let (b, t, d) = (batch.b, batch.t, cfg.hidden_size);
+        let n = b * t;
+        ensure!(batch.tokens.len() == n, "{} tokens for a ({b}, {t}) batch", batch.tokens.len());
+        ensure!(
+            t <= cfg.max_position_embeddings.min(crate::model::qwen2::MAX_ROTARY_POSITIONS),
+            "{t} positions exceed the model's context"
+        );
+        let vocab = cfg.vocab_size;
+        if let Some(bad) = batch.tokens.iter().chain(batch.scored.iter().map(|(_, tok)| tok)).find(|&&tok| tok as usize >= vocab) {
+            bail!("token {bad} is outside the vocabulary ({vocab} rows)");
+        }
+        if let Some((row, _)) = batch.scored.iter().find(|(row, _)| *row >= n) {
+            bail!("scored row {row} outside the batch's {n} rows");
+        }
+        let mut x = vec![0f32; n * d];
+        x.par_chunks_mut(d).zip(batch.tokens.par_iter()).for_each(|(row, &tok)| {
+            row.copy_from_slice(&params.embed.v[tok as usize * d..(tok as usize + 1) * d]);
+        });
+        let rotary = rotary_tables(cfg, t);
+        let mut layers = Vec::with_capacity(params.layers.len());
+        for lp in &params.layers {
+            let (tape, next) = layer_forward(cfg, lp, x, b, t, (&rotary.0, &rotary.1))?;
+            layers.push(tape);
+            x = next;
+        }
+        let eps = cfg.rms_norm_eps as f32;
+        let m = batch.scored.len();
+        let mut x_scored = vec![0f32; m * d];
+        x_scored.par_chunks_mut(d).zip(batch.scored.par_iter()).for_each(|(row, &(at, _))| row.copy_from_slice(&x[at * d..(at + 1) * d]));
+        drop(x);
+        let (h_scored, inv_scored) = rms_norm(&x_scored, params.norm.v, d, eps);
+        let logits = linear(&h_scored, params.head.v, None, m, d, vocab)?;
+        let logp = logits
+            .par_chunks(vocab)
+            .zip(batch.scored.par_iter())
+            .map(|(row, &(_, tok))| row[tok as usize] - vexp::log_sum_exp(row))
+            .collect();
+        Ok(Self { params, tokens: batch.tokens, b, t, scored: batch.scored, rotary, layers, x_scored, inv_scored, h_scored, logits, logp })
+    }
+
+    /// log p(target) of each scored position, in `scored` order.
+    pub fn logp(&self) -> &[f32] {
+        &self.logp
+    }
+
+    /// The backward pass for a loss whose gradient with respect to each scored log-prob is
+    /// `dlogp`: every weight's gradient is added into `grads`.
+    pub fn backward(self, dlogp: &[f32], grads: &mut GradBuffers) -> Result<()> {
+        let (params, cfg) = (self.params, self.params.cfg);
+        ensure!(dlogp.len() == self.scored.len(), "{} gradients for {} scored positions", dlogp.len(), self.scored.len());
+        ensure!(grads.0.len() > params.head.at.max(params.embed.at), "gradient buffers for another variable list");
+        let (d, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        let (m, n) = (self.scored.len(), self.b * self.t);
+        // d logits = g (onehot(target) - softmax(logits)), in place.
+        let mut dlogits = self.logits;
+        dlogits.par_chunks_mut(vocab).zip(dlogp.par_iter()).zip(self.scored.par_iter()).for_each(|((row, &g), &(_, tok))| {
+            vexp::softmax_in_place(row);
+            row.iter_mut().for_each(|p| *p *= -g);
+            row[tok as usize] += g;
+        });
+        let mut dh = vec![0f32; m * d];
+        linear_backward(&self.h_scored, params.head.v, &dlogits, (m, d, vocab), &mut grads.0[params.head.at], &mut dh, false)?;
+        drop(dlogits);
+        rms_norm_backward(&self.x_scored, &self.inv_scored, params.norm.v, d, &mut dh, &mut grads.0[params.norm.at]);
+        let mut dx = vec![0f32; n * d];
+        for (row, &(at, _)) in dh.chunks(d).zip(&self.scored) {
+            dx[at * d..(at + 1) * d].iter_mut().zip(row).for_each(|(a, g)| *a += g);
+        }
+        let rotary = (&self.rotary.0[..], &self.rotary.1[..]);
+        for (lp, tape) in params.layers.iter().zip(self.layers).rev() {
+            dx = layer_backward(cfg, lp, tape, dx, self.b, self.t, rotary, grads)?;
+        }
+        let de = &mut grads.0[params.embed.at];
+        for (row, &tok) in dx.chunks(d).zip(&self.tokens) {
+            de[tok as usize * d..(tok as usize + 1) * d].iter_mut().zip(row).for_each(|(a, g)| *a += g);
+        }
+        Ok(())
+    }
+}
+
+fn layer_forward(
+    cfg: &Config,
+    lp: &LayerParams,
+    x: Vec<f32>,
+    b: usize,
+    t: usize,
+    rotary: (&[f32], &[f32]),
+) -> Result<(LayerTape, Vec<f32>)> {
+    let (d, hd, f) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
+    let (heads, kv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+    let (qd, kvd, n, eps) = (heads * hd, kv * hd, b * t, cfg.rms_norm_eps as f32);
+    let (n1, inv1) = rms_norm(&x, lp.ln1.v, d, eps);
+    let mut q = linear(&n1, lp.q.v, lp.q_bias.map(|w| w.v), n, d, qd)?;
+    let mut k = linear(&n1, lp.k.v, lp.k_bias.map(|w| w.v), n, d, kvd)?;
+    let v = linear(&n1, lp.v.v, lp.v_bias.map(|w| w.v), n, d, kvd)?;
+    let (mut q_pre, mut k_pre) = (None, None);
+    // Qwen3's q/k norm: an RMS norm over each head.
+    if let (Some(qn), Some(kn)) = (lp.q_norm, lp.k_norm) {
+        let (qn_out, q_inv) = rms_norm(&q, qn.v, hd, eps);
+        let (kn_out, k_inv) = rms_norm(&k, kn.v, hd, eps);
+        q_pre = Some((std::mem::replace(&mut q, qn_out), q_inv));
+        k_pre = Some((std::mem::replace(&mut k, kn_out), k_inv));
+    }
+    rotate(&mut q, qd, hd, t, rotary, 1.0);
+    rotate(&mut k, kvd, hd, t, rotary, 1.0);
+    let (probs, o) = attention_forward(&q, &k, &v, b, t, heads, kv, hd)?;
+    let attn = linear(&o, lp.o.v, None, n, qd, d)?;
+    let mut x2 = attn;
+    add_assign(&mut x2, &x);
+    let (n2, inv2) = rms_norm(&x2, lp.ln2.v, d, eps);
+    let gate = linear(&n2, lp.gate.v, None, n, d, f)?;
+    let up = linear(&n2, lp.up.v, None, n, d, f)?;
+    let mut act = gate.clone();
+    act.par_chunks_mut(1 << 14).zip(up.par_chunks(1 << 14)).for_each(|(a, u)| vexp::swiglu_in_place(a, u));
+    let mut out = linear(&act, lp.down.v, None, n, f, d)?;
+    add_assign(&mut out, &x2);
+    Ok((LayerTape { x, inv1, n1, q_pre, k_pre, q, k, v, probs, o, x2, inv2, n2, gate, up, act }, out))
+}
+
+/// Causal attention per (row, head): probabilities (b, heads, t, t) and outputs (b * t, heads * hd).
+#[allow(clippy::too_many_arguments)]
+fn attention_forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    b: usize,
+    t: usize,
+    heads: usize,
+    kv: usize,
+    hd: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (qd, kvd, rep) = (heads * hd, kv * hd, heads / kv);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut probs = vec![0f32; b * heads * t * t];
+    let mut o_heads = vec![0f32; b * heads * t * hd];
+    // One task per (row, kv head): the query heads sharing it, in order.
+    probs.par_chunks_mut(rep * t * t).zip(o_heads.par_chunks_mut(rep * t * hd)).enumerate().try_for_each(|(task, (p, o))| {
+        let (r, g) = (task / kv, task % kv);
+        let kg = View::strided(&k[r * t * kvd + g * hd..], t, hd, kvd);
+        let vg = View::strided(&v[r * t * kvd + g * hd..], t, hd, kvd);
+        for i in 0..rep {
+            let h = g * rep + i;
+            let qh = View::strided(&q[r * t * qd + h * hd..], t, hd, qd);
+            let p = &mut p[i * t * t..(i + 1) * t * t];
+            matmul(p, t, qh, kg.t(), false, false)?;
+            for (row_i, row) in p.chunks_mut(t).enumerate() {
+                let (seen, future) = row.split_at_mut(row_i + 1);
+                seen.iter_mut().for_each(|s| *s *= scale);
+                vexp::softmax_in_place(seen);
+                future.fill(0.0);
+            }
+            matmul(&mut o[i * t * hd..(i + 1) * t * hd], hd, View::rows(p, t, t), vg, false, false)?;
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok((probs, transpose_heads(&o_heads, b, t, heads, hd, true)))
+}
+
+/// The backward pass of the attention for the output gradient `d_o` (b * t, heads * hd):
+/// the gradients of the rotated q, k and v in their row layouts.
+#[allow(clippy::too_many_arguments)]
+fn attention_backward(
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    probs: &[f32],
+    d_o: &[f32],
+    b: usize,
+    t: usize,
+    heads: usize,
+    kv: usize,
+    hd: usize,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let (qd, kvd, rep) = (heads * hd, kv * hd, heads / kv);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (mut dq, mut dk, mut dv) = (vec![0f32; b * heads * t * hd], vec![0f32; b * kv * t * hd], vec![0f32; b * kv * t * hd]);
+    dq.par_chunks_mut(rep * t * hd).zip(dk.par_chunks_mut(t * hd)).zip(dv.par_chunks_mut(t * hd)).enumerate().try_for_each(
+        |(task, ((dq, dk), dv))| {
+            let (r, g) = (task / kv, task % kv);
+            let kg = View::strided(&k[r * t * kvd + g * hd..], t, hd, kvd);
+            let vg = View::strided(&v[r * t * kvd + g * hd..], t, hd, kvd);
+            let mut ds = vec![0f32; t * t];
+            for i in 0..rep {
+                let h = g * rep + i;
+                let p = &probs[((r * heads) + h) * t * t..((r * heads) + h + 1) * t * t];
+                let doh = View::strided(&d_o[r * t * qd + h * hd..], t, hd, qd);
+                let qh = View::strided(&q[r * t * qd + h * hd..], t, hd, qd);
+                // dV += P^T dO; dP = dO V^T; dS = scale P (dP - sum(dP P)); dQ = dS K; dK += dS^T Q.
+                matmul(dv, hd, View::rows(p, t, t).t(), doh, true, false)?;
+                matmul(&mut ds, t, doh, vg.t(), false, false)?;
+                for (row_i, (ds, p)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
+                    let seen = row_i + 1;
+                    let dot: f32 = ds[..seen].iter().zip(&p[..seen]).map(|(a, b)| a * b).sum();
+                    ds[..seen].iter_mut().zip(&p[..seen]).for_each(|(g, &p)| *g = scale * p * (*g - dot));
+                    ds[seen..].fill(0.0);
+                }
+                matmul(&mut dq[i * t * hd..(i + 1) * t * hd], hd, View::rows(&ds, t, t), kg, false, false)?;
+                matmul(dk, hd, View::rows(&ds, t, t).t(), qh, true, false)?;
+            }
+            Ok::<_, anyhow::Error>(())
+        },
+    )?;
+    Ok((transpose_heads(&dq, b, t, heads, hd, true), transpose_heads(&dk, b, t, kv, hd, true), transpose_heads(&dv, b, t, kv, hd, true)))
+}
+
+/// The backward pass of one layer for the gradient `dx` of its output: returns the gradient of
+/// its input, adds the weights' gradients into `grads`.
+#[allow(clippy::too_many_arguments)]
+fn layer_backward(
+    cfg: &Config,
+    lp: &LayerParams,
+    tape: LayerTape,
+    dx: Vec<f32>,
+    b: usize,
+    t: usize,
+    rotary: (&[f32], &[f32]),
+    grads: &mut GradBuffers,
+) -> Result<Vec<f32>> {
+    let (d, hd, f) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
+    let (heads, kv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+    let (qd, kvd, n) = (heads * hd, kv * hd, b * t);
+    let g = &mut grads.0;
+    // MLP: out = x2 + down(silu(gate) * up).
+    let mut d_act = vec![0f32; n * f];
+    linear_backward(&tape.act, lp.down.v, &dx, (n, f, d), &mut g[lp.down.at], &mut d_act, false)?;
+    drop(tape.act);
+    // d gate = g up s (1 + gate (1 - s)), d up = g silu(gate), s = sigmoid(gate): in place.
+    let (mut d_gate, mut d_up) = (tape.gate, tape.up);
+    d_gate.par_chunks_mut(1 << 14).zip(d_up.par_chunks_mut(1 << 14)).zip(d_act.par_chunks(1 << 14)).for_each(|((a, u), g)| {
+        for ((a, u), &g) in a.iter_mut().zip(u.iter_mut()).zip(g) {
+            let s = 1.0 / (1.0 + (-*a).exp());
+            (*a, *u) = (g * *u * s * (1.0 + *a * (1.0 - s)), g * *a * s);
+        }
+    });
+    drop(d_act);
+    let mut dn2 = vec![0f32; n * d];
+    linear_backward(&tape.n2, lp.gate.v, &d_gate, (n, d, f), &mut g[lp.gate.at], &mut dn2, false)?;
+    linear_backward(&tape.n2, lp.up.v, &d_up, (n, d, f), &mut g[lp.up.at], &mut dn2, true)?;
+    drop((d_gate, d_up));
+    rms_norm_backward(&tape.x2, &tape.inv2, lp.ln2.v, d, &mut dn2, &mut g[lp.ln2.at]);
+    let mut dx2 = dx;
+    add_assign(&mut dx2, &dn2);
+    drop(dn2);
+    // Attention: x2 = x + o_proj(attention(q, k, v)).
+    let mut d_o = vec![0f32; n * qd];
+    linear_backward(&tape.o, lp.o.v, &dx2, (n, qd, d), &mut g[lp.o.at], &mut d_o, false)?;
+    let (mut dq, mut dk, dv) = attention_backward((&tape.q, &tape.k, &tape.v), &tape.probs, &d_o, b, t, heads, kv, hd)?;
+    drop(d_o);
+    rotate(&mut dq, qd, hd, t, rotary, -1.0);
+    rotate(&mut dk, kvd, hd, t, rotary, -1.0);
+    if let (Some((q_pre, q_inv)), Some(qn)) = (&tape.q_pre, lp.q_norm) {
+        rms_norm_backward(q_pre, q_inv, qn.v, hd, &mut dq, &mut g[qn.at]);
+    }
+    if let (Some((k_pre, k_inv)), Some(kn)) = (&tape.k_pre, lp.k_norm) {
+        rms_norm_backward(k_pre, k_inv, kn.v, hd, &mut dk, &mut g[kn.at]);
+    }
+    let mut dn1 = vec![0f32; n * d];
+    for (i, (w, bias, dy, width)) in
+        [(lp.q, lp.q_bias, &dq, qd), (lp.k, lp.k_bias, &dk, kvd), (lp.v, lp.v_bias, &dv, kvd)].into_iter().enumerate()
+    {
+        linear_backward(&tape.n1, w.v, dy, (n, d, width), &mut g[w.at], &mut dn1, i > 0)?;
+        if let Some(bias) = bias {
+            bias_backward(dy, &mut g[bias.at]);
+        }
+    }
+    rms_norm_backward(&tape.x, &tape.inv1, lp.ln1.v, d, &mut dn1, &mut g[lp.ln1.at]);
+    add_assign(&mut dx2, &dn1);
+    Ok(dx2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{build_model, init_weights, test_config, TeacherForced, Weights};
+
+    /// The three families the model runs: Qwen2 (q/k/v biases, tied head), Llama (untied head),
+    /// Qwen3 (q/k norm, a head width that is not hidden / heads).
+    fn families() -> Vec<Config> {
+        let qwen2 = test_config(32, 48, 2, 4, 2);
+        let mut llama = test_config(32, 40, 2, 4, 1);
+        (llama.model_type, llama.tie_word_embeddings) = ("llama".into(), false);
+        let mut qwen3 = test_config(32, 48, 2, 4, 2);
+        (qwen3.model_type, qwen3.head_dim) = ("qwen3".into(), Some(16));
+        vec![qwen2, llama, qwen3]
+    }
+
+    /// Log-probs and every weight's gradient (of a weighted sum of the log-probs) from the owned
+    /// pass and from candle's autograd over the model.
+    #[test]
+    fn logprobs_and_every_gradient_match_autograd() {
+        let dev = Device::Cpu;
+        let pairs: Vec<(Vec<u32>, Vec<u32>)> =
+            vec![(vec![5, 17, 3], vec![250, 8, 9, 41, 2]), (vec![7], vec![30, 31]), (vec![1, 2, 3, 4, 5, 6], vec![99, 12, 13])];
+        let pairs: Vec<(&[u32], &[u32])> = pairs.iter().map(|(p, z)| (p.as_slice(), z.as_slice())).collect();
+        for cfg in families() {
+            let vars: Vec<(String, Var)> =
+                init_weights(&cfg, 7, &dev).unwrap().into_iter().map(|(k, t)| (k, Var::from_tensor(&t).unwrap())).collect();
+            let batch = Batch::responses(&pairs, 0).unwrap();
+            let scored: Vec<u32> = batch.scored.iter().map(|&(row, _)| row as u32).collect();
+            let dlogp: Vec<f32> = (0..scored.len()).map(|i| (i as f32 * 0.77).sin()).collect();
+            let mut grads = GradBuffers::zeros(&vars);
+            let locked = Locked::new(&vars);
+            let params = Params::new(&cfg, &locked).unwrap();
+            let tape = Tape::forward(&params, batch).unwrap();
+            let logp = tape.logp().to_vec();
+            tape.backward(&dlogp, &mut grads).unwrap();
+            drop(params);
+            drop(locked);
+
+            let weights: Weights = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+            let model = build_model(&cfg, &weights, &dev).unwrap();
+            let all = TeacherForced::new(&pairs, 0, &dev).unwrap().logprobs(&model).unwrap().flatten_all().unwrap();
+            let picked = all.index_select(&Tensor::new(scored.as_slice(), &dev).unwrap(), 0).unwrap();
+            let expected: Vec<f32> = picked.to_vec1().unwrap();
+            for (a, b) in logp.iter().zip(&expected) {
+                assert!((a - b).abs() < 1e-5, "{}: log-prob {a} vs autograd's {b}", cfg.model_type);
+            }
+            let loss = (picked * Tensor::new(dlogp.as_slice(), &dev).unwrap()).unwrap().sum_all().unwrap();
+            let store = loss.backward().unwrap();
+            for ((name, var), ours) in vars.iter().zip(&grads.0) {
+                let theirs: Vec<f32> = store.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let diff = ours.iter().zip(&theirs).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(scale > 0.0, "{}: {name} has no gradient", cfg.model_type);
+                assert!(diff <= 1e-4 * scale, "{}: {name}: gradients differ by {diff} (largest {scale})", cfg.model_type);
+            }
+        }
+    }
+
+    #[test]
+    fn responses_are_scored_where_teacher_forcing_puts_them() {
+        let batch = Batch::responses(&[(&[1, 2][..], &[3, 4][..]), (&[5][..], &[6][..])], 0).unwrap();
+        assert_eq!((batch.b, batch.t), (2, 3));
+        assert_eq!(batch.tokens, [1, 2, 3, 5, 0, 0]);
+        // Row 0 predicts 3 after [1, 2] (column 1) and 4 after 3 (column 2); row 1 predicts 6 after 5.
+        assert_eq!(batch.scored, [(1, 3), (2, 4), (3, 6)]);
+        assert!(Batch::responses(&[(&[1][..], &[][..])], 0).is_err());
+    }
+}
