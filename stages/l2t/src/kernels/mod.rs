@@ -4,7 +4,6 @@
 //! predicate, [`cpu_f32`]; the composed ops are the device-generic path (the one CUDA runs), so
 //! a GPU backend joins here: its own predicate and kernels, the callers unchanged.
 
-pub mod decoder_pass;
 pub mod fused;
 pub mod packed;
 pub mod vexp;

@@ -11,12 +11,10 @@
 //! time with gradients accumulated, so backprop never holds more than a few sequences' graphs.
 
 use super::adamw::{clip_scale, AdamW, AdamWParams, Grads};
+use super::decoder_pass::{Batch, GradBuffers, Locked, Params, Tape};
 use super::schedule::cosine_lr;
 use crate::config::{LossAgg, UpdateConfig};
-use crate::kernels::{
-    self,
-    decoder_pass::{Batch, GradBuffers, Locked, Params, Tape},
-};
+use crate::kernels;
 use crate::model::{build_model, Config, TeacherForced, Weights};
 use crate::table::update_metrics::StepMetrics;
 use anyhow::{bail, Result};

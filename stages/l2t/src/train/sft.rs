@@ -2,11 +2,9 @@
 //! Loss: mean negative log-likelihood of the completion tokens (the prompt is context only).
 
 use super::adamw::{clip_scale, AdamW, AdamWParams};
+use super::decoder_pass::{Batch, GradBuffers, Locked, Params, Tape};
 use super::schedule::cosine_lr;
-use crate::kernels::{
-    self,
-    decoder_pass::{Batch, GradBuffers, Locked, Params, Tape},
-};
+use crate::kernels;
 use crate::model::qwen2::causal_mask;
 use crate::model::{build_model, token_logprobs, Config, Weights};
 use anyhow::Result;

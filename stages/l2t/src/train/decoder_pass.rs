@@ -14,7 +14,7 @@
 //! a causal mask: a row's padding only follows its tokens, so nothing scored reads it. The
 //! tests check the log-probs and every gradient against candle's autograd over the model.
 
-use super::vexp;
+use crate::kernels::vexp;
 use crate::model::Config;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{CpuStorage, Device, Storage, StorageRef, Tensor, Var};
