@@ -333,10 +333,83 @@ pub fn write_safetensors(staging: &mut Staging, file: &str, tensors: &[(&str, &T
         safetensors::serialize(order.iter().map(|(name, _)| *name).zip(&heads), None).with_context(|| format!("{file}: header"))?;
     let mut w = staging.create(file)?;
     w.write_all(&header).with_context(|| format!("{file}: cannot write"))?;
+    // f32 CPU tensors go out from their own storage through one reused buffer (candle's `data()`
+    // copies each tensor twice into fresh memory); anything else through `data()`.
+    let mut bytes = Vec::with_capacity(1 << 20);
     for (_, t) in order {
-        w.write_all(&View::data(*t)).with_context(|| format!("{file}: cannot write"))?;
+        let (storage, layout) = t.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(values)), Some((start, end))) => {
+                for chunk in values[start..end].chunks(1 << 18) {
+                    bytes.clear();
+                    bytes.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
+                    w.write_all(&bytes).with_context(|| format!("{file}: cannot write"))?;
+                }
+            }
+            _ => {
+                drop(storage);
+                w.write_all(&View::data(*t)).with_context(|| format!("{file}: cannot write"))?;
+            }
+        }
     }
     staging.record(file, w, None)
+}
+
+/// Reads a safetensors file of f32 tensors one tensor at a time into its own buffer: the file is
+/// never held in memory whole beside its tensors (candle's loader reads it all first, which for
+/// a policy's AdamW moments is a GB of memory touched for nothing).
+pub fn read_safetensors_f32(path: &Path, dev: &Device) -> Result<Vec<(String, Tensor)>> {
+    use std::io::Read;
+    let fail = || format!("{}: not a safetensors file of f32 tensors", path.display());
+    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let file_len = file.metadata()?.len();
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut len = [0u8; 8];
+    reader.read_exact(&mut len).with_context(fail)?;
+    let header_len = u64::from_le_bytes(len);
+    if header_len > (100 << 20) || 8 + header_len > file_len {
+        bail!("{}: header of {header_len} bytes", fail());
+    }
+    let mut header = vec![0u8; header_len as usize];
+    reader.read_exact(&mut header).with_context(fail)?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).with_context(fail)?;
+    let mut entries = Vec::new();
+    for (name, info) in header.iter().filter(|(name, _)| *name != "__metadata__") {
+        let dtype = info.get("dtype").and_then(|d| d.as_str());
+        let shape: Option<Vec<usize>> = info.get("shape").and_then(|s| serde_json::from_value(s.clone()).ok());
+        let offsets: Option<(u64, u64)> = info.get("data_offsets").and_then(|s| serde_json::from_value(s.clone()).ok());
+        let (Some("F32"), Some(shape), Some((start, end))) = (dtype, shape, offsets) else {
+            bail!("{}: tensor {name} is not an f32 tensor with a shape and offsets", fail());
+        };
+        if end.checked_sub(start) != Some(4 * shape.iter().product::<usize>() as u64) {
+            bail!("{}: tensor {name}: offsets {start}..{end} for shape {shape:?}", fail());
+        }
+        entries.push((start, end, name.clone(), shape));
+    }
+    // Tensors tile the data section in order (what safetensors itself requires).
+    entries.sort();
+    let mut at = 0;
+    let mut out = Vec::with_capacity(entries.len());
+    let mut bytes = vec![0u8; 1 << 20];
+    for (start, end, name, shape) in entries {
+        if start != at {
+            bail!("{}: tensor {name} starts at {start}, not {at}", fail());
+        }
+        let mut values = Vec::with_capacity(((end - start) / 4) as usize);
+        let mut left = (end - start) as usize;
+        while left > 0 {
+            let chunk = &mut bytes[..left.min(1 << 20)];
+            reader.read_exact(chunk).with_context(|| format!("{}: tensor {name} is cut short", path.display()))?;
+            values.extend(chunk.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            left -= chunk.len();
+        }
+        out.push((name, Tensor::from_vec(values, shape, dev)?));
+        at = end;
+    }
+    if 8 + header_len + at != file_len {
+        bail!("{}: {} bytes after the last tensor", fail(), file_len - 8 - header_len - at);
+    }
+    Ok(out)
 }
 
 /// log p(target) under logits: (b, t, vocab), (b, t) u32 -> (b, t). Differentiable.
@@ -569,7 +642,8 @@ mod tests {
         assert!(max_diff(batch.logprobs(&packed).unwrap(), want) < 1e-5);
     }
 
-    /// The streamed writer gives safetensors' own bytes: names out of order, mixed dtypes.
+    /// The streamed writer gives safetensors' own bytes: names out of order, mixed dtypes, a
+    /// non-contiguous view.
     #[test]
     fn streamed_safetensors_are_the_serialized_bytes() {
         let dev = Device::Cpu;
@@ -577,7 +651,9 @@ mod tests {
         let b = Tensor::from_vec(vec![1u8, 2, 3], 3, &dev).unwrap();
         let c = Tensor::from_vec(vec![-1.5f32, 2.25], 2, &dev).unwrap().to_dtype(DType::BF16).unwrap();
         let d = Tensor::from_vec(vec![7u32, 8], (1, 2), &dev).unwrap();
-        let tensors = [("z.weight", &a), ("b", &b), ("m.x", &c), ("a.ids", &d), ("c.weight", &a)];
+        // A transposed view: f32 but not contiguous (written through `data()`).
+        let e = a.t().unwrap();
+        let tensors = [("z.weight", &a), ("b", &b), ("m.x", &c), ("a.ids", &d), ("c.weight", &a), ("t.weight", &e)];
         let want = safetensors::serialize(tensors.iter().map(|(n, t)| (*n, *t)), None).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::Store::new(dir.path());
@@ -585,6 +661,38 @@ mod tests {
         write_safetensors(&mut staging, "x.safetensors", &tensors).unwrap();
         let art = staging.publish(crate::store::Manifest::new("bootstrap", 1, "st", serde_json::json!({}), vec![], 0)).unwrap();
         assert_eq!(std::fs::read(art.file("x.safetensors").unwrap()).unwrap(), want);
+    }
+
+    /// The streamed reader gives back what was written, and refuses other dtypes, a cut file and
+    /// trailing bytes.
+    #[test]
+    fn streamed_f32_reads_round_trip_and_refuse_bad_files() {
+        let dev = Device::Cpu;
+        let a = Tensor::from_vec((0..300_000).map(|x| (x as f32).sin()).collect::<Vec<_>>(), (600, 500), &dev).unwrap();
+        let b = Tensor::from_vec(vec![-1.5f32, 2.25], 2, &dev).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, tensors: &[(&str, &Tensor)]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, safetensors::serialize(tensors.iter().map(|(n, t)| (*n, *t)), None).unwrap()).unwrap();
+            path
+        };
+        let good = write("good.safetensors", &[("m.a", &a), ("m.b", &b)]);
+        let read: BTreeMap<String, Tensor> = read_safetensors_f32(&good, &dev).unwrap().into_iter().collect();
+        assert_eq!(read.len(), 2);
+        assert_eq!(read["m.a"].to_vec2::<f32>().unwrap(), a.to_vec2::<f32>().unwrap());
+        assert_eq!(read["m.b"].to_vec1::<f32>().unwrap(), [-1.5, 2.25]);
+        let half = write("half.safetensors", &[("m.b", &b.to_dtype(DType::BF16).unwrap())]);
+        assert!(read_safetensors_f32(&half, &dev).unwrap_err().to_string().contains("not an f32 tensor"));
+        let bytes = std::fs::read(&good).unwrap();
+        let cut = dir.path().join("cut.safetensors");
+        std::fs::write(&cut, &bytes[..bytes.len() - 4]).unwrap();
+        assert!(read_safetensors_f32(&cut, &dev).is_err());
+        let long = dir.path().join("long.safetensors");
+        std::fs::write(&long, [bytes.as_slice(), &[0u8; 4]].concat()).unwrap();
+        assert!(read_safetensors_f32(&long, &dev).unwrap_err().to_string().contains("after the last tensor"));
+        let garbage = dir.path().join("garbage.safetensors");
+        std::fs::write(&garbage, b"not a safetensors file at all").unwrap();
+        assert!(read_safetensors_f32(&garbage, &dev).is_err());
     }
 
     #[test]

@@ -117,17 +117,21 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
         }
         let loss_before = grpo::batch_loss(&seqs, &current, &params);
         let prepare_seconds = stage_started.elapsed().as_secs_f64();
+        // The update copies the weights into its variables: the policy's own copy (and the model
+        // over it) go first, so that the weights are never held twice.
+        let Policy { cfg: policy_cfg, model: policy_model, weights: policy_weights, tokenizer, tokenizer_config, .. } = policy;
+        drop(policy_model);
         let bar = progress_bar((u.ppo_epochs * u.minibatches.min(seqs.len())) as u64, Stage::GrpoUpdate.name());
         let started = Instant::now();
         let (weights, state, log) =
-            grpo::update(&policy.cfg, policy.weights.clone(), optimizer, &seqs, &params, pad, &mut rng, &ctx.device, |m| {
+            grpo::update(&policy_cfg, policy_weights, optimizer, &seqs, &params, pad, &mut rng, &ctx.device, |m| {
                 bar.set_message(format!("loss {:+.4} kl {:.2e}", m.loss, m.kl));
                 bar.inc(1);
             })?;
         bar.finish_and_clear();
         let seconds = started.elapsed().as_secs_f64();
         let loss_after = if u.loss_after {
-            let mut updated = model::build_model(&policy.cfg, &weights, &ctx.device)?;
+            let mut updated = model::build_model(&policy_cfg, &weights, &ctx.device)?;
             updated.pack_for_inference()?;
             Some(grpo::batch_loss(&seqs, &response_logprobs(&updated, &pairs, pad, SCORE_ROWS)?, &params))
         } else {
@@ -135,7 +139,7 @@ pub fn run_grpo_update(ctx: &Ctx, iteration: u32) -> Result<Summary> {
         };
 
         let saving = Instant::now();
-        model::save_checkpoint(staging, &policy.cfg, &weights, &policy.tokenizer, &policy.tokenizer_config)?;
+        model::save_checkpoint(staging, &policy_cfg, &weights, &tokenizer, &tokenizer_config)?;
         checkpoint::save_optimizer(staging, &names, &state)?;
         let trainer = TrainerState {
             iteration,

@@ -89,7 +89,7 @@ pub fn save_optimizer(staging: &mut Staging, names: &[String], state: &Optimizer
 pub fn load_optimizer(policy: &Artifact, names: &[String], dev: &Device) -> Result<Option<OptimizerState>> {
     let Some(trainer) = load_trainer_state(policy)? else { return Ok(None) };
     let path = policy.file(OPTIMIZER_FILE)?;
-    let mut loaded = candle_core::safetensors::load(&path, dev).with_context(|| format!("{}: cannot read", path.display()))?;
+    let mut loaded: std::collections::HashMap<String, Tensor> = crate::model::read_safetensors_f32(&path, dev)?.into_iter().collect();
     let mut take = |key: String| loaded.remove(&key).with_context(|| format!("{}: no tensor {key}", path.display()));
     let (mut m, mut v) = (Vec::with_capacity(names.len()), Vec::with_capacity(names.len()));
     for name in names {
