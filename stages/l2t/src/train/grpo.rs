@@ -567,7 +567,8 @@ mod tests {
     }
 
     /// One whole update (two AdamW steps, clipping and the KL term on) on the device-generic path
-    /// (composed ops and the composed AdamW, what CUDA runs) gives the CPU kernels' weights.
+    /// (composed ops, autograd and the composed AdamW, what CUDA runs) gives the weights of the CPU
+    /// path (the owned training pass and the in-place AdamW).
     #[test]
     fn an_update_on_the_generic_path_matches_the_cpu_kernels() {
         let (cfg, weights) = small();
