@@ -190,12 +190,12 @@ fn rotary_tables(cfg: &Config, t: usize) -> (Vec<f32>, Vec<f32>) {
     (freqs.iter().map(|f| f.cos()).collect(), freqs.iter().map(|f| f.sin()).collect())
 }
 
-/// Rotates every head of rows (b * t, heads * hd) in place by its position's angles (`sign` 1),
-/// or back (`sign` -1: the backward pass): the halves of a head rotate as pairs (`rotate_half`).
-fn rotate(x: &mut [f32], width: usize, hd: usize, t: usize, (cos, sin): (&[f32], &[f32]), sign: f32) {
+/// Rotates every head of rows (n, heads * hd) in place by its row's position's angles (`sign`
+/// 1), or back (`sign` -1: the backward pass): the halves of a head rotate as pairs (`rotate_half`).
+fn rotate(x: &mut [f32], width: usize, hd: usize, positions: &[u32], (cos, sin): (&[f32], &[f32]), sign: f32) {
     let half = hd / 2;
-    x.par_chunks_mut(width).enumerate().for_each(|(n, row)| {
-        let at = (n % t) * half;
+    x.par_chunks_mut(width).zip(positions.par_iter()).for_each(|(row, &p)| {
+        let at = p as usize * half;
         let (cos, sin) = (&cos[at..at + half], &sin[at..at + half]);
         for head in row.chunks_mut(hd) {
             let (x1, x2) = head.split_at_mut(half);
@@ -208,19 +208,30 @@ fn rotate(x: &mut [f32], width: usize, hd: usize, t: usize, (cos, sin): (&[f32],
     });
 }
 
-/// (b * t, heads * hd) rows -> (b, heads, t, hd) head-major blocks, or back when `back`.
-fn transpose_heads(x: &[f32], b: usize, t: usize, heads: usize, hd: usize, back: bool) -> Vec<f32> {
+/// Head-major blocks (heads, rows, hd), one per group, back to rows (n, heads * hd).
+fn heads_to_rows(x: &[f32], groups: &[Group], heads: usize, hd: usize) -> Vec<f32> {
+    let width = heads * hd;
     let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(t * heads * hd).zip(x.par_chunks(t * heads * hd)).for_each(|(o, x)| {
-        for i in 0..t {
-            for h in 0..heads {
-                let (rows, heads_major) = (i * heads * hd + h * hd, h * t * hd + i * hd);
-                let (from, to) = if back { (heads_major, rows) } else { (rows, heads_major) };
-                o[to..to + hd].copy_from_slice(&x[from..from + hd]);
+    for g in groups {
+        let rows = g.rows();
+        let block = &x[g.start * width..(g.start + rows) * width];
+        for (i, row) in out[g.start * width..(g.start + rows) * width].chunks_mut(width).enumerate() {
+            for (h, head) in row.chunks_mut(hd).enumerate() {
+                head.copy_from_slice(&block[(h * rows + i) * hd..(h * rows + i + 1) * hd]);
             }
         }
-    });
-    debug_assert_eq!(out.len(), b * t * heads * hd);
+    }
+    out
+}
+
+/// `buf` cut into consecutive pieces of the given sizes (one per parallel task).
+fn split_sizes(mut buf: &mut [f32], sizes: impl Iterator<Item = usize>) -> Vec<&mut [f32]> {
+    let mut out = Vec::new();
+    for size in sizes {
+        let (head, rest) = std::mem::take(&mut buf).split_at_mut(size);
+        out.push(head);
+        buf = rest;
+    }
     out
 }
 
@@ -336,32 +347,78 @@ impl GradBuffers {
     }
 }
 
-/// A batch of right-padded rows (b, t) from position 0 and the positions to score: `(row index
-/// in 0..b * t, target token)`.
+/// Sequences that share a prompt: its rows once (the prefix, from position 0), then each
+/// response's rows (a continuation, from the prefix's end), all consecutive from `start`. A
+/// prefix's queries see the prefix causally; a continuation's see the whole prefix and its own
+/// rows causally, as each full sequence would.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Group {
+    pub start: usize,
+    pub prefix: usize,
+    pub continuations: Vec<usize>,
+}
+
+impl Group {
+    fn rows(&self) -> usize {
+        self.prefix + self.continuations.iter().sum::<usize>()
+    }
+
+    /// Attention probabilities of one head: prefix x prefix, then continuation x (prefix + own).
+    fn probs_len(&self) -> usize {
+        self.prefix * self.prefix + self.continuations.iter().map(|&l| l * (self.prefix + l)).sum::<usize>()
+    }
+}
+
+/// A training batch: token rows with their positions, grouped by shared prompt, and the rows to
+/// score: `(row, target token)`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     pub tokens: Vec<u32>,
-    pub b: usize,
-    pub t: usize,
+    pub positions: Vec<u32>,
+    pub groups: Vec<Group>,
     pub scored: Vec<(usize, u32)>,
 }
 
 impl Batch {
-    /// (prompt, response) pairs laid out as [`crate::model::TeacherForced`] lays them out, each
-    /// response token scored, row after row.
-    pub fn responses(seqs: &[(&[u32], &[u32])], pad_id: u32) -> Result<Self> {
+    /// (prompt, response) pairs, every response token scored, in the pairs' order. Pairs with
+    /// the same prompt share its rows (a GRPO group's prompt is computed once, its gradient summed
+    /// over the group's responses); no row is padding.
+    pub fn responses(seqs: &[(&[u32], &[u32])]) -> Result<Self> {
         if let Some(i) = seqs.iter().position(|(p, z)| p.is_empty() || z.is_empty()) {
             bail!("sequence {i}: empty prompt or response");
         }
-        let t = seqs.iter().map(|(p, z)| p.len() + z.len() - 1).max().unwrap_or(1);
-        let mut tokens = vec![pad_id; seqs.len() * t];
-        let mut scored = Vec::with_capacity(seqs.iter().map(|(_, z)| z.len()).sum());
-        for (r, (prompt, response)) in seqs.iter().enumerate() {
-            let row = &mut tokens[r * t..(r + 1) * t];
-            row[..prompt.len()].copy_from_slice(prompt);
-            row[prompt.len()..prompt.len() + response.len() - 1].copy_from_slice(&response[..response.len() - 1]);
-            scored.extend(response.iter().enumerate().map(|(j, &z)| (r * t + prompt.len() - 1 + j, z)));
+        // Each distinct prompt, in order of first appearance, with the sequences that share it.
+        let mut by_prompt: Vec<(&[u32], Vec<usize>)> = Vec::new();
+        for (i, &(prompt, _)) in seqs.iter().enumerate() {
+            match by_prompt.iter_mut().find(|(p, _)| *p == prompt) {
+                Some((_, members)) => members.push(i),
+                None => by_prompt.push((prompt, vec![i])),
+            }
         }
-        Ok(Self { tokens, b: seqs.len(), t, scored })
+        let (mut tokens, mut positions, mut groups) = (Vec::new(), Vec::new(), Vec::new());
+        // Per sequence: the row that predicts its first response token (the prompt's last) and
+        // the first row of its continuation.
+        let mut rows_of = vec![(0, 0); seqs.len()];
+        for (prompt, members) in by_prompt {
+            let start = tokens.len();
+            tokens.extend_from_slice(prompt);
+            positions.extend(0..prompt.len() as u32);
+            let mut continuations = Vec::with_capacity(members.len());
+            for i in members {
+                let response = seqs[i].1;
+                rows_of[i] = (start + prompt.len() - 1, tokens.len());
+                tokens.extend_from_slice(&response[..response.len() - 1]);
+                positions.extend(prompt.len() as u32..(prompt.len() + response.len() - 1) as u32);
+                continuations.push(response.len() - 1);
+            }
+            groups.push(Group { start, prefix: prompt.len(), continuations });
+        }
+        let mut scored = Vec::with_capacity(seqs.iter().map(|(_, z)| z.len()).sum());
+        for ((_, response), &(last_prompt_row, continuation)) in seqs.iter().zip(&rows_of) {
+            scored.push((last_prompt_row, response[0]));
+            scored.extend(response[1..].iter().enumerate().map(|(j, &z)| (continuation + j, z)));
+        }
+        Ok(Self { tokens, positions, groups, scored })
     }
 }
 
@@ -393,8 +450,8 @@ struct LayerTape {
 pub struct Tape<'p> {
     params: &'p Params<'p>,
     tokens: Vec<u32>,
-    b: usize,
-    t: usize,
+    positions: Vec<u32>,
+    groups: Vec<Group>,
     scored: Vec<(usize, u32)>,
     rotary: (Vec<f32>, Vec<f32>),
     layers: Vec<LayerTape>,
@@ -411,9 +468,10 @@ impl<'p> Tape<'p> {
     /// The forward pass: log p(target) at every scored position.
     pub fn forward(params: &'p Params<'p>, batch: Batch) -> Result<Self> {
         let cfg = params.cfg;
-        let (b, t, d) = (batch.b, batch.t, cfg.hidden_size);
-        let n = b * t;
-        ensure!(batch.tokens.len() == n, "{} tokens for a ({b}, {t}) batch", batch.tokens.len());
+        let (n, d) = (batch.tokens.len(), cfg.hidden_size);
+        ensure!(batch.positions.len() == n, "{} positions for {n} tokens", batch.positions.len());
+        ensure!(batch.groups.iter().map(Group::rows).sum::<usize>() == n, "the groups do not cover the batch's {n} rows");
+        let t = batch.positions.iter().max().map_or(0, |&p| p as usize + 1);
         ensure!(
             t <= cfg.max_position_embeddings.min(crate::model::qwen2::MAX_ROTARY_POSITIONS),
             "{t} positions exceed the model's context"
@@ -432,7 +490,7 @@ impl<'p> Tape<'p> {
         let rotary = rotary_tables(cfg, t);
         let mut layers = Vec::with_capacity(params.layers.len());
         for lp in &params.layers {
-            let (tape, next) = layer_forward(cfg, lp, x, b, t, (&rotary.0, &rotary.1))?;
+            let (tape, next) = layer_forward(cfg, lp, x, (&batch.positions, &batch.groups), (&rotary.0, &rotary.1))?;
             layers.push(tape);
             x = next;
         }
@@ -448,7 +506,20 @@ impl<'p> Tape<'p> {
             .zip(batch.scored.par_iter())
             .map(|(row, &(_, tok))| row[tok as usize] - vexp::log_sum_exp(row))
             .collect();
-        Ok(Self { params, tokens: batch.tokens, b, t, scored: batch.scored, rotary, layers, x_scored, inv_scored, h_scored, logits, logp })
+        Ok(Self {
+            params,
+            tokens: batch.tokens,
+            positions: batch.positions,
+            groups: batch.groups,
+            scored: batch.scored,
+            rotary,
+            layers,
+            x_scored,
+            inv_scored,
+            h_scored,
+            logits,
+            logp,
+        })
     }
 
     /// log p(target) of each scored position, in `scored` order.
@@ -463,7 +534,7 @@ impl<'p> Tape<'p> {
         ensure!(dlogp.len() == self.scored.len(), "{} gradients for {} scored positions", dlogp.len(), self.scored.len());
         ensure!(grads.0.len() > params.head.at.max(params.embed.at), "gradient buffers for another variable list");
         let (d, vocab) = (cfg.hidden_size, cfg.vocab_size);
-        let (m, n) = (self.scored.len(), self.b * self.t);
+        let (m, n) = (self.scored.len(), self.tokens.len());
         // d logits = g (onehot(target) - softmax(logits)), in place.
         let mut dlogits = self.logits;
         dlogits.par_chunks_mut(vocab).zip(dlogp.par_iter()).zip(self.scored.par_iter()).for_each(|((row, &g), &(_, tok))| {
@@ -481,7 +552,7 @@ impl<'p> Tape<'p> {
         }
         let rotary = (&self.rotary.0[..], &self.rotary.1[..]);
         for (lp, tape) in params.layers.iter().zip(self.layers).rev() {
-            dx = layer_backward(cfg, lp, tape, dx, self.b, self.t, rotary, grads)?;
+            dx = layer_backward(cfg, lp, tape, dx, (&self.positions, &self.groups), rotary, grads)?;
         }
         let de = &mut grads.0[params.embed.at];
         for (row, &tok) in dx.chunks(d).zip(&self.tokens) {
@@ -495,13 +566,12 @@ fn layer_forward(
     cfg: &Config,
     lp: &LayerParams,
     x: Vec<f32>,
-    b: usize,
-    t: usize,
+    (positions, groups): (&[u32], &[Group]),
     rotary: (&[f32], &[f32]),
 ) -> Result<(LayerTape, Vec<f32>)> {
     let (d, hd, f) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
     let (heads, kv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-    let (qd, kvd, n, eps) = (heads * hd, kv * hd, b * t, cfg.rms_norm_eps as f32);
+    let (qd, kvd, n, eps) = (heads * hd, kv * hd, positions.len(), cfg.rms_norm_eps as f32);
     let (n1, inv1) = rms_norm(&x, lp.ln1.v, d, eps);
     let mut q = linear(&n1, lp.q.v, lp.q_bias.map(|w| w.v), n, d, qd)?;
     let mut k = linear(&n1, lp.k.v, lp.k_bias.map(|w| w.v), n, d, kvd)?;
@@ -514,9 +584,9 @@ fn layer_forward(
         q_pre = Some((std::mem::replace(&mut q, qn_out), q_inv));
         k_pre = Some((std::mem::replace(&mut k, kn_out), k_inv));
     }
-    rotate(&mut q, qd, hd, t, rotary, 1.0);
-    rotate(&mut k, kvd, hd, t, rotary, 1.0);
-    let (probs, o) = attention_forward(&q, &k, &v, b, t, heads, kv, hd)?;
+    rotate(&mut q, qd, hd, positions, rotary, 1.0);
+    rotate(&mut k, kvd, hd, positions, rotary, 1.0);
+    let (probs, o) = attention_forward((&q, &k, &v), groups, heads, kv, hd)?;
     let attn = linear(&o, lp.o.v, None, n, qd, d)?;
     let mut x2 = attn;
     add_assign(&mut x2, &x);
@@ -530,88 +600,158 @@ fn layer_forward(
     Ok((LayerTape { x, inv1, n1, q_pre, k_pre, q, k, v, probs, o, x2, inv2, n2, gate, up, act }, out))
 }
 
-/// Causal attention per (row, head): probabilities (b, heads, t, t) and outputs (b * t, heads * hd).
+/// The attention's parallel tasks, one per (group, kv head), in the order of their buffers.
+fn attention_tasks(groups: &[Group], kv: usize) -> Vec<(&Group, usize)> {
+    groups.iter().flat_map(|group| (0..kv).map(move |g| (group, g))).collect()
+}
+
+/// A group's query segments as (first row, rows, context rows): the prefix (no context), then
+/// each continuation (the prefix as context). A segment's row `r` sees its context and its own
+/// rows `0..=r`.
+fn segments(group: &Group) -> Vec<(usize, usize, usize)> {
+    let mut out = vec![(0, group.prefix, 0)];
+    let mut at = group.prefix;
+    for &rows in &group.continuations {
+        out.push((at, rows, group.prefix));
+        at += rows;
+    }
+    out
+}
+
+/// The views one segment's attention reads for query head `h` / kv head `g` of a group: its
+/// queries, the context's and its own keys and values.
+struct SegmentViews<'a> {
+    q: View<'a>,
+    k_ctx: View<'a>,
+    k_own: View<'a>,
+    v_ctx: View<'a>,
+    v_own: View<'a>,
+}
+
 #[allow(clippy::too_many_arguments)]
-fn attention_forward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    b: usize,
-    t: usize,
-    heads: usize,
-    kv: usize,
-    hd: usize,
-) -> Result<(Vec<f32>, Vec<f32>)> {
+fn segment_views<'a>(
+    (q, k, v): (&'a [f32], &'a [f32], &'a [f32]),
+    group: &Group,
+    (first, rows, ctx): (usize, usize, usize),
+    (h, g): (usize, usize),
+    (qd, kvd, hd): (usize, usize, usize),
+) -> SegmentViews<'a> {
+    let at = |x: &'a [f32], width: usize, row: usize, col: usize| &x[(group.start + row) * width + col * hd..];
+    SegmentViews {
+        q: View::strided(at(q, qd, first, h), rows, hd, qd),
+        k_ctx: View::strided(at(k, kvd, 0, g), ctx, hd, kvd),
+        k_own: View::strided(at(k, kvd, first, g), rows, hd, kvd),
+        v_ctx: View::strided(at(v, kvd, 0, g), ctx, hd, kvd),
+        v_own: View::strided(at(v, kvd, first, g), rows, hd, kvd),
+    }
+}
+
+/// Causal attention within each group: probabilities (per group and head, [`Group::probs_len`]
+/// values) and outputs (n, heads * hd).
+fn attention_forward(qkv: (&[f32], &[f32], &[f32]), groups: &[Group], heads: usize, kv: usize, hd: usize) -> Result<(Vec<f32>, Vec<f32>)> {
     let (qd, kvd, rep) = (heads * hd, kv * hd, heads / kv);
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut probs = vec![0f32; b * heads * t * t];
-    let mut o_heads = vec![0f32; b * heads * t * hd];
-    // One task per (row, kv head): the query heads sharing it, in order.
-    probs.par_chunks_mut(rep * t * t).zip(o_heads.par_chunks_mut(rep * t * hd)).enumerate().try_for_each(|(task, (p, o))| {
-        let (r, g) = (task / kv, task % kv);
-        let kg = View::strided(&k[r * t * kvd + g * hd..], t, hd, kvd);
-        let vg = View::strided(&v[r * t * kvd + g * hd..], t, hd, kvd);
+    let mut probs = vec![0f32; groups.iter().map(|g| heads * g.probs_len()).sum()];
+    let mut o_heads = vec![0f32; qkv.0.len()];
+    let tasks = attention_tasks(groups, kv);
+    let p_parts = split_sizes(&mut probs, tasks.iter().map(|(group, _)| rep * group.probs_len()));
+    let o_parts = split_sizes(&mut o_heads, tasks.iter().map(|(group, _)| rep * group.rows() * hd));
+    p_parts.into_par_iter().zip(o_parts).zip(tasks.par_iter()).try_for_each(|((p, o), &(group, g))| {
+        let (rows, len) = (group.rows(), group.probs_len());
         for i in 0..rep {
             let h = g * rep + i;
-            let qh = View::strided(&q[r * t * qd + h * hd..], t, hd, qd);
-            let p = &mut p[i * t * t..(i + 1) * t * t];
-            matmul(p, t, qh, kg.t(), false, false)?;
-            for (row_i, row) in p.chunks_mut(t).enumerate() {
-                let (seen, future) = row.split_at_mut(row_i + 1);
-                seen.iter_mut().for_each(|s| *s *= scale);
-                vexp::softmax_in_place(seen);
-                future.fill(0.0);
+            let (p, o) = (&mut p[i * len..(i + 1) * len], &mut o[i * rows * hd..(i + 1) * rows * hd]);
+            let mut at = 0;
+            for (first, m, ctx) in segments(group) {
+                let width = ctx + m;
+                let block = &mut p[at..at + m * width];
+                at += m * width;
+                if m == 0 {
+                    continue;
+                }
+                let sv = segment_views(qkv, group, (first, m, ctx), (h, g), (qd, kvd, hd));
+                matmul(block, width, sv.q, sv.k_ctx.t(), false, false)?;
+                matmul(&mut block[ctx..], width, sv.q, sv.k_own.t(), false, false)?;
+                for (r, row) in block.chunks_mut(width).enumerate() {
+                    let (seen, future) = row.split_at_mut(ctx + r + 1);
+                    seen.iter_mut().for_each(|s| *s *= scale);
+                    vexp::softmax_in_place(seen);
+                    future.fill(0.0);
+                }
+                let out = &mut o[first * hd..(first + m) * hd];
+                matmul(out, hd, View::strided(block, m, ctx, width), sv.v_ctx, false, false)?;
+                matmul(out, hd, View::strided(&block[ctx..], m, m, width), sv.v_own, true, false)?;
             }
-            matmul(&mut o[i * t * hd..(i + 1) * t * hd], hd, View::rows(p, t, t), vg, false, false)?;
         }
         Ok::<_, anyhow::Error>(())
     })?;
-    Ok((probs, transpose_heads(&o_heads, b, t, heads, hd, true)))
+    Ok((probs, heads_to_rows(&o_heads, groups, heads, hd)))
 }
 
-/// The backward pass of the attention for the output gradient `d_o` (b * t, heads * hd):
-/// the gradients of the rotated q, k and v in their row layouts.
-#[allow(clippy::too_many_arguments)]
+/// The backward pass of the attention for the output gradient `d_o` (n, heads * hd): the
+/// gradients of the rotated q, k and v in their row layouts.
 fn attention_backward(
-    (q, k, v): (&[f32], &[f32], &[f32]),
+    qkv: (&[f32], &[f32], &[f32]),
     probs: &[f32],
     d_o: &[f32],
-    b: usize,
-    t: usize,
-    heads: usize,
-    kv: usize,
-    hd: usize,
+    groups: &[Group],
+    (heads, kv, hd): (usize, usize, usize),
 ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
     let (qd, kvd, rep) = (heads * hd, kv * hd, heads / kv);
     let scale = 1.0 / (hd as f32).sqrt();
-    let (mut dq, mut dk, mut dv) = (vec![0f32; b * heads * t * hd], vec![0f32; b * kv * t * hd], vec![0f32; b * kv * t * hd]);
-    dq.par_chunks_mut(rep * t * hd).zip(dk.par_chunks_mut(t * hd)).zip(dv.par_chunks_mut(t * hd)).enumerate().try_for_each(
-        |(task, ((dq, dk), dv))| {
-            let (r, g) = (task / kv, task % kv);
-            let kg = View::strided(&k[r * t * kvd + g * hd..], t, hd, kvd);
-            let vg = View::strided(&v[r * t * kvd + g * hd..], t, hd, kvd);
-            let mut ds = vec![0f32; t * t];
+    let (mut dq, mut dk, mut dv) = (vec![0f32; qkv.0.len()], vec![0f32; qkv.1.len()], vec![0f32; qkv.2.len()]);
+    let tasks = attention_tasks(groups, kv);
+    let mut p_parts = Vec::with_capacity(tasks.len());
+    let mut rest = probs;
+    for (group, _) in &tasks {
+        let (part, tail) = rest.split_at(rep * group.probs_len());
+        p_parts.push(part);
+        rest = tail;
+    }
+    let dq_parts = split_sizes(&mut dq, tasks.iter().map(|(group, _)| rep * group.rows() * hd));
+    let dk_parts = split_sizes(&mut dk, tasks.iter().map(|(group, _)| group.rows() * hd));
+    let dv_parts = split_sizes(&mut dv, tasks.iter().map(|(group, _)| group.rows() * hd));
+    dq_parts.into_par_iter().zip(dk_parts).zip(dv_parts).zip(p_parts).zip(tasks.par_iter()).try_for_each(
+        |((((dq, dk), dv), p), &(group, g))| {
+            let (rows, len) = (group.rows(), group.probs_len());
             for i in 0..rep {
                 let h = g * rep + i;
-                let p = &probs[((r * heads) + h) * t * t..((r * heads) + h + 1) * t * t];
-                let doh = View::strided(&d_o[r * t * qd + h * hd..], t, hd, qd);
-                let qh = View::strided(&q[r * t * qd + h * hd..], t, hd, qd);
-                // dV += P^T dO; dP = dO V^T; dS = scale P (dP - sum(dP P)); dQ = dS K; dK += dS^T Q.
-                matmul(dv, hd, View::rows(p, t, t).t(), doh, true, false)?;
-                matmul(&mut ds, t, doh, vg.t(), false, false)?;
-                for (row_i, (ds, p)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
-                    let seen = row_i + 1;
-                    let dot: f32 = ds[..seen].iter().zip(&p[..seen]).map(|(a, b)| a * b).sum();
-                    ds[..seen].iter_mut().zip(&p[..seen]).for_each(|(g, &p)| *g = scale * p * (*g - dot));
-                    ds[seen..].fill(0.0);
+                let (p, dq) = (&p[i * len..(i + 1) * len], &mut dq[i * rows * hd..(i + 1) * rows * hd]);
+                let mut at = 0;
+                for (first, m, ctx) in segments(group) {
+                    let width = ctx + m;
+                    let block = &p[at..at + m * width];
+                    at += m * width;
+                    if m == 0 {
+                        continue;
+                    }
+                    let sv = segment_views(qkv, group, (first, m, ctx), (h, g), (qd, kvd, hd));
+                    let d_out = View::strided(&d_o[(group.start + first) * qd + h * hd..], m, hd, qd);
+                    let (p_ctx, p_own) = (View::strided(block, m, ctx, width), View::strided(&block[ctx..], m, m, width));
+                    // dV += P^T dO; dP = dO V^T; dS = scale P (dP - sum(dP P)); dQ = dS K; dK += dS^T Q.
+                    matmul(&mut dv[..ctx * hd], hd, p_ctx.t(), d_out, true, false)?;
+                    matmul(&mut dv[first * hd..(first + m) * hd], hd, p_own.t(), d_out, true, false)?;
+                    let mut ds = vec![0f32; m * width];
+                    matmul(&mut ds, width, d_out, sv.v_ctx.t(), false, false)?;
+                    matmul(&mut ds[ctx..], width, d_out, sv.v_own.t(), false, false)?;
+                    for (r, (ds, p)) in ds.chunks_mut(width).zip(block.chunks(width)).enumerate() {
+                        let seen = ctx + r + 1;
+                        let dot: f32 = ds[..seen].iter().zip(&p[..seen]).map(|(a, b)| a * b).sum();
+                        ds[..seen].iter_mut().zip(&p[..seen]).for_each(|(g, &p)| *g = scale * p * (*g - dot));
+                        ds[seen..].fill(0.0);
+                    }
+                    let (ds_ctx, ds_own) = (View::strided(&ds, m, ctx, width), View::strided(&ds[ctx..], m, m, width));
+                    let dq_segment = &mut dq[first * hd..(first + m) * hd];
+                    matmul(dq_segment, hd, ds_ctx, sv.k_ctx, false, false)?;
+                    matmul(dq_segment, hd, ds_own, sv.k_own, true, false)?;
+                    matmul(&mut dk[..ctx * hd], hd, ds_ctx.t(), sv.q, true, false)?;
+                    matmul(&mut dk[first * hd..(first + m) * hd], hd, ds_own.t(), sv.q, true, false)?;
                 }
-                matmul(&mut dq[i * t * hd..(i + 1) * t * hd], hd, View::rows(&ds, t, t), kg, false, false)?;
-                matmul(dk, hd, View::rows(&ds, t, t).t(), qh, true, false)?;
             }
             Ok::<_, anyhow::Error>(())
         },
     )?;
-    Ok((transpose_heads(&dq, b, t, heads, hd, true), transpose_heads(&dk, b, t, kv, hd, true), transpose_heads(&dv, b, t, kv, hd, true)))
+    Ok((heads_to_rows(&dq, groups, heads, hd), heads_to_rows(&dk, groups, kv, hd), heads_to_rows(&dv, groups, kv, hd)))
 }
 
 /// The backward pass of one layer for the gradient `dx` of its output: returns the gradient of
@@ -622,14 +762,13 @@ fn layer_backward(
     lp: &LayerParams,
     tape: LayerTape,
     dx: Vec<f32>,
-    b: usize,
-    t: usize,
+    (positions, groups): (&[u32], &[Group]),
     rotary: (&[f32], &[f32]),
     grads: &mut GradBuffers,
 ) -> Result<Vec<f32>> {
     let (d, hd, f) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
     let (heads, kv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-    let (qd, kvd, n) = (heads * hd, kv * hd, b * t);
+    let (qd, kvd, n) = (heads * hd, kv * hd, positions.len());
     let g = &mut grads.0;
     // MLP: out = x2 + down(silu(gate) * up).
     let mut d_act = vec![0f32; n * f];
@@ -655,10 +794,10 @@ fn layer_backward(
     // Attention: x2 = x + o_proj(attention(q, k, v)).
     let mut d_o = vec![0f32; n * qd];
     linear_backward(&tape.o, lp.o.v, &dx2, (n, qd, d), &mut g[lp.o.at], &mut d_o, false)?;
-    let (mut dq, mut dk, dv) = attention_backward((&tape.q, &tape.k, &tape.v), &tape.probs, &d_o, b, t, heads, kv, hd)?;
+    let (mut dq, mut dk, dv) = attention_backward((&tape.q, &tape.k, &tape.v), &tape.probs, &d_o, groups, (heads, kv, hd))?;
     drop(d_o);
-    rotate(&mut dq, qd, hd, t, rotary, -1.0);
-    rotate(&mut dk, kvd, hd, t, rotary, -1.0);
+    rotate(&mut dq, qd, hd, positions, rotary, -1.0);
+    rotate(&mut dk, kvd, hd, positions, rotary, -1.0);
     if let (Some((q_pre, q_inv)), Some(qn)) = (&tape.q_pre, lp.q_norm) {
         rms_norm_backward(q_pre, q_inv, qn.v, hd, &mut dq, &mut g[qn.at]);
     }
@@ -700,14 +839,31 @@ mod tests {
     #[test]
     fn logprobs_and_every_gradient_match_autograd() {
         let dev = Device::Cpu;
-        let pairs: Vec<(Vec<u32>, Vec<u32>)> =
-            vec![(vec![5, 17, 3], vec![250, 8, 9, 41, 2]), (vec![7], vec![30, 31]), (vec![1, 2, 3, 4, 5, 6], vec![99, 12, 13])];
+        // Two groups sharing a prompt (one of its responses a single token: no continuation rows),
+        // and prompts of their own.
+        let pairs: Vec<(Vec<u32>, Vec<u32>)> = vec![
+            (vec![5, 17, 3], vec![250, 8, 9, 41, 2]),
+            (vec![7], vec![30, 31]),
+            (vec![5, 17, 3], vec![11, 8]),
+            (vec![1, 2, 3, 4, 5, 6], vec![99, 12, 13]),
+            (vec![5, 17, 3], vec![60]),
+            (vec![7], vec![31, 30, 29, 28]),
+        ];
         let pairs: Vec<(&[u32], &[u32])> = pairs.iter().map(|(p, z)| (p.as_slice(), z.as_slice())).collect();
         for cfg in families() {
             let vars: Vec<(String, Var)> =
                 init_weights(&cfg, 7, &dev).unwrap().into_iter().map(|(k, t)| (k, Var::from_tensor(&t).unwrap())).collect();
-            let batch = Batch::responses(&pairs, 0).unwrap();
-            let scored: Vec<u32> = batch.scored.iter().map(|&(row, _)| row as u32).collect();
+            let batch = Batch::responses(&pairs).unwrap();
+            // Where teacher forcing over each whole sequence puts the same log-probs.
+            let forced = TeacherForced::new(&pairs, 0, &dev).unwrap();
+            let t = forced.inputs.dim(1).unwrap();
+            let scored: Vec<u32> = pairs
+                .iter()
+                .zip(&forced.offsets)
+                .enumerate()
+                .flat_map(|(r, ((_, z), &offset))| (0..z.len()).map(move |j| (r * t + offset + j) as u32))
+                .collect();
+            assert_eq!(scored.len(), batch.scored.len());
             let dlogp: Vec<f32> = (0..scored.len()).map(|i| (i as f32 * 0.77).sin()).collect();
             let mut grads = GradBuffers::zeros(&vars);
             let locked = Locked::new(&vars);
@@ -720,7 +876,7 @@ mod tests {
 
             let weights: Weights = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
             let model = build_model(&cfg, &weights, &dev).unwrap();
-            let all = TeacherForced::new(&pairs, 0, &dev).unwrap().logprobs(&model).unwrap().flatten_all().unwrap();
+            let all = forced.logprobs(&model).unwrap().flatten_all().unwrap();
             let picked = all.index_select(&Tensor::new(scored.as_slice(), &dev).unwrap(), 0).unwrap();
             let expected: Vec<f32> = picked.to_vec1().unwrap();
             for (a, b) in logp.iter().zip(&expected) {
@@ -739,12 +895,17 @@ mod tests {
     }
 
     #[test]
-    fn responses_are_scored_where_teacher_forcing_puts_them() {
-        let batch = Batch::responses(&[(&[1, 2][..], &[3, 4][..]), (&[5][..], &[6][..])], 0).unwrap();
-        assert_eq!((batch.b, batch.t), (2, 3));
-        assert_eq!(batch.tokens, [1, 2, 3, 5, 0, 0]);
-        // Row 0 predicts 3 after [1, 2] (column 1) and 4 after 3 (column 2); row 1 predicts 6 after 5.
-        assert_eq!(batch.scored, [(1, 3), (2, 4), (3, 6)]);
-        assert!(Batch::responses(&[(&[1][..], &[][..])], 0).is_err());
+    fn sequences_with_one_prompt_share_its_rows() {
+        let batch = Batch::responses(&[(&[1, 2][..], &[3, 4][..]), (&[5][..], &[6][..]), (&[1, 2][..], &[7, 8, 9][..])]).unwrap();
+        // [1, 2] once, then 3 (predicting 4), then 7, 8 (predicting 8, 9); then [5] alone.
+        assert_eq!(batch.tokens, [1, 2, 3, 7, 8, 5]);
+        assert_eq!(batch.positions, [0, 1, 2, 2, 3, 0]);
+        assert_eq!(
+            batch.groups,
+            [Group { start: 0, prefix: 2, continuations: vec![1, 2] }, Group { start: 5, prefix: 1, continuations: vec![0] }]
+        );
+        // In the pairs' order: 3 and 7 both predicted at the prompt's last row (1).
+        assert_eq!(batch.scored, [(1, 3), (2, 4), (5, 6), (1, 7), (3, 8), (4, 9)]);
+        assert!(Batch::responses(&[(&[1][..], &[][..])]).is_err());
     }
 }

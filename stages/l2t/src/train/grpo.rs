@@ -125,13 +125,12 @@ fn owned_micro_step(
     seqs: &[&Sequence],
     weights: &[&Vec<f64>],
     p: &GrpoParams,
-    pad_id: u32,
     grads: &mut GradBuffers,
 ) -> Result<MicroLoss> {
     let pairs: Vec<(&[u32], &[u32])> = seqs.iter().map(|s| (s.prompt.as_slice(), s.response.as_slice())).collect();
     let locked = Locked::new(vars);
     let params = Params::new(cfg, &locked)?;
-    let tape = Tape::forward(&params, Batch::responses(&pairs, pad_id)?)?;
+    let tape = Tape::forward(&params, Batch::responses(&pairs)?)?;
     let (mut m, mut dlogp) = (MicroLoss::default(), Vec::with_capacity(tape.logp().len()));
     let mut logp = tape.logp().iter();
     for (s, w) in seqs.iter().zip(weights) {
@@ -286,6 +285,7 @@ pub fn update(
         let mut order: Vec<usize> = (0..seqs.len()).collect();
         order.shuffle(rng);
         for (mb, part) in split_even(&order, minibatches).into_iter().enumerate() {
+            let part = &by_prompt(part, seqs);
             let lens: Vec<usize> = part.iter().map(|&i| seqs[i].response.len()).collect();
             let weights = token_weights(&lens, p.update.loss_agg, p.max_new_tokens);
             let mut grads = Grads::new();
@@ -302,7 +302,7 @@ pub fn update(
                         opt.accumulate(&mut grads, &loss.backward()?)?;
                         micro
                     }
-                    (None, Some(buffers)) => owned_micro_step(cfg, &opt.vars, &chunk_seqs, &chunk_w, p, pad_id, buffers)?,
+                    (None, Some(buffers)) => owned_micro_step(cfg, &opt.vars, &chunk_seqs, &chunk_w, p, buffers)?,
                     (None, None) => bail!("no model and no gradient buffers"),
                 };
                 m.loss += micro.loss;
@@ -332,6 +332,26 @@ pub fn update(
     let state = OptimizerState { m: opt.m, v: opt.v, step: opt.step };
     let trained = opt.vars.into_iter().map(|(k, v)| (k, v.as_tensor().detach())).collect();
     Ok((trained, state, log))
+}
+
+/// A minibatch's sequences with those of one prompt next to each other (prompts in order of first
+/// appearance), so that a micro batch holds a group's responses together and computes their
+/// prompt once ([`Batch::responses`]). The minibatch's gradient is the same sum in another order.
+fn by_prompt(part: &[usize], seqs: &[Sequence]) -> Vec<usize> {
+    let mut prompts: Vec<&[u32]> = Vec::new();
+    let mut keyed: Vec<(usize, usize)> = part
+        .iter()
+        .map(|&i| {
+            let prompt = seqs[i].prompt.as_slice();
+            let rank = prompts.iter().position(|&p| p == prompt).unwrap_or_else(|| {
+                prompts.push(prompt);
+                prompts.len() - 1
+            });
+            (rank, i)
+        })
+        .collect();
+    keyed.sort_by_key(|&(rank, _)| rank);
+    keyed.into_iter().map(|(_, i)| i).collect()
 }
 
 /// `items` in `parts` contiguous pieces whose sizes differ by at most one.
@@ -419,6 +439,13 @@ mod tests {
             assert!((t.dloss_dlogp - f64::from(g)).abs() < 1e-5, "{lp} {old} {reference} {a}: gradient {} vs {g}", t.dloss_dlogp);
             assert_eq!(t.clipped, m.clipped == 1.0);
         }
+    }
+
+    #[test]
+    fn a_minibatch_keeps_each_prompts_sequences_together() {
+        let seq = |prompt: u32| Sequence { prompt: vec![prompt], response: vec![1], logp_old: vec![0.0], logp_ref: vec![], a_t: vec![0.0] };
+        let seqs = [seq(7), seq(8), seq(7), seq(9), seq(8)];
+        assert_eq!(by_prompt(&[4, 0, 1, 2, 3], &seqs), [4, 1, 0, 2, 3]);
     }
 
     #[test]

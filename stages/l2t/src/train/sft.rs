@@ -110,8 +110,8 @@ pub fn train_micro(
                 let mut buffers = GradBuffers::zeros(&opt.vars);
                 for chunk in batch.chunks(micro_batch.max(1)) {
                     let pairs: Vec<(&[u32], &[u32])> = chunk.iter().map(|e| (e.prompt.as_slice(), e.completion.as_slice())).collect();
-                    let rows = Batch::responses(&pairs, pad_id)?;
-                    tokens += rows.b * rows.t;
+                    let rows = Batch::responses(&pairs)?;
+                    tokens += rows.tokens.len();
                     let locked = Locked::new(&opt.vars);
                     let params = Params::new(cfg, &locked)?;
                     let tape = Tape::forward(&params, rows)?;
