@@ -198,10 +198,9 @@ impl HashingWriter {
         Ok(Self { file, hasher: blake3::Hasher::new(), bytes: 0 })
     }
 
-    /// Flushes to disk and returns (hash, byte count).
-    pub fn finish(self) -> Result<(String, u64)> {
-        self.file.sync_all()?;
-        Ok((self.hasher.finalize().to_hex().to_string(), self.bytes))
+    /// The hash, the byte count and the file, still to be synced to disk.
+    pub fn finish(self) -> (String, u64, File) {
+        (self.hasher.finalize().to_hex().to_string(), self.bytes, self.file)
     }
 }
 
@@ -364,7 +363,7 @@ impl Store {
             fs::remove_dir_all(&dir)?;
         }
         fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-        Ok(Staging { dir, final_dir: self.entry_dir(key), outputs: Vec::new() })
+        Ok(Staging { dir, final_dir: self.entry_dir(key), outputs: Vec::new(), syncs: Vec::new() })
     }
 
     fn slot_dir(&self, run: &str, slot: &str) -> PathBuf {
@@ -683,6 +682,10 @@ pub struct Staging {
     dir: PathBuf,
     final_dir: PathBuf,
     outputs: Vec<OutputFile>,
+    /// Each recorded output's fsync, running while the stage writes the next one (the disk
+    /// writes a GB checkpoint while the moments after it are still being made); all are joined
+    /// before the manifest is written.
+    syncs: Vec<(String, std::thread::JoinHandle<io::Result<()>>)>,
 }
 
 impl Staging {
@@ -702,15 +705,33 @@ impl Staging {
         self.record(file, w, None)
     }
 
-    /// Records a finished output.
+    /// Records a finished output and starts syncing it to disk.
     pub fn record(&mut self, file: &str, writer: HashingWriter, rows: Option<u64>) -> Result<()> {
-        let (blake3, bytes) = writer.finish().with_context(|| format!("{file}: cannot flush"))?;
+        let (blake3, bytes, handle) = writer.finish();
+        let sync = std::thread::Builder::new()
+            .name(format!("sync {file}"))
+            .spawn(move || handle.sync_all())
+            .with_context(|| format!("{file}: cannot start its sync"))?;
+        self.syncs.push((file.to_string(), sync));
         self.outputs.push(OutputFile { file: file.into(), blake3, bytes, rows });
         Ok(())
     }
 
-    /// Writes the manifest and moves the folder into the store in one rename.
+    /// Waits until every recorded output is on disk.
+    fn wait_for_syncs(&mut self) -> Result<()> {
+        for (file, sync) in self.syncs.drain(..) {
+            match sync.join() {
+                Ok(result) => result.with_context(|| format!("{file}: cannot flush to disk"))?,
+                Err(_) => bail!("{file}: its sync panicked"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the manifest (once every output is on disk) and moves the folder into the store in
+    /// one rename.
     pub fn publish(mut self, mut manifest: Manifest) -> Result<Artifact> {
+        self.wait_for_syncs()?;
         manifest.outputs = std::mem::take(&mut self.outputs);
         manifest.outputs.sort_by(|a, b| a.file.cmp(&b.file));
         let mut f = File::create(self.dir.join("manifest.json"))?;
@@ -732,7 +753,8 @@ impl Staging {
 
 impl Drop for Staging {
     fn drop(&mut self) {
-        // An abandoned run (an error midway) leaves nothing behind.
+        // An abandoned run (an error midway) leaves nothing behind, and no sync still running.
+        let _ = self.wait_for_syncs();
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
@@ -819,10 +841,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let mut w = HashingWriter::create(&path).unwrap();
+        // A small write, then one large enough to be hashed in parallel.
+        let large: Vec<u8> = (0..3 * PARALLEL_HASH_BYTES).map(|i| (i * 7 % 251) as u8).collect();
         w.write_all(b"hello world").unwrap();
-        let (h, n) = w.finish().unwrap();
-        assert_eq!(n, 11);
+        w.write_all(&large).unwrap();
+        let (h, n, file) = w.finish();
+        file.sync_all().unwrap();
+        assert_eq!(n as usize, 11 + large.len());
         assert_eq!(h, hash_file(&path).unwrap());
+        assert_eq!(h, blake3::hash(&[b"hello world".as_slice(), &large].concat()).to_hex().to_string());
     }
 
     #[test]
