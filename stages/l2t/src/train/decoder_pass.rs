@@ -14,8 +14,9 @@
 //! a causal mask: a row's padding only follows its tokens, so nothing scored reads it. The
 //! tests check the log-probs and every gradient against candle's autograd over the model.
 
+use crate::kernels;
 use crate::kernels::vexp;
-use crate::model::Config;
+use crate::model::{build_model, Config, Model, Weights};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{CpuStorage, Device, Storage, StorageRef, Tensor, Var};
 use gemm::Parallelism;
@@ -330,6 +331,21 @@ impl<'a> Params<'a> {
         let head = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
         Ok(Self { cfg, embed: get("model.embed_tokens.weight"), layers, norm: get("model.norm.weight"), head: get(head) })
     }
+}
+
+/// Named trainable variables, in a fixed order (the gradient buffers' and the optimizer's).
+pub type Vars = Vec<(String, Var)>;
+
+/// The weights as trainable variables, and the model candle's autograd runs over them, or no
+/// model when the owned pass takes the training (f32 weights on the CPU).
+pub fn trainable(cfg: &Config, weights: Weights, dev: &Device) -> Result<(Vars, Option<Model>)> {
+    let vars: Vars = weights.into_iter().map(|(k, t)| Ok((k, Var::from_tensor(&t)?))).collect::<Result<_>>()?;
+    if vars.first().is_some_and(|(_, v)| kernels::cpu_f32(v.as_tensor())) {
+        return Ok((vars, None));
+    }
+    let model_weights: Weights = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    let model = build_model(cfg, &model_weights, dev)?;
+    Ok((vars, Some(model)))
 }
 
 /// One gradient buffer per variable (in the variables' order), accumulated over passes.

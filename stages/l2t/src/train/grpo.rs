@@ -11,11 +11,10 @@
 //! time with gradients accumulated, so backprop never holds more than a few sequences' graphs.
 
 use super::adamw::{clip_scale, AdamW, AdamWParams, Grads};
-use super::decoder_pass::{Batch, GradBuffers, Locked, Params, Tape};
+use super::decoder_pass::{trainable, Batch, GradBuffers, Locked, Params, Tape};
 use super::schedule::cosine_lr;
 use crate::config::{LossAgg, UpdateConfig};
-use crate::kernels;
-use crate::model::{build_model, Config, TeacherForced, Weights};
+use crate::model::{Config, TeacherForced, Weights};
 use crate::table::update_metrics::StepMetrics;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, Var};
@@ -262,15 +261,7 @@ pub fn update(
     if seqs.is_empty() {
         bail!("no sequences to train on");
     }
-    let vars: Vec<(String, Var)> = weights.into_iter().map(|(k, t)| Ok((k, Var::from_tensor(&t)?))).collect::<Result<_>>()?;
-    // f32 weights on the CPU take the owned pass; anything else candle's autograd over the model.
-    let owned = vars.first().is_some_and(|(_, v)| kernels::cpu_f32(v.as_tensor()));
-    let model = if owned {
-        None
-    } else {
-        let model_weights: Weights = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-        Some(build_model(cfg, &model_weights, dev)?)
-    };
+    let (vars, model) = trainable(cfg, weights, dev)?;
     let mut opt = AdamW::new(vars, AdamWParams { weight_decay: p.update.weight_decay, ..AdamWParams::default() })?;
     if let Some(s) = state {
         if s.m.len() != opt.vars.len() || s.v.len() != opt.vars.len() {
@@ -289,7 +280,7 @@ pub fn update(
             let lens: Vec<usize> = part.iter().map(|&i| seqs[i].response.len()).collect();
             let weights = token_weights(&lens, p.update.loss_agg, p.max_new_tokens);
             let mut grads = Grads::new();
-            let mut owned_grads = owned.then(|| GradBuffers::zeros(&opt.vars));
+            let mut owned_grads = model.is_none().then(|| GradBuffers::zeros(&opt.vars));
             let mut m = StepMetrics { epoch: epoch as u32, minibatch: mb as u32, sequences: part.len() as u32, ..StepMetrics::default() };
             m.tokens = lens.iter().sum::<usize>() as u64;
             let (mut kl_sum, mut clipped, mut ratio_sum) = (0.0, 0.0, 0.0);
@@ -370,7 +361,7 @@ fn split_even(items: &[usize], parts: usize) -> Vec<&[usize]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::init_weights;
+    use crate::model::{build_model, init_weights};
 
     #[test]
     fn ratio_k3_and_clipped_surrogate_by_hand() {

@@ -2,13 +2,12 @@
 //! Loss: mean negative log-likelihood of the completion tokens (the prompt is context only).
 
 use super::adamw::{clip_scale, AdamW, AdamWParams};
-use super::decoder_pass::{Batch, GradBuffers, Locked, Params, Tape};
+use super::decoder_pass::{trainable, Batch, GradBuffers, Locked, Params, Tape};
 use super::schedule::cosine_lr;
-use crate::kernels;
 use crate::model::qwen2::causal_mask;
-use crate::model::{build_model, token_logprobs, Config, Weights};
+use crate::model::{token_logprobs, Config, Weights};
 use anyhow::Result;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -87,15 +86,7 @@ pub fn train_micro(
     dev: &Device,
     mut on_step: impl FnMut(&StepLog),
 ) -> Result<(Weights, Vec<StepLog>)> {
-    let vars: Vec<(String, Var)> = weights.into_iter().map(|(k, t)| Ok((k, Var::from_tensor(&t)?))).collect::<Result<_>>()?;
-    // f32 weights on the CPU take the owned pass; anything else candle's autograd over the model.
-    let owned = vars.first().is_some_and(|(_, v)| kernels::cpu_f32(v.as_tensor()));
-    let model = if owned {
-        None
-    } else {
-        let model_weights: Weights = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-        Some(build_model(cfg, &model_weights, dev)?)
-    };
+    let (vars, model) = trainable(cfg, weights, dev)?;
     let adam = AdamWParams { weight_decay: params.weight_decay, ..AdamWParams::default() };
     let mut opt = AdamW::new(vars, adam)?;
     let mut rng = ChaCha8Rng::seed_from_u64(params.seed ^ 0x0073_6674); // "sft"
@@ -150,6 +141,7 @@ pub fn train_micro(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels;
     use crate::model::init_weights;
 
     #[test]
