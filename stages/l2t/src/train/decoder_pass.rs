@@ -10,12 +10,13 @@
 //! for (a GRPO batch's response tokens), as TRL's `logits_to_keep` does.
 //!
 //! The model is the one [`crate::model::qwen2::Model`] runs (Qwen2 with q/k/v biases, Llama,
-//! Qwen3 with q/k norm; tied or untied head), on right-padded rows starting at position 0 under
-//! a causal mask: a row's padding only follows its tokens, so nothing scored reads it. The
-//! tests check the log-probs and every gradient against candle's autograd over the model.
+//! Qwen3 with q/k norm; tied or untied head). A batch holds no padding: its rows are grouped by
+//! shared prompt ([`Batch::responses`]), the prompt's rows once and each response's rows after
+//! them, every query seeing exactly the keys its own full sequence would show it under a causal
+//! mask. The tests check the log-probs and every gradient against candle's autograd over the
+//! model run on each whole sequence.
 
-use crate::kernels;
-use crate::kernels::vexp;
+use crate::kernels::{self, vexp};
 use crate::model::{build_model, Config, Model, Weights};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{CpuStorage, Device, Storage, StorageRef, Tensor, Var};
