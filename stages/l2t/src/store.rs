@@ -648,13 +648,24 @@ fn remove_if_present(path: &Path) -> Result<()> {
     }
 }
 
+/// The keys the refs under `dir` name. A ref is swapped by renames (`.{slot}.new-*` in, the old
+/// folder out as `.{slot}.old-*`), so a folder listed here may be gone when it is read: it is
+/// skipped, and the entry its replacement names was published just before it, within gc's grace.
 fn collect_ref_keys(dir: &Path, live: &mut std::collections::BTreeSet<String>) -> Result<()> {
-    for entry in fs::read_dir(dir)?.flatten() {
+    let entries = match fs::read_dir(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        entries => entries.with_context(|| format!("{}: cannot read", dir.display()))?,
+    };
+    for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() {
             collect_ref_keys(&path, live)?;
         } else if entry.file_name() == "manifest.json" {
-            let m: Manifest = serde_json::from_slice(&fs::read(&path)?).with_context(|| format!("{}: not a manifest", path.display()))?;
+            let bytes = match fs::read(&path) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                bytes => bytes.with_context(|| format!("{}: cannot read", path.display()))?,
+            };
+            let m: Manifest = serde_json::from_slice(&bytes).with_context(|| format!("{}: not a manifest", path.display()))?;
             live.insert(m.key);
         }
     }
@@ -834,6 +845,18 @@ mod tests {
         assert_eq!(with_input, stage_key("s", 1, &p, &[InputRef { key: "other".into(), ..input.clone() }], &cpu));
         let changed = InputRef { files: [("f".to_string(), "h2".to_string())].into(), ..input };
         assert_ne!(with_input, stage_key("s", 1, &p, &[changed], &cpu));
+    }
+
+    /// A ref folder that vanishes under gc's walk (swapped by another process) is skipped.
+    #[test]
+    fn ref_keys_skip_a_folder_gone_mid_walk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut live = std::collections::BTreeSet::new();
+        collect_ref_keys(&dir.path().join("gone"), &mut live).unwrap();
+        assert!(live.is_empty());
+        let file = dir.path().join("not-a-folder");
+        fs::write(&file, b"x").unwrap();
+        assert!(collect_ref_keys(&file, &mut live).is_err(), "other errors still fail");
     }
 
     #[test]
