@@ -250,7 +250,8 @@ fn gguf_unpermute_inverts_llama_cpp_permutation() {
 fn jvp_penalty_matches_grad_on_real_checkpoints() {
     use l2t::config::Estimator;
     use l2t::model::qwen2::MlpWeights;
-    use l2t::reward::penalty::{direction, directional_derivatives, ProxyModel, SeqRequest};
+    use l2t::reward::penalty::{direction, directional_derivatives, ProxyModel};
+    use l2t::reward::prefill::SharedPrompts;
     let dev = Device::Cpu;
     let mut checkpoints: Vec<(String, Checkpoint)> = ["qwen2", "llama", "qwen3"]
         .iter()
@@ -278,15 +279,27 @@ fn jvp_penalty_matches_grad_on_real_checkpoints() {
         let ids = |seed: u32, n: u32| -> Vec<u32> { (0..n).map(|k| (seed * 31 + k * 17) % (vocab - 3) + 3).collect() };
         let (p1, z1, s1) = (ids(1, 6), ids(2, 12), vec![(0, 4), (4, 9), (9, 12)]);
         let (p2, z2, s2) = (ids(3, 4), ids(4, 8), vec![(0, 5), (5, 8)]);
-        let reqs = [SeqRequest { prompt: &p1, response: &z1, spans: &s1 }, SeqRequest { prompt: &p2, response: &z2, spans: &s2 }];
-        let theta = trunk.mlp_weights(layer);
-        let estimate = |e| directional_derivatives(&proxy, &theta, &dir, &reqs, 0, e, 1e-3).unwrap();
-        let (grad, jvp) = (estimate(Estimator::Grad), estimate(Estimator::Jvp));
+        let layout = SharedPrompts::new(&[(&p1, &z1), (&p2, &z2)]).unwrap();
+        let mid = layout.prefill(&trunk, 0, Some(layer), 0).unwrap().mid.unwrap();
+        let spans = [s1, s2];
+        let estimate = |proxy: &ProxyModel, e| directional_derivatives(proxy, &dir, &layout, &mid, &spans, e, 1e-3).unwrap();
+        let (grad, jvp) = (estimate(&proxy, Estimator::Grad), estimate(&proxy, Estimator::Jvp));
+        // The packed head of an inference model (the pipeline's) takes its own kernel.
+        let mut packed = trunk.clone();
+        packed.pack_for_inference().unwrap();
+        let jvp_packed = estimate(&ProxyModel { trunk: &packed, tail: None, layer }, Estimator::Jvp);
         let scale = grad.iter().flatten().fold(0f64, |m, g| m.max(g.abs()));
         assert!(scale > 0.0, "{name}: no measurable derivative");
         let worst =
             grad.iter().flatten().zip(jvp.iter().flatten()).map(|(g, j)| (g - j).abs() / g.abs().max(1e-3 * scale)).fold(0f64, f64::max);
-        eprintln!("{name}: jvp vs grad, worst relative error {worst:.1e}");
+        let worst_packed = grad
+            .iter()
+            .flatten()
+            .zip(jvp_packed.iter().flatten())
+            .map(|(g, j)| (g - j).abs() / g.abs().max(1e-3 * scale))
+            .fold(0f64, f64::max);
+        eprintln!("{name}: jvp vs grad, worst relative error {worst:.1e} (packed head {worst_packed:.1e})");
         assert!(worst < 1e-3, "{name}: jvp {jvp:?} vs grad {grad:?}");
+        assert!(worst_packed < 1e-3, "{name}: jvp with the packed head {jvp_packed:?} vs grad {grad:?}");
     }
 }

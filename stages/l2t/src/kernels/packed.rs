@@ -92,6 +92,49 @@ impl PackedLinear {
         Ok(out)
     }
 
+    /// `dz[target] - sum_j softmax(z)_j dz_j` of each row, with `z = x W^T + b` and `dz = dx W^T`:
+    /// the tangent of a target's log-probability along the tangent `dx` of the head's input. A
+    /// chunk's `x` and `dx` rows go through one product (the panels stream once for both).
+    pub fn target_logprob_tangents(&self, x: &[f32], dx: &[f32], targets: &[u32]) -> Result<Vec<f32>> {
+        const CHUNK: usize = 2 * ROW_CHUNK;
+        let (k, n) = (self.n_in, self.n_out);
+        if x.len() != targets.len() * k || dx.len() != x.len() {
+            candle_core::bail!("{} input and {} tangent values for {} targets of width {k}", x.len(), dx.len(), targets.len());
+        }
+        if let Some(bad) = targets.iter().find(|&&t| t as usize >= n) {
+            candle_core::bail!("target token {bad} is outside the vocabulary ({n} rows)");
+        }
+        let most = CHUNK.min(targets.len());
+        let (mut inputs, mut logits) = (Vec::with_capacity(2 * most * k), vec![0f32; 2 * most * n]);
+        let mut out = Vec::with_capacity(targets.len());
+        for ((xs, dxs), ts) in x.chunks(CHUNK * k).zip(dx.chunks(CHUNK * k)).zip(targets.chunks(CHUNK)) {
+            inputs.clear();
+            inputs.extend_from_slice(xs);
+            inputs.extend_from_slice(dxs);
+            let logits = &mut logits[..2 * ts.len() * n];
+            self.matmul_into(&inputs, 2 * ts.len(), logits);
+            let (z, dz) = logits.split_at(ts.len() * n);
+            let chunk: Vec<f32> = z
+                .par_chunks(n)
+                .zip(dz.par_chunks(n))
+                .zip(ts.par_iter())
+                .map_init(
+                    || vec![0f32; n],
+                    |p, ((z, dz), &t)| {
+                        let sum = vexp::exp_scaled(z, vexp::max(z), 1.0, Some(p));
+                        // The product added the bias to `dz` too; the bias's own tangent is zero.
+                        let bias = self.bias.as_ref().map_or(0.0, |b| dot(p, &b[..n]));
+                        let expected = (dot(p, dz) - bias) / f64::from(sum);
+                        let picked = f64::from(dz[t as usize]) - self.bias.as_ref().map_or(0.0, |b| f64::from(b[t as usize]));
+                        (picked - expected) as f32
+                    },
+                )
+                .collect();
+            out.extend(chunk);
+        }
+        Ok(out)
+    }
+
     /// [`Self::matmul`] into a caller's buffer of `rows * out` values.
     pub fn matmul_into(&self, x: &[f32], rows: usize, y: &mut [f32]) {
         self.product(x, rows, y.as_mut_ptr(), y.len());
@@ -162,6 +205,19 @@ impl PackedLinear {
             }
         });
     }
+}
+
+/// `sum a_i b_i` in f64, over eight lanes (so the sum vectorises).
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = a8.remainder().iter().zip(b8.remainder()).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
+    for (x, y) in a8.zip(b8) {
+        for i in 0..8 {
+            lanes[i] += f64::from(x[i]) * f64::from(y[i]);
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
 }
 
 /// The output buffer, shared by tasks that write disjoint blocks of it.
@@ -432,5 +488,34 @@ mod tests {
             let diff = y.iter().zip(&all[..100]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(diff < 1e-5, "a kernel differs from the detected one: {diff}");
         }
+    }
+
+    /// The tangents of the target log-probs equal `dz[t] - sum softmax(z) dz` computed with tensors,
+    /// with and without a bias (whose tangent is zero), across the chunks of rows.
+    #[test]
+    fn target_logprob_tangents_match_the_tensor_formula() {
+        let (rows, n_in, n_out) = (2 * ROW_CHUNK + 5, 24, 150);
+        let (x, dx, w) = (tensor(rows, n_in, 0.0), tensor(rows, n_in, 5.0), tensor(n_out, n_in, 1.0));
+        let b = tensor(1, n_out, 2.0).squeeze(0).unwrap();
+        let targets: Vec<u32> = (0..rows).map(|r| ((r * 37) % n_out) as u32).collect();
+        let t = Tensor::from_vec(targets.clone(), (rows, 1), &Device::Cpu).unwrap();
+        for bias in [None, Some(&b)] {
+            let z = x.matmul(&w.t().unwrap()).unwrap();
+            let z = if let Some(b) = bias { z.broadcast_add(b).unwrap() } else { z };
+            let dz = dx.matmul(&w.t().unwrap()).unwrap();
+            let p = candle_nn::ops::softmax(&z, 1).unwrap();
+            let want = (dz.gather(&t, 1).unwrap().squeeze(1).unwrap() - (p * &dz).unwrap().sum(1).unwrap()).unwrap();
+            let want: Vec<f32> = want.to_vec1().unwrap();
+            let packed = PackedLinear::new(&w, bias).unwrap();
+            let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+            let got = packed.target_logprob_tangents(&flat(&x), &flat(&dx), &targets).unwrap();
+            let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err < 1e-4, "bias {}: {err}", bias.is_some());
+        }
+        assert!(PackedLinear::new(&w, None).unwrap().target_logprob_tangents(&flat_zero(n_in), &flat_zero(n_in), &[n_out as u32]).is_err());
+    }
+
+    fn flat_zero(n: usize) -> Vec<f32> {
+        vec![0.0; n]
     }
 }

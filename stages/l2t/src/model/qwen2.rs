@@ -639,7 +639,11 @@ impl DecoderLayer {
     }
 
     fn forward(&self, x: Tensor, positions: &Tensor, mask: &Tensor, rotary: &RotaryEmbedding, cache: Option<LayerSlot>) -> Result<Tensor> {
-        let x = self.attend(x, positions, mask, rotary, cache)?;
+        self.mlp_residual(self.attend(x, positions, mask, rotary, cache)?)
+    }
+
+    /// x + mlp(norm(x)).
+    fn mlp_residual(&self, x: Tensor) -> Result<Tensor> {
         let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         x + h
     }
@@ -709,11 +713,13 @@ impl Model {
         self.run_layers(x, layer + 1, positions, mask, None)
     }
 
-    /// `d/de log p(target)` (b, t) at `e = 0` when layer `layer`'s MLP weights are `theta + e dir`,
-    /// from the residual `x` entering that MLP ([`Self::forward_to_mlp`]): forward-mode
-    /// differentiation, the tangent carried through the layers above, the final norm and the head
-    /// to each target's log-probability, `dz[target] - sum softmax(z) dz`. Exact, in the model's
-    /// dtype, one pass; the head runs one row at a time (never all logits of the batch at once).
+    /// `d/de log p(target)` at `e = 0` when layer `layer`'s MLP weights are `theta + e dir`, at
+    /// each row's scored columns (`windows[r] = (from, len)`), from the residual `x` (b, t,
+    /// hidden) entering that MLP ([`Self::forward_to_mlp`]): forward-mode differentiation, the
+    /// tangent carried through the layers above, the final norm and the head to each target's
+    /// log-probability, `dz[target] - sum softmax(z) dz`. Exact, in the model's dtype, one pass;
+    /// the head (the costliest product, over the vocabulary) runs at the scored columns alone.
+    #[allow(clippy::too_many_arguments)]
     pub fn jvp_target_logprobs(
         &self,
         x: &Tensor,
@@ -722,25 +728,60 @@ impl Model {
         layer: usize,
         (theta, dir): (&MlpWeights, &MlpWeights),
         targets: &Tensor,
-    ) -> Result<Tensor> {
-        let mask = self.mask_for(mask)?;
-        let h = self.layers[layer].post_attention_layernorm.forward(x)?;
-        let (y, dy) = mlp_jvp(theta.matrices(), &h, None, Some(dir.matrices()))?;
-        let (mut x, mut dx) = ((x + y)?, dy);
-        for l in &self.layers[layer + 1..] {
-            (x, dx) = l.jvp(&x, &dx, positions, &mask, &self.rotary)?;
+        windows: &[(usize, usize)],
+    ) -> Result<Vec<Vec<f32>>> {
+        let (b, t, _) = x.dims3()?;
+        if windows.len() != b || windows.iter().any(|&(from, len)| from + len > t) || targets.dims2()? != (b, t) {
+            candle_core::bail!("jvp: windows {windows:?} or targets {:?} do not fit a batch of {b} x {t}", targets.dims());
         }
-        let (n, dn) = self.norm.jvp(&x, &dx)?;
+        if windows.iter().all(|&(_, len)| len == 0) {
+            return Ok(vec![Vec::new(); b]);
+        }
+        // The scored columns of every row, stacked: (scored, ...).
+        let scored = |x: &Tensor| -> Result<Tensor> {
+            let rows = windows.iter().enumerate().filter(|(_, w)| w.1 > 0).map(|(r, &(from, len))| x.get(r)?.narrow(0, from, len));
+            Tensor::cat(&rows.collect::<Result<Vec<_>>>()?, 0)
+        };
+        let post = &self.layers[layer].post_attention_layernorm;
+        let (n, dn) = if layer + 1 == self.layers.len() {
+            // Nothing above the block mixes positions: only the scored ones go through it.
+            let x = scored(x)?;
+            let (y, dy) = mlp_jvp(theta.matrices(), &post.forward(&x)?, None, Some(dir.matrices()))?;
+            self.norm.jvp(&(x + y)?, &dy)?
+        } else {
+            let mask = self.mask_for(mask)?;
+            let (y, dy) = mlp_jvp(theta.matrices(), &post.forward(x)?, None, Some(dir.matrices()))?;
+            let (mut x, mut dx) = ((x + y)?, dy);
+            for l in &self.layers[layer + 1..] {
+                (x, dx) = l.jvp(&x, &dx, positions, &mask, &self.rotary)?;
+            }
+            let (n, dn) = self.norm.jvp(&x, &dx)?;
+            (scored(&n)?, scored(&dn)?)
+        };
+        let targets: Vec<u32> = scored(&targets.unsqueeze(D::Minus1)?)?.flatten_all()?.to_vec1()?;
+        let mut tangents = self.head_tangents(&n, &dn, &targets)?.into_iter();
+        Ok(windows.iter().map(|&(_, len)| tangents.by_ref().take(len).collect()).collect())
+    }
+
+    /// `dz[target] - sum softmax(z) dz` of each row of `n`, `dn` (rows, hidden), with `z` and `dz`
+    /// their head logits: a packed head reduces a chunk of rows at a time in f32; otherwise the
+    /// composed ops run over chunks of rows (never all logits at once).
+    fn head_tangents(&self, n: &Tensor, dn: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
+        if let Some(head) = self.lm_head.packed.as_ref().filter(|_| gradient_free(&[n, dn]) && n.dtype() == DType::F32) {
+            return head.target_logprob_tangents(&n.flatten_all()?.to_vec1()?, &dn.flatten_all()?.to_vec1()?, targets);
+        }
+        const CHUNK: usize = 64;
         let head = &self.lm_head.weight;
-        let mut rows = Vec::with_capacity(n.dim(0)?);
-        for r in 0..n.dim(0)? {
-            let (z, dz) = (matmul_t(&n.get(r)?, head, None)?, matmul_t(&dn.get(r)?, head, None)?);
-            let target = targets.get(r)?.unsqueeze(D::Minus1)?.contiguous()?;
+        let mut out = Vec::with_capacity(targets.len());
+        for (i, chunk) in targets.chunks(CHUNK).enumerate() {
+            let rows = |x: &Tensor| x.narrow(0, i * CHUNK, chunk.len());
+            let (z, dz) = (matmul_t(&rows(n)?, head, None)?, matmul_t(&rows(dn)?, head, None)?);
+            let target = Tensor::from_slice(chunk, (chunk.len(), 1), n.device())?;
             let picked = dz.gather(&target, D::Minus1)?.squeeze(D::Minus1)?;
             let expected = (candle_nn::ops::softmax(&z, D::Minus1)? * dz)?.sum(D::Minus1)?;
-            rows.push((picked - expected)?);
+            out.extend((picked - expected)?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
         }
-        Tensor::stack(&rows, 0)
+        Ok(out)
     }
 
     /// The weights of layer `layer`'s MLP block.
@@ -788,13 +829,50 @@ impl Model {
     }
 
     /// The residual stream after layers `from..`, before the final norm.
-    fn run_hidden(&self, mut x: Tensor, from: usize, positions: &Tensor, mask: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn run_hidden(&self, x: Tensor, from: usize, positions: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        Ok(self.run_hidden_capturing(x, from, positions, mask, cache, None)?.0)
+    }
+
+    /// [`Self::run_hidden`], also returning the residual entering layer `capture`'s MLP.
+    fn run_hidden_capturing(
+        &self,
+        mut x: Tensor,
+        from: usize,
+        positions: &Tensor,
+        mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        capture: Option<usize>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let mask = self.mask_for(mask)?;
+        let mut captured = None;
         for (l, layer) in self.layers.iter().enumerate().skip(from) {
             let slot = cache.as_mut().map(|c| (&mut c.layers[l], c.reserve));
-            x = layer.forward(x, positions, &mask, &self.rotary, slot)?;
+            x = if capture == Some(l) {
+                let mid = layer.attend(x, positions, &mask, &self.rotary, slot)?;
+                captured = Some(mid.clone());
+                layer.mlp_residual(mid)?
+            } else {
+                layer.forward(x, positions, &mask, &self.rotary, slot)?
+            };
         }
-        Ok(x)
+        Ok((x, captured))
+    }
+
+    /// Extends `cache` by `tokens` (b, t) without running the head, and returns the residual
+    /// entering layer `capture`'s MLP ([`Self::forward_to_mlp`]'s value) when asked: a pass that
+    /// both seeds continuations from the cache and feeds the penalty's tangent.
+    pub fn prefill(
+        &self,
+        tokens: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        cache: &mut KvCache,
+        capture: Option<usize>,
+    ) -> Result<Option<Tensor>> {
+        if capture.is_some_and(|l| l >= self.layers.len()) {
+            candle_core::bail!("capture layer {capture:?} of a model with {} layers", self.layers.len());
+        }
+        Ok(self.run_hidden_capturing(self.embed_tokens.forward(tokens)?, 0, positions, mask, Some(cache), capture)?.1)
     }
 
     /// log p(target) (b, t) of `targets` (b, t) after `tokens` (b, t): the logits of a packed

@@ -6,8 +6,9 @@ use crate::config::Estimator;
 use crate::model::qwen2::MlpWeights;
 use crate::model::tokenizer;
 use crate::model::{build_model, build_top_as, read_artifact_checkpoint, Policy};
-use crate::reward::info_gain::{delta_i, j_values, JRequest};
-use crate::reward::penalty::{self, c_fisher, direction, directional_derivatives, ProxyModel, SeqRequest};
+use crate::reward::info_gain::{continuation_room, delta_i, j_values, JRequest};
+use crate::reward::penalty::{self, c_fisher, direction, directional_derivatives, ProxyModel};
+use crate::reward::prefill::{Prefill, SharedPrompts};
 use crate::reward::segment::{reasoning_tokens, token_char_ends};
 use crate::stage::Stage;
 use crate::store::{Artifact, Staging};
@@ -186,34 +187,7 @@ impl Sharded for FisherJob<'_> {
                 Ok(reasoning_tokens(&r.text, &ends, without_eos))
             })
             .collect::<Result<_>>()?;
-        let started = Instant::now();
-        let bar = progress_bar(rollout_rows.len() as u64, "fisher-reward J");
-        let mut j: Vec<Vec<f64>> = Vec::with_capacity(rollout_rows.len());
-        let chunk = cfg.reward.batch_rows;
-        for ((rows, eps), reasoning_ends) in rollout_rows.chunks(chunk).zip(by_rollout.chunks(chunk)).zip(reasoning_ends.chunks(chunk)) {
-            let requests: Vec<JRequest> = rows
-                .iter()
-                .zip(eps)
-                .zip(reasoning_ends)
-                .map(|((r, eps), &reasoning_end)| {
-                    let answer = &answers[r.prompt_id.as_str()];
-                    JRequest {
-                        prompt: &r.prompt_token_ids,
-                        response: &r.token_ids,
-                        ends: eps.iter().map(|e| (e.token_end as usize).min(reasoning_end)).collect(),
-                        continuation: close.iter().chain(answer).copied().collect(),
-                        answer_len: answer.len(),
-                    }
-                })
-                .collect();
-            j.extend(j_values(&policy.model, pad, &requests, cfg.reward.j_mode)?);
-            bar.inc(rows.len() as u64);
-        }
-        bar.finish_and_clear();
-        let j_seconds = started.elapsed().as_secs_f64();
-
-        // g . D~ per episode on the proxy block.
-        let started = Instant::now();
+        // The penalty's direction D~ on the proxy block, before the passes that read it.
         let layer = proxy_layer(cfg.penalty.block, policy.cfg.num_hidden_layers)?;
         if base.cfg != policy.cfg {
             bail!("the base policy's config.json differs from the policy's: D = theta_now - theta_ref needs one architecture");
@@ -227,36 +201,66 @@ impl Sharded for FisherJob<'_> {
             f32_trunk = build_model(&policy.cfg, &policy.weights, &self.ctx.device)?;
             &f32_trunk
         };
-        let theta = trunk.mlp_weights(layer);
         let base_block =
             MlpWeights::names(layer).map(|name| base.weights.get(&name).cloned().with_context(|| format!("the base policy has no {name}")));
         let [gate, up, down] = base_block;
-        let dir = direction(&theta, &MlpWeights::from_matrices([gate?, up?, down?]), cfg.penalty.rank_fraction)?;
-        let g_dot_d: Vec<Vec<f64>> = if dir.is_zero() || rollout_rows.is_empty() {
-            by_rollout.iter().map(|eps| vec![0.0; eps.len()]).collect()
-        } else {
-            let tail = match cfg.penalty.estimator {
-                Estimator::Jvp => None,
-                Estimator::Fd | Estimator::Grad => Some(build_top_as(&policy.cfg, &policy.weights, layer, DType::F64, &self.ctx.device)?),
-            };
-            let proxy = ProxyModel { trunk, tail: tail.as_ref(), layer };
-            let bar = progress_bar(rollout_rows.len() as u64, "fisher-reward C");
-            let mut out = Vec::with_capacity(rollout_rows.len());
-            for (rows, eps) in rollout_rows.chunks(chunk).zip(by_rollout.chunks(chunk)) {
+        let dir = direction(&trunk.mlp_weights(layer), &MlpWeights::from_matrices([gate?, up?, down?]), cfg.penalty.rank_fraction)?;
+        let tail = match cfg.penalty.estimator {
+            Estimator::Fd | Estimator::Grad if !dir.is_zero() => {
+                Some(build_top_as(&policy.cfg, &policy.weights, layer, DType::F64, &self.ctx.device)?)
+            }
+            _ => None,
+        };
+        let proxy = ProxyModel { trunk, tail: tail.as_ref(), layer };
+        // When J's pass runs in f32 it also keeps the residual the penalty starts from, so the
+        // model below the proxy block runs once for both terms.
+        let capture = (!dir.is_zero() && std::ptr::eq(trunk, &policy.model)).then_some(layer);
+
+        let bar = progress_bar(rollout_rows.len() as u64, "fisher-reward");
+        let (mut j, mut g_dot_d) = (Vec::with_capacity(rollout_rows.len()), Vec::with_capacity(rollout_rows.len()));
+        let (mut j_seconds, mut c_seconds) = (0.0, 0.0);
+        let chunk = cfg.reward.batch_rows;
+        for ((rows, eps), reasoning_ends) in rollout_rows.chunks(chunk).zip(by_rollout.chunks(chunk)).zip(reasoning_ends.chunks(chunk)) {
+            let started = Instant::now();
+            let seqs: Vec<(&[u32], &[u32])> = rows.iter().map(|r| (&r.prompt_token_ids[..], &r.token_ids[..])).collect();
+            let layout = SharedPrompts::new(&seqs)?;
+            let requests: Vec<JRequest> = rows
+                .iter()
+                .zip(eps)
+                .zip(reasoning_ends)
+                .map(|((r, eps), &reasoning_end)| {
+                    let answer = &answers[r.prompt_id.as_str()];
+                    JRequest {
+                        ends: eps.iter().map(|e| (e.token_end as usize).min(reasoning_end)).collect(),
+                        continuation: close.iter().chain(answer).copied().collect(),
+                        answer_len: answer.len(),
+                    }
+                })
+                .collect();
+            let prefill = layout.prefill(&policy.model, pad, capture, continuation_room(&requests))?;
+            j.extend(j_values(&policy.model, &layout, &prefill, pad, &requests, cfg.reward.j_mode)?);
+            let Prefill { cache, mid } = prefill;
+            drop(cache);
+            j_seconds += started.elapsed().as_secs_f64();
+
+            // g . D~ per episode.
+            let started = Instant::now();
+            if dir.is_zero() {
+                g_dot_d.extend(eps.iter().map(|eps| vec![0.0; eps.len()]));
+            } else {
+                let dev = &self.ctx.device;
+                let mid = match mid {
+                    Some(mid) => mid,
+                    None => trunk.forward_to_mlp(&layout.tokens(pad, dev)?, &layout.positions(dev)?, &layout.mask(dev)?, layer)?,
+                };
                 let spans: Vec<Vec<(usize, usize)>> =
                     eps.iter().map(|eps| eps.iter().map(|e| (e.token_start as usize, e.token_end as usize)).collect()).collect();
-                let requests: Vec<SeqRequest> = rows
-                    .iter()
-                    .zip(&spans)
-                    .map(|(r, spans)| SeqRequest { prompt: &r.prompt_token_ids, response: &r.token_ids, spans })
-                    .collect();
-                out.extend(directional_derivatives(&proxy, &theta, &dir, &requests, pad, cfg.penalty.estimator, cfg.penalty.eps)?);
-                bar.inc(rows.len() as u64);
+                g_dot_d.extend(directional_derivatives(&proxy, &dir, &layout, &mid, &spans, cfg.penalty.estimator, cfg.penalty.eps)?);
             }
-            bar.finish_and_clear();
-            out
-        };
-        let c_seconds = started.elapsed().as_secs_f64();
+            c_seconds += started.elapsed().as_secs_f64();
+            bar.inc(rows.len() as u64);
+        }
+        bar.finish_and_clear();
         Ok(Terms { j, g_dot_d, d_norm_sq: dir.norm_sq, ranks: dir.ranks, layer, j_seconds, c_seconds })
     }
 

@@ -2,12 +2,14 @@
 //! answer if the reasoning were cut after episode `k`, and `dI(i,k) = J(i,k) - J(i,k-1)`.
 //!
 //! All `K_i + 1` prefixes of a rollout share the response prefix: one cached pass over prompt and
-//! response, then one short teacher-forced continuation (`close`, then the answer) per boundary,
-//! every continuation of a batch decoded together against the rows of that one cache.
+//! response ([`super::prefill`], shared with the penalty), then one short teacher-forced
+//! continuation (`close`, then the answer) per boundary, every continuation of a batch decoded
+//! together against the rows of that one cache.
 
+use super::prefill::{Prefill, SharedPrompts};
 use crate::config::JMode;
-use crate::model::qwen2::{padded_mask, MASKED};
-use crate::model::{KvCache, Model};
+use crate::model::qwen2::MASKED;
+use crate::model::Model;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -28,9 +30,7 @@ pub fn delta_i(j: &[f64]) -> Vec<f64> {
 
 /// One rollout's question to the policy.
 #[derive(Debug, Clone)]
-pub struct JRequest<'a> {
-    pub prompt: &'a [u32],
-    pub response: &'a [u32],
+pub struct JRequest {
     /// Response-token end of each episode's prefix, `end_1..end_K` (non-decreasing, at most the
     /// response length). `J(i,0)` uses the prompt alone.
     pub ends: Vec<usize>,
@@ -40,8 +40,21 @@ pub struct JRequest<'a> {
     pub answer_len: usize,
 }
 
-/// `J(i,0..=K)` for every request, under `model` and without gradient.
-pub fn j_values(model: &Model, pad_id: u32, requests: &[JRequest], mode: JMode) -> Result<Vec<Vec<f64>>> {
+/// `J(i,0..=K)` for every rollout of `layout` (`requests[i]` for its row `i`), under `model` and
+/// without gradient, from the cache `prefill` left ([`SharedPrompts::prefill`] with `extra` at
+/// least the longest continuation): one row per (rollout, boundary), each seeing its own prefix
+/// of its rollout's cache, every continuation decoded at once.
+pub fn j_values(
+    model: &Model,
+    layout: &SharedPrompts,
+    prefill: &Prefill,
+    pad_id: u32,
+    requests: &[JRequest],
+    mode: JMode,
+) -> Result<Vec<Vec<f64>>> {
+    if requests.len() != layout.rows() {
+        bail!("{} J requests for {} rollouts", requests.len(), layout.rows());
+    }
     if requests.is_empty() {
         return Ok(Vec::new());
     }
@@ -51,42 +64,18 @@ pub fn j_values(model: &Model, pad_id: u32, requests: &[JRequest], mode: JMode) 
         if r.answer_len == 0 || close_len == 0 {
             bail!("request {i}: needs a non-empty close suffix and a non-empty answer");
         }
-        if r.ends.windows(2).any(|w| w[1] < w[0]) || r.ends.iter().any(|&e| e > r.response.len()) {
+        if r.ends.windows(2).any(|w| w[1] < w[0]) || r.ends.iter().any(|&e| e > layout.response_len(i)) {
             bail!("request {i}: episode ends {:?} are not ordered within the response", r.ends);
         }
     }
-    // Pass 1: prompt + the longest prefix, left-padded, into one cache.
-    let lens: Vec<usize> = requests.iter().map(|r| r.prompt.len() + r.ends.last().copied().unwrap_or(0)).collect();
-    let l = lens.iter().copied().max().unwrap_or(0);
-    let pad: Vec<usize> = lens.iter().map(|n| l - n).collect();
-    let mut tokens = Vec::with_capacity(requests.len() * l);
-    let mut positions = Vec::with_capacity(requests.len() * l);
+    let l = layout.columns();
+    let mut rows: Vec<(usize, usize)> = Vec::new(); // (rollout, response tokens in the prefix)
     for (r, req) in requests.iter().enumerate() {
-        let prefix_end = req.ends.last().copied().unwrap_or(0);
-        tokens.extend(
-            std::iter::repeat_n(pad_id, pad[r]).chain(req.prompt.iter().copied()).chain(req.response[..prefix_end].iter().copied()),
-        );
-        positions.extend((0..l).map(|j| j.saturating_sub(pad[r]) as u32));
-    }
-    let b = requests.len();
-    // Room for the continuations of pass 2, so the row-selected copies never grow; only the
-    // cache is needed here, not the head's logits over every position.
-    let c = requests.iter().map(|r| r.continuation.len() - 1).max().unwrap_or(1);
-    let mut cache = KvCache::with_capacity(model.cfg.num_hidden_layers, l + c);
-    model.forward_last(
-        &Tensor::from_vec(tokens, (b, l), &dev)?,
-        &Tensor::from_vec(positions, (b, l), &dev)?,
-        &padded_mask(&pad, 0, l, &dev)?,
-        Some(&mut cache),
-    )?;
-
-    // Pass 2: one row per (rollout, boundary), each seeing its own prefix of its rollout's cache.
-    let mut rows: Vec<(usize, usize)> = Vec::new(); // (request, prefix length in tokens)
-    for (r, req) in requests.iter().enumerate() {
-        rows.push((r, req.prompt.len()));
-        rows.extend(req.ends.iter().map(|&e| (r, req.prompt.len() + e)));
+        rows.push((r, 0));
+        rows.extend(req.ends.iter().map(|&e| (r, e)));
     }
     let n = rows.len();
+    let c = requests.iter().map(|r| r.continuation.len() - 1).max().unwrap_or(1);
     let (mut inputs, mut targets, mut pos) = (vec![pad_id; n * c], vec![pad_id; n * c], vec![0u32; n * c]);
     let mut mask = vec![MASKED; n * c * (l + c)];
     for (row, &(r, prefix)) in rows.iter().enumerate() {
@@ -97,14 +86,18 @@ pub fn j_values(model: &Model, pad_id: u32, requests: &[JRequest], mode: JMode) 
                 inputs[at] = cont[m];
                 targets[at] = cont[m + 1];
             }
-            pos[at] = (prefix + m) as u32;
+            pos[at] = (layout.prompt_len(r) + prefix + m) as u32;
             let keys = &mut mask[at * (l + c)..(at + 1) * (l + c)];
-            keys[pad[r]..pad[r] + prefix].iter_mut().for_each(|k| *k = 0.0);
+            for (k, key) in keys[..l].iter_mut().enumerate() {
+                if layout.in_prefix(r, prefix, k) {
+                    *key = 0.0;
+                }
+            }
             keys[l..=l + m].iter_mut().for_each(|k| *k = 0.0);
         }
     }
     let select = Tensor::from_vec(rows.iter().map(|&(r, _)| r as u32).collect::<Vec<_>>(), n, &dev)?;
-    let mut row_cache = cache.select_rows(&select)?;
+    let mut row_cache = prefill.cache.select_rows(&select)?;
     // The head runs only from the earliest input that predicts an answer token: the close
     // suffix before it is only read through the cache.
     let first = |req: &JRequest| req.continuation.len() - req.answer_len - 1; // the input index predicting a*_0
@@ -127,6 +120,11 @@ pub fn j_values(model: &Model, pad_id: u32, requests: &[JRequest], mode: JMode) 
         out[r].push(j_prefix(&answer, mode));
     }
     Ok(out)
+}
+
+/// The cache room [`j_values`] needs after the prefill: the longest continuation.
+pub fn continuation_room(requests: &[JRequest]) -> usize {
+    requests.iter().map(|r| r.continuation.len().saturating_sub(1)).max().unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -166,14 +164,19 @@ mod tests {
         let (p1, p2) = (vec![3u32, 4, 5], vec![7u32, 8, 9, 10, 11]);
         let (z1, z2) = (vec![20u32, 21, 22, 23, 24, 25], vec![30u32, 31]);
         let requests = vec![
-            JRequest { prompt: &p1, response: &z1, ends: vec![2, 5, 6], continuation: vec![40, 41, 50, 51, 52], answer_len: 3 },
-            JRequest { prompt: &p2, response: &z2, ends: vec![1, 2], continuation: vec![40, 60], answer_len: 1 },
+            JRequest { ends: vec![2, 5, 6], continuation: vec![40, 41, 50, 51, 52], answer_len: 3 },
+            JRequest { ends: vec![1, 2], continuation: vec![40, 60], answer_len: 1 },
+            JRequest { ends: vec![0, 2], continuation: vec![41, 61, 62], answer_len: 2 },
         ];
-        let got = j_values(&model, 0, &requests, JMode::Prob).unwrap();
-        for (r, req) in requests.iter().enumerate() {
+        // The third rollout shares the first's prompt: one prompt row for both.
+        let seqs: [(&[u32], &[u32]); 3] = [(&p1, &z1), (&p2, &z2), (&p1, &z2)];
+        let layout = SharedPrompts::new(&seqs).unwrap();
+        let prefill = layout.prefill(&model, 0, None, continuation_room(&requests)).unwrap();
+        let got = j_values(&model, &layout, &prefill, 0, &requests, JMode::Prob).unwrap();
+        for (r, (req, (prompt, response))) in requests.iter().zip(seqs).enumerate() {
             let prefixes = std::iter::once(0).chain(req.ends.iter().copied());
             for (k, end) in prefixes.enumerate() {
-                let seq: Vec<u32> = req.prompt.iter().chain(&req.response[..end]).chain(&req.continuation).copied().collect();
+                let seq: Vec<u32> = prompt.iter().chain(&response[..end]).chain(&req.continuation).copied().collect();
                 let t = seq.len() - 1;
                 let inputs = Tensor::from_vec(seq[..t].to_vec(), (1, t), &dev).unwrap();
                 let targets = Tensor::from_vec(seq[1..].to_vec(), (1, t), &dev).unwrap();

@@ -4,6 +4,7 @@
 
 pub mod info_gain;
 pub mod penalty;
+pub mod prefill;
 pub mod segment;
 
 /// `R(i,k) = r_out_i / K_i + alpha * (dI(i,k) - beta * C(i,k))` (spec 6), with `C` as scaled.

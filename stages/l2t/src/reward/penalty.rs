@@ -10,12 +10,14 @@
 //! block to every token's log-probability in one pass (exact, in f32, every episode at once);
 //! `fd` takes it by a central difference of the episode log-likelihoods at `theta +- eps D~`,
 //! `grad` by one backward pass per episode. The trunk below the block does not depend on
-//! `theta~`, so it runs once in f32; for `fd` and `grad` the block and what follows run in f64,
-//! where a step of `eps D~` is far above rounding noise.
+//! `theta~`, so it runs once in f32 (the pass `J` reads too, [`super::prefill`]); for `fd` and
+//! `grad` the block and what follows run in f64, where a step of `eps D~` is far above rounding
+//! noise.
 
+use super::prefill::SharedPrompts;
 use crate::config::{Estimator, Scale};
 use crate::model::qwen2::MlpWeights;
-use crate::model::{token_logprobs, Model, TeacherForced};
+use crate::model::{token_logprobs, Model};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use nalgebra::DMatrix;
@@ -177,14 +179,6 @@ pub fn direction(now: &MlpWeights, reference: &MlpWeights, rank_fraction: f64) -
     Ok(Direction { block: MlpWeights::from_matrices([gate, up, down]), norm_sq, ranks })
 }
 
-/// One rollout to score: the response's episodes as token spans over the response.
-#[derive(Debug, Clone)]
-pub struct SeqRequest<'a> {
-    pub prompt: &'a [u32],
-    pub response: &'a [u32],
-    pub spans: &'a [(usize, usize)],
-}
-
 /// The policy in f32 (`trunk`), with, for `fd` and `grad`, the proxy block and the model above
 /// it in f64.
 pub struct ProxyModel<'a> {
@@ -211,53 +205,65 @@ fn episode_sums(logp: &[f64], offset: usize, spans: &[(usize, usize)]) -> Vec<f6
     spans.iter().map(|&(s, e)| logp[offset + s..offset + e].iter().sum()).collect()
 }
 
-/// `g(i,k) . D~` for every episode of every request, at the block weights `theta`.
+/// `g(i,k) . D~` for every episode of every rollout of `layout` (`spans[i]`: row `i`'s episodes
+/// as token spans over its response), at the trunk's own proxy block weights, from `mid`: the
+/// residual entering the proxy block's MLP over the layout, in f32 ([`SharedPrompts::prefill`]
+/// capturing `model.layer`, or [`Model::forward_to_mlp`]). The trunk below the block does not
+/// depend on its weights, so that one pass serves every estimator.
 pub fn directional_derivatives(
     model: &ProxyModel,
-    theta: &MlpWeights,
     dir: &Direction,
-    requests: &[SeqRequest],
-    pad_id: u32,
+    layout: &SharedPrompts,
+    mid: &Tensor,
+    spans: &[Vec<(usize, usize)>],
     estimator: Estimator,
     eps: f64,
 ) -> Result<Vec<Vec<f64>>> {
-    if requests.is_empty() {
-        return Ok(Vec::new());
+    if spans.len() != layout.rows() || mid.dims().get(..2) != Some(&[layout.rows(), layout.columns()][..]) {
+        bail!("{} rollouts, {} span lists and a residual of shape {:?}: they do not match", layout.rows(), spans.len(), mid.dims());
     }
-    for (i, r) in requests.iter().enumerate() {
-        if r.prompt.is_empty() || r.response.is_empty() || r.spans.iter().any(|&(s, e)| s > e || e > r.response.len()) {
-            bail!("request {i}: empty prompt or response, or an episode span outside the response");
+    for (i, spans) in spans.iter().enumerate() {
+        if spans.iter().any(|&(s, e)| s > e || e > layout.response_len(i)) {
+            bail!("rollout {i}: an episode span outside the response: {spans:?}");
         }
     }
-    let seqs: Vec<(&[u32], &[u32])> = requests.iter().map(|r| (r.prompt, r.response)).collect();
-    let TeacherForced { inputs, targets, positions, mask, offsets } = TeacherForced::new(&seqs, pad_id, &model.trunk.device())?;
-    let x_mid = model.trunk.forward_to_mlp(&inputs, &positions, &mask, model.layer)?;
+    if layout.rows() == 0 {
+        return Ok(Vec::new());
+    }
+    let theta = model.trunk.mlp_weights(model.layer);
+    let dev = mid.device();
+    let (positions, mask, targets) = (layout.positions(dev)?, layout.mask(dev)?, layout.targets(0, dev)?);
     if estimator == Estimator::Jvp {
-        let dtype = x_mid.dtype();
+        let dtype = mid.dtype();
         let [gate, up, down] = dir.block.matrices().map(|m| m.to_dtype(dtype));
         let dir = MlpWeights::from_matrices([gate?, up?, down?]);
-        let dlogp = model.trunk.jvp_target_logprobs(&x_mid, &positions, &mask, model.layer, (theta, &dir), &targets)?;
-        let dlogp: Vec<Vec<f64>> = dlogp.to_dtype(DType::F64)?.to_vec2()?;
-        return Ok(requests.iter().enumerate().map(|(r, req)| episode_sums(&dlogp[r], offsets[r], req.spans)).collect());
+        let windows = layout.response_windows();
+        let dlogp = model.trunk.jvp_target_logprobs(mid, &positions, &mask, model.layer, (&theta, &dir), &targets, &windows)?;
+        return Ok(dlogp
+            .iter()
+            .zip(spans)
+            .map(|(row, spans)| episode_sums(&row.iter().map(|&v| f64::from(v)).collect::<Vec<_>>(), 0, spans))
+            .collect());
     }
     let tail = model.tail.context("the fd and grad estimators need the f64 tail of the model")?;
-    let x_mid = x_mid.to_dtype(DType::F64)?;
+    let x_mid = mid.to_dtype(DType::F64)?;
+    let offset = layout.response_offset();
     match estimator {
         Estimator::Jvp => unreachable!("taken above"),
         Estimator::Fd => {
             let episode_logp = |sign: f64| -> Result<Vec<Vec<f64>>> {
-                let block = shifted(theta, &dir.block, sign * eps)?;
+                let block = shifted(&theta, &dir.block, sign * eps)?;
                 let logits = tail.forward_from_mlp(&x_mid, &positions, &mask, 0, &block)?;
                 let logp: Vec<Vec<f64>> = token_logprobs(&logits, &targets)?.to_vec2()?;
-                Ok(requests.iter().enumerate().map(|(r, req)| episode_sums(&logp[r], offsets[r], req.spans)).collect())
+                Ok(logp.iter().zip(spans).map(|(logp, spans)| episode_sums(logp, offset, spans)).collect())
             };
             let (plus, minus) = (episode_logp(1.0)?, episode_logp(-1.0)?);
             Ok(plus.iter().zip(&minus).map(|(p, m)| p.iter().zip(m).map(|(&lp, &lm)| fd_directional(lp, lm, eps)).collect()).collect())
         }
         Estimator::Grad => {
-            let base = shifted(theta, &dir.block, 0.0)?;
-            let mut out = Vec::with_capacity(requests.len());
-            for (r, req) in requests.iter().enumerate() {
+            let base = shifted(&theta, &dir.block, 0.0)?;
+            let mut out = Vec::with_capacity(spans.len());
+            for (r, spans) in spans.iter().enumerate() {
                 let vars = base.matrices().map(|m| Var::from_tensor(m).context("proxy block variable"));
                 let [gate, up, down] = vars;
                 let (gate, up, down) = (gate?, up?, down?);
@@ -265,13 +271,13 @@ pub fn directional_derivatives(
                 let row = |t: &Tensor| t.narrow(0, r, 1);
                 let logits = tail.forward_from_mlp(&row(&x_mid)?, &row(&positions)?, &row(&mask)?, 0, &block)?;
                 let logp = token_logprobs(&logits, &row(&targets)?)?.squeeze(0)?;
-                let mut per_episode = Vec::with_capacity(req.spans.len());
-                for &(s, e) in req.spans {
+                let mut per_episode = Vec::with_capacity(spans.len());
+                for &(s, e) in spans {
                     if s == e {
                         per_episode.push(0.0);
                         continue;
                     }
-                    let l_k = logp.narrow(0, offsets[r] + s, e - s)?.sum_all()?;
+                    let l_k = logp.narrow(0, offset + s, e - s)?.sum_all()?;
                     let grads = l_k.backward()?;
                     let mut g_dot_d = 0.0;
                     for (var, d) in [&gate, &up, &down].into_iter().zip(dir.block.matrices()) {
@@ -424,13 +430,15 @@ mod tests {
         let reference_model = build_model(cfg, reference, &dev).unwrap();
         let dir = direction(&trunk.mlp_weights(layer), &reference_model.mlp_weights(layer), 0.25).unwrap();
         let proxy = ProxyModel { trunk: &trunk, tail: Some(&tail), layer };
+        // The third rollout shares the first's prompt (one prompt row for both in the pass).
         let (p1, z1, s1) = (vec![5u32, 6, 7], vec![10u32, 11, 12, 13, 14, 15, 16], vec![(0, 3), (3, 5), (5, 7)]);
         let (p2, z2, s2) = (vec![9u32, 8], vec![20u32, 21, 22], vec![(0, 1), (1, 3)]);
-        let reqs = [SeqRequest { prompt: &p1, response: &z1, spans: &s1 }, SeqRequest { prompt: &p2, response: &z2, spans: &s2 }];
-        let theta = trunk.mlp_weights(layer);
-        let fd = directional_derivatives(&proxy, &theta, &dir, &reqs, 0, Estimator::Fd, 1e-3).unwrap();
-        let grad = directional_derivatives(&proxy, &theta, &dir, &reqs, 0, Estimator::Grad, 1e-3).unwrap();
-        let jvp = directional_derivatives(&proxy, &theta, &dir, &reqs, 0, Estimator::Jvp, 1e-3).unwrap();
+        let (z3, s3) = (vec![30u32, 31], vec![(0, 2)]);
+        let layout = SharedPrompts::new(&[(&p1, &z1), (&p2, &z2), (&p1, &z3)]).unwrap();
+        let mid = layout.prefill(&trunk, 0, Some(layer), 0).unwrap().mid.unwrap();
+        let spans = [s1, s2, s3];
+        let estimate = |estimator| directional_derivatives(&proxy, &dir, &layout, &mid, &spans, estimator, 1e-3).unwrap();
+        let (fd, grad, jvp) = (estimate(Estimator::Fd), estimate(Estimator::Grad), estimate(Estimator::Jvp));
         (dir, fd, grad, jvp)
     }
 

@@ -1,0 +1,271 @@
+//! The one pass over a chunk of rollouts that `J` and the penalty share (l2t-spec 4-5).
+//!
+//! Each distinct prompt is computed once (a group's rollouts share theirs), then every response
+//! continues its prompt's keys and values. The pass fills a KV cache, which `J`'s teacher-forced
+//! continuations decode against, and keeps the residual entering the proxy block's MLP, where the
+//! penalty's tangent starts: the model below the proxy block runs once for both terms.
+//!
+//! Layout of a chunk of `b` rollouts: `P` prompt columns, each prompt left-padded, then `R`
+//! response columns, each response right-padded. Every row's response starts at column `P`, so
+//! response token `s` is predicted at column `P - 1 + s`.
+
+use crate::model::qwen2::MASKED;
+use crate::model::{KvCache, Model};
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+
+/// A chunk of rollouts, each distinct prompt once.
+#[derive(Debug)]
+pub struct SharedPrompts<'a> {
+    /// The distinct prompts, in order of first use.
+    prompts: Vec<&'a [u32]>,
+    /// Each rollout's index in `prompts`.
+    prompt_of: Vec<usize>,
+    responses: Vec<&'a [u32]>,
+    /// `P` and `R`.
+    prompt_cols: usize,
+    response_cols: usize,
+}
+
+/// What [`SharedPrompts::prefill`] leaves: the cache of every rollout's `P + R` columns, and the
+/// residual (rows, `P + R`, hidden) entering the captured layer's MLP, when asked for.
+pub struct Prefill {
+    pub cache: KvCache,
+    pub mid: Option<Tensor>,
+}
+
+impl<'a> SharedPrompts<'a> {
+    /// `seqs`: (prompt, response) per rollout; prompts must not be empty (a response's first token
+    /// is predicted from the prompt's last).
+    pub fn new(seqs: &[(&'a [u32], &'a [u32])]) -> Result<Self> {
+        let mut index: HashMap<&[u32], usize> = HashMap::new();
+        let (mut prompts, mut prompt_of) = (Vec::new(), Vec::with_capacity(seqs.len()));
+        for (i, &(prompt, _)) in seqs.iter().enumerate() {
+            if prompt.is_empty() {
+                bail!("rollout {i}: empty prompt");
+            }
+            prompt_of.push(*index.entry(prompt).or_insert_with(|| {
+                prompts.push(prompt);
+                prompts.len() - 1
+            }));
+        }
+        let responses: Vec<&[u32]> = seqs.iter().map(|&(_, z)| z).collect();
+        let prompt_cols = prompts.iter().map(|p| p.len()).max().unwrap_or(1);
+        let response_cols = responses.iter().map(|z| z.len()).max().unwrap_or(0);
+        Ok(Self { prompts, prompt_of, responses, prompt_cols, response_cols })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.responses.len()
+    }
+
+    /// `P + R`: the columns of every row after the pass.
+    pub fn columns(&self) -> usize {
+        self.prompt_cols + self.response_cols
+    }
+
+    pub fn prompt_len(&self, row: usize) -> usize {
+        self.prompts[self.prompt_of[row]].len()
+    }
+
+    pub fn response_len(&self, row: usize) -> usize {
+        self.responses[row].len()
+    }
+
+    /// Left padding of a prompt of `len` tokens.
+    fn pad_of(&self, len: usize) -> usize {
+        self.prompt_cols - len
+    }
+
+    /// Whether column `k` of a row whose prompt is left-padded by `pad` holds that prompt or one
+    /// of its response's first `tokens` tokens.
+    fn holds(&self, pad: usize, tokens: usize, k: usize) -> bool {
+        k >= pad && (k < self.prompt_cols || k - self.prompt_cols < tokens)
+    }
+
+    /// Whether column `k` of `row` holds its prompt or its response's first `tokens` tokens: the
+    /// keys a continuation after that prefix attends to.
+    pub fn in_prefix(&self, row: usize, tokens: usize, k: usize) -> bool {
+        self.holds(self.pad_of(self.prompt_len(row)), tokens, k)
+    }
+
+    /// The additive mask value of key column `k` for query column `q` of a row: causal over the
+    /// columns the row holds; a padding column sees only itself, so no query is fully masked.
+    fn mask_value(&self, pad: usize, len: usize, q: usize, k: usize) -> f32 {
+        let visible = k == q || (k < q && self.holds(pad, len, k) && self.holds(pad, len, q));
+        if visible {
+            0.0
+        } else {
+            MASKED
+        }
+    }
+
+    /// The rotary position of column `c` of a row with a prompt of `prompt_len` tokens.
+    fn position(&self, prompt_len: usize, c: usize) -> u32 {
+        let pos = if c < self.prompt_cols { c.saturating_sub(self.pad_of(prompt_len)) } else { prompt_len + c - self.prompt_cols };
+        pos as u32
+    }
+
+    /// Query columns `queries` of every row against key columns `0..queries.end`: (b, 1, q, k).
+    fn mask_rows(&self, queries: std::ops::Range<usize>, dev: &Device) -> Result<Tensor> {
+        let (b, keys) = (self.rows(), queries.end);
+        let mut mask = Vec::with_capacity(b * queries.len() * keys);
+        for row in 0..b {
+            let (pad, len) = (self.pad_of(self.prompt_len(row)), self.response_len(row));
+            for q in queries.clone() {
+                mask.extend((0..keys).map(|k| self.mask_value(pad, len, q, k)));
+            }
+        }
+        Ok(Tensor::from_vec(mask, (b, 1, queries.len(), keys), dev)?)
+    }
+
+    /// The attention mask (b, 1, P + R, P + R) of the whole layout.
+    pub fn mask(&self, dev: &Device) -> Result<Tensor> {
+        self.mask_rows(0..self.columns(), dev)
+    }
+
+    /// Rotary positions (b, P + R).
+    pub fn positions(&self, dev: &Device) -> Result<Tensor> {
+        let t = self.columns();
+        let pos: Vec<u32> = (0..self.rows()).flat_map(|row| (0..t).map(move |c| self.position(self.prompt_len(row), c))).collect();
+        Ok(Tensor::from_vec(pos, (self.rows(), t), dev)?)
+    }
+
+    /// Tokens (b, P + R), `pad_id` in padding columns.
+    pub fn tokens(&self, pad_id: u32, dev: &Device) -> Result<Tensor> {
+        let (p, r) = (self.prompt_cols, self.response_cols);
+        let mut tokens = Vec::with_capacity(self.rows() * (p + r));
+        for (row, response) in self.responses.iter().enumerate() {
+            let prompt = self.prompts[self.prompt_of[row]];
+            tokens.extend(std::iter::repeat_n(pad_id, p - prompt.len()).chain(prompt.iter().copied()));
+            tokens.extend(response.iter().copied().chain(std::iter::repeat_n(pad_id, r - response.len())));
+        }
+        Ok(Tensor::from_vec(tokens, (self.rows(), p + r), dev)?)
+    }
+
+    /// The token each column predicts (b, P + R): response token `s` at column `P - 1 + s`,
+    /// `pad_id` where a column predicts no response token.
+    pub fn targets(&self, pad_id: u32, dev: &Device) -> Result<Tensor> {
+        let t = self.columns();
+        let mut targets = vec![pad_id; self.rows() * t];
+        for (row, response) in self.responses.iter().enumerate() {
+            let from = row * t + self.response_offset();
+            targets[from..from + response.len()].copy_from_slice(response);
+        }
+        Ok(Tensor::from_vec(targets, (self.rows(), t), dev)?)
+    }
+
+    /// The column predicting each row's first response token (the last prompt column).
+    pub fn response_offset(&self) -> usize {
+        self.prompt_cols - 1
+    }
+
+    /// Each row's columns that predict its response tokens: (from, len).
+    pub fn response_windows(&self) -> Vec<(usize, usize)> {
+        self.responses.iter().map(|z| (self.response_offset(), z.len())).collect()
+    }
+
+    /// Runs `model` over the layout into a cache with room for `extra` more columns, capturing
+    /// the residual entering layer `capture`'s MLP when asked: the distinct prompts first, their
+    /// cache rows then copied to their rollouts, then every response at once.
+    pub fn prefill(&self, model: &Model, pad_id: u32, capture: Option<usize>, extra: usize) -> Result<Prefill> {
+        let dev = model.device();
+        let (p, t) = (self.prompt_cols, self.columns());
+        let u = self.prompts.len();
+        let mut tokens = Vec::with_capacity(u * p);
+        let (mut positions, mut mask) = (Vec::with_capacity(u * p), Vec::with_capacity(u * p * p));
+        for prompt in &self.prompts {
+            let pad = self.pad_of(prompt.len());
+            tokens.extend(std::iter::repeat_n(pad_id, pad).chain(prompt.iter().copied()));
+            positions.extend((0..p).map(|c| self.position(prompt.len(), c)));
+            mask.extend((0..p).flat_map(|q| (0..p).map(move |k| self.mask_value(pad, 0, q, k))));
+        }
+        let mut prompt_cache = KvCache::with_capacity(model.cfg.num_hidden_layers, t + extra);
+        let prompt_mid = model.prefill(
+            &Tensor::from_vec(tokens, (u, p), &dev)?,
+            &Tensor::from_vec(positions, (u, p), &dev)?,
+            &Tensor::from_vec(mask, (u, 1, p, p), &dev)?,
+            &mut prompt_cache,
+            capture,
+        )?;
+        let rows = Tensor::from_vec(self.prompt_of.iter().map(|&i| i as u32).collect::<Vec<_>>(), self.rows(), &dev)?;
+        let mut cache = prompt_cache.select_rows(&rows)?;
+        let mut mid = prompt_mid.map(|m| m.index_select(&rows, 0)).transpose()?;
+        if self.response_cols > 0 {
+            let all = self.tokens(pad_id, &dev)?;
+            let response_mid = model.prefill(
+                &all.narrow(1, p, self.response_cols)?,
+                &self.positions(&dev)?.narrow(1, p, self.response_cols)?,
+                &self.mask_rows(p..t, &dev)?,
+                &mut cache,
+                capture,
+            )?;
+            mid = match (mid, response_mid) {
+                (Some(prompt), Some(response)) => Some(Tensor::cat(&[prompt, response], 1)?),
+                _ => None,
+            };
+        }
+        Ok(Prefill { cache, mid })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{build_model, init_weights};
+
+    /// Two prompts, then three responses.
+    fn seqs() -> [Vec<u32>; 5] {
+        [vec![3, 4, 5], vec![7, 8], vec![20, 21, 22, 23], vec![30], vec![40, 41, 42]]
+    }
+
+    /// Three rollouts, two sharing a prompt: the layout by hand.
+    #[test]
+    fn the_layout_by_hand() {
+        let [p1, p2, z1, z2, z3] = seqs();
+        let layout = SharedPrompts::new(&[(&p1, &z1), (&p2, &z2), (&p1, &z3)]).unwrap();
+        let dev = Device::Cpu;
+        assert_eq!((layout.rows(), layout.columns(), layout.response_offset()), (3, 7, 2));
+        let tokens: Vec<Vec<u32>> = layout.tokens(0, &dev).unwrap().to_vec2().unwrap();
+        assert_eq!(tokens, [vec![3, 4, 5, 20, 21, 22, 23], vec![0, 7, 8, 30, 0, 0, 0], vec![3, 4, 5, 40, 41, 42, 0]]);
+        let positions: Vec<Vec<u32>> = layout.positions(&dev).unwrap().to_vec2().unwrap();
+        assert_eq!(positions[1], [0, 0, 1, 2, 3, 4, 5]);
+        assert_eq!(positions[2], [0, 1, 2, 3, 4, 5, 6]);
+        let targets: Vec<Vec<u32>> = layout.targets(0, &dev).unwrap().to_vec2().unwrap();
+        assert_eq!(targets, [vec![0, 0, 20, 21, 22, 23, 0], vec![0, 0, 30, 0, 0, 0, 0], vec![0, 0, 40, 41, 42, 0, 0]]);
+        assert_eq!(layout.response_windows(), [(2, 4), (2, 1), (2, 3)]);
+        // Row 1: its pad column and its response's padding see only themselves.
+        let mask: Vec<Vec<f32>> = layout.mask(&dev).unwrap().get(1).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let seen = |q: usize| -> Vec<usize> { (0..7).filter(|&k| mask[q][k] == 0.0).collect() };
+        assert_eq!((seen(0), seen(2), seen(3), seen(5)), (vec![0], vec![1, 2], vec![1, 2, 3], vec![5]));
+        assert!(layout.in_prefix(1, 0, 2) && !layout.in_prefix(1, 0, 3) && layout.in_prefix(1, 1, 3) && !layout.in_prefix(1, 1, 0));
+        assert!(SharedPrompts::new(&[(&[], &z1)]).is_err());
+    }
+
+    /// The shared pass leaves the cache and the captured residual that one pass over each whole
+    /// rollout gives.
+    #[test]
+    fn sharing_prompts_changes_no_value() {
+        let cfg = crate::model::test_config(32, 48, 2, 4, 2);
+        let dev = Device::Cpu;
+        let model = build_model(&cfg, &init_weights(&cfg, 3, &dev).unwrap(), &dev).unwrap();
+        let [p1, p2, z1, z2, z3] = seqs();
+        let layout = SharedPrompts::new(&[(&p1, &z1), (&p2, &z2), (&p1, &z3)]).unwrap();
+        let shared = layout.prefill(&model, 0, Some(1), 0).unwrap();
+        let mid = shared.mid.unwrap();
+        let whole =
+            model.forward_to_mlp(&layout.tokens(0, &dev).unwrap(), &layout.positions(&dev).unwrap(), &layout.mask(&dev).unwrap(), 1);
+        let whole = whole.unwrap();
+        for row in 0..3 {
+            // Only the columns a row holds carry meaning.
+            let held: Vec<usize> = (0..7).filter(|&c| layout.in_prefix(row, layout.response_len(row), c)).collect();
+            for c in held {
+                let diff = (mid.get(row).unwrap().get(c).unwrap() - whole.get(row).unwrap().get(c).unwrap()).unwrap();
+                let err = diff.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(err < 1e-5, "row {row} column {c}: {err}");
+            }
+        }
+        assert_eq!(shared.cache.len(), 7);
+    }
+}
