@@ -20,7 +20,9 @@ use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+mod direct;
 mod lock;
+use direct::{DirectReader, DirectWriter};
 pub use lock::{KeyLock, LockTiming};
 
 /// Folders of `store/` that are not entries: runs in progress, and the locks of keys being computed.
@@ -184,29 +186,57 @@ pub fn stage_key(stage: &str, version: u32, params: &serde_json::Value, inputs: 
 /// costs more than it gains).
 const PARALLEL_HASH_BYTES: usize = 1 << 17;
 
+/// How an output's bytes reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caching {
+    /// Through the page cache: outputs the next stages read (a policy's weights, the tables).
+    Cached,
+    /// Around it ([`direct`]): a large output read back once, by [`Artifact::read_uncached`].
+    Uncached,
+}
+
 /// A `Write` that passes bytes to a file and to a blake3 hasher, so an output is hashed while it is
 /// written and never read back for it.
 pub struct HashingWriter {
-    file: File,
+    sink: Sink,
     hasher: blake3::Hasher,
     bytes: u64,
 }
 
+enum Sink {
+    Cached(File),
+    Uncached(DirectWriter),
+}
+
 impl HashingWriter {
-    pub fn create(path: &Path) -> Result<Self> {
-        let file = File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
-        Ok(Self { file, hasher: blake3::Hasher::new(), bytes: 0 })
+    pub fn create(path: &Path, caching: Caching) -> Result<Self> {
+        let cannot = || format!("{}: cannot create", path.display());
+        let sink = match caching {
+            Caching::Cached => Sink::Cached(File::create(path).with_context(cannot)?),
+            Caching::Uncached => Sink::Uncached(DirectWriter::create(path).with_context(cannot)?),
+        };
+        Ok(Self { sink, hasher: blake3::Hasher::new(), bytes: 0 })
     }
 
     /// The hash, the byte count and the file, still to be synced to disk.
-    pub fn finish(self) -> (String, u64, File) {
-        (self.hasher.finalize().to_hex().to_string(), self.bytes, self.file)
+    pub fn finish(self) -> io::Result<(String, u64, File)> {
+        let file = match self.sink {
+            Sink::Cached(file) => file,
+            Sink::Uncached(writer) => writer.finish()?,
+        };
+        Ok((self.hasher.finalize().to_hex().to_string(), self.bytes, file))
     }
 }
 
 impl Write for HashingWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf)?;
+        let n = match &mut self.sink {
+            Sink::Cached(file) => file.write(buf)?,
+            Sink::Uncached(writer) => {
+                writer.write_all(buf)?;
+                buf.len()
+            }
+        };
         // Large writes (a tensor of a checkpoint) hash on every core.
         if n >= PARALLEL_HASH_BYTES {
             self.hasher.update_rayon(&buf[..n]);
@@ -217,7 +247,11 @@ impl Write for HashingWriter {
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
+        match &mut self.sink {
+            Sink::Cached(file) => file.flush(),
+            // Its blocks are written whole; the last one by `finish`.
+            Sink::Uncached(_) => Ok(()),
+        }
     }
 }
 
@@ -705,20 +739,20 @@ impl Staging {
     }
 
     /// A hashing writer for a new output file; hand it back to [`Staging::record`] when done.
-    pub fn create(&self, file: &str) -> Result<HashingWriter> {
-        HashingWriter::create(&self.dir.join(file))
+    pub fn create(&self, file: &str, caching: Caching) -> Result<HashingWriter> {
+        HashingWriter::create(&self.dir.join(file), caching)
     }
 
     /// Writes a small output in one go.
     pub fn write_file(&mut self, file: &str, bytes: &[u8]) -> Result<()> {
-        let mut w = self.create(file)?;
+        let mut w = self.create(file, Caching::Cached)?;
         w.write_all(bytes).with_context(|| format!("{file}: cannot write"))?;
         self.record(file, w, None)
     }
 
     /// Records a finished output and starts syncing it to disk.
     pub fn record(&mut self, file: &str, writer: HashingWriter, rows: Option<u64>) -> Result<()> {
-        let (blake3, bytes, handle) = writer.finish();
+        let (blake3, bytes, handle) = writer.finish().with_context(|| format!("{file}: cannot write"))?;
         let sync = std::thread::Builder::new()
             .name(format!("sync {file}"))
             .spawn(move || handle.sync_all())
@@ -789,17 +823,66 @@ impl Artifact {
     pub fn file(&self, name: &str) -> Result<PathBuf> {
         let expected = self.manifest.output(name)?;
         let path = self.dir.join(name);
-        let got = hash_file(&path)?;
-        if got != expected.blake3 {
+        self.check(&path, &hash_file(&path)?, &expected.blake3)?;
+        Ok(path)
+    }
+
+    /// An output file read around the page cache (written [`Caching::Uncached`]) and hashed as it
+    /// is read, in one pass: [`VerifiedRead::finish`] checks it against the manifest.
+    pub fn read_uncached(&self, name: &str) -> Result<VerifiedRead<'_>> {
+        let expected = self.manifest.output(name)?;
+        let path = self.dir.join(name);
+        let reader = DirectReader::open(&path).with_context(|| format!("{}: cannot open", path.display()))?;
+        Ok(VerifiedRead { artifact: self, reader, path, expected: &expected.blake3 })
+    }
+
+    fn check(&self, path: &Path, got: &str, expected: &str) -> Result<()> {
+        if got != expected {
             bail!(
                 "{}: corrupt artifact: content hash {} does not match the manifest's {} (delete the store entry {} and rerun the stage)",
                 path.display(),
-                short(&got),
-                short(&expected.blake3),
+                short(got),
+                short(expected),
                 short(&self.manifest.key)
             );
         }
-        Ok(path)
+        Ok(())
+    }
+}
+
+/// An artifact's output being read by [`Artifact::read_uncached`]; what it gave is only to be
+/// trusted once [`VerifiedRead::finish`] has passed.
+pub struct VerifiedRead<'a> {
+    artifact: &'a Artifact,
+    reader: DirectReader,
+    path: PathBuf,
+    expected: &'a str,
+}
+
+impl VerifiedRead<'_> {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file's length in bytes.
+    pub fn len(&self) -> u64 {
+        self.reader.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.reader.is_empty()
+    }
+
+    /// Reads whatever is left and checks the whole file against the manifest's hash.
+    pub fn finish(self) -> Result<()> {
+        let got = self.reader.finish().with_context(|| format!("{}: cannot read", self.path.display()))?;
+        self.artifact.check(&self.path, &got, self.expected)
+    }
+}
+
+impl io::Read for VerifiedRead<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        self.reader.read(out)
     }
 }
 
@@ -812,8 +895,12 @@ mod tests {
     }
 
     fn put(store: &Store, key: &str, body: &[u8]) -> Artifact {
+        put_as(store, key, body, Caching::Cached)
+    }
+
+    fn put_as(store: &Store, key: &str, body: &[u8], caching: Caching) -> Artifact {
         let mut staging = store.begin(key).unwrap();
-        let mut w = staging.create("a.bin").unwrap();
+        let mut w = staging.create("a.bin", caching).unwrap();
         w.write_all(body).unwrap();
         staging.record("a.bin", w, None).unwrap();
         staging.publish(manifest("sample", key)).unwrap()
@@ -863,16 +950,18 @@ mod tests {
     fn hashing_writer_matches_hash_of_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        let mut w = HashingWriter::create(&path).unwrap();
         // A small write, then one large enough to be hashed in parallel.
         let large: Vec<u8> = (0..3 * PARALLEL_HASH_BYTES).map(|i| (i * 7 % 251) as u8).collect();
-        w.write_all(b"hello world").unwrap();
-        w.write_all(&large).unwrap();
-        let (h, n, file) = w.finish();
-        file.sync_all().unwrap();
-        assert_eq!(n as usize, 11 + large.len());
-        assert_eq!(h, hash_file(&path).unwrap());
-        assert_eq!(h, blake3::hash(&[b"hello world".as_slice(), &large].concat()).to_hex().to_string());
+        for caching in [Caching::Cached, Caching::Uncached] {
+            let mut w = HashingWriter::create(&path, caching).unwrap();
+            w.write_all(b"hello world").unwrap();
+            w.write_all(&large).unwrap();
+            let (h, n, file) = w.finish().unwrap();
+            file.sync_all().unwrap();
+            assert_eq!(n as usize, 11 + large.len());
+            assert_eq!(h, hash_file(&path).unwrap());
+            assert_eq!(h, blake3::hash(&[b"hello world".as_slice(), &large].concat()).to_hex().to_string());
+        }
     }
 
     #[test]
@@ -891,6 +980,34 @@ mod tests {
         let err = art.file("a.bin").unwrap_err().to_string();
         assert!(err.contains("a.bin") && err.contains("corrupt"), "{err}");
         assert!(store.lookup("k1").unwrap().is_none());
+    }
+
+    /// An uncached output reads back whole and verified, and a flipped byte fails its check.
+    #[test]
+    fn uncached_outputs_read_back_verified() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let body: Vec<u8> = (0..5_000_000u32).map(|i| (i % 253) as u8).collect();
+        let art = put_as(&store, "k1", &body, Caching::Uncached);
+        assert_eq!(art.file("a.bin").unwrap(), art.dir.join("a.bin"));
+        let mut read = art.read_uncached("a.bin").unwrap();
+        assert_eq!(read.len(), body.len() as u64);
+        let mut back = Vec::new();
+        read.read_to_end(&mut back).unwrap();
+        assert!(back == body);
+        read.finish().unwrap();
+        // A reader that stops early still hashes the rest.
+        let mut head = vec![0u8; 10];
+        let mut read = art.read_uncached("a.bin").unwrap();
+        read.read_exact(&mut head).unwrap();
+        read.finish().unwrap();
+        let path = art.dir.join("a.bin");
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[4_000_000] ^= 1;
+        fs::write(&path, bytes).unwrap();
+        let err = art.read_uncached("a.bin").unwrap().finish().unwrap_err().to_string();
+        assert!(err.contains("a.bin") && err.contains("corrupt"), "{err}");
     }
 
     #[test]

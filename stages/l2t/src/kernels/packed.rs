@@ -37,16 +37,17 @@ impl PackedLinear {
     /// Packs `weight` (out, in) and `bias` (out), both f32.
     pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
         let (n_out, n_in) = weight.dims2()?;
-        let w: Vec<Vec<f32>> = weight.to_vec2()?;
+        let w: Vec<f32> = weight.flatten_all()?.to_vec1()?;
         let n_panels = n_out.div_ceil(PANEL);
         let mut panels = vec![0f32; n_panels * n_in * PANEL];
-        for (o, row) in w.iter().enumerate() {
-            let (p, c) = (o / PANEL, o % PANEL);
-            let panel = &mut panels[p * n_in * PANEL..(p + 1) * n_in * PANEL];
-            for (i, &v) in row.iter().enumerate() {
-                panel[i * PANEL + c] = v;
+        // Panel by panel on every core (a policy's load packs ~135M weights); no inputs, no panels.
+        panels.par_chunks_mut((n_in * PANEL).max(1)).enumerate().for_each(|(p, panel)| {
+            for (c, row) in w.chunks_exact(n_in.max(1)).skip(p * PANEL).take(PANEL).enumerate() {
+                for (i, &v) in row.iter().enumerate() {
+                    panel[i * PANEL + c] = v;
+                }
             }
-        }
+        });
         let bias = bias
             .map(|b| -> Result<Vec<f32>> {
                 let mut padded = b.to_vec1::<f32>()?;

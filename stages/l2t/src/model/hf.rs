@@ -4,7 +4,7 @@
 
 use super::{Config, Weights};
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -76,23 +76,47 @@ pub fn chat_template(tokenizer_config: &serde_json::Value) -> Option<&str> {
 /// Reads a checkpoint whose files are found by `locate` (None: the file is absent), so the same
 /// code loads a plain directory and a verified store artifact.
 pub fn read(origin: &str, locate: impl Fn(&str) -> Result<Option<PathBuf>>, dev: &Device) -> Result<Checkpoint> {
-    let need = |file: &str| locate(file)?.ok_or_else(|| anyhow!("{origin}: no {file}"));
-    let cfg_path = need(CONFIG_FILE)?;
-    let mut cfg: Config = serde_json::from_slice(&std::fs::read(&cfg_path)?)
-        .with_context(|| format!("{}: not a supported config.json", cfg_path.display()))?;
-    cfg.resolve_rope_theta();
-    cfg.validate().map_err(|e| anyhow!("{}: {e}", cfg_path.display()))?;
-    let tok_path = need(TOKENIZER_FILE)?;
+    let cfg = read_config(origin, &locate)?;
+    let tok_path = need(origin, &locate, TOKENIZER_FILE)?;
     let tokenizer =
         tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow!("{}: cannot load the tokenizer: {e}", tok_path.display()))?;
     let tokenizer_config = match locate(TOKENIZER_CONFIG_FILE)? {
         Some(p) => serde_json::from_slice(&std::fs::read(&p)?).with_context(|| format!("{}: not JSON", p.display()))?,
         None => serde_json::json!({}),
     };
-    let weights = read_weights(origin, &locate, dev)?;
+    let weights = read_weights(origin, &locate, dev, |_| true)?;
     let mut ckpt = Checkpoint { cfg, weights, tokenizer, tokenizer_config };
     ckpt.validate(origin)?;
     Ok(ckpt)
+}
+
+/// config.json and the named tensors alone of a checkpoint found by `locate` (the others are
+/// skipped unread), for a stage that needs a few tensors of another policy.
+pub fn read_tensors(
+    origin: &str,
+    locate: impl Fn(&str) -> Result<Option<PathBuf>>,
+    dev: &Device,
+    names: &[String],
+) -> Result<(Config, Weights)> {
+    let cfg = read_config(origin, &locate)?;
+    let weights = read_weights(origin, &locate, dev, |name| names.iter().any(|n| n == name))?;
+    if let Some(missing) = names.iter().find(|n| !weights.contains_key(*n)) {
+        bail!("{origin}: no weight {missing}");
+    }
+    Ok((cfg, weights))
+}
+
+fn need(origin: &str, locate: &impl Fn(&str) -> Result<Option<PathBuf>>, file: &str) -> Result<PathBuf> {
+    locate(file)?.ok_or_else(|| anyhow!("{origin}: no {file}"))
+}
+
+fn read_config(origin: &str, locate: &impl Fn(&str) -> Result<Option<PathBuf>>) -> Result<Config> {
+    let cfg_path = need(origin, locate, CONFIG_FILE)?;
+    let mut cfg: Config = serde_json::from_slice(&std::fs::read(&cfg_path)?)
+        .with_context(|| format!("{}: not a supported config.json", cfg_path.display()))?;
+    cfg.resolve_rope_theta();
+    cfg.validate().map_err(|e| anyhow!("{}: {e}", cfg_path.display()))?;
+    Ok(cfg)
 }
 
 /// A Hugging Face checkpoint directory.
@@ -103,8 +127,14 @@ pub fn read_dir(dir: &Path, dev: &Device) -> Result<Checkpoint> {
     read(&dir.display().to_string(), |f| Ok(Some(dir.join(f)).filter(|p| p.exists())), dev)
 }
 
-/// All weights in f32: one safetensors file, or the shards a `model.safetensors.index.json` names.
-fn read_weights(origin: &str, locate: &impl Fn(&str) -> Result<Option<PathBuf>>, dev: &Device) -> Result<Weights> {
+/// The weights `keep` accepts, in f32: from one safetensors file, or the shards a
+/// `model.safetensors.index.json` names.
+fn read_weights(
+    origin: &str,
+    locate: &impl Fn(&str) -> Result<Option<PathBuf>>,
+    dev: &Device,
+    keep: impl Fn(&str) -> bool,
+) -> Result<Weights> {
     let files: Vec<PathBuf> = if let Some(p) = locate(WEIGHTS_FILE)? {
         vec![p]
     } else if let Some(index) = locate(WEIGHTS_INDEX_FILE)? {
@@ -118,11 +148,9 @@ fn read_weights(origin: &str, locate: &impl Fn(&str) -> Result<Option<PathBuf>>,
     };
     let mut weights = Weights::new();
     for path in files {
-        let loaded = candle_core::safetensors::load(&path, dev).with_context(|| format!("{}: cannot read the weights", path.display()))?;
-        for (name, t) in loaded {
-            let t = if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? };
-            weights.insert(name, t);
-        }
+        let loaded =
+            super::read_safetensors_as_f32(&path, dev, &keep).with_context(|| format!("{}: cannot read the weights", path.display()))?;
+        weights.extend(loaded);
     }
     Ok(weights)
 }

@@ -10,7 +10,7 @@ pub mod tokenizer;
 
 use crate::config::ModelShape;
 use crate::kernels::{self, fused};
-use crate::store::{Artifact, Staging};
+use crate::store::{Artifact, Caching, Staging, VerifiedRead};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
@@ -134,14 +134,21 @@ pub fn build_top_as(cfg: &Config, weights: &Weights, from: usize, dtype: DType, 
 /// The checkpoint of a store artifact (weights, config, tokenizer), each file verified against the
 /// manifest, without building a model over it.
 pub fn read_artifact_checkpoint(artifact: &Artifact, dev: &Device) -> Result<Checkpoint> {
-    let locate = |f: &str| -> Result<Option<std::path::PathBuf>> {
-        if artifact.manifest.output(f).is_ok() {
-            artifact.file(f).map(Some)
-        } else {
-            Ok(None)
-        }
-    };
-    hf::read(&artifact.dir.display().to_string(), locate, dev)
+    hf::read(&artifact.dir.display().to_string(), |f| locate_in(artifact, f), dev)
+}
+
+/// config.json and the named tensors alone of a checkpoint artifact.
+pub fn read_artifact_tensors(artifact: &Artifact, dev: &Device, names: &[String]) -> Result<(Config, Weights)> {
+    hf::read_tensors(&artifact.dir.display().to_string(), |f| locate_in(artifact, f), dev, names)
+}
+
+/// An output file of a checkpoint artifact, verified; `None` when the artifact has none.
+fn locate_in(artifact: &Artifact, file: &str) -> Result<Option<std::path::PathBuf>> {
+    if artifact.manifest.output(file).is_ok() {
+        artifact.file(file).map(Some)
+    } else {
+        Ok(None)
+    }
 }
 
 /// A loaded policy checkpoint.
@@ -295,13 +302,13 @@ pub fn save_checkpoint(
     write(TOKENIZER_FILE, tok.as_bytes())?;
     write(TOKENIZER_CONFIG_FILE, serde_json::to_string_pretty(tokenizer_config)?.as_bytes())?;
     let tensors: Vec<(&str, &Tensor)> = weights.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    write_safetensors(staging, WEIGHTS_FILE, &tensors).context("writing the weights")
+    write_safetensors(staging, WEIGHTS_FILE, &tensors, Caching::Cached).context("writing the weights")
 }
 
 /// Writes `tensors` as the safetensors file `file` of `staging`, one tensor at a time: the bytes
 /// `safetensors::serialize` gives, without the whole file (weights or AdamW moments: the largest
 /// outputs of a stage) held in memory a second time.
-pub fn write_safetensors(staging: &mut Staging, file: &str, tensors: &[(&str, &Tensor)]) -> Result<()> {
+pub fn write_safetensors(staging: &mut Staging, file: &str, tensors: &[(&str, &Tensor)], caching: Caching) -> Result<()> {
     use safetensors::View;
     use std::io::Write;
     /// A tensor's header entry without its data: `serialize` over these writes the header alone.
@@ -331,7 +338,7 @@ pub fn write_safetensors(staging: &mut Staging, file: &str, tensors: &[(&str, &T
         order.iter().map(|(_, t)| HeaderOnly { dtype: View::dtype(*t), shape: t.dims().to_vec(), len: View::data_len(*t) }).collect();
     let header =
         safetensors::serialize(order.iter().map(|(name, _)| *name).zip(&heads), None).with_context(|| format!("{file}: header"))?;
-    let mut w = staging.create(file)?;
+    let mut w = staging.create(file, caching)?;
     w.write_all(&header).with_context(|| format!("{file}: cannot write"))?;
     // f32 CPU tensors go out from their own storage through one reused buffer (candle's `data()`
     // copies each tensor twice into fresh memory); anything else through `data()`.
@@ -355,15 +362,58 @@ pub fn write_safetensors(staging: &mut Staging, file: &str, tensors: &[(&str, &T
     staging.record(file, w, None)
 }
 
-/// Reads a safetensors file of f32 tensors one tensor at a time into its own buffer: the file is
-/// never held in memory whole beside its tensors (candle's loader reads it all first, which for
-/// a policy's AdamW moments is a GB of memory touched for nothing).
-pub fn read_safetensors_f32(path: &Path, dev: &Device) -> Result<Vec<(String, Tensor)>> {
-    use std::io::Read;
-    let fail = || format!("{}: not a safetensors file of f32 tensors", path.display());
+/// Reads the tensors of a safetensors file that `keep` accepts, as f32, one tensor at a time into
+/// its own buffer: the file is never held in memory whole beside its tensors (candle's loader
+/// reads it all first, which for a policy's AdamW moments is a GB of memory touched for nothing),
+/// and the tensors `keep` refuses are skipped, not read.
+pub fn read_safetensors_as_f32(path: &Path, dev: &Device, keep: impl Fn(&str) -> bool) -> Result<Vec<(String, Tensor)>> {
     let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let file_len = file.metadata()?.len();
-    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    parse_safetensors_as_f32(&mut std::io::BufReader::with_capacity(1 << 20, file), file_len, path, dev, keep)
+}
+
+/// [`read_safetensors_as_f32`] of a store output read around the page cache and verified
+/// ([`Artifact::read_uncached`]): a policy's AdamW moments.
+pub fn read_uncached_safetensors_as_f32(artifact: &Artifact, file: &str, dev: &Device) -> Result<Vec<(String, Tensor)>> {
+    let mut read = artifact.read_uncached(file)?;
+    let (len, path) = (read.len(), read.path().to_path_buf());
+    let tensors = parse_safetensors_as_f32(&mut read, len, &path, dev, |_| true)?;
+    read.finish()?;
+    Ok(tensors)
+}
+
+/// A reader that can pass over bytes it does not need.
+trait Skip: std::io::Read {
+    fn skip(&mut self, bytes: u64) -> std::io::Result<()>;
+}
+
+impl Skip for std::io::BufReader<std::fs::File> {
+    fn skip(&mut self, bytes: u64) -> std::io::Result<()> {
+        let bytes = i64::try_from(bytes).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        self.seek_relative(bytes)
+    }
+}
+
+/// A verified read must still hash what it skips.
+impl Skip for VerifiedRead<'_> {
+    fn skip(&mut self, bytes: u64) -> std::io::Result<()> {
+        let copied = std::io::copy(&mut std::io::Read::take(&mut *self, bytes), &mut std::io::sink())?;
+        if copied < bytes {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
+    }
+}
+
+/// The tensors of a safetensors file of `file_len` bytes, from its first byte in `reader`.
+fn parse_safetensors_as_f32(
+    reader: &mut impl Skip,
+    file_len: u64,
+    path: &Path,
+    dev: &Device,
+    keep: impl Fn(&str) -> bool,
+) -> Result<Vec<(String, Tensor)>> {
+    let fail = || format!("{}: not a safetensors file of float tensors", path.display());
     let mut len = [0u8; 8];
     reader.read_exact(&mut len).with_context(fail)?;
     let header_len = u64::from_le_bytes(len);
@@ -375,36 +425,58 @@ pub fn read_safetensors_f32(path: &Path, dev: &Device) -> Result<Vec<(String, Te
     let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).with_context(fail)?;
     let mut entries = Vec::new();
     for (name, info) in header.iter().filter(|(name, _)| *name != "__metadata__") {
-        let dtype = info.get("dtype").and_then(|d| d.as_str());
+        let dtype = match info.get("dtype").and_then(|d| d.as_str()) {
+            Some("F32") => DType::F32,
+            Some("BF16") => DType::BF16,
+            Some("F16") => DType::F16,
+            Some("F64") => DType::F64,
+            other => bail!("{}: tensor {name} has dtype {other:?} (F32, BF16, F16 or F64 expected)", fail()),
+        };
         let shape: Option<Vec<usize>> = info.get("shape").and_then(|s| serde_json::from_value(s.clone()).ok());
         let offsets: Option<(u64, u64)> = info.get("data_offsets").and_then(|s| serde_json::from_value(s.clone()).ok());
-        let (Some("F32"), Some(shape), Some((start, end))) = (dtype, shape, offsets) else {
-            bail!("{}: tensor {name} is not an f32 tensor with a shape and offsets", fail());
+        let (Some(shape), Some((start, end))) = (shape, offsets) else {
+            bail!("{}: tensor {name} has no shape or offsets", fail());
         };
-        if end.checked_sub(start) != Some(4 * shape.iter().product::<usize>() as u64) {
-            bail!("{}: tensor {name}: offsets {start}..{end} for shape {shape:?}", fail());
+        let elements = shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+        if elements.and_then(|n| n.checked_mul(dtype.size_in_bytes() as u64)) != end.checked_sub(start) {
+            bail!("{}: tensor {name}: offsets {start}..{end} for {dtype:?} of shape {shape:?}", fail());
         }
-        entries.push((start, end, name.clone(), shape));
+        entries.push((start, end, name.clone(), shape, dtype));
     }
     // Tensors tile the data section in order (what safetensors itself requires).
-    entries.sort();
+    entries.sort_by_key(|e| e.0);
     let mut at = 0;
-    let mut out = Vec::with_capacity(entries.len());
+    let mut out = Vec::new();
     let mut bytes = vec![0u8; 1 << 20];
-    for (start, end, name, shape) in entries {
+    for (start, end, name, shape, dtype) in entries {
         if start != at {
             bail!("{}: tensor {name} starts at {start}, not {at}", fail());
         }
-        let mut values = Vec::with_capacity(((end - start) / 4) as usize);
-        let mut left = (end - start) as usize;
-        while left > 0 {
-            let chunk = &mut bytes[..left.min(1 << 20)];
-            reader.read_exact(chunk).with_context(|| format!("{}: tensor {name} is cut short", path.display()))?;
-            values.extend(chunk.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
-            left -= chunk.len();
-        }
-        out.push((name, Tensor::from_vec(values, shape, dev)?));
         at = end;
+        let size = (end - start) as usize;
+        if 8 + header_len + end > file_len {
+            bail!("{}: tensor {name} is cut short", path.display());
+        }
+        if !keep(&name) {
+            reader.skip(size as u64).with_context(|| format!("{}: cannot skip tensor {name}", path.display()))?;
+            continue;
+        }
+        let tensor = if dtype == DType::F32 {
+            let mut values = Vec::with_capacity(size / 4);
+            let mut left = size;
+            while left > 0 {
+                let chunk = &mut bytes[..left.min(1 << 20)];
+                reader.read_exact(chunk).with_context(|| format!("{}: tensor {name} is cut short", path.display()))?;
+                values.extend(chunk.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+                left -= chunk.len();
+            }
+            Tensor::from_vec(values, shape, dev)?
+        } else {
+            let mut raw = vec![0u8; size];
+            reader.read_exact(&mut raw).with_context(|| format!("{}: tensor {name} is cut short", path.display()))?;
+            Tensor::from_raw_buffer(&raw, dtype, &shape, dev)?.to_dtype(DType::F32)?
+        };
+        out.push((name, tensor));
     }
     if 8 + header_len + at != file_len {
         bail!("{}: {} bytes after the last tensor", fail(), file_len - 8 - header_len - at);
@@ -658,15 +730,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::Store::new(dir.path());
         let mut staging = store.begin("st").unwrap();
-        write_safetensors(&mut staging, "x.safetensors", &tensors).unwrap();
+        write_safetensors(&mut staging, "x.safetensors", &tensors, Caching::Cached).unwrap();
         let art = staging.publish(crate::store::Manifest::new("bootstrap", 1, "st", serde_json::json!({}), vec![], 0)).unwrap();
         assert_eq!(std::fs::read(art.file("x.safetensors").unwrap()).unwrap(), want);
     }
 
-    /// The streamed reader gives back what was written, and refuses other dtypes, a cut file and
-    /// trailing bytes.
+    /// The streamed reader gives back what was written (other float dtypes as f32), reads only
+    /// what `keep` accepts, and refuses other dtypes, a cut file and trailing bytes.
     #[test]
-    fn streamed_f32_reads_round_trip_and_refuse_bad_files() {
+    fn streamed_reads_round_trip_and_refuse_bad_files() {
         let dev = Device::Cpu;
         let a = Tensor::from_vec((0..300_000).map(|x| (x as f32).sin()).collect::<Vec<_>>(), (600, 500), &dev).unwrap();
         let b = Tensor::from_vec(vec![-1.5f32, 2.25], 2, &dev).unwrap();
@@ -676,23 +748,36 @@ mod tests {
             std::fs::write(&path, safetensors::serialize(tensors.iter().map(|(n, t)| (*n, *t)), None).unwrap()).unwrap();
             path
         };
+        let all = |_: &str| true;
         let good = write("good.safetensors", &[("m.a", &a), ("m.b", &b)]);
-        let read: BTreeMap<String, Tensor> = read_safetensors_f32(&good, &dev).unwrap().into_iter().collect();
+        let read: BTreeMap<String, Tensor> = read_safetensors_as_f32(&good, &dev, all).unwrap().into_iter().collect();
         assert_eq!(read.len(), 2);
         assert_eq!(read["m.a"].to_vec2::<f32>().unwrap(), a.to_vec2::<f32>().unwrap());
         assert_eq!(read["m.b"].to_vec1::<f32>().unwrap(), [-1.5, 2.25]);
-        let half = write("half.safetensors", &[("m.b", &b.to_dtype(DType::BF16).unwrap())]);
-        assert!(read_safetensors_f32(&half, &dev).unwrap_err().to_string().contains("not an f32 tensor"));
+        let only_b = read_safetensors_as_f32(&good, &dev, |n| n == "m.b").unwrap();
+        assert_eq!(only_b.len(), 1);
+        assert_eq!(only_b[0].1.to_vec1::<f32>().unwrap(), [-1.5, 2.25]);
+        for dtype in [DType::BF16, DType::F16, DType::F64] {
+            let other = write("other.safetensors", &[("m.a", &a.to_dtype(dtype).unwrap()), ("m.b", &b.to_dtype(dtype).unwrap())]);
+            let read: BTreeMap<String, Tensor> = read_safetensors_as_f32(&other, &dev, all).unwrap().into_iter().collect();
+            assert_eq!(read["m.b"].dtype(), DType::F32);
+            assert_eq!(read["m.b"].to_vec1::<f32>().unwrap(), [-1.5, 2.25], "{dtype:?}");
+            let want = a.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+            assert_eq!(read["m.a"].to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap(), "{dtype:?}");
+        }
+        let ints = write("ints.safetensors", &[("m.i", &Tensor::new(&[1u32, 2], &dev).unwrap())]);
+        assert!(read_safetensors_as_f32(&ints, &dev, all).unwrap_err().to_string().contains("dtype"));
         let bytes = std::fs::read(&good).unwrap();
         let cut = dir.path().join("cut.safetensors");
         std::fs::write(&cut, &bytes[..bytes.len() - 4]).unwrap();
-        assert!(read_safetensors_f32(&cut, &dev).is_err());
+        assert!(read_safetensors_as_f32(&cut, &dev, all).is_err());
+        assert!(read_safetensors_as_f32(&cut, &dev, |n| n == "m.a").is_err());
         let long = dir.path().join("long.safetensors");
         std::fs::write(&long, [bytes.as_slice(), &[0u8; 4]].concat()).unwrap();
-        assert!(read_safetensors_f32(&long, &dev).unwrap_err().to_string().contains("after the last tensor"));
+        assert!(read_safetensors_as_f32(&long, &dev, all).unwrap_err().to_string().contains("after the last tensor"));
         let garbage = dir.path().join("garbage.safetensors");
         std::fs::write(&garbage, b"not a safetensors file at all").unwrap();
-        assert!(read_safetensors_f32(&garbage, &dev).is_err());
+        assert!(read_safetensors_as_f32(&garbage, &dev, all).is_err());
     }
 
     #[test]

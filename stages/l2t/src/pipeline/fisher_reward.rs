@@ -5,7 +5,7 @@ use super::{check_sampled_by, episodes_by_rollout, iteration_policy, policy_inpu
 use crate::config::Estimator;
 use crate::model::qwen2::MlpWeights;
 use crate::model::tokenizer;
-use crate::model::{build_model, build_top_as, read_artifact_checkpoint, Policy};
+use crate::model::{build_model, build_top_as, read_artifact_tensors, Policy};
 use crate::reward::info_gain::{continuation_room, delta_i, j_values, JRequest};
 use crate::reward::penalty::{self, c_fisher, direction, directional_derivatives, ProxyModel};
 use crate::reward::prefill::{Prefill, SharedPrompts};
@@ -158,8 +158,6 @@ impl Sharded for FisherJob<'_> {
         let all_by_rollout = batch.by_rollout()?;
         let policy = Policy::load_as(&self.policy, &self.ctx.device, self.ctx.dtype)?;
         check_sampled_by(&policy, &batch.rollouts, self.iteration)?;
-        // Only the base's proxy block is read: its checkpoint, no model built over it.
-        let base = read_artifact_checkpoint(&self.base, &self.ctx.device)?;
         let pad = policy.pad_id;
         let gold: HashMap<&str, &str> = batch.prompts.iter().map(|p| (p.prompt_id.as_str(), p.gold_answer.as_str())).collect();
         // This shard's rollouts: those of its prompt groups.
@@ -189,7 +187,9 @@ impl Sharded for FisherJob<'_> {
             .collect::<Result<_>>()?;
         // The penalty's direction D~ on the proxy block, before the passes that read it.
         let layer = proxy_layer(cfg.penalty.block, policy.cfg.num_hidden_layers)?;
-        if base.cfg != policy.cfg {
+        // Only the base's proxy block is read: its three matrices, no model built over them.
+        let (base_cfg, mut base_block) = read_artifact_tensors(&self.base, &self.ctx.device, &MlpWeights::names(layer))?;
+        if base_cfg != policy.cfg {
             bail!("the base policy's config.json differs from the policy's: D = theta_now - theta_ref needs one architecture");
         }
         // The penalty's trunk runs in f32 whatever `dtype` is: a step of eps D~ must stay above
@@ -201,9 +201,8 @@ impl Sharded for FisherJob<'_> {
             f32_trunk = build_model(&policy.cfg, &policy.weights, &self.ctx.device)?;
             &f32_trunk
         };
-        let base_block =
-            MlpWeights::names(layer).map(|name| base.weights.get(&name).cloned().with_context(|| format!("the base policy has no {name}")));
-        let [gate, up, down] = base_block;
+        let [gate, up, down] =
+            MlpWeights::names(layer).map(|name| base_block.remove(&name).context("read_artifact_tensors gives every name"));
         let dir = direction(&trunk.mlp_weights(layer), &MlpWeights::from_matrices([gate?, up?, down?]), cfg.penalty.rank_fraction)?;
         let tail = match cfg.penalty.estimator {
             Estimator::Fd | Estimator::Grad if !dir.is_zero() => {

@@ -21,6 +21,7 @@ use crate::model::{token_logprobs, Model};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use nalgebra::DMatrix;
+use rayon::prelude::*;
 
 /// `r = max(1, ceil(rank_fraction * min(rows, cols)))` (spec 5).
 pub fn rank_for(rows: usize, cols: usize, rank_fraction: f64) -> usize {
@@ -162,20 +163,27 @@ fn from_matrix(m: &DMatrix<f64>, like: &Tensor) -> Result<Tensor> {
 
 /// `D~` of `theta_now - theta_ref`, each matrix projected to its top singular directions.
 pub fn direction(now: &MlpWeights, reference: &MlpWeights, rank_fraction: f64) -> Result<Direction> {
-    let mut projected = Vec::with_capacity(3);
-    let mut ranks = [0; 3];
-    let mut norm_sq = 0.0;
-    for (m, (a, b)) in now.matrices().into_iter().zip(reference.matrices()).enumerate() {
-        if a.dims() != b.dims() {
-            bail!("the proxy block's matrices differ in shape between the policy and the base policy: {:?} vs {:?}", a.dims(), b.dims());
-        }
-        let d = to_matrix(a)? - to_matrix(b)?;
-        ranks[m] = rank_for(d.nrows(), d.ncols(), rank_fraction);
-        let d_tilde = low_rank(&d, ranks[m]);
-        norm_sq += d_tilde.norm_squared();
-        projected.push(from_matrix(&d_tilde, a)?);
-    }
-    let [gate, up, down]: [Tensor; 3] = projected.try_into().expect("three matrices");
+    // The three matrices are independent eigenproblems: one per core.
+    let pairs: Vec<(&Tensor, &Tensor)> = now.matrices().into_iter().zip(reference.matrices()).collect();
+    let projected: Vec<(Tensor, usize, f64)> = pairs
+        .par_iter()
+        .map(|&(a, b)| {
+            if a.dims() != b.dims() {
+                bail!(
+                    "the proxy block's matrices differ in shape between the policy and the base policy: {:?} vs {:?}",
+                    a.dims(),
+                    b.dims()
+                );
+            }
+            let d = to_matrix(a)? - to_matrix(b)?;
+            let rank = rank_for(d.nrows(), d.ncols(), rank_fraction);
+            let d_tilde = low_rank(&d, rank);
+            Ok((from_matrix(&d_tilde, a)?, rank, d_tilde.norm_squared()))
+        })
+        .collect::<Result<_>>()?;
+    let norm_sq = projected.iter().fold(0.0, |sum, p| sum + p.2);
+    let ranks = [projected[0].1, projected[1].1, projected[2].1];
+    let [gate, up, down]: [Tensor; 3] = projected.into_iter().map(|p| p.0).collect::<Vec<_>>().try_into().expect("three matrices");
     Ok(Direction { block: MlpWeights::from_matrices([gate, up, down]), norm_sq, ranks })
 }
 

@@ -14,7 +14,7 @@ pub mod rollouts;
 pub mod update_metrics;
 
 use crate::stage::Stage;
-use crate::store::{Staging, CREATED_BY};
+use crate::store::{Caching, Staging, CREATED_BY};
 use anyhow::{anyhow, bail, Context, Result};
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Float32Array, Float64Array, ListArray, StringArray, UInt32Array, UInt64Array};
 use arrow::buffer::OffsetBuffer;
@@ -86,7 +86,7 @@ pub fn write_table(staging: &mut Staging, file: &str, schema: Schema, columns: V
     let schema: SchemaRef = Arc::new(schema);
     let batch = RecordBatch::try_new(schema.clone(), columns).with_context(|| format!("{file}: building the record batch"))?;
     let rows = batch.num_rows() as u64;
-    let sink = staging.create(file)?;
+    let sink = staging.create(file, Caching::Cached)?;
     let mut writer = ArrowWriter::try_new(sink, schema, Some(writer_properties()))?;
     writer.write(&batch).with_context(|| format!("{file}: write failed"))?;
     let sink = writer.into_inner().with_context(|| format!("{file}: closing the Parquet writer"))?;

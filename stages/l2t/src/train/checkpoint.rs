@@ -3,7 +3,7 @@
 //! schedule position, the data cursor, the update's RNG state).
 
 use super::grpo::OptimizerState;
-use crate::store::{Artifact, Staging};
+use crate::store::{Artifact, Caching, Staging};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
@@ -82,15 +82,16 @@ pub fn save_optimizer(staging: &mut Staging, names: &[String], state: &Optimizer
         tensors.push((m, &state.m[i]));
         tensors.push((v, &state.v[i]));
     }
-    crate::model::write_safetensors(staging, OPTIMIZER_FILE, &tensors).context("writing the optimizer state")
+    // Read back once, by the next update: written around the page cache (store/direct.rs).
+    crate::model::write_safetensors(staging, OPTIMIZER_FILE, &tensors, Caching::Uncached).context("writing the optimizer state")
 }
 
 /// The optimizer state of a policy artifact, in `names` order; `None` for the base policy.
 pub fn load_optimizer(policy: &Artifact, names: &[String], dev: &Device) -> Result<Option<OptimizerState>> {
     let Some(trainer) = load_trainer_state(policy)? else { return Ok(None) };
-    let path = policy.file(OPTIMIZER_FILE)?;
-    let mut loaded: std::collections::HashMap<String, Tensor> = crate::model::read_safetensors_f32(&path, dev)?.into_iter().collect();
-    let mut take = |key: String| loaded.remove(&key).with_context(|| format!("{}: no tensor {key}", path.display()));
+    let mut loaded: std::collections::HashMap<String, Tensor> =
+        crate::model::read_uncached_safetensors_as_f32(policy, OPTIMIZER_FILE, dev)?.into_iter().collect();
+    let mut take = |key: String| loaded.remove(&key).with_context(|| format!("{OPTIMIZER_FILE}: no tensor {key}"));
     let (mut m, mut v) = (Vec::with_capacity(names.len()), Vec::with_capacity(names.len()));
     for name in names {
         m.push(take(format!("m.{name}"))?);
