@@ -186,6 +186,15 @@ pub fn stage_key(stage: &str, version: u32, params: &serde_json::Value, inputs: 
 /// costs more than it gains).
 const PARALLEL_HASH_BYTES: usize = 1 << 17;
 
+/// Feeds `bytes` to `hasher`: large pieces (a tensor of a checkpoint) on every core.
+fn hash_more(hasher: &mut blake3::Hasher, bytes: &[u8]) {
+    if bytes.len() >= PARALLEL_HASH_BYTES {
+        hasher.update_rayon(bytes);
+    } else {
+        hasher.update(bytes);
+    }
+}
+
 /// How an output's bytes reach the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Caching {
@@ -237,12 +246,7 @@ impl Write for HashingWriter {
                 buf.len()
             }
         };
-        // Large writes (a tensor of a checkpoint) hash on every core.
-        if n >= PARALLEL_HASH_BYTES {
-            self.hasher.update_rayon(&buf[..n]);
-        } else {
-            self.hasher.update(&buf[..n]);
-        }
+        hash_more(&mut self.hasher, &buf[..n]);
         self.bytes += n as u64;
         Ok(n)
     }

@@ -181,10 +181,10 @@ pub fn direction(now: &MlpWeights, reference: &MlpWeights, rank_fraction: f64) -
             Ok((from_matrix(&d_tilde, a)?, rank, d_tilde.norm_squared()))
         })
         .collect::<Result<_>>()?;
-    let norm_sq = projected.iter().fold(0.0, |sum, p| sum + p.2);
-    let ranks = [projected[0].1, projected[1].1, projected[2].1];
-    let [gate, up, down]: [Tensor; 3] = projected.into_iter().map(|p| p.0).collect::<Vec<_>>().try_into().expect("three matrices");
-    Ok(Direction { block: MlpWeights::from_matrices([gate, up, down]), norm_sq, ranks })
+    let Ok::<[_; 3], _>([(gate, r_gate, n_gate), (up, r_up, n_up), (down, r_down, n_down)]) = projected.try_into() else {
+        bail!("the proxy block has three matrices");
+    };
+    Ok(Direction { block: MlpWeights::from_matrices([gate, up, down]), norm_sq: n_gate + n_up + n_down, ranks: [r_gate, r_up, r_down] })
 }
 
 /// The policy in f32 (`trunk`), with, for `fd` and `grad`, the proxy block and the model above

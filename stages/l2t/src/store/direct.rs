@@ -189,12 +189,7 @@ impl DirectReader {
                 Err(e) => return Err(e),
             }
         }
-        let bytes = &self.block.raw[self.block.start..self.block.start + filled];
-        if filled >= 1 << 17 {
-            self.hasher.update_rayon(bytes);
-        } else {
-            self.hasher.update(bytes);
-        }
+        super::hash_more(&mut self.hasher, &self.block.raw[self.block.start..self.block.start + filled]);
         (self.pos, self.filled, self.offset) = (0, filled, offset + filled as u64);
         Ok(filled)
     }

@@ -91,7 +91,8 @@ pub fn load_optimizer(policy: &Artifact, names: &[String], dev: &Device) -> Resu
     let Some(trainer) = load_trainer_state(policy)? else { return Ok(None) };
     let mut loaded: std::collections::HashMap<String, Tensor> =
         crate::model::read_uncached_safetensors_as_f32(policy, OPTIMIZER_FILE, dev)?.into_iter().collect();
-    let mut take = |key: String| loaded.remove(&key).with_context(|| format!("{OPTIMIZER_FILE}: no tensor {key}"));
+    let mut take =
+        |key: String| loaded.remove(&key).with_context(|| format!("{}: no tensor {key}", policy.dir.join(OPTIMIZER_FILE).display()));
     let (mut m, mut v) = (Vec::with_capacity(names.len()), Vec::with_capacity(names.len()));
     for name in names {
         m.push(take(format!("m.{name}"))?);
