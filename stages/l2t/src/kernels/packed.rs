@@ -8,7 +8,7 @@
 //! not depend on the batch it was computed in.
 
 use super::vexp;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Output columns per panel: four AVX-512 registers of f32.
@@ -37,17 +37,30 @@ impl PackedLinear {
     /// Packs `weight` (out, in) and `bias` (out), both f32.
     pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
         let (n_out, n_in) = weight.dims2()?;
-        let w: Vec<f32> = weight.flatten_all()?.to_vec1()?;
+        let weight = weight.contiguous()?;
+        // Straight from the tensor's own storage: no flat copy of the weights first.
+        let (storage, layout) = weight.storage_and_layout();
+        let w = match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) => &values[start..end],
+            _ => return Err(candle_core::Error::Msg(format!("packing needs f32 weights on the CPU, not {:?}", weight.dtype()))),
+        };
         let n_panels = n_out.div_ceil(PANEL);
         let mut panels = vec![0f32; n_panels * n_in * PANEL];
-        // Panel by panel on every core (a policy's load packs ~135M weights); no inputs, no panels.
+        // Panel by panel on every core (a policy's load packs ~135M weights), each transposed a
+        // tile of TILE inputs at a time so that the tile's reads and writes stay in L1.
+        const TILE: usize = 16;
         panels.par_chunks_mut((n_in * PANEL).max(1)).enumerate().for_each(|(p, panel)| {
-            for (c, row) in w.chunks_exact(n_in.max(1)).skip(p * PANEL).take(PANEL).enumerate() {
-                for (i, &v) in row.iter().enumerate() {
-                    panel[i * PANEL + c] = v;
+            let rows: Vec<&[f32]> = w.chunks_exact(n_in.max(1)).skip(p * PANEL).take(PANEL).collect();
+            for from in (0..n_in).step_by(TILE) {
+                let to = (from + TILE).min(n_in);
+                for (c, row) in rows.iter().enumerate() {
+                    for (i, &v) in row[from..to].iter().enumerate() {
+                        panel[(from + i) * PANEL + c] = v;
+                    }
                 }
             }
         });
+        drop(storage);
         let bias = bias
             .map(|b| -> Result<Vec<f32>> {
                 let mut padded = b.to_vec1::<f32>()?;

@@ -10,13 +10,15 @@ pub mod tokenizer;
 
 use crate::config::ModelShape;
 use crate::kernels::{self, fused};
-use crate::store::{Artifact, Caching, Staging, VerifiedRead};
+use crate::store::{Artifact, Caching, Staging};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
 use std::path::Path;
 
 pub use hf::{Checkpoint, CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE};
@@ -362,57 +364,83 @@ pub fn write_safetensors(staging: &mut Staging, file: &str, tensors: &[(&str, &T
     staging.record(file, w, None)
 }
 
-/// Reads the tensors of a safetensors file that `keep` accepts, as f32, one tensor at a time into
-/// its own buffer: the file is never held in memory whole beside its tensors (candle's loader
-/// reads it all first, which for a policy's AdamW moments is a GB of memory touched for nothing),
-/// and the tensors `keep` refuses are skipped, not read.
+/// Reads the tensors of a safetensors file that `keep` accepts, as f32, each straight into its
+/// own buffer by positional reads on every core: the file is never held in memory whole beside
+/// its tensors (candle's loader reads it all first, which for a policy's AdamW moments is a GB of
+/// memory touched for nothing), and the tensors `keep` refuses are not read.
 pub fn read_safetensors_as_f32(path: &Path, dev: &Device, keep: impl Fn(&str) -> bool) -> Result<Vec<(String, Tensor)>> {
+    use std::os::unix::fs::FileExt;
     let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let file_len = file.metadata()?.len();
-    parse_safetensors_as_f32(&mut std::io::BufReader::with_capacity(1 << 20, file), file_len, path, dev, keep)
+    let (data_start, entries) = safetensors_header(&mut std::io::BufReader::new(&file), file_len, path)?;
+    // Pieces of a tensor read in parallel: the embedding alone is a fifth of a small model.
+    const PIECE: usize = 4 << 20;
+    let mut out = Vec::new();
+    for entry in entries.into_iter().filter(|e| keep(&e.name)) {
+        let offset = data_start + entry.start;
+        let cut_short = || format!("{}: tensor {} is cut short", path.display(), entry.name);
+        let read_into = |bytes: &mut [u8]| -> Result<()> {
+            bytes
+                .par_chunks_mut(PIECE)
+                .enumerate()
+                .try_for_each(|(i, piece)| file.read_exact_at(piece, offset + (i * PIECE) as u64))
+                .with_context(cut_short)
+        };
+        let tensor = tensor_from_bytes(&entry, dev, read_into)?;
+        out.push((entry.name, tensor));
+    }
+    Ok(out)
 }
 
 /// [`read_safetensors_as_f32`] of a store output read around the page cache and verified
-/// ([`Artifact::read_uncached`]): a policy's AdamW moments.
+/// ([`Artifact::read_uncached`]): a policy's AdamW moments. The file streams through one pass
+/// that is also its hash check.
 pub fn read_uncached_safetensors_as_f32(artifact: &Artifact, file: &str, dev: &Device) -> Result<Vec<(String, Tensor)>> {
     let mut read = artifact.read_uncached(file)?;
     let (len, path) = (read.len(), read.path().to_path_buf());
-    let tensors = parse_safetensors_as_f32(&mut read, len, &path, dev, |_| true)?;
+    let (_, entries) = safetensors_header(&mut read, len, &path)?;
+    let mut out = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let cut_short = || format!("{}: tensor {} is cut short", path.display(), entry.name);
+        let tensor = tensor_from_bytes(&entry, dev, |bytes| read.read_exact(bytes).with_context(cut_short))?;
+        out.push((entry.name, tensor));
+    }
     read.finish()?;
-    Ok(tensors)
+    Ok(out)
 }
 
-/// A reader that can pass over bytes it does not need.
-trait Skip: std::io::Read {
-    fn skip(&mut self, bytes: u64) -> std::io::Result<()>;
-}
-
-impl Skip for std::io::BufReader<std::fs::File> {
-    fn skip(&mut self, bytes: u64) -> std::io::Result<()> {
-        let bytes = i64::try_from(bytes).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-        self.seek_relative(bytes)
-    }
-}
-
-/// A verified read must still hash what it skips.
-impl Skip for VerifiedRead<'_> {
-    fn skip(&mut self, bytes: u64) -> std::io::Result<()> {
-        let copied = std::io::copy(&mut std::io::Read::take(&mut *self, bytes), &mut std::io::sink())?;
-        if copied < bytes {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
+/// The f32 tensor of `entry`, its `entry.len` bytes written by `fill`: for f32, straight into the
+/// tensor's buffer.
+fn tensor_from_bytes(entry: &TensorEntry, dev: &Device, fill: impl FnOnce(&mut [u8]) -> Result<()>) -> Result<Tensor> {
+    if entry.dtype == DType::F32 {
+        let mut values = vec![0f32; entry.len / 4];
+        // SAFETY: the byte view covers exactly the `values.len() * 4` initialised bytes that
+        // `values` owns, u8 needs no alignment, and any 32 bits are a valid f32.
+        fill(unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), values.len() * 4) })?;
+        if cfg!(target_endian = "big") {
+            values.iter_mut().for_each(|v| *v = f32::from_bits(u32::from_le(v.to_bits())));
         }
-        Ok(())
+        Ok(Tensor::from_vec(values, entry.shape.clone(), dev)?)
+    } else {
+        let mut raw = vec![0u8; entry.len];
+        fill(&mut raw)?;
+        Ok(Tensor::from_raw_buffer(&raw, entry.dtype, &entry.shape, dev)?.to_dtype(DType::F32)?)
     }
 }
 
-/// The tensors of a safetensors file of `file_len` bytes, from its first byte in `reader`.
-fn parse_safetensors_as_f32(
-    reader: &mut impl Skip,
-    file_len: u64,
-    path: &Path,
-    dev: &Device,
-    keep: impl Fn(&str) -> bool,
-) -> Result<Vec<(String, Tensor)>> {
+/// One tensor of a safetensors file: `len` bytes from `start`, counted from the data section.
+struct TensorEntry {
+    name: String,
+    shape: Vec<usize>,
+    dtype: DType,
+    start: u64,
+    len: usize,
+}
+
+/// The header of a safetensors file of `file_len` bytes read from its first byte in `reader`,
+/// checked: the data section's offset in the file, and the float tensors in the order they tile
+/// it (what safetensors itself requires), up to the file's end.
+fn safetensors_header(reader: &mut impl std::io::Read, file_len: u64, path: &Path) -> Result<(u64, Vec<TensorEntry>)> {
     let fail = || format!("{}: not a safetensors file of float tensors", path.display());
     let mut len = [0u8; 8];
     reader.read_exact(&mut len).with_context(fail)?;
@@ -441,47 +469,24 @@ fn parse_safetensors_as_f32(
         if elements.and_then(|n| n.checked_mul(dtype.size_in_bytes() as u64)) != end.checked_sub(start) {
             bail!("{}: tensor {name}: offsets {start}..{end} for {dtype:?} of shape {shape:?}", fail());
         }
-        entries.push((start, end, name.clone(), shape, dtype));
+        let len = usize::try_from(end - start).with_context(fail)?;
+        entries.push(TensorEntry { name: name.clone(), shape, dtype, start, len });
     }
-    // Tensors tile the data section in order (what safetensors itself requires).
-    entries.sort_by_key(|e| e.0);
+    entries.sort_by_key(|e| e.start);
     let mut at = 0;
-    let mut out = Vec::new();
-    let mut bytes = vec![0u8; 1 << 20];
-    for (start, end, name, shape, dtype) in entries {
-        if start != at {
-            bail!("{}: tensor {name} starts at {start}, not {at}", fail());
+    for e in &entries {
+        if e.start != at {
+            bail!("{}: tensor {} starts at {}, not {at}", fail(), e.name, e.start);
         }
-        at = end;
-        let size = (end - start) as usize;
-        if 8 + header_len + end > file_len {
-            bail!("{}: tensor {name} is cut short", path.display());
+        at = e.start + e.len as u64;
+        if 8 + header_len + at > file_len {
+            bail!("{}: tensor {} is cut short", path.display(), e.name);
         }
-        if !keep(&name) {
-            reader.skip(size as u64).with_context(|| format!("{}: cannot skip tensor {name}", path.display()))?;
-            continue;
-        }
-        let tensor = if dtype == DType::F32 {
-            let mut values = Vec::with_capacity(size / 4);
-            let mut left = size;
-            while left > 0 {
-                let chunk = &mut bytes[..left.min(1 << 20)];
-                reader.read_exact(chunk).with_context(|| format!("{}: tensor {name} is cut short", path.display()))?;
-                values.extend(chunk.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
-                left -= chunk.len();
-            }
-            Tensor::from_vec(values, shape, dev)?
-        } else {
-            let mut raw = vec![0u8; size];
-            reader.read_exact(&mut raw).with_context(|| format!("{}: tensor {name} is cut short", path.display()))?;
-            Tensor::from_raw_buffer(&raw, dtype, &shape, dev)?.to_dtype(DType::F32)?
-        };
-        out.push((name, tensor));
     }
     if 8 + header_len + at != file_len {
         bail!("{}: {} bytes after the last tensor", fail(), file_len - 8 - header_len - at);
     }
-    Ok(out)
+    Ok((8 + header_len, entries))
 }
 
 /// log p(target) under logits: (b, t, vocab), (b, t) u32 -> (b, t). Differentiable.

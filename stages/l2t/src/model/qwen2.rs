@@ -11,6 +11,7 @@
 use crate::kernels::{self, fused, packed::PackedLinear};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -226,11 +227,14 @@ impl Proj {
         }
     }
 
-    /// Packs the weights of an f32 CPU model that will not be trained.
+    /// Whether the weights are those of an f32 CPU model that will not be trained: the ones
+    /// [`Self::pack`] packs. Asked on the thread that runs the model (see [`kernels::generic`]).
+    fn packable(&self) -> bool {
+        kernels::cpu_f32(&self.weight) && gradient_free(&[&self.weight])
+    }
+
     fn pack(&mut self) -> Result<()> {
-        if kernels::cpu_f32(&self.weight) && gradient_free(&[&self.weight]) {
-            self.packed = Some(Arc::new(PackedLinear::new(&self.weight, self.bias.as_ref())?));
-        }
+        self.packed = Some(Arc::new(PackedLinear::new(&self.weight, self.bias.as_ref())?));
         Ok(())
     }
 }
@@ -377,6 +381,16 @@ impl MlpWeights {
 
     pub fn from_matrices([gate_proj, up_proj, down_proj]: [Tensor; 3]) -> Self {
         Self { gate_proj, up_proj, down_proj }
+    }
+
+    /// Whether the three matrices hold the same shapes and values as `other`'s.
+    pub fn equals(&self, other: &Self) -> Result<bool> {
+        for (a, b) in self.matrices().into_iter().zip(other.matrices()) {
+            if a.dims() != b.dims() || a.ne(b)?.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? != 0 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Checkpoint names of the block's matrices in layer `layer`.
@@ -793,14 +807,15 @@ impl Model {
     /// Packs every projection for gradient-free products (an f32 CPU model that samples and
     /// scores but is never trained); costs one more copy of the projection weights.
     pub fn pack_for_inference(&mut self) -> Result<()> {
+        let mut projections: Vec<&mut Proj> = vec![&mut self.lm_head];
         for layer in &mut self.layers {
             let attn = &mut layer.self_attn;
-            for proj in [&mut attn.q_proj, &mut attn.k_proj, &mut attn.v_proj, &mut attn.o_proj].into_iter().chain(layer.mlp.projections())
-            {
-                proj.pack()?;
-            }
+            projections.extend([&mut attn.q_proj, &mut attn.k_proj, &mut attn.v_proj, &mut attn.o_proj]);
+            projections.extend(layer.mlp.projections());
         }
-        self.lm_head.pack()
+        projections.retain(|proj| proj.packable());
+        // Every projection at once: one matrix has too few panels to keep the cores busy.
+        projections.into_par_iter().try_for_each(|proj| proj.pack())
     }
 
     pub fn dtype(&self) -> DType {

@@ -203,9 +203,11 @@ impl Sharded for FisherJob<'_> {
         };
         let [gate, up, down] =
             MlpWeights::names(layer).map(|name| base_block.remove(&name).context("read_artifact_tensors gives every name"));
-        let dir = direction(&trunk.mlp_weights(layer), &MlpWeights::from_matrices([gate?, up?, down?]), cfg.penalty.rank_fraction)?;
+        let (now_block, base_block) = (trunk.mlp_weights(layer), MlpWeights::from_matrices([gate?, up?, down?]));
+        // D = 0 (the first iteration) makes D~ = 0 and C = 0: then no pass needs the proxy block.
+        let moved = !now_block.equals(&base_block)?;
         let tail = match cfg.penalty.estimator {
-            Estimator::Fd | Estimator::Grad if !dir.is_zero() => {
+            Estimator::Fd | Estimator::Grad if moved => {
                 Some(build_top_as(&policy.cfg, &policy.weights, layer, DType::F64, &self.ctx.device)?)
             }
             _ => None,
@@ -213,56 +215,77 @@ impl Sharded for FisherJob<'_> {
         let proxy = ProxyModel { trunk, tail: tail.as_ref(), layer };
         // When J's pass runs in f32 it also keeps the residual the penalty starts from, so the
         // model below the proxy block runs once for both terms.
-        let capture = (!dir.is_zero() && std::ptr::eq(trunk, &policy.model)).then_some(layer);
+        let capture = (moved && std::ptr::eq(trunk, &policy.model)).then_some(layer);
+        std::thread::scope(|scope| {
+            // D~'s eigenproblems run on their own thread beside J's pass, in the core time its
+            // parallel regions leave idle; the penalty waits for them.
+            let pending = scope.spawn(|| direction(&now_block, &base_block, cfg.penalty.rank_fraction));
+            let mut pending = Some(pending);
+            let mut dir: Option<penalty::Direction> = None;
+            let mut direction_now = || -> Result<penalty::Direction> {
+                if let Some(handle) = pending.take() {
+                    dir = Some(handle.join().map_err(|_| anyhow::anyhow!("the thread computing D~ panicked"))??);
+                }
+                dir.clone().context("D~ was computed")
+            };
+            let bar = progress_bar(rollout_rows.len() as u64, "fisher-reward");
+            let (mut j, mut g_dot_d) = (Vec::with_capacity(rollout_rows.len()), Vec::with_capacity(rollout_rows.len()));
+            let (mut j_seconds, mut c_seconds) = (0.0, 0.0);
+            let chunk = cfg.reward.batch_rows;
+            for ((rows, eps), reasoning_ends) in rollout_rows.chunks(chunk).zip(by_rollout.chunks(chunk)).zip(reasoning_ends.chunks(chunk))
+            {
+                let started = Instant::now();
+                let seqs: Vec<(&[u32], &[u32])> = rows.iter().map(|r| (&r.prompt_token_ids[..], &r.token_ids[..])).collect();
+                let layout = SharedPrompts::new(&seqs)?;
+                let requests: Vec<JRequest> = rows
+                    .iter()
+                    .zip(eps)
+                    .zip(reasoning_ends)
+                    .map(|((r, eps), &reasoning_end)| {
+                        let answer = &answers[r.prompt_id.as_str()];
+                        JRequest {
+                            ends: eps.iter().map(|e| (e.token_end as usize).min(reasoning_end)).collect(),
+                            continuation: close.iter().chain(answer).copied().collect(),
+                            answer_len: answer.len(),
+                        }
+                    })
+                    .collect();
+                let prefill = layout.prefill(&policy.model, pad, capture, continuation_room(&requests))?;
+                j.extend(j_values(&policy.model, &layout, &prefill, pad, &requests, cfg.reward.j_mode)?);
+                let Prefill { cache, mid } = prefill;
+                drop(cache);
+                j_seconds += started.elapsed().as_secs_f64();
 
-        let bar = progress_bar(rollout_rows.len() as u64, "fisher-reward");
-        let (mut j, mut g_dot_d) = (Vec::with_capacity(rollout_rows.len()), Vec::with_capacity(rollout_rows.len()));
-        let (mut j_seconds, mut c_seconds) = (0.0, 0.0);
-        let chunk = cfg.reward.batch_rows;
-        for ((rows, eps), reasoning_ends) in rollout_rows.chunks(chunk).zip(by_rollout.chunks(chunk)).zip(reasoning_ends.chunks(chunk)) {
-            let started = Instant::now();
-            let seqs: Vec<(&[u32], &[u32])> = rows.iter().map(|r| (&r.prompt_token_ids[..], &r.token_ids[..])).collect();
-            let layout = SharedPrompts::new(&seqs)?;
-            let requests: Vec<JRequest> = rows
-                .iter()
-                .zip(eps)
-                .zip(reasoning_ends)
-                .map(|((r, eps), &reasoning_end)| {
-                    let answer = &answers[r.prompt_id.as_str()];
-                    JRequest {
-                        ends: eps.iter().map(|e| (e.token_end as usize).min(reasoning_end)).collect(),
-                        continuation: close.iter().chain(answer).copied().collect(),
-                        answer_len: answer.len(),
-                    }
-                })
-                .collect();
-            let prefill = layout.prefill(&policy.model, pad, capture, continuation_room(&requests))?;
-            j.extend(j_values(&policy.model, &layout, &prefill, pad, &requests, cfg.reward.j_mode)?);
-            let Prefill { cache, mid } = prefill;
-            drop(cache);
-            j_seconds += started.elapsed().as_secs_f64();
-
-            // g . D~ per episode.
-            let started = Instant::now();
-            if dir.is_zero() {
-                g_dot_d.extend(eps.iter().map(|eps| vec![0.0; eps.len()]));
-            } else {
-                let dev = &self.ctx.device;
-                let mid = match mid {
-                    Some(mid) => mid,
-                    None => trunk.forward_to_mlp(&layout.tokens(pad, dev)?, &layout.positions(dev)?, &layout.mask(dev)?, layer)?,
-                };
-                let spans: Vec<Vec<(usize, usize)>> =
-                    eps.iter().map(|eps| eps.iter().map(|e| (e.token_start as usize, e.token_end as usize)).collect()).collect();
-                g_dot_d.extend(directional_derivatives(&proxy, &dir, &layout, &mid, &spans, cfg.penalty.estimator, cfg.penalty.eps)?);
+                // g . D~ per episode.
+                let started = Instant::now();
+                if !moved {
+                    g_dot_d.extend(eps.iter().map(|eps| vec![0.0; eps.len()]));
+                } else {
+                    let dev = &self.ctx.device;
+                    let mid = match mid {
+                        Some(mid) => mid,
+                        None => trunk.forward_to_mlp(&layout.tokens(pad, dev)?, &layout.positions(dev)?, &layout.mask(dev)?, layer)?,
+                    };
+                    let spans: Vec<Vec<(usize, usize)>> =
+                        eps.iter().map(|eps| eps.iter().map(|e| (e.token_start as usize, e.token_end as usize)).collect()).collect();
+                    g_dot_d.extend(directional_derivatives(
+                        &proxy,
+                        &direction_now()?,
+                        &layout,
+                        &mid,
+                        &spans,
+                        cfg.penalty.estimator,
+                        cfg.penalty.eps,
+                    )?);
+                }
+                c_seconds += started.elapsed().as_secs_f64();
+                bar.inc(rows.len() as u64);
             }
-            c_seconds += started.elapsed().as_secs_f64();
-            bar.inc(rows.len() as u64);
-        }
-        bar.finish_and_clear();
-        Ok(Terms { j, g_dot_d, d_norm_sq: dir.norm_sq, ranks: dir.ranks, layer, j_seconds, c_seconds })
+            bar.finish_and_clear();
+            let dir = direction_now()?;
+            Ok(Terms { j, g_dot_d, d_norm_sq: dir.norm_sq, ranks: dir.ranks, layer, j_seconds, c_seconds })
+        })
     }
-
     fn write_piece(&self, terms: &Terms, staging: &mut Staging) -> Result<serde_json::Value> {
         staging.write_file(TERMS_FILE, &terms.to_bytes())?;
         Ok(serde_json::json!({ "rollouts": terms.j.len() }))

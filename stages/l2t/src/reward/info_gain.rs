@@ -12,6 +12,7 @@ use crate::model::qwen2::MASKED;
 use crate::model::Model;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
+use std::collections::HashMap;
 
 /// `J` from the log-probabilities of the answer tokens `a*` (spec 4: "the product of the answer
 /// tokens' probabilities", or their geometric mean).
@@ -27,6 +28,9 @@ pub fn j_prefix(answer_logprobs: &[f64], mode: JMode) -> f64 {
 pub fn delta_i(j: &[f64]) -> Vec<f64> {
     j.windows(2).map(|w| w[1] - w[0]).collect()
 }
+
+/// What one decoded row asks: (prompt, response prefix, continuation).
+type Question<'a> = (&'a [u32], &'a [u32], &'a [u32]);
 
 /// One rollout's question to the policy.
 #[derive(Debug, Clone)]
@@ -69,11 +73,27 @@ pub fn j_values(
         }
     }
     let l = layout.columns();
+    // One decoded row per distinct (prompt, response prefix, continuation): `J(i,0)` of a group's
+    // rollouts, boundaries that share an end and rollouts that share a prefix ask the same
+    // question, and a row's result does not depend on the rows decoded beside it.
     let mut rows: Vec<(usize, usize)> = Vec::new(); // (rollout, response tokens in the prefix)
-    for (r, req) in requests.iter().enumerate() {
-        rows.push((r, 0));
-        rows.extend(req.ends.iter().map(|&e| (r, e)));
-    }
+    let mut distinct: HashMap<Question, usize> = HashMap::new();
+    let row_of: Vec<Vec<usize>> = requests
+        .iter()
+        .enumerate()
+        .map(|(r, req)| {
+            std::iter::once(0)
+                .chain(req.ends.iter().copied())
+                .map(|end| {
+                    let (prompt, prefix) = layout.prefix(r, end);
+                    *distinct.entry((prompt, prefix, &req.continuation[..])).or_insert_with(|| {
+                        rows.push((r, end));
+                        rows.len() - 1
+                    })
+                })
+                .collect()
+        })
+        .collect();
     let n = rows.len();
     let c = requests.iter().map(|r| r.continuation.len() - 1).max().unwrap_or(1);
     let (mut inputs, mut targets, mut pos) = (vec![pad_id; n * c], vec![pad_id; n * c], vec![0u32; n * c]);
@@ -112,14 +132,17 @@ pub fn j_values(
             (from, c - from),
         )?
         .to_vec2()?;
-    let mut out: Vec<Vec<f64>> = requests.iter().map(|r| Vec::with_capacity(r.ends.len() + 1)).collect();
-    for (row, &(r, _)) in rows.iter().enumerate() {
-        let req = &requests[r];
-        let at = first(req) - from;
-        let answer: Vec<f64> = logp[row][at..at + req.answer_len].iter().map(|&v| f64::from(v)).collect();
-        out[r].push(j_prefix(&answer, mode));
-    }
-    Ok(out)
+    let j: Vec<f64> = rows
+        .iter()
+        .zip(&logp)
+        .map(|(&(r, _), logp)| {
+            let req = &requests[r];
+            let at = first(req) - from;
+            let answer: Vec<f64> = logp[at..at + req.answer_len].iter().map(|&v| f64::from(v)).collect();
+            j_prefix(&answer, mode)
+        })
+        .collect();
+    Ok(row_of.iter().map(|rows| rows.iter().map(|&row| j[row]).collect()).collect())
 }
 
 /// The cache room [`j_values`] needs after the prefill: the longest continuation.
@@ -167,9 +190,12 @@ mod tests {
             JRequest { ends: vec![2, 5, 6], continuation: vec![40, 41, 50, 51, 52], answer_len: 3 },
             JRequest { ends: vec![1, 2], continuation: vec![40, 60], answer_len: 1 },
             JRequest { ends: vec![0, 2], continuation: vec![41, 61, 62], answer_len: 2 },
+            JRequest { ends: vec![2, 3], continuation: vec![40, 41, 50, 51, 52], answer_len: 3 },
         ];
-        // The third rollout shares the first's prompt: one prompt row for both.
-        let seqs: [(&[u32], &[u32]); 3] = [(&p1, &z1), (&p2, &z2), (&p1, &z2)];
+        // The third and fourth rollouts share the first's prompt: one prompt row for all three.
+        // Questions asked twice (the third's J(0) and J(1); the fourth's J(0) and J(1), which are
+        // the first's) are decoded once.
+        let seqs: [(&[u32], &[u32]); 4] = [(&p1, &z1), (&p2, &z2), (&p1, &z2), (&p1, &z1)];
         let layout = SharedPrompts::new(&seqs).unwrap();
         let prefill = layout.prefill(&model, 0, None, continuation_room(&requests)).unwrap();
         let got = j_values(&model, &layout, &prefill, 0, &requests, JMode::Prob).unwrap();

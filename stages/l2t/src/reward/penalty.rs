@@ -21,7 +21,6 @@ use crate::model::{token_logprobs, Model};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use nalgebra::DMatrix;
-use rayon::prelude::*;
 
 /// `r = max(1, ceil(rank_fraction * min(rows, cols)))` (spec 5).
 pub fn rank_for(rows: usize, cols: usize, rank_fraction: f64) -> usize {
@@ -163,11 +162,13 @@ fn from_matrix(m: &DMatrix<f64>, like: &Tensor) -> Result<Tensor> {
 
 /// `D~` of `theta_now - theta_ref`, each matrix projected to its top singular directions.
 pub fn direction(now: &MlpWeights, reference: &MlpWeights, rank_fraction: f64) -> Result<Direction> {
-    // The three matrices are independent eigenproblems: one per core.
-    let pairs: Vec<(&Tensor, &Tensor)> = now.matrices().into_iter().zip(reference.matrices()).collect();
-    let projected: Vec<(Tensor, usize, f64)> = pairs
-        .par_iter()
-        .map(|&(a, b)| {
+    // One matrix after the other on the calling thread: fisher-reward runs this beside J's
+    // pass, which keeps the cores busy.
+    let projected: Vec<(Tensor, usize, f64)> = now
+        .matrices()
+        .into_iter()
+        .zip(reference.matrices())
+        .map(|(a, b)| {
             if a.dims() != b.dims() {
                 bail!(
                     "the proxy block's matrices differ in shape between the policy and the base policy: {:?} vs {:?}",

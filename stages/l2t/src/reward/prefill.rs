@@ -73,6 +73,12 @@ impl<'a> SharedPrompts<'a> {
         self.responses[row].len()
     }
 
+    /// The tokens a continuation after `row`'s first `tokens` response tokens sees: its prompt
+    /// and that prefix of its response.
+    pub fn prefix(&self, row: usize, tokens: usize) -> (&'a [u32], &'a [u32]) {
+        (self.prompts[self.prompt_of[row]], &self.responses[row][..tokens])
+    }
+
     /// Left padding of a prompt of `len` tokens.
     fn pad_of(&self, len: usize) -> usize {
         self.prompt_cols - len
