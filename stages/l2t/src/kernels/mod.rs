@@ -1,11 +1,14 @@
 //! The CPU backend's kernels: the fused elementwise kernels with their backward passes
-//! ([`fused`]), the packed projections for inference ([`packed`]) and the vectorised
-//! exponentials ([`vexp`]). Every caller picks between them and candle's composed ops with one
+//! ([`fused`]), the packed projections and the attention for inference ([`packed`],
+//! [`attention`]), strided products on `gemm` ([`strided`]) and the vectorised exponentials
+//! ([`vexp`]). Every caller picks between them and candle's composed ops with one
 //! predicate, [`cpu_f32`]; the composed ops are the device-generic path (the one CUDA runs), so
 //! a GPU backend joins here: its own predicate and kernels, the callers unchanged.
 
+pub mod attention;
 pub mod fused;
 pub mod packed;
+pub(crate) mod strided;
 pub mod vexp;
 
 use crate::config::DeviceSpec;

@@ -8,7 +8,7 @@
 //! Every forward takes explicit per-row positions and an additive attention mask, so one batch can
 //! hold prompts of different lengths (left padding) and decode from a KV cache.
 
-use crate::kernels::{self, fused, packed::PackedLinear};
+use crate::kernels::{self, attention, fused, packed::PackedLinear};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 use rayon::prelude::*;
@@ -574,12 +574,16 @@ impl Attention {
             Some((slot, reserve)) => LayerCache::append(slot, &k, &v, reserve)?,
             None => (k, v),
         };
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        if kernels::cpu_f32(&q) && gradient_free(&[&q, &k, &v]) {
+            return self.o_proj.forward(&attention::attention(&q, &k, &v, mask, scale)?);
+        }
         // Grouped-query attention without copying keys and values per query head: the query
         // heads that share a kv head are stacked along the time axis, (b, kv, n_rep * t, d), a
         // view of q (its heads are ordered kv head by kv head).
         let (kv, n_rep, total) = (self.num_kv_heads, self.num_heads / self.num_kv_heads, k.dim(2)?);
         let q = q.reshape((b, kv, n_rep * t, self.head_dim))?;
-        let (scores, scale) = (q.matmul(&k.t()?)?, 1.0 / (self.head_dim as f64).sqrt());
+        let scores = q.matmul(&k.t()?)?;
         let probs = if kernels::cpu_f32(&scores) {
             fused::masked_softmax(&scores.reshape((b, self.num_heads, t, total))?, mask, scale)?
         } else {

@@ -16,95 +16,17 @@
 //! mask. The tests check the log-probs and every gradient against candle's autograd over the
 //! model run on each whole sequence.
 
+use crate::kernels::strided::{matmul, View};
 use crate::kernels::{self, vexp};
 use crate::model::{build_model, Config, Model, Weights};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{CpuStorage, Device, Storage, StorageRef, Tensor, Var};
-use gemm::Parallelism;
 use rayon::prelude::*;
 use std::collections::HashMap;
 
 /// Rows handed to one parallel task of a row kernel, for rows of `width` values.
 fn task_rows(width: usize) -> usize {
     ((1 << 14) / width.max(1)).max(1)
-}
-
-/// A strided matrix: element (i, j) at `data[i * rs + j * cs]`.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a> View<'a> {
-    /// A row-major (rows, cols) matrix at the start of `data`.
-    fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        Self { data, rows, cols, rs: cols, cs: 1 }
-    }
-
-    /// (rows, cols) with rows `rs` apart (a head's columns inside a wider row).
-    fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize) -> Self {
-        Self { data, rows, cols, rs, cs: 1 }
-    }
-
-    fn t(self) -> Self {
-        Self { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, ..self }
-    }
-
-    /// Whether every element lies inside `data`.
-    fn in_bounds(&self) -> bool {
-        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
-    }
-}
-
-/// `dst (m, n) = a (m, k) b (k, n)`, or `dst += a b` when `accumulate`; `dst` row-major with
-/// rows `dst_rs` apart. `par`: split over the thread pool (not inside a parallel task).
-fn matmul(dst: &mut [f32], dst_rs: usize, a: View, b: View, accumulate: bool, par: bool) -> Result<()> {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    ensure!(b.rows == k, "matmul: ({m}, {k}) x ({}, {n})", b.rows);
-    ensure!(a.in_bounds() && b.in_bounds(), "matmul: an operand reaches past its buffer");
-    ensure!(dst_rs >= n && (m == 0 || n == 0 || (m - 1) * dst_rs + n <= dst.len()), "matmul: the destination is too small");
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        if !accumulate {
-            dst.chunks_mut(dst_rs).take(m).for_each(|row| row[..n].fill(0.0));
-        }
-        return Ok(());
-    }
-    let parallelism = if par { Parallelism::Rayon(rayon::current_num_threads()) } else { Parallelism::None };
-    // SAFETY: gemm reads a[i * rs + j * cs] for i < m, j < k (and b likewise for k, n), all inside
-    // their slices (`in_bounds`), and writes dst[i * dst_rs + j] for i < m, j < n, inside `dst`
-    // (checked above); `dst` is a unique borrow, so it overlaps neither operand, and its rows do
-    // not overlap each other (dst_rs >= n).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-    Ok(())
 }
 
 /// `y (rows, out) = x (rows, in) W^T (+ bias)` for a weight `W (out, in)`.
@@ -129,7 +51,7 @@ fn linear_backward(
     accumulate: bool,
 ) -> Result<()> {
     matmul(dw, n_in, View::rows(dy, rows, n_out).t(), View::rows(x, rows, n_in), true, true)?;
-    matmul(dx, n_in, View::rows(dy, rows, n_out), View::rows(w, n_out, n_in), accumulate, true)
+    Ok(matmul(dx, n_in, View::rows(dy, rows, n_out), View::rows(w, n_out, n_in), accumulate, true)?)
 }
 
 /// The bias's gradient: `db += sum of dy's rows`.
