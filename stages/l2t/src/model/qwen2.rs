@@ -509,6 +509,16 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// Bytes one row takes in every layer's key and value buffers (their whole capacity).
+    pub fn row_bytes(&self) -> Result<usize> {
+        let mut bytes = 0;
+        for c in self.layers.iter().flatten() {
+            let (_, heads, cap, d) = c.k.dims4()?;
+            bytes += 2 * heads * cap * d * c.k.dtype().size_in_bytes();
+        }
+        Ok(bytes)
+    }
+
     /// A cache whose row `j` is this cache's row `rows[j]` (rows: u32 indices).
     pub fn select_rows(&self, rows: &Tensor) -> Result<Self> {
         let layers = self
@@ -849,11 +859,15 @@ impl Model {
 
     /// The residual stream after layers `from..`, before the final norm.
     fn run_hidden(&self, x: Tensor, from: usize, positions: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        Ok(self.run_hidden_capturing(x, from, positions, mask, cache, None)?.0)
+        let (h, _) = self.run_layers_capturing(x, from, positions, mask, cache, None, true)?;
+        h.ok_or_else(|| candle_core::Error::Msg("a pass asked for its output gave none".into()))
     }
 
-    /// [`Self::run_hidden`], also returning the residual entering layer `capture`'s MLP.
-    fn run_hidden_capturing(
+    /// Layers `from..`, also returning the residual entering layer `capture`'s MLP. Without
+    /// `output` (a pass kept for its cache and capture alone) the last layer's MLP, whose result
+    /// only the head reads, is not run and no output comes back.
+    #[allow(clippy::too_many_arguments)]
+    fn run_layers_capturing(
         &self,
         mut x: Tensor,
         from: usize,
@@ -861,20 +875,23 @@ impl Model {
         mask: &Tensor,
         mut cache: Option<&mut KvCache>,
         capture: Option<usize>,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+        output: bool,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let mask = self.mask_for(mask)?;
         let mut captured = None;
+        let last = self.layers.len().saturating_sub(1);
         for (l, layer) in self.layers.iter().enumerate().skip(from) {
             let slot = cache.as_mut().map(|c| (&mut c.layers[l], c.reserve));
-            x = if capture == Some(l) {
-                let mid = layer.attend(x, positions, &mask, &self.rotary, slot)?;
+            let mid = layer.attend(x, positions, &mask, &self.rotary, slot)?;
+            if capture == Some(l) {
                 captured = Some(mid.clone());
-                layer.mlp_residual(mid)?
-            } else {
-                layer.forward(x, positions, &mask, &self.rotary, slot)?
-            };
+            }
+            if !output && l == last {
+                return Ok((None, captured));
+            }
+            x = layer.mlp_residual(mid)?;
         }
-        Ok((x, captured))
+        Ok((Some(x), captured))
     }
 
     /// Extends `cache` by `tokens` (b, t) without running the head, and returns the residual
@@ -891,7 +908,7 @@ impl Model {
         if capture.is_some_and(|l| l >= self.layers.len()) {
             candle_core::bail!("capture layer {capture:?} of a model with {} layers", self.layers.len());
         }
-        Ok(self.run_hidden_capturing(self.embed_tokens.forward(tokens)?, 0, positions, mask, Some(cache), capture)?.1)
+        Ok(self.run_layers_capturing(self.embed_tokens.forward(tokens)?, 0, positions, mask, Some(cache), capture, false)?.1)
     }
 
     /// log p(target) (b, t) of `targets` (b, t) after `tokens` (b, t): the logits of a packed

@@ -29,6 +29,9 @@ pub fn delta_i(j: &[f64]) -> Vec<f64> {
     j.windows(2).map(|w| w[1] - w[0]).collect()
 }
 
+/// Bytes of cache rows that one batch of [`j_values`]'s continuations may copy.
+const CONTINUATION_CACHE_BYTES: usize = 256 << 20;
+
 /// What one decoded row asks: (prompt, response prefix, continuation).
 type Question<'a> = (&'a [u32], &'a [u32], &'a [u32]);
 
@@ -56,6 +59,19 @@ pub fn j_values(
     requests: &[JRequest],
     mode: JMode,
 ) -> Result<Vec<Vec<f64>>> {
+    j_values_copying(model, layout, prefill, pad_id, requests, mode, CONTINUATION_CACHE_BYTES)
+}
+
+/// [`j_values`], copying at most `cache_bytes` of cache rows for one batch of continuations.
+fn j_values_copying(
+    model: &Model,
+    layout: &SharedPrompts,
+    prefill: &Prefill,
+    pad_id: u32,
+    requests: &[JRequest],
+    mode: JMode,
+    cache_bytes: usize,
+) -> Result<Vec<Vec<f64>>> {
     if requests.len() != layout.rows() {
         bail!("{} J requests for {} rollouts", requests.len(), layout.rows());
     }
@@ -75,7 +91,8 @@ pub fn j_values(
     let l = layout.columns();
     // One decoded row per distinct (prompt, response prefix, continuation): `J(i,0)` of a group's
     // rollouts, boundaries that share an end and rollouts that share a prefix ask the same
-    // question, and a row's result does not depend on the rows decoded beside it.
+    // question. (On the packed CPU path a row's result does not depend on the rows decoded beside
+    // it, so asking once changes no bit there.)
     let mut rows: Vec<(usize, usize)> = Vec::new(); // (rollout, response tokens in the prefix)
     let mut distinct: HashMap<Question, usize> = HashMap::new();
     let row_of: Vec<Vec<usize>> = requests
@@ -94,44 +111,53 @@ pub fn j_values(
                 .collect()
         })
         .collect();
-    let n = rows.len();
     let c = requests.iter().map(|r| r.continuation.len() - 1).max().unwrap_or(1);
-    let (mut inputs, mut targets, mut pos) = (vec![pad_id; n * c], vec![pad_id; n * c], vec![0u32; n * c]);
-    let mut mask = vec![MASKED; n * c * (l + c)];
-    for (row, &(r, prefix)) in rows.iter().enumerate() {
-        let cont = &requests[r].continuation;
-        for m in 0..c {
-            let at = row * c + m;
-            if m + 1 < cont.len() {
-                inputs[at] = cont[m];
-                targets[at] = cont[m + 1];
-            }
-            pos[at] = (layout.prompt_len(r) + prefix + m) as u32;
-            let keys = &mut mask[at * (l + c)..(at + 1) * (l + c)];
-            for (k, key) in keys[..l].iter_mut().enumerate() {
-                if layout.in_prefix(r, prefix, k) {
-                    *key = 0.0;
-                }
-            }
-            keys[l..=l + m].iter_mut().for_each(|k| *k = 0.0);
-        }
-    }
-    let select = Tensor::from_vec(rows.iter().map(|&(r, _)| r as u32).collect::<Vec<_>>(), n, &dev)?;
-    let mut row_cache = prefill.cache.select_rows(&select)?;
     // The head runs only from the earliest input that predicts an answer token: the close
     // suffix before it is only read through the cache.
     let first = |req: &JRequest| req.continuation.len() - req.answer_len - 1; // the input index predicting a*_0
     let from = requests.iter().map(first).min().unwrap_or(0);
-    let logp: Vec<Vec<f32>> = model
-        .target_logprobs_window(
-            &Tensor::from_vec(inputs, (n, c), &dev)?,
-            &Tensor::from_vec(pos, (n, c), &dev)?,
-            &Tensor::from_vec(mask, (n, 1, c, l + c), &dev)?,
-            Some(&mut row_cache),
-            &Tensor::from_vec(targets, (n, c), &dev)?,
-            (from, c - from),
-        )?
-        .to_vec2()?;
+    // Each decoded row takes a copy of its rollout's cache rows: as many rows at once as keep
+    // those copies under `cache_bytes` (long responses with many episodes would
+    // otherwise copy the cache once per question, all at once).
+    let per_batch = (cache_bytes / prefill.cache.row_bytes()?.max(1)).max(1);
+    let mut logp: Vec<Vec<f32>> = Vec::with_capacity(rows.len());
+    for batch in rows.chunks(per_batch) {
+        let n = batch.len();
+        let (mut inputs, mut targets, mut pos) = (vec![pad_id; n * c], vec![pad_id; n * c], vec![0u32; n * c]);
+        let mut mask = vec![MASKED; n * c * (l + c)];
+        for (row, &(r, prefix)) in batch.iter().enumerate() {
+            let cont = &requests[r].continuation;
+            for m in 0..c {
+                let at = row * c + m;
+                if m + 1 < cont.len() {
+                    inputs[at] = cont[m];
+                    targets[at] = cont[m + 1];
+                }
+                pos[at] = (layout.prompt_len(r) + prefix + m) as u32;
+                let keys = &mut mask[at * (l + c)..(at + 1) * (l + c)];
+                for (k, key) in keys[..l].iter_mut().enumerate() {
+                    if layout.in_prefix(r, prefix, k) {
+                        *key = 0.0;
+                    }
+                }
+                keys[l..=l + m].iter_mut().for_each(|k| *k = 0.0);
+            }
+        }
+        let select = Tensor::from_vec(batch.iter().map(|&(r, _)| r as u32).collect::<Vec<_>>(), n, &dev)?;
+        let mut row_cache = prefill.cache.select_rows(&select)?;
+        logp.extend(
+            model
+                .target_logprobs_window(
+                    &Tensor::from_vec(inputs, (n, c), &dev)?,
+                    &Tensor::from_vec(pos, (n, c), &dev)?,
+                    &Tensor::from_vec(mask, (n, 1, c, l + c), &dev)?,
+                    Some(&mut row_cache),
+                    &Tensor::from_vec(targets, (n, c), &dev)?,
+                    (from, c - from),
+                )?
+                .to_vec2::<f32>()?,
+        );
+    }
     let j: Vec<f64> = rows
         .iter()
         .zip(&logp)
@@ -199,6 +225,11 @@ mod tests {
         let layout = SharedPrompts::new(&seqs).unwrap();
         let prefill = layout.prefill(&model, 0, None, continuation_room(&requests)).unwrap();
         let got = j_values(&model, &layout, &prefill, 0, &requests, JMode::Prob).unwrap();
+        // One row at a time (the smallest copy budget) gives the same values.
+        let one_by_one = j_values_copying(&model, &layout, &prefill, 0, &requests, JMode::Prob, 1).unwrap();
+        for (a, b) in one_by_one.iter().flatten().zip(got.iter().flatten()) {
+            assert!((a - b).abs() < 1e-5 * b.max(1e-3), "{a} vs {b}");
+        }
         for (r, (req, (prompt, response))) in requests.iter().zip(seqs).enumerate() {
             let prefixes = std::iter::once(0).chain(req.ends.iter().copied());
             for (k, end) in prefixes.enumerate() {
