@@ -6,7 +6,7 @@ use crate::config::Estimator;
 use crate::model::qwen2::MlpWeights;
 use crate::model::tokenizer;
 use crate::model::{build_model, build_top_as, read_artifact_tensors, Policy};
-use crate::reward::info_gain::{continuation_room, delta_i, j_values, JRequest};
+use crate::reward::info_gain::{continuation_room, delta_i, j_values, JRequest, CONTINUATION_CACHE_BYTES};
 use crate::reward::penalty::{self, c_fisher, direction, directional_derivatives, ProxyModel};
 use crate::reward::prefill::{Prefill, SharedPrompts};
 use crate::reward::segment::{reasoning_tokens, token_char_ends};
@@ -251,7 +251,7 @@ impl Sharded for FisherJob<'_> {
                     })
                     .collect();
                 let prefill = layout.prefill(&policy.model, pad, capture, continuation_room(&requests))?;
-                j.extend(j_values(&policy.model, &layout, &prefill, pad, &requests, cfg.reward.j_mode)?);
+                j.extend(j_values(&policy.model, &layout, &prefill, pad, &requests, cfg.reward.j_mode, CONTINUATION_CACHE_BYTES)?);
                 let Prefill { cache, mid } = prefill;
                 drop(cache);
                 j_seconds += started.elapsed().as_secs_f64();

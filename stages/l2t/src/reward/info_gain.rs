@@ -30,7 +30,7 @@ pub fn delta_i(j: &[f64]) -> Vec<f64> {
 }
 
 /// Bytes of cache rows that one batch of [`j_values`]'s continuations may copy.
-const CONTINUATION_CACHE_BYTES: usize = 256 << 20;
+pub const CONTINUATION_CACHE_BYTES: usize = 256 << 20;
 
 /// What one decoded row asks: (prompt, response prefix, continuation).
 type Question<'a> = (&'a [u32], &'a [u32], &'a [u32]);
@@ -49,21 +49,10 @@ pub struct JRequest {
 
 /// `J(i,0..=K)` for every rollout of `layout` (`requests[i]` for its row `i`), under `model` and
 /// without gradient, from the cache `prefill` left ([`SharedPrompts::prefill`] with `extra` at
-/// least the longest continuation): one row per (rollout, boundary), each seeing its own prefix
-/// of its rollout's cache, every continuation decoded at once.
+/// least the longest continuation): one row per distinct question, each seeing its own prefix of
+/// its rollout's cache, the rows decoded in batches whose copies of those cache rows stay under
+/// `cache_bytes` ([`CONTINUATION_CACHE_BYTES`]; at least one row a batch).
 pub fn j_values(
-    model: &Model,
-    layout: &SharedPrompts,
-    prefill: &Prefill,
-    pad_id: u32,
-    requests: &[JRequest],
-    mode: JMode,
-) -> Result<Vec<Vec<f64>>> {
-    j_values_copying(model, layout, prefill, pad_id, requests, mode, CONTINUATION_CACHE_BYTES)
-}
-
-/// [`j_values`], copying at most `cache_bytes` of cache rows for one batch of continuations.
-fn j_values_copying(
     model: &Model,
     layout: &SharedPrompts,
     prefill: &Prefill,
@@ -224,9 +213,9 @@ mod tests {
         let seqs: [(&[u32], &[u32]); 4] = [(&p1, &z1), (&p2, &z2), (&p1, &z2), (&p1, &z1)];
         let layout = SharedPrompts::new(&seqs).unwrap();
         let prefill = layout.prefill(&model, 0, None, continuation_room(&requests)).unwrap();
-        let got = j_values(&model, &layout, &prefill, 0, &requests, JMode::Prob).unwrap();
+        let got = j_values(&model, &layout, &prefill, 0, &requests, JMode::Prob, CONTINUATION_CACHE_BYTES).unwrap();
         // One row at a time (the smallest copy budget) gives the same values.
-        let one_by_one = j_values_copying(&model, &layout, &prefill, 0, &requests, JMode::Prob, 1).unwrap();
+        let one_by_one = j_values(&model, &layout, &prefill, 0, &requests, JMode::Prob, 1).unwrap();
         for (a, b) in one_by_one.iter().flatten().zip(got.iter().flatten()) {
             assert!((a - b).abs() < 1e-5 * b.max(1e-3), "{a} vs {b}");
         }
