@@ -22,6 +22,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
     if k.dims() != [b, kv, total, hd] || v.dims() != k.dims() || kv == 0 || !heads.is_multiple_of(kv) {
         bail!("attention: queries {:?} against keys {:?} and values {:?}", q.dims(), k.dims(), v.dims());
     }
+    if total == 0 && t > 0 {
+        bail!("attention: {t} queries and no keys (a query always sees at least itself)");
+    }
     if mask.dims() != [b, 1, t, total] {
         bail!("attention: mask {:?} for {t} queries and {total} keys of {b} sequences", mask.dims());
     }
@@ -135,5 +138,8 @@ mod tests {
         let q = Tensor::zeros((1, 3, 2, 4), candle_core::DType::F32, &dev).unwrap();
         let k = Tensor::zeros((1, 2, 2, 4), candle_core::DType::F32, &dev).unwrap();
         assert!(attention(&q, &k, &k, &Tensor::zeros((1, 1, 2, 2), candle_core::DType::F32, &dev).unwrap(), 1.0).is_err());
+        let none = Tensor::zeros((1, 2, 0, 4), candle_core::DType::F32, &dev).unwrap();
+        let q = Tensor::zeros((1, 4, 2, 4), candle_core::DType::F32, &dev).unwrap();
+        assert!(attention(&q, &none, &none, &Tensor::zeros((1, 1, 2, 0), candle_core::DType::F32, &dev).unwrap(), 1.0).is_err());
     }
 }
