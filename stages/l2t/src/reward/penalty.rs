@@ -20,7 +20,7 @@ use crate::model::qwen2::MlpWeights;
 use crate::model::{token_logprobs, Model};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
-use nalgebra::DMatrix;
+use faer::{Mat, MatRef, Side};
 
 /// `r = max(1, ceil(rank_fraction * min(rows, cols)))` (spec 5).
 pub fn rank_for(rows: usize, cols: usize, rank_fraction: f64) -> usize {
@@ -28,9 +28,9 @@ pub fn rank_for(rows: usize, cols: usize, rank_fraction: f64) -> usize {
 }
 
 /// `D~ = U_r S_r V_r^T`: the best rank-`r` approximation of `d` (all zeros stays all zeros).
-pub fn low_rank(d: &DMatrix<f64>, r: usize) -> DMatrix<f64> {
-    if d.iter().all(|&v| v == 0.0) {
-        return d.clone();
+pub fn low_rank(d: MatRef<f64>, r: usize) -> Mat<f64> {
+    if (0..d.ncols()).all(|j| (0..d.nrows()).all(|i| d[(i, j)] == 0.0)) {
+        return d.to_owned();
     }
     // The projection onto the top-r singular subspace of the smaller side, from the eigenvectors
     // of the Gram matrix (n x n for n = min(rows, cols)): the same matrix as the truncated SVD,
@@ -38,11 +38,14 @@ pub fn low_rank(d: &DMatrix<f64>, r: usize) -> DMatrix<f64> {
     // the condition number only touches the small singular values, which are discarded.
     let wide = d.nrows() < d.ncols();
     let gram = if wide { d * d.transpose() } else { d.transpose() * d };
-    let eig = gram.symmetric_eigen();
-    let mut order: Vec<usize> = (0..eig.eigenvalues.len()).collect();
-    order.sort_by(|&a, &b| eig.eigenvalues[b].total_cmp(&eig.eigenvalues[a]).then(a.cmp(&b)));
-    let top: Vec<_> = order.iter().take(r).map(|&i| eig.eigenvectors.column(i)).collect();
-    let basis = DMatrix::from_columns(&top);
+    let Ok(eig) = gram.self_adjoint_eigen(Side::Lower) else {
+        // Only a Gram matrix holding a NaN or an infinity gets here: D~ carries it on.
+        return Mat::from_fn(d.nrows(), d.ncols(), |_, _| f64::NAN);
+    };
+    let (values, vectors) = (eig.S().column_vector(), eig.U());
+    let mut order: Vec<usize> = (0..values.nrows()).collect();
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+    let basis = Mat::from_fn(vectors.nrows(), r.min(order.len()), |i, k| vectors[(i, order[k])]);
     if wide {
         &basis * (basis.transpose() * d)
     } else {
@@ -149,14 +152,16 @@ impl Direction {
     }
 }
 
-fn to_matrix(t: &Tensor) -> Result<DMatrix<f64>> {
-    let (rows, cols) = t.dims2()?;
-    let values: Vec<f64> = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
-    Ok(DMatrix::from_row_slice(rows, cols, &values))
+/// `a - b` of two matrices of one shape, in f64.
+fn difference(a: &Tensor, b: &Tensor) -> Result<Mat<f64>> {
+    let (rows, cols) = a.dims2()?;
+    let values = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?) };
+    let (a, b) = (values(a)?, values(b)?);
+    Ok(Mat::from_fn(rows, cols, |i, j| a[i * cols + j] - b[i * cols + j]))
 }
 
-fn from_matrix(m: &DMatrix<f64>, like: &Tensor) -> Result<Tensor> {
-    let values: Vec<f64> = m.transpose().iter().copied().collect(); // row-major
+fn from_matrix(m: MatRef<f64>, like: &Tensor) -> Result<Tensor> {
+    let values: Vec<f64> = (0..m.nrows()).flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)])).collect(); // row-major
     Ok(Tensor::from_vec(values, (m.nrows(), m.ncols()), like.device())?)
 }
 
@@ -176,10 +181,10 @@ pub fn direction(now: &MlpWeights, reference: &MlpWeights, rank_fraction: f64) -
                     b.dims()
                 );
             }
-            let d = to_matrix(a)? - to_matrix(b)?;
+            let d = difference(a, b)?;
             let rank = rank_for(d.nrows(), d.ncols(), rank_fraction);
-            let d_tilde = low_rank(&d, rank);
-            Ok((from_matrix(&d_tilde, a)?, rank, d_tilde.norm_squared()))
+            let d_tilde = low_rank(d.as_ref(), rank);
+            Ok((from_matrix(d_tilde.as_ref(), a)?, rank, d_tilde.squared_norm_l2()))
         })
         .collect::<Result<_>>()?;
     let Ok::<[_; 3], _>([(gate, r_gate, n_gate), (up, r_up, n_up), (down, r_down, n_down)]) = projected.try_into() else {
@@ -330,33 +335,33 @@ mod tests {
     fn c_on_a_2x2_example() {
         // g = [[1, 0], [0, 2]], D~ = [[0.5, 1], [0, 0.25]]: g.D~ = 0.5 + 0.5 = 1,
         // ||D~||^2 = 0.25 + 1 + 0.0625 = 1.3125, so C = 1 + 1e-5 * 1.3125.
-        let g = DMatrix::from_row_slice(2, 2, &[1.0, 0.0, 0.0, 2.0]);
-        let d = DMatrix::from_row_slice(2, 2, &[0.5, 1.0, 0.0, 0.25]);
-        let g_dot_d: f64 = g.dot(&d);
+        let (g, d) = ([1.0, 0.0, 0.0, 2.0], [0.5, 1.0, 0.0, 0.25]);
+        let g_dot_d: f64 = g.iter().zip(&d).map(|(g, d)| g * d).sum();
         assert!((g_dot_d - 1.0).abs() < 1e-12);
-        let c = c_fisher(g_dot_d, d.norm_squared(), 1e-5);
+        let c = c_fisher(g_dot_d, d.iter().map(|d| d * d).sum(), 1e-5);
         assert!((c - (1.0 + 1.3125e-5)).abs() < 1e-15, "{c}");
     }
 
     #[test]
     fn low_rank_keeps_the_top_singular_directions() {
+        let matrix = |rows: usize, cols: usize, values: &[f64]| Mat::from_fn(rows, cols, |i, j| values[i * cols + j]);
         // diag(3, 1) at rank 1 is diag(3, 0); a rank-1 matrix is its own projection.
-        let d = DMatrix::from_row_slice(2, 2, &[3.0, 0.0, 0.0, 1.0]);
-        let p = low_rank(&d, 1);
-        assert!((p - DMatrix::from_row_slice(2, 2, &[3.0, 0.0, 0.0, 0.0])).norm() < 1e-12);
-        let outer = DMatrix::from_row_slice(3, 2, &[1.0, 2.0, 2.0, 4.0, -1.0, -2.0]);
-        assert!((low_rank(&outer, 1) - &outer).norm() < 1e-12);
-        assert_eq!(low_rank(&DMatrix::zeros(2, 3), 1), DMatrix::<f64>::zeros(2, 3));
+        let d = matrix(2, 2, &[3.0, 0.0, 0.0, 1.0]);
+        assert!((low_rank(d.as_ref(), 1) - matrix(2, 2, &[3.0, 0.0, 0.0, 0.0])).norm_l2() < 1e-12);
+        let outer = matrix(3, 2, &[1.0, 2.0, 2.0, 4.0, -1.0, -2.0]);
+        assert!((low_rank(outer.as_ref(), 1) - &outer).norm_l2() < 1e-12);
+        assert_eq!(low_rank(Mat::<f64>::zeros(2, 3).as_ref(), 1), Mat::<f64>::zeros(2, 3));
+        // A non-finite update gives a non-finite D~ (caught downstream), not a panic.
+        assert!(low_rank(matrix(2, 2, &[f64::NAN, 0.0, 0.0, 1.0]).as_ref(), 1)[(0, 0)].is_nan());
         // The truncated SVD itself, tall and wide.
         for (rows, cols) in [(40, 12), (12, 40)] {
-            let d = DMatrix::from_fn(rows, cols, |i, j| ((i * 37 + j * 11) % 23) as f64 / 23.0 - 0.5 + if i == j { 2.0 } else { 0.0 });
-            let svd = d.clone().svd(true, true);
-            let (u, v_t) = (svd.u.unwrap(), svd.v_t.unwrap());
-            let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
-            order.sort_by(|&a, &b| svd.singular_values[b].total_cmp(&svd.singular_values[a]));
-            let want =
-                order.iter().take(3).fold(DMatrix::zeros(rows, cols), |acc, &i| acc + u.column(i) * svd.singular_values[i] * v_t.row(i));
-            assert!((low_rank(&d, 3) - &want).norm() < 1e-9 * want.norm(), "{rows}x{cols}");
+            let d = Mat::from_fn(rows, cols, |i, j| ((i * 37 + j * 11) % 23) as f64 / 23.0 - 0.5 + if i == j { 2.0 } else { 0.0 });
+            let svd = d.svd().unwrap();
+            let (u, s, v) = (svd.U(), svd.S().column_vector(), svd.V());
+            let mut order: Vec<usize> = (0..s.nrows()).collect();
+            order.sort_by(|&a, &b| s[b].total_cmp(&s[a]));
+            let want = order.iter().take(3).fold(Mat::<f64>::zeros(rows, cols), |acc, &i| acc + u.col(i) * s[i] * v.col(i).transpose());
+            assert!((low_rank(d.as_ref(), 3) - &want).norm_l2() < 1e-9 * want.norm_l2(), "{rows}x{cols}");
         }
         // r = max(1, ceil(0.05 * min)): 512x128 -> 7, 4x4 -> 1.
         assert_eq!(rank_for(512, 128, 0.05), 7);
