@@ -8,7 +8,7 @@
 //! not depend on the batch it was computed in.
 
 use super::vexp;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Output columns per panel: four AVX-512 registers of f32.
@@ -73,11 +73,18 @@ impl PackedLinear {
 
     /// y (rows, out) for x (rows, in), row-major.
     pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        self.matmul_residual(x, rows, None)
+    }
+
+    /// `residual + x W^T + b`, each output's sum added to its residual as it is stored (a
+    /// decoder layer's skip connection without a pass over the rows of its own); `residual` has
+    /// the output's shape.
+    pub fn matmul_residual(&self, x: &[f32], rows: usize, residual: Option<&[f32]>) -> Vec<f32> {
         let len = rows * self.n_out;
         // Not zero-filled first (that cost ~5% of a scoring pass): the product writes every
         // element through raw pointers before reading it back.
         let mut y: Vec<f32> = Vec::with_capacity(len);
-        self.product(x, rows, y.spare_capacity_mut().as_mut_ptr().cast::<f32>(), len);
+        self.product(x, rows, residual, y.spare_capacity_mut().as_mut_ptr().cast::<f32>(), len);
         // SAFETY: `product` initialised all `len` elements: each output block is first stored
         // from the bias or zero (its first pass over the inputs), then accumulated.
         unsafe { y.set_len(len) };
@@ -151,23 +158,25 @@ impl PackedLinear {
 
     /// [`Self::matmul`] into a caller's buffer of `rows * out` values.
     pub fn matmul_into(&self, x: &[f32], rows: usize, y: &mut [f32]) {
-        self.product(x, rows, y.as_mut_ptr(), y.len());
+        self.product(x, rows, None, y.as_mut_ptr(), y.len());
     }
 
-    /// The product into `y_len` values at `y`, which may be uninitialised: every one is written
-    /// (through the pointer, never a reference) before it is read.
-    fn product(&self, x: &[f32], rows: usize, y: *mut f32, y_len: usize) {
+    /// The product, plus `residual` when given, into `y_len` values at `y`, which may be
+    /// uninitialised: every one is written (through the pointer, never a reference) before it is
+    /// read.
+    fn product(&self, x: &[f32], rows: usize, residual: Option<&[f32]>, y: *mut f32, y_len: usize) {
         let (k, n) = (self.n_in, self.n_out);
         // The kernels read and write through raw pointers: the lengths are checked, not assumed.
         assert_eq!(x.len(), rows * k, "packed matmul: input length");
         assert_eq!(y_len, rows * n, "packed matmul: output length");
+        assert!(residual.is_none_or(|r| r.len() == y_len), "packed matmul: residual length");
         if rows == 0 || n == 0 {
             return;
         }
         if k == 0 {
-            // No inputs: every output is its bias.
+            // No inputs: every output is its bias (and residual).
             for i in 0..y_len {
-                let v = self.bias.as_ref().map_or(0.0, |b| b[i % n]);
+                let v = self.bias.as_ref().map_or(0.0, |b| b[i % n]) + residual.map_or(0.0, |r| r[i]);
                 // SAFETY: i < y_len, the buffer's length (checked above).
                 unsafe { y.add(i).write(v) };
             }
@@ -206,6 +215,7 @@ impl PackedLinear {
                             k,
                             panel,
                             bias,
+                            residual: residual.map(|res| &res[r * n + p * PANEL..]),
                             // SAFETY: tasks write disjoint (row, column) blocks of `y`, which
                             // outlives the parallel loop.
                             y: unsafe { out.at(r * n + p * PANEL) },
@@ -259,6 +269,9 @@ struct Block<'a> {
     k: usize,
     panel: &'a [f32],
     bias: Option<&'a [f32]>,
+    /// Added to the outputs as the last step stores them: from the block's first output on,
+    /// laid out as `y`.
+    residual: Option<&'a [f32]>,
     /// The block's first output; rows `y_stride` apart, `cols` (<= PANEL) columns written.
     y: *mut f32,
     y_stride: usize,
@@ -289,7 +302,8 @@ impl Kernel {
     }
 
     /// Adds sum_{i in steps} x[r][i] * panel[i][c] to the block's outputs, which start from the
-    /// bias (or zero) when `steps` starts at 0; `prefetch` is brought into cache along the way.
+    /// bias (or zero) when `steps` starts at 0 and take the residual when `steps` ends at `k`;
+    /// `prefetch` is brought into cache along the way.
     ///
     /// # Safety
     /// The block's rows, steps and columns must lie inside `x`, `panel` and `y`.
@@ -318,8 +332,9 @@ impl Kernel {
 
 /// # Safety
 /// The CPU has AVX-512F; the block's `rows` rows of `x` (`k` apart) hold every step of `steps`;
-/// `panel` holds `steps.end * PANEL` values; `y` is valid for `rows` rows of `cols` values,
-/// `y_stride` apart, and already written when `steps` does not start at 0.
+/// `panel` holds `steps.end * PANEL` values; `y` (and `residual`, when given) is valid for `rows`
+/// rows of `cols` values, `y_stride` apart, and `y` already written when `steps` does not start
+/// at 0.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn block_avx512<const R: usize>(block: &Block, steps: std::ops::Range<usize>, prefetch: &[f32]) {
@@ -342,6 +357,7 @@ unsafe fn block_avx512<const R: usize>(block: &Block, steps: std::ops::Range<usi
             };
         }
     }
+    let last = steps.end == block.k;
     let lines_per_step = (prefetch.len() / LINE).div_ceil(steps.len().max(1));
     let mut next_line = 0;
     let (w, x) = (block.panel.as_ptr(), block.x.as_ptr());
@@ -358,6 +374,15 @@ unsafe fn block_avx512<const R: usize>(block: &Block, steps: std::ops::Range<usi
             let xv = _mm512_set1_ps(*x.add(r * block.k + i));
             for j in 0..4 {
                 row[j] = _mm512_fmadd_ps(xv, wv[j], row[j]);
+            }
+        }
+    }
+    if let Some(res) = block.residual.filter(|_| last) {
+        // The residual plus the finished sum: the one rounding of `residual + y`. (Masked lanes
+        // are not read; `wrapping_add` because a fully masked vector may lie past the slice.)
+        for (r, row) in acc.iter_mut().enumerate() {
+            for (j, a) in row.iter_mut().enumerate() {
+                *a = _mm512_add_ps(_mm512_maskz_loadu_ps(masks[j], res.as_ptr().wrapping_add(r * block.y_stride + 16 * j)), *a);
             }
         }
     }
@@ -395,7 +420,7 @@ unsafe fn block_portable<const R: usize>(block: &Block, steps: std::ops::Range<u
 /// The block is as [`block_avx512`] requires.
 #[inline(always)]
 unsafe fn block_plain<const R: usize, const FUSED: bool>(block: &Block, steps: std::ops::Range<usize>) {
-    let cols = block.cols;
+    let (cols, steps_end) = (block.cols, steps.end);
     let mut acc = [[0f32; PANEL]; R];
     for (r, row) in acc.iter_mut().enumerate() {
         if steps.start > 0 {
@@ -410,6 +435,13 @@ unsafe fn block_plain<const R: usize, const FUSED: bool>(block: &Block, steps: s
             let xv = block.x[r * block.k + i];
             for (a, &w) in row.iter_mut().zip(wi) {
                 *a = if FUSED { xv.mul_add(w, *a) } else { *a + xv * w };
+            }
+        }
+    }
+    if let Some(res) = block.residual.filter(|_| block.k == steps_end) {
+        for (r, row) in acc.iter_mut().enumerate() {
+            for (a, &v) in row[..cols].iter_mut().zip(&res[r * block.y_stride..]) {
+                *a = v + *a;
             }
         }
     }
@@ -437,10 +469,46 @@ impl CustomOp1 for &PackedLinear {
     }
 }
 
+/// `residual + x W^T + b` ([`PackedLinear::matmul_residual`]); the first operand is `x`.
+struct WithResidual<'a>(&'a PackedLinear);
+
+impl CustomOp2 for WithResidual<'_> {
+    fn name(&self) -> &'static str {
+        "packed-linear-residual"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout, res: &CpuStorage, res_layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let packed = self.0;
+        let x = super::fused::contiguous_f32(x, x_layout, self.name())?;
+        let residual = super::fused::contiguous_f32(res, res_layout, self.name())?;
+        let Some((&n_in, lead)) = x_layout.dims().split_last() else {
+            candle_core::bail!("{}: a scalar input", self.name());
+        };
+        let shape: Vec<usize> = lead.iter().copied().chain([packed.n_out]).collect();
+        if n_in != packed.n_in || res_layout.dims() != shape.as_slice() {
+            candle_core::bail!(
+                "{}: input {:?} and residual {:?} for weights ({}, {})",
+                self.name(),
+                x_layout.dims(),
+                res_layout.dims(),
+                packed.n_out,
+                packed.n_in
+            );
+        }
+        let y = packed.matmul_residual(x, lead.iter().product(), Some(residual));
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+}
+
 impl PackedLinear {
     /// `x W^T + b` over the last dimension of an f32 CPU tensor (no gradient).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.contiguous()?.apply_op1_no_bwd(&self)
+    }
+
+    /// `residual + x W^T + b`, the sum stored as the product finishes (no gradient).
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op2_no_bwd(&residual.contiguous()?, &WithResidual(self))
     }
 }
 
@@ -471,6 +539,27 @@ mod tests {
         }
     }
 
+    /// The residual added as the outputs are stored gives the bits of `residual + x W^T + b`
+    /// computed apart: across register blocks, parallel chunks, several passes over the inputs
+    /// (k > STEPS), an output width ending inside a panel, and no inputs at all.
+    #[test]
+    fn residual_in_the_product_is_the_sum_taken_apart() {
+        for (rows, n_in, n_out) in [(1, 8, 3), (7, 300, 130), (ROW_CHUNK + 5, 40, 64), (3, 0, 20)] {
+            let (x, w, b) = (tensor(rows, n_in, 0.0), tensor(n_out, n_in, 1.0), tensor(1, n_out, 2.0).squeeze(0).unwrap());
+            let residual = tensor(rows, n_out, 4.0);
+            for bias in [None, Some(&b)] {
+                let packed = PackedLinear::new(&w, bias).unwrap();
+                let want = (&residual + packed.forward(&x).unwrap()).unwrap();
+                let got = packed.forward_residual(&x, &residual).unwrap();
+                let bits =
+                    |t: &Tensor| -> Vec<u32> { t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect() };
+                assert_eq!(bits(&got), bits(&want), "rows {rows} in {n_in} out {n_out}");
+            }
+        }
+        let packed = PackedLinear::new(&tensor(4, 8, 1.0), None).unwrap();
+        assert!(packed.forward_residual(&tensor(2, 8, 0.0), &tensor(2, 3, 0.0)).is_err(), "a residual of the wrong shape");
+    }
+
     /// A row's output is bit-identical whether it is computed alone or inside a batch, and every
     /// kernel this CPU can run agrees with the detected one.
     #[test]
@@ -487,20 +576,24 @@ mod tests {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             kernels.push(Kernel::Avx2);
         }
-        for kernel in kernels {
+        let residual: Vec<f32> = (0..100).map(|i| i as f32 * 0.25).collect();
+        for (kernel, with_residual) in kernels.into_iter().flat_map(|k| [(k, false), (k, true)]) {
             let mut y = vec![0f32; 100];
             for p in 0..2 {
                 let panel = &packed.panels[p * 96 * PANEL..(p + 1) * 96 * PANEL];
                 // SAFETY: p * 64 < 100 = y.len().
                 let out = unsafe { y.as_mut_ptr().add(p * 64) };
-                let block = Block { rows: 1, x: &xs[..96], k: 96, panel, bias: None, y: out, y_stride: 100, cols: 64.min(100 - p * 64) };
+                let residual = with_residual.then(|| &residual[p * 64..]);
+                let block =
+                    Block { rows: 1, x: &xs[..96], k: 96, panel, bias: None, residual, y: out, y_stride: 100, cols: 64.min(100 - p * 64) };
                 // Two passes over the inputs, as the parallel product makes them.
                 // SAFETY: one row of 96 inputs, the panel's 96 steps, `cols` outputs inside `y`.
                 unsafe { kernel.run(&block, 0..50, &[]) };
                 unsafe { kernel.run(&block, 50..96, &[]) };
             }
-            let diff = y.iter().zip(&all[..100]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(diff < 1e-5, "a kernel differs from the detected one: {diff}");
+            let added = |i: usize| if with_residual { residual[i] } else { 0.0 };
+            let diff = y.iter().enumerate().map(|(i, a)| (a - all[i] - added(i)).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-4, "a kernel differs from the detected one (residual {with_residual}): {diff}");
         }
     }
 

@@ -227,6 +227,14 @@ impl Proj {
         }
     }
 
+    /// `residual + self.forward(x)`: a packed product adds the residual as it stores its outputs.
+    fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match &self.packed {
+            Some(packed) if gradient_free(&[x, residual]) && kernels::cpu_f32(residual) => packed.forward_residual(x, residual),
+            _ => residual + self.forward(x)?,
+        }
+    }
+
     /// Whether the weights are those of an f32 CPU model that will not be trained: the ones
     /// [`Self::pack`] packs. Asked on the thread that runs the model (see [`kernels::generic`]).
     fn packable(&self) -> bool {
@@ -435,8 +443,9 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.down_proj.forward(&swiglu(self.gate_proj.forward(x)?, self.up_proj.forward(x)?)?)
+    /// `residual + mlp(x)`.
+    fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.down_proj.forward_residual(&swiglu(self.gate_proj.forward(x)?, self.up_proj.forward(x)?)?, residual)
     }
 
     fn projections(&mut self) -> [&mut Proj; 3] {
@@ -567,8 +576,17 @@ impl Attention {
         })
     }
 
-    /// x: (b, t, hidden); mask: (b, 1, t, t_kv) additive; cache: this layer's past keys/values.
-    fn forward(&self, x: &Tensor, positions: &Tensor, mask: &Tensor, rotary: &RotaryEmbedding, cache: Option<LayerSlot>) -> Result<Tensor> {
+    /// `residual + attention(x)`. x: (b, t, hidden); mask: (b, 1, t, t_kv) additive; cache: this
+    /// layer's past keys/values.
+    fn forward_residual(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        rotary: &RotaryEmbedding,
+        cache: Option<LayerSlot>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let heads =
             |proj: &Proj, n: usize| -> Result<Tensor> { proj.forward(x)?.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous() };
@@ -586,7 +604,7 @@ impl Attention {
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         if kernels::cpu_f32(&q) && gradient_free(&[&q, &k, &v]) {
-            return self.o_proj.forward(&attention::attention(&q, &k, &v, mask, scale)?);
+            return self.o_proj.forward_residual(&attention::attention(&q, &k, &v, mask, scale)?, residual);
         }
         // Grouped-query attention without copying keys and values per query head: the query
         // heads that share a kv head are stacked along the time axis, (b, kv, n_rep * t, d), a
@@ -601,7 +619,7 @@ impl Attention {
             candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?
         };
         let y = probs.reshape((b, kv, n_rep * t, total))?.matmul(&v)?.reshape((b, self.num_heads, t, self.head_dim))?;
-        self.o_proj.forward(&y.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?)
+        self.o_proj.forward_residual(&y.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?, residual)
     }
 
     /// Attention over `x` and its tangent along `dx` (fixed weights), without a cache.
@@ -662,8 +680,7 @@ impl DecoderLayer {
 
     /// x + attention(norm(x)).
     fn attend(&self, x: Tensor, positions: &Tensor, mask: &Tensor, rotary: &RotaryEmbedding, cache: Option<LayerSlot>) -> Result<Tensor> {
-        let h = self.self_attn.forward(&self.input_layernorm.forward(&x)?, positions, mask, rotary, cache)?;
-        x + h
+        self.self_attn.forward_residual(&self.input_layernorm.forward(&x)?, &x, positions, mask, rotary, cache)
     }
 
     fn forward(&self, x: Tensor, positions: &Tensor, mask: &Tensor, rotary: &RotaryEmbedding, cache: Option<LayerSlot>) -> Result<Tensor> {
@@ -672,8 +689,7 @@ impl DecoderLayer {
 
     /// x + mlp(norm(x)).
     fn mlp_residual(&self, x: Tensor) -> Result<Tensor> {
-        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
-        x + h
+        self.mlp.forward_residual(&self.post_attention_layernorm.forward(&x)?, &x)
     }
 
     /// The layer over `x` and its tangent along `dx` (fixed weights).
