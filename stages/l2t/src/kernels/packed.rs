@@ -441,7 +441,7 @@ unsafe fn block_plain<const R: usize, const FUSED: bool>(block: &Block, steps: s
     if let Some(res) = block.residual.filter(|_| block.k == steps_end) {
         for (r, row) in acc.iter_mut().enumerate() {
             for (a, &v) in row[..cols].iter_mut().zip(&res[r * block.y_stride..]) {
-                *a = v + *a;
+                *a += v;
             }
         }
     }
