@@ -19,6 +19,8 @@ const ROWS: usize = 6;
 const STEPS: usize = 128;
 /// Rows per parallel task, so a task's activations stay in cache while its panels stream by.
 const ROW_CHUNK: usize = 16 * ROWS;
+/// Values of an elementwise pass handed to one parallel task at least.
+const MIN_TASK_VALUES: usize = 1 << 14;
 /// Panel bytes a task may touch, about one core's L2 cache.
 const TASK_PANEL_BYTES: usize = 1 << 20;
 
@@ -36,21 +38,40 @@ pub struct PackedLinear {
 impl PackedLinear {
     /// Packs `weight` (out, in) and `bias` (out), both f32.
     pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
-        let (n_out, n_in) = weight.dims2()?;
-        let weight = weight.contiguous()?;
-        // Straight from the tensor's own storage: no flat copy of the weights first.
-        let (storage, layout) = weight.storage_and_layout();
-        let w = match (&*storage, layout.contiguous_offsets()) {
-            (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) => &values[start..end],
-            _ => return Err(candle_core::Error::Msg(format!("packing needs f32 weights on the CPU, not {:?}", weight.dtype()))),
-        };
+        Self::stacked(&[(weight, bias)])
+    }
+
+    /// Packs projections of one input stacked along their outputs, as one: `x W^T` gives each
+    /// part's outputs side by side, every column with the bits its own product would give (a
+    /// column's sum does not depend on its neighbours). A part without a bias adds zero.
+    pub fn stacked(parts: &[(&Tensor, Option<&Tensor>)]) -> Result<Self> {
+        let Some(((first, _), rest)) = parts.split_first() else { candle_core::bail!("packing needs at least one projection") };
+        let n_in = first.dim(1)?;
+        let weights: Vec<Tensor> = parts.iter().map(|(w, _)| w.contiguous()).collect::<Result<_>>()?;
+        if let Some(other) = rest.iter().find(|(w, _)| !matches!(w.dims2(), Ok((_, k)) if k == n_in)) {
+            candle_core::bail!("stacked projections take one input width: {:?} and {:?}", first.dims(), other.0.dims());
+        }
+        // Straight from the tensors' own storage: no flat copy of the weights first.
+        let guards: Vec<_> = weights.iter().map(|w| w.storage_and_layout()).collect();
+        let mut rows: Vec<&[f32]> = Vec::new();
+        for ((storage, layout), w) in guards.iter().zip(&weights) {
+            let values = match (&**storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) => &values[start..end],
+                _ => return Err(candle_core::Error::Msg(format!("packing needs f32 weights on the CPU, not {:?}", w.dtype()))),
+            };
+            rows.extend(values.chunks_exact(n_in.max(1)).take(w.dim(0)?));
+            if n_in == 0 {
+                rows.extend(std::iter::repeat_n(&values[..0], w.dim(0)?));
+            }
+        }
+        let n_out = rows.len();
         let n_panels = n_out.div_ceil(PANEL);
         let mut panels = vec![0f32; n_panels * n_in * PANEL];
         // Panel by panel on every core (a policy's load packs ~135M weights), each transposed a
         // tile of TILE inputs at a time so that the tile's reads and writes stay in L1.
         const TILE: usize = 16;
         panels.par_chunks_mut((n_in * PANEL).max(1)).enumerate().for_each(|(p, panel)| {
-            let rows: Vec<&[f32]> = w.chunks_exact(n_in.max(1)).skip(p * PANEL).take(PANEL).collect();
+            let rows = &rows[p * PANEL..((p + 1) * PANEL).min(n_out)];
             for from in (0..n_in).step_by(TILE) {
                 let to = (from + TILE).min(n_in);
                 for (c, row) in rows.iter().enumerate() {
@@ -60,14 +81,21 @@ impl PackedLinear {
                 }
             }
         });
-        drop(storage);
-        let bias = bias
-            .map(|b| -> Result<Vec<f32>> {
-                let mut padded = b.to_vec1::<f32>()?;
-                padded.resize(n_panels * PANEL, 0.0);
-                Ok(padded)
-            })
-            .transpose()?;
+        drop(rows);
+        drop(guards);
+        let bias = if parts.iter().any(|(_, b)| b.is_some()) {
+            let mut padded = Vec::with_capacity(n_panels * PANEL);
+            for (w, b) in parts {
+                match b {
+                    Some(b) => padded.extend(b.to_vec1::<f32>()?),
+                    None => padded.resize(padded.len() + w.dim(0)?, 0.0),
+                }
+            }
+            padded.resize(n_panels * PANEL, 0.0);
+            Some(padded)
+        } else {
+            None
+        };
         Ok(Self { n_in, n_out, panels, bias })
     }
 
@@ -469,6 +497,36 @@ impl CustomOp1 for &PackedLinear {
     }
 }
 
+/// silu(gate) * up of a stacked gate/up product (.., 2 n): each row's gate then its up, side by
+/// side; the bits of the fused swiglu over the two halves.
+struct SwiGluHalves;
+
+impl CustomOp1 for SwiGluHalves {
+    fn name(&self) -> &'static str {
+        "swiglu-halves"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = super::fused::contiguous_f32(storage, layout, self.name())?;
+        let Some((&width, lead)) = layout.dims().split_last() else { candle_core::bail!("swiglu-halves: a scalar input") };
+        if width % 2 != 0 {
+            candle_core::bail!("swiglu-halves: an odd width {width}");
+        }
+        let n = width / 2;
+        let mut out = vec![0f32; y.len() / 2];
+        let rows = (MIN_TASK_VALUES / width.max(1)).max(1);
+        out.par_chunks_mut((rows * n).max(1)).zip(y.par_chunks((rows * width).max(1))).for_each(|(out, y)| {
+            for (out, y) in out.chunks_mut(n.max(1)).zip(y.chunks(width.max(1))) {
+                let (gate, up) = y.split_at(n);
+                out.copy_from_slice(gate);
+                vexp::swiglu_in_place(out, up);
+            }
+        });
+        let shape: Vec<usize> = lead.iter().copied().chain([n]).collect();
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
 /// `residual + x W^T + b` ([`PackedLinear::matmul_residual`]); the first operand is `x`.
 struct WithResidual<'a>(&'a PackedLinear);
 
@@ -506,6 +564,12 @@ impl PackedLinear {
         x.contiguous()?.apply_op1_no_bwd(&self)
     }
 
+    /// silu(gate) * up of a stacked gate/up projection ([`Self::stacked`] of gate then up), over
+    /// the last dimension of an f32 CPU tensor (no gradient).
+    pub fn forward_swiglu(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward(x)?.apply_op1_no_bwd(&SwiGluHalves)
+    }
+
     /// `residual + x W^T + b`, the sum stored as the product finishes (no gradient).
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         x.contiguous()?.apply_op2_no_bwd(&residual.contiguous()?, &WithResidual(self))
@@ -537,6 +601,27 @@ mod tests {
                 assert!(err < 1e-4, "rows {rows} in {n_in} out {n_out}: {err}");
             }
         }
+    }
+
+    /// Projections stacked into one product give each part's columns with the bits of its own
+    /// product (parts that straddle panels, a bias on one part only), and silu(gate) * up of a
+    /// stacked gate/up the bits of the fused swiglu over the two products.
+    #[test]
+    fn stacked_projections_give_each_parts_bits() {
+        let bits = |t: &Tensor| -> Vec<u32> { t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect() };
+        let x = tensor(9, 40, 0.0);
+        let (a, b, c) = (tensor(70, 40, 1.0), tensor(24, 40, 2.0), tensor(24, 40, 3.0));
+        let bias = tensor(1, 24, 4.0).squeeze(0).unwrap();
+        let parts = [(&a, None), (&b, Some(&bias)), (&c, None)];
+        let alone: Vec<Tensor> = parts.iter().map(|&(w, b)| PackedLinear::new(w, b).unwrap().forward(&x).unwrap()).collect();
+        let stacked = PackedLinear::stacked(&parts).unwrap().forward(&x).unwrap();
+        assert_eq!(bits(&stacked), bits(&Tensor::cat(&alone, 1).unwrap()));
+        let (gate, up) = (tensor(50, 40, 5.0), tensor(50, 40, 6.0));
+        let product = |w: &Tensor| PackedLinear::new(w, None).unwrap().forward(&x).unwrap();
+        let want = super::super::fused::swiglu(&product(&gate), &product(&up)).unwrap();
+        let got = PackedLinear::stacked(&[(&gate, None), (&up, None)]).unwrap().forward_swiglu(&x).unwrap();
+        assert_eq!(bits(&got), bits(&want));
+        assert!(PackedLinear::stacked(&[(&a, None), (&tensor(3, 8, 0.0), None)]).is_err(), "two input widths");
     }
 
     /// The residual added as the outputs are stored gives the bits of `residual + x W^T + b`

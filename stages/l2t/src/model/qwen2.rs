@@ -247,6 +247,33 @@ impl Proj {
     }
 }
 
+/// One packing of [`Model::pack_for_inference`]: a projection, or projections of one input
+/// stacked into the slot that holds their product.
+enum Packing<'a> {
+    One(&'a mut Proj),
+    Stacked(&'a mut Option<Arc<PackedLinear>>, Vec<&'a Proj>),
+}
+
+impl Packing<'_> {
+    fn packable(&self) -> bool {
+        match self {
+            Packing::One(proj) => proj.packable(),
+            Packing::Stacked(_, parts) => parts.iter().all(|proj| proj.packable()),
+        }
+    }
+
+    fn run(self) -> Result<()> {
+        match self {
+            Packing::One(proj) => proj.pack(),
+            Packing::Stacked(slot, parts) => {
+                let parts: Vec<(&Tensor, Option<&Tensor>)> = parts.iter().map(|p| (&p.weight, p.bias.as_ref())).collect();
+                *slot = Some(Arc::new(PackedLinear::stacked(&parts)?));
+                Ok(())
+            }
+        }
+    }
+}
+
 /// RMS norm (`candle_nn::RmsNorm::forward` may take candle's fused path, which drops gradients).
 #[derive(Debug, Clone)]
 struct RmsNorm {
@@ -426,6 +453,8 @@ struct Mlp {
     gate_proj: Proj,
     up_proj: Proj,
     down_proj: Proj,
+    /// Gate and up packed as one product for inference ([`Model::pack_for_inference`]).
+    gate_up: Option<Arc<PackedLinear>>,
 }
 
 impl Mlp {
@@ -440,16 +469,17 @@ impl Mlp {
             gate_proj: Proj::new(h, i, false, vb.pp("gate_proj"))?,
             up_proj: Proj::new(h, i, false, vb.pp("up_proj"))?,
             down_proj: Proj::new(i, h, false, vb.pp("down_proj"))?,
+            gate_up: None,
         })
     }
 
     /// `residual + mlp(x)`.
     fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        self.down_proj.forward_residual(&swiglu(self.gate_proj.forward(x)?, self.up_proj.forward(x)?)?, residual)
-    }
-
-    fn projections(&mut self) -> [&mut Proj; 3] {
-        [&mut self.gate_proj, &mut self.up_proj, &mut self.down_proj]
+        let hidden = match self.gate_up.as_ref().filter(|_| gradient_free(&[x])) {
+            Some(gate_up) => gate_up.forward_swiglu(x)?,
+            None => swiglu(self.gate_proj.forward(x)?, self.up_proj.forward(x)?)?,
+        };
+        self.down_proj.forward_residual(&hidden, residual)
     }
 }
 
@@ -547,6 +577,8 @@ struct Attention {
     k_proj: Proj,
     v_proj: Proj,
     o_proj: Proj,
+    /// q, k and v packed as one product for inference ([`Model::pack_for_inference`]).
+    qkv: Option<Arc<PackedLinear>>,
     /// Qwen3's per-head RMS norms of queries and keys.
     qk_norm: Option<(RmsNorm, RmsNorm)>,
     num_heads: usize,
@@ -569,11 +601,26 @@ impl Attention {
             k_proj: Proj::new(h, kv, bias, vb.pp("k_proj"))?,
             v_proj: Proj::new(h, kv, bias, vb.pp("v_proj"))?,
             o_proj: Proj::new(q, h, false, vb.pp("o_proj"))?,
+            qkv: None,
             qk_norm,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim,
         })
+    }
+
+    /// Queries, keys and values of `x` (b, t, hidden) as (b, heads, t, head_dim), before any norm
+    /// or rotary: one stacked product when packed.
+    fn project_heads(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        if let Some(qkv) = self.qkv.as_ref().filter(|_| gradient_free(&[x])) {
+            let y = qkv.forward(x)?.reshape((b, t, nh + 2 * nkv, hd))?;
+            let heads = |from: usize, n: usize| -> Result<Tensor> { y.narrow(2, from, n)?.transpose(1, 2)?.contiguous() };
+            return Ok((heads(0, nh)?, heads(nh, nkv)?, heads(nh + nkv, nkv)?));
+        }
+        let heads = |proj: &Proj, n: usize| -> Result<Tensor> { proj.forward(x)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous() };
+        Ok((heads(&self.q_proj, nh)?, heads(&self.k_proj, nkv)?, heads(&self.v_proj, nkv)?))
     }
 
     /// `residual + attention(x)`. x: (b, t, hidden); mask: (b, 1, t, t_kv) additive; cache: this
@@ -588,16 +635,13 @@ impl Attention {
         cache: Option<LayerSlot>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let heads =
-            |proj: &Proj, n: usize| -> Result<Tensor> { proj.forward(x)?.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous() };
-        let (mut q, mut k) = (heads(&self.q_proj, self.num_heads)?, heads(&self.k_proj, self.num_kv_heads)?);
+        let (mut q, mut k, v) = self.project_heads(x)?;
         if let Some((q_norm, k_norm)) = &self.qk_norm {
             q = q_norm.forward(&q)?;
             k = k_norm.forward(&k)?;
         }
         let q = rotary.apply(&q, positions)?;
         let k = rotary.apply(&k, positions)?;
-        let v = heads(&self.v_proj, self.num_kv_heads)?;
         let (k, v) = match cache {
             Some((slot, reserve)) => LayerCache::append(slot, &k, &v, reserve)?,
             None => (k, v),
@@ -627,10 +671,10 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |y: Tensor, n: usize| -> Result<Tensor> { y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous() };
-        let project =
-            |proj: &Proj, n: usize| -> Result<Dual> { Ok((heads(proj.forward(x)?, n)?, heads(matmul_t(dx, &proj.weight, None)?, n)?)) };
+        let tangent = |proj: &Proj, n: usize| -> Result<Tensor> { heads(matmul_t(dx, &proj.weight, None)?, n) };
+        let (q, k, v) = self.project_heads(x)?;
         let ((mut q, mut dq), (mut k, mut dk), (v, dv)) =
-            (project(&self.q_proj, nh)?, project(&self.k_proj, nkv)?, project(&self.v_proj, nkv)?);
+            ((q, tangent(&self.q_proj, nh)?), (k, tangent(&self.k_proj, nkv)?), (v, tangent(&self.v_proj, nkv)?));
         if let Some((q_norm, k_norm)) = &self.qk_norm {
             (q, dq) = q_norm.jvp(&q, &dq)?;
             (k, dk) = k_norm.jvp(&k, &dk)?;
@@ -836,16 +880,19 @@ impl Model {
 
     /// Packs every projection for gradient-free products (an f32 CPU model that samples and
     /// scores but is never trained); costs one more copy of the projection weights.
+    /// Projections of one input are packed as one product (q, k and v; gate and up): a decode
+    /// step's products are small, and each costs a parallel region of its own.
     pub fn pack_for_inference(&mut self) -> Result<()> {
-        let mut projections: Vec<&mut Proj> = vec![&mut self.lm_head];
+        let mut jobs: Vec<Packing> = vec![Packing::One(&mut self.lm_head)];
         for layer in &mut self.layers {
-            let attn = &mut layer.self_attn;
-            projections.extend([&mut attn.q_proj, &mut attn.k_proj, &mut attn.v_proj, &mut attn.o_proj]);
-            projections.extend(layer.mlp.projections());
+            let Attention { q_proj, k_proj, v_proj, o_proj, qkv, .. } = &mut layer.self_attn;
+            jobs.extend([Packing::Stacked(qkv, vec![q_proj, k_proj, v_proj]), Packing::One(o_proj)]);
+            let Mlp { gate_proj, up_proj, down_proj, gate_up } = &mut layer.mlp;
+            jobs.extend([Packing::Stacked(gate_up, vec![gate_proj, up_proj]), Packing::One(down_proj)]);
         }
-        projections.retain(|proj| proj.packable());
+        jobs.retain(|job| job.packable());
         // Every projection at once: one matrix has too few panels to keep the cores busy.
-        projections.into_par_iter().try_for_each(|proj| proj.pack())
+        jobs.into_par_iter().try_for_each(Packing::run)
     }
 
     pub fn dtype(&self) -> DType {
