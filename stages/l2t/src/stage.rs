@@ -48,7 +48,7 @@ impl Stage {
             Stage::Bootstrap => 3,
             Stage::Sample => 1,
             Stage::Segment => 2,
-            Stage::FisherReward => 6,
+            Stage::FisherReward => 7,
             Stage::CreditAssign => 2,
             Stage::GrpoUpdate => 2,
             Stage::Eval => 3,

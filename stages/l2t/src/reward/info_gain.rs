@@ -199,7 +199,8 @@ mod tests {
         let cfg = crate::model::test_config(32, 48, 2, 4, 2);
         let dev = Device::Cpu;
         let model = build_model(&cfg, &init_weights(&cfg, 5, &dev).unwrap(), &dev).unwrap();
-        let (p1, p2) = (vec![3u32, 4, 5], vec![7u32, 8, 9, 10, 11]);
+        // The two prompts share their first two tokens: the pass computes them once.
+        let (p1, p2) = (vec![3u32, 4, 5], vec![3u32, 4, 9, 10, 11]);
         let (z1, z2) = (vec![20u32, 21, 22, 23, 24, 25], vec![30u32, 31]);
         let requests = vec![
             JRequest { ends: vec![2, 5, 6], continuation: vec![40, 41, 50, 51, 52], answer_len: 3 },

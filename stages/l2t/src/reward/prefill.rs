@@ -1,15 +1,18 @@
 //! The one pass over a chunk of rollouts that `J` and the penalty share (l2t-spec 4-5).
 //!
-//! Each distinct prompt is computed once (a group's rollouts share theirs), then every response
-//! continues its prompt's keys and values. The pass fills a KV cache, which `J`'s teacher-forced
+//! The prompts' common prefix (a chat template's system turn) is computed once, then each
+//! distinct prompt's rest once (a group's rollouts share theirs), then every response continues
+//! its prompt's keys and values. The pass fills a KV cache, which `J`'s teacher-forced
 //! continuations decode against, and keeps the residual entering the proxy block's MLP, where the
 //! penalty's tangent starts: the model below the proxy block runs once for both terms.
 //!
-//! Layout of a chunk of `b` rollouts: `P` prompt columns, each prompt left-padded, then `R`
-//! response columns, each response right-padded. Every row's response starts at column `P`, so
-//! response token `s` is predicted at column `P - 1 + s`.
+//! Layout of a chunk of `b` rollouts: `P` prompt columns, each prompt's `L` common tokens first,
+//! then its padding, then the rest of it; then `R` response columns, each response right-padded.
+//! Every row's prompt ends at column `P - 1` and its response starts at column `P`, so response
+//! token `s` is predicted at column `P - 1 + s`. (`L` stops short of the shortest prompt, so that
+//! every prompt has a rest.)
 
-use crate::model::qwen2::MASKED;
+use crate::model::qwen2::{causal_mask, MASKED};
 use crate::model::{KvCache, Model};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
@@ -23,6 +26,8 @@ pub struct SharedPrompts<'a> {
     /// Each rollout's index in `prompts`.
     prompt_of: Vec<usize>,
     responses: Vec<&'a [u32]>,
+    /// `L`: the tokens every prompt starts with, at most the shortest prompt's length less one.
+    common: usize,
     /// `P` and `R`.
     prompt_cols: usize,
     response_cols: usize,
@@ -53,7 +58,15 @@ impl<'a> SharedPrompts<'a> {
         let responses: Vec<&[u32]> = seqs.iter().map(|&(_, z)| z).collect();
         let prompt_cols = prompts.iter().map(|p| p.len()).max().unwrap_or(1);
         let response_cols = responses.iter().map(|z| z.len()).max().unwrap_or(0);
-        Ok(Self { prompts, prompt_of, responses, prompt_cols, response_cols })
+        let common = match prompts.split_first() {
+            Some((first, rest)) if !rest.is_empty() => {
+                let shared = |p: &&[u32]| first.iter().zip(p.iter()).take_while(|(a, b)| a == b).count();
+                rest.iter().map(shared).min().unwrap_or(0).min(prompts.iter().map(|p| p.len() - 1).min().unwrap_or(0))
+            }
+            // One distinct prompt is computed whole in one row: nothing to share.
+            _ => 0,
+        };
+        Ok(Self { prompts, prompt_of, responses, common, prompt_cols, response_cols })
     }
 
     pub fn rows(&self) -> usize {
@@ -79,15 +92,16 @@ impl<'a> SharedPrompts<'a> {
         (self.prompts[self.prompt_of[row]], &self.responses[row][..tokens])
     }
 
-    /// Left padding of a prompt of `len` tokens.
+    /// Padding of a prompt of `len` tokens (after its common prefix).
     fn pad_of(&self, len: usize) -> usize {
         self.prompt_cols - len
     }
 
-    /// Whether column `k` of a row whose prompt is left-padded by `pad` holds that prompt or one
-    /// of its response's first `tokens` tokens.
+    /// Whether column `k` of a row whose prompt is padded by `pad` holds that prompt or one of
+    /// its response's first `tokens` tokens.
     fn holds(&self, pad: usize, tokens: usize, k: usize) -> bool {
-        k >= pad && (k < self.prompt_cols || k - self.prompt_cols < tokens)
+        let p = self.prompt_cols;
+        k < self.common || (k >= self.common + pad && k < p) || (k >= p && k - p < tokens)
     }
 
     /// Whether column `k` of `row` holds its prompt or its response's first `tokens` tokens: the
@@ -107,9 +121,16 @@ impl<'a> SharedPrompts<'a> {
         }
     }
 
-    /// The rotary position of column `c` of a row with a prompt of `prompt_len` tokens.
+    /// The rotary position of column `c` of a row with a prompt of `prompt_len` tokens (any
+    /// valid one in a padding column, which nothing attends to).
     fn position(&self, prompt_len: usize, c: usize) -> u32 {
-        let pos = if c < self.prompt_cols { c.saturating_sub(self.pad_of(prompt_len)) } else { prompt_len + c - self.prompt_cols };
+        let pos = if c < self.common {
+            c
+        } else if c < self.prompt_cols {
+            c.saturating_sub(self.pad_of(prompt_len))
+        } else {
+            prompt_len + c - self.prompt_cols
+        };
         pos as u32
     }
 
@@ -143,11 +164,16 @@ impl<'a> SharedPrompts<'a> {
         let (p, r) = (self.prompt_cols, self.response_cols);
         let mut tokens = Vec::with_capacity(self.rows() * (p + r));
         for (row, response) in self.responses.iter().enumerate() {
-            let prompt = self.prompts[self.prompt_of[row]];
-            tokens.extend(std::iter::repeat_n(pad_id, p - prompt.len()).chain(prompt.iter().copied()));
+            tokens.extend(self.prompt_columns(self.prompts[self.prompt_of[row]], pad_id));
             tokens.extend(response.iter().copied().chain(std::iter::repeat_n(pad_id, r - response.len())));
         }
         Ok(Tensor::from_vec(tokens, (self.rows(), p + r), dev)?)
+    }
+
+    /// A prompt's `P` columns: its common prefix, its padding, its rest.
+    fn prompt_columns<'p>(&self, prompt: &'p [u32], pad_id: u32) -> impl Iterator<Item = u32> + 'p {
+        let (common, rest) = prompt.split_at(self.common);
+        common.iter().copied().chain(std::iter::repeat_n(pad_id, self.pad_of(prompt.len()))).chain(rest.iter().copied())
     }
 
     /// The token each column predicts (b, P + R): response token `s` at column `P - 1 + s`,
@@ -173,28 +199,42 @@ impl<'a> SharedPrompts<'a> {
     }
 
     /// Runs `model` over the layout into a cache with room for `extra` more columns, capturing
-    /// the residual entering layer `capture`'s MLP when asked: the distinct prompts first, their
-    /// cache rows then copied to their rollouts, then every response at once.
+    /// the residual entering layer `capture`'s MLP when asked: the prompts' common prefix first
+    /// (one row), then the rest of each distinct prompt after a copy of it, their cache rows then
+    /// copied to their rollouts, then every response at once.
     pub fn prefill(&self, model: &Model, pad_id: u32, capture: Option<usize>, extra: usize) -> Result<Prefill> {
         let dev = model.device();
-        let (p, t) = (self.prompt_cols, self.columns());
+        let (l, p, t) = (self.common, self.prompt_cols, self.columns());
         let u = self.prompts.len();
-        let mut tokens = Vec::with_capacity(u * p);
-        let (mut positions, mut mask) = (Vec::with_capacity(u * p), Vec::with_capacity(u * p * p));
+        let mut prompt_cache = KvCache::with_capacity(model.cfg.num_hidden_layers, t + extra);
+        let mut common_mid = None;
+        if l > 0 {
+            let tokens = Tensor::from_vec(self.prompts[0][..l].to_vec(), (1, l), &dev)?;
+            let positions = Tensor::arange(0u32, l as u32, &dev)?.unsqueeze(0)?;
+            let mid = model.prefill(&tokens, &positions, &causal_mask(1, l, &dev)?, &mut prompt_cache, capture)?;
+            let copies = Tensor::from_vec(vec![0u32; u], u, &dev)?;
+            prompt_cache = prompt_cache.select_rows(&copies)?;
+            common_mid = mid.map(|m| m.index_select(&copies, 0)).transpose()?;
+        }
+        let mut tokens = Vec::with_capacity(u * (p - l));
+        let (mut positions, mut mask) = (Vec::with_capacity(u * (p - l)), Vec::with_capacity(u * (p - l) * p));
         for prompt in &self.prompts {
             let pad = self.pad_of(prompt.len());
-            tokens.extend(std::iter::repeat_n(pad_id, pad).chain(prompt.iter().copied()));
-            positions.extend((0..p).map(|c| self.position(prompt.len(), c)));
-            mask.extend((0..p).flat_map(|q| (0..p).map(move |k| self.mask_value(pad, 0, q, k))));
+            tokens.extend(self.prompt_columns(prompt, pad_id).skip(l));
+            positions.extend((l..p).map(|c| self.position(prompt.len(), c)));
+            mask.extend((l..p).flat_map(|q| (0..p).map(move |k| self.mask_value(pad, 0, q, k))));
         }
-        let mut prompt_cache = KvCache::with_capacity(model.cfg.num_hidden_layers, t + extra);
-        let prompt_mid = model.prefill(
-            &Tensor::from_vec(tokens, (u, p), &dev)?,
-            &Tensor::from_vec(positions, (u, p), &dev)?,
-            &Tensor::from_vec(mask, (u, 1, p, p), &dev)?,
+        let rest_mid = model.prefill(
+            &Tensor::from_vec(tokens, (u, p - l), &dev)?,
+            &Tensor::from_vec(positions, (u, p - l), &dev)?,
+            &Tensor::from_vec(mask, (u, 1, p - l, p), &dev)?,
             &mut prompt_cache,
             capture,
         )?;
+        let prompt_mid = match (common_mid, rest_mid) {
+            (Some(common), Some(rest)) => Some(Tensor::cat(&[common, rest], 1)?),
+            (_, rest) => rest,
+        };
         let rows = Tensor::from_vec(self.prompt_of.iter().map(|&i| i as u32).collect::<Vec<_>>(), self.rows(), &dev)?;
         let mut cache = prompt_cache.select_rows(&rows)?;
         let mut mid = prompt_mid.map(|m| m.index_select(&rows, 0)).transpose()?;
@@ -249,29 +289,58 @@ mod tests {
         assert!(SharedPrompts::new(&[(&[], &z1)]).is_err());
     }
 
+    /// Prompts that start alike: their common prefix (short of the shortest prompt) comes
+    /// first, then each prompt's padding and rest; positions skip the padding.
+    #[test]
+    fn a_common_prefix_comes_first() {
+        let (p1, p2, p3) = (vec![1u32, 2, 3, 4], vec![1u32, 2, 9], vec![1u32, 2, 3]);
+        let (z1, z2) = (vec![20u32, 21], vec![30u32]);
+        let layout = SharedPrompts::new(&[(&p1, &z1), (&p2, &z2), (&p3, &z1)]).unwrap();
+        let dev = Device::Cpu;
+        assert_eq!((layout.common, layout.columns(), layout.response_offset()), (2, 6, 3));
+        let tokens: Vec<Vec<u32>> = layout.tokens(0, &dev).unwrap().to_vec2().unwrap();
+        assert_eq!(tokens, [vec![1, 2, 3, 4, 20, 21], vec![1, 2, 0, 9, 30, 0], vec![1, 2, 0, 3, 20, 21]]);
+        let positions: Vec<Vec<u32>> = layout.positions(&dev).unwrap().to_vec2().unwrap();
+        assert_eq!(
+            (positions[0].clone(), &positions[1][..2], &positions[1][3..]),
+            (vec![0, 1, 2, 3, 4, 5], &[0u32, 1][..], &[2u32, 3, 4][..])
+        );
+        // Row 1 sees its common prefix and its rest, not its padding.
+        assert!(layout.in_prefix(1, 0, 1) && !layout.in_prefix(1, 0, 2) && layout.in_prefix(1, 0, 3) && !layout.in_prefix(1, 0, 4));
+        // A prompt that is the others' prefix keeps a rest of one token; one distinct prompt shares nothing.
+        let short = SharedPrompts::new(&[(&p3[..2], &z2), (&p1, &z1)]).unwrap();
+        assert_eq!((short.common, short.response_offset()), (1, 3));
+        assert_eq!(SharedPrompts::new(&[(&p1, &z1), (&p1, &z2)]).unwrap().common, 0);
+    }
+
     /// The shared pass leaves the cache and the captured residual that one pass over each whole
-    /// rollout gives.
+    /// rollout gives, with and without a common prefix.
     #[test]
     fn sharing_prompts_changes_no_value() {
         let cfg = crate::model::test_config(32, 48, 2, 4, 2);
         let dev = Device::Cpu;
         let model = build_model(&cfg, &init_weights(&cfg, 3, &dev).unwrap(), &dev).unwrap();
         let [p1, p2, z1, z2, z3] = seqs();
-        let layout = SharedPrompts::new(&[(&p1, &z1), (&p2, &z2), (&p1, &z3)]).unwrap();
-        let shared = layout.prefill(&model, 0, Some(1), 0).unwrap();
-        let mid = shared.mid.unwrap();
-        let whole =
-            model.forward_to_mlp(&layout.tokens(0, &dev).unwrap(), &layout.positions(&dev).unwrap(), &layout.mask(&dev).unwrap(), 1);
-        let whole = whole.unwrap();
-        for row in 0..3 {
-            // Only the columns a row holds carry meaning.
-            let held: Vec<usize> = (0..7).filter(|&c| layout.in_prefix(row, layout.response_len(row), c)).collect();
-            for c in held {
-                let diff = (mid.get(row).unwrap().get(c).unwrap() - whole.get(row).unwrap().get(c).unwrap()).unwrap();
-                let err = diff.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                assert!(err < 1e-5, "row {row} column {c}: {err}");
+        let (q1, q2) = (vec![3u32, 4, 5, 6], vec![3u32, 4, 8]);
+        let chunks: [[(&[u32], &[u32]); 3]; 2] = [[(&p1, &z1), (&p2, &z2), (&p1, &z3)], [(&q1, &z1), (&q2, &z2), (&q1, &z3)]];
+        for seqs in chunks {
+            let layout = SharedPrompts::new(&seqs).unwrap();
+            let shared = layout.prefill(&model, 0, Some(1), 0).unwrap();
+            let mid = shared.mid.unwrap();
+            let whole =
+                model.forward_to_mlp(&layout.tokens(0, &dev).unwrap(), &layout.positions(&dev).unwrap(), &layout.mask(&dev).unwrap(), 1);
+            let whole = whole.unwrap();
+            let columns = layout.columns();
+            for row in 0..3 {
+                // Only the columns a row holds carry meaning.
+                let held: Vec<usize> = (0..columns).filter(|&c| layout.in_prefix(row, layout.response_len(row), c)).collect();
+                for c in held {
+                    let diff = (mid.get(row).unwrap().get(c).unwrap() - whole.get(row).unwrap().get(c).unwrap()).unwrap();
+                    let err = diff.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                    assert!(err < 1e-5, "common {} row {row} column {c}: {err}", layout.common);
+                }
             }
+            assert_eq!(shared.cache.len(), columns);
         }
-        assert_eq!(shared.cache.len(), 7);
     }
 }
