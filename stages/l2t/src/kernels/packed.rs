@@ -46,7 +46,7 @@ impl PackedLinear {
     /// column's sum does not depend on its neighbours). A part without a bias adds zero.
     pub fn stacked(parts: &[(&Tensor, Option<&Tensor>)]) -> Result<Self> {
         let Some(((first, _), rest)) = parts.split_first() else { candle_core::bail!("packing needs at least one projection") };
-        let n_in = first.dim(1)?;
+        let (_, n_in) = first.dims2()?;
         let weights: Vec<Tensor> = parts.iter().map(|(w, _)| w.contiguous()).collect::<Result<_>>()?;
         if let Some(other) = rest.iter().find(|(w, _)| !matches!(w.dims2(), Ok((_, k)) if k == n_in)) {
             candle_core::bail!("stacked projections take one input width: {:?} and {:?}", first.dims(), other.0.dims());
@@ -59,10 +59,7 @@ impl PackedLinear {
                 (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) => &values[start..end],
                 _ => return Err(candle_core::Error::Msg(format!("packing needs f32 weights on the CPU, not {:?}", w.dtype()))),
             };
-            rows.extend(values.chunks_exact(n_in.max(1)).take(w.dim(0)?));
-            if n_in == 0 {
-                rows.extend(std::iter::repeat_n(&values[..0], w.dim(0)?));
-            }
+            rows.extend((0..w.dim(0)?).map(|r| &values[r * n_in..(r + 1) * n_in]));
         }
         let n_out = rows.len();
         let n_panels = n_out.div_ceil(PANEL);
@@ -581,6 +578,10 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+    }
+
     fn tensor(rows: usize, cols: usize, seed: f32) -> Tensor {
         let v: Vec<f32> = (0..rows * cols).map(|i| ((i as f32 + seed) * 0.7316).sin()).collect();
         Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
@@ -608,7 +609,6 @@ mod tests {
     /// stacked gate/up the bits of the fused swiglu over the two products.
     #[test]
     fn stacked_projections_give_each_parts_bits() {
-        let bits = |t: &Tensor| -> Vec<u32> { t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect() };
         let x = tensor(9, 40, 0.0);
         let (a, b, c) = (tensor(70, 40, 1.0), tensor(24, 40, 2.0), tensor(24, 40, 3.0));
         let bias = tensor(1, 24, 4.0).squeeze(0).unwrap();
@@ -636,8 +636,6 @@ mod tests {
                 let packed = PackedLinear::new(&w, bias).unwrap();
                 let want = (&residual + packed.forward(&x).unwrap()).unwrap();
                 let got = packed.forward_residual(&x, &residual).unwrap();
-                let bits =
-                    |t: &Tensor| -> Vec<u32> { t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect() };
                 assert_eq!(bits(&got), bits(&want), "rows {rows} in {n_in} out {n_out}");
             }
         }
