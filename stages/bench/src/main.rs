@@ -152,13 +152,18 @@ const MODELS: [&str; 4] = ["smollm2-shape", "qwen2.5-1.5b-shape", "smollm2", "ti
 
 fn run(args: &Args, workload: &str) -> Result<()> {
     let ctx = args.common.ctx()?;
+    // On the kernels' pool, as a stage's work runs.
+    l2t::kernels::on_pool(|| run_on(args, &ctx, workload))
+}
+
+fn run_on(args: &Args, ctx: &l2t::pipeline::Ctx, workload: &str) -> Result<()> {
     let (dev, dtype) = (ctx.device.clone(), ctx.dtype);
     BACKEND.get_or_init(|| ctx.backend());
     let unknown = || anyhow::anyhow!("unknown workload {workload:?} (`--workload list` lists them)");
     match workload {
-        "tiny-iteration-stages" => return stage_times(&ctx),
+        "tiny-iteration-stages" => return stage_times(ctx),
         "check-fixtures" => return check_fixtures(&args.fixtures, &dev, dtype),
-        "check-iteration" => return check_iteration(&ctx),
+        "check-iteration" => return check_iteration(ctx),
         _ => {}
     }
     let (model_name, rest) =

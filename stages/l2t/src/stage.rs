@@ -45,12 +45,12 @@ impl Stage {
     pub fn version(self) -> u32 {
         match self {
             Stage::Prepare => 5,
-            Stage::Bootstrap => 3,
+            Stage::Bootstrap => 4,
             Stage::Sample => 1,
             Stage::Segment => 2,
             Stage::FisherReward => 7,
             Stage::CreditAssign => 2,
-            Stage::GrpoUpdate => 2,
+            Stage::GrpoUpdate => 3,
             Stage::Eval => 3,
         }
     }

@@ -205,26 +205,46 @@ impl CustomOp2 for RmsNorm {
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let width = w.dim(0)?;
         let (xv, wv, mut gv) = (values(x)?, values(w)?, values(g)?);
-        let chunk = task_rows(width) * width;
-        let dw = gv
-            .par_chunks_mut(chunk)
-            .zip(xv.par_chunks(chunk))
-            .map(|(gs, xs)| {
-                let mut dw = vec![0f32; width];
-                for (g, x) in gs.chunks_mut(width).zip(xs.chunks(width)) {
-                    let r = self.inv_rms(x);
-                    let dot: f32 = g.iter().zip(&wv).zip(x).map(|((g, w), x)| g * w * x).sum();
-                    let k = r * r * r * dot / width as f32;
-                    for (((g, &w), &x), dw) in g.iter_mut().zip(&wv).zip(x).zip(dw.iter_mut()) {
-                        *dw += *g * x * r;
-                        *g = r * *g * w - x * k;
-                    }
-                }
-                dw
-            })
-            .reduce(|| vec![0f32; width], |a, b| a.iter().zip(&b).map(|(a, b)| a + b).collect());
+        let dw = rms_norm_backward(&xv, &wv, width, &mut gv, |_, x| self.inv_rms(x));
         Ok((Some(like(gv, x)?), Some(like(dw, w)?)))
     }
+}
+
+/// The backward pass of RMS normalisation for the output gradient `dy` over rows of `width`, in
+/// place (it becomes dx): `dx = r g w - x r^3 sum(g w x) / n`; returns the weight's gradient, the
+/// sum over rows of `g x r`, where `inv_rms(i, x_i)` is row i's `r`. The tasks' partial sums are
+/// added in row order, so the bits do not depend on how the pool split the rows.
+pub(crate) fn rms_norm_backward(
+    x: &[f32],
+    weight: &[f32],
+    width: usize,
+    dy: &mut [f32],
+    inv_rms: impl Fn(usize, &[f32]) -> f32 + Sync,
+) -> Vec<f32> {
+    let rows = task_rows(width);
+    let partials: Vec<Vec<f32>> = dy
+        .par_chunks_mut(rows * width)
+        .zip(x.par_chunks(rows * width))
+        .enumerate()
+        .map(|(task, (gs, xs))| {
+            let mut dw = vec![0f32; width];
+            for (i, (g, x)) in gs.chunks_mut(width).zip(xs.chunks(width)).enumerate() {
+                let r = inv_rms(task * rows + i, x);
+                let dot: f32 = g.iter().zip(weight).zip(x).map(|((g, w), x)| g * w * x).sum();
+                let k = r * r * r * dot / width as f32;
+                for (((g, &w), &x), dw) in g.iter_mut().zip(weight).zip(x).zip(dw.iter_mut()) {
+                    *dw += *g * x * r;
+                    *g = r * *g * w - x * k;
+                }
+            }
+            dw
+        })
+        .collect();
+    let mut dw = vec![0f32; width];
+    for partial in &partials {
+        dw.iter_mut().zip(partial).for_each(|(d, p)| *d += p);
+    }
+    dw
 }
 
 struct Rope {
@@ -389,5 +409,36 @@ mod tests {
             },
             1e-5,
         );
+    }
+
+    /// The weight's gradient of the RMS norm's backward pass has the same bits however many
+    /// threads split the rows (a reduction in the pool's order would not).
+    #[test]
+    fn rms_norm_weight_gradient_bits_do_not_depend_on_the_threads() {
+        let width = 96;
+        let rows = 40 * task_rows(width) + 3;
+        let wave = |i: usize, f: f32| (i as f32 * f).sin();
+        let x: Vec<f32> = (0..rows * width).map(|i| wave(i, 0.37) * 3.0).collect();
+        let weight: Vec<f32> = (0..width).map(|i| 1.0 + wave(i, 1.3)).collect();
+        let dy: Vec<f32> = (0..rows * width).map(|i| wave(i, 0.11)).collect();
+        let inv: Vec<f32> = x.chunks(width).map(|r| 1.0 / (r.iter().map(|v| v * v).sum::<f32>() / width as f32 + 1e-5).sqrt()).collect();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let mut dx = dy.clone();
+            let dw = pool.install(|| rms_norm_backward(&x, &weight, width, &mut dx, |row, _| inv[row]));
+            (dx, dw)
+        };
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        let (dx1, dw1) = run(1);
+        for threads in [2, 3, 8] {
+            let (dx, dw) = run(threads);
+            assert_eq!(bits(&dx), bits(&dx1), "dx with {threads} threads");
+            assert_eq!(bits(&dw), bits(&dw1), "dw with {threads} threads");
+        }
+        // And the sum is the gradient: sum over rows of g x r, to f32 rounding.
+        for j in [0, 17, width - 1] {
+            let want: f64 = (0..rows).map(|r| f64::from(dy[r * width + j] * x[r * width + j] * inv[r])).sum();
+            assert!((f64::from(dw1[j]) - want).abs() < 1e-4 * want.abs().max(1.0), "dw[{j}] = {} != {want}", dw1[j]);
+        }
     }
 }

@@ -37,6 +37,21 @@ pub fn open_device(spec: DeviceSpec) -> Result<Device> {
     }
 }
 
+/// Runs `work` on a thread of the CPU kernels' pool (rayon's global pool) and waits for it. A
+/// parallel region started from outside the pool is injected into it: the caller sleeps on a
+/// latch while a worker is woken, two futex round trips for every product, and a decode step
+/// starts ~120 products. From a worker, a region's jobs go on that worker's own queue and it
+/// works on them itself. With one thread the caller keeps the work: the lone worker, blocked on a
+/// thread of the caller's (the tokenizer's parse, D~'s eigenproblems) that waits on the pool in
+/// turn, would never be relieved. [`generic`]'s switch goes along.
+pub fn on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() || rayon::current_num_threads() < 2 {
+        return work();
+    }
+    let generic_ops = GENERIC.with(|g| g.get());
+    rayon::scope(|_| if generic_ops { generic(work) } else { work() })
+}
+
 /// Whether a tensor takes the CPU backend's kernels: f32 on the CPU. Anything else (another
 /// dtype, another device) takes candle's composed ops.
 pub fn cpu_f32(x: &Tensor) -> bool {

@@ -143,7 +143,7 @@ fn execute(
     slot: &str,
     params: serde_json::Value,
     inputs: Vec<InputRef>,
-    compute: impl FnOnce(&mut Staging) -> Result<serde_json::Value>,
+    compute: impl FnOnce(&mut Staging) -> Result<serde_json::Value> + Send,
 ) -> Result<Summary> {
     let started = Instant::now();
     let backend = ctx.backend();
@@ -156,7 +156,7 @@ fn execute(
         Claim::Mine(lock) => {
             let computing = Instant::now(); // the wall time excludes waiting for another process
             let mut staging = ctx.store.begin(&key)?;
-            let metrics = compute(&mut staging)?;
+            let metrics = crate::kernels::on_pool(|| compute(&mut staging))?;
             let mut manifest = Manifest::new(stage.name(), stage.version(), &key, params, inputs, ctx.config.seed);
             manifest.device = backend.device;
             manifest.dtype = backend.dtype;

@@ -116,7 +116,7 @@ fn shard_params(params: &serde_json::Value, shard: Shard) -> serde_json::Value {
 /// `ctx.part` says. `finish_inputs` are read only by [`Sharded::finish`]: the key of the whole
 /// run and the merge covers them after `inputs`, a shard's key does not.
 #[allow(clippy::too_many_arguments)]
-pub fn execute_sharded<J: Sharded>(
+pub fn execute_sharded<J: Sharded + Sync>(
     ctx: &Ctx,
     stage: Stage,
     slot: &str,

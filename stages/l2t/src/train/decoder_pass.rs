@@ -77,27 +77,10 @@ fn rms_norm(x: &[f32], weight: &[f32], width: usize, eps: f32) -> (Vec<f32>, Vec
     (y, inv)
 }
 
-/// The backward pass of [`rms_norm`] for the output gradient `dy`, in place (it becomes dx):
-/// `dx = r g w - x r^3 sum(g w x) / n`; `dw += sum over rows of g x r`.
+/// The backward pass of [`rms_norm`] for the output gradient `dy`, in place (it becomes dx), its
+/// weight's gradient added to `dw`.
 fn rms_norm_backward(x: &[f32], inv: &[f32], weight: &[f32], width: usize, dy: &mut [f32], dw: &mut [f32]) {
-    let rows = task_rows(width);
-    let partial = dy
-        .par_chunks_mut(rows * width)
-        .zip(x.par_chunks(rows * width))
-        .zip(inv.par_chunks(rows))
-        .map(|((gs, xs), invs)| {
-            let mut dw = vec![0f32; width];
-            for ((g, x), &r) in gs.chunks_mut(width).zip(xs.chunks(width)).zip(invs) {
-                let dot: f32 = g.iter().zip(weight).zip(x).map(|((g, w), x)| g * w * x).sum();
-                let k = r * r * r * dot / width as f32;
-                for (((g, &w), &x), dw) in g.iter_mut().zip(weight).zip(x).zip(dw.iter_mut()) {
-                    *dw += *g * x * r;
-                    *g = r * *g * w - x * k;
-                }
-            }
-            dw
-        })
-        .reduce(|| vec![0f32; width], |a, b| a.iter().zip(&b).map(|(a, b)| a + b).collect());
+    let partial = kernels::fused::rms_norm_backward(x, weight, width, dy, |row, _| inv[row]);
     dw.iter_mut().zip(&partial).for_each(|(d, p)| *d += p);
 }
 
