@@ -114,7 +114,7 @@ pub fn generate(
     }
     let mut out = Vec::with_capacity(requests.len());
     for chunk in requests.chunks(batch_rows.max(1)) {
-        out.extend(generate_batch(policy, chunk, params).context("sampling a batch")?);
+        out.extend(crate::kernels::with_pool_awake(|| generate_batch(policy, chunk, params)).context("sampling a batch")?);
         on_batch_done(chunk.len());
     }
     Ok(out)

@@ -52,6 +52,42 @@ pub fn on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| if generic_ops { generic(work) } else { work() })
 }
 
+/// Runs `work` (on a thread of the pool) with the pool's other threads kept awake: each spins,
+/// taking whatever jobs appear, until `work` returns. Between a decode step's ~120 short
+/// products the serial ops outlast rayon's spin, so an idle worker goes to sleep and every
+/// product paid a futex wake-up to get it back; OpenMP runtimes spin the same way. Only for
+/// loops of short parallel regions: a spinning thread holds its core.
+pub fn with_pool_awake<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let Some(owner) = rayon::current_thread_index() else { return work() };
+    if rayon::current_num_threads() < 2 {
+        return work();
+    }
+    struct Done(Arc<AtomicBool>);
+    impl Drop for Done {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    let done = Done(Arc::new(AtomicBool::new(false)));
+    let flag = Arc::clone(&done.0);
+    rayon::spawn_broadcast(move |ctx| {
+        // The owner never spins: it would bury `work`, which sets the flag, under the loop.
+        if ctx.index() == owner {
+            return;
+        }
+        while !flag.load(Ordering::Acquire) {
+            if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                std::hint::spin_loop();
+            }
+        }
+    });
+    let result = work();
+    drop(done);
+    result
+}
+
 /// Whether a tensor takes the CPU backend's kernels: f32 on the CPU. Anything else (another
 /// dtype, another device) takes candle's composed ops.
 pub fn cpu_f32(x: &Tensor) -> bool {
