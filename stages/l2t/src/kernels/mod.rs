@@ -70,6 +70,7 @@ pub fn with_pool_awake<R: Send>(work: impl FnOnce() -> R + Send) -> R {
             self.0.store(true, Ordering::Release);
         }
     }
+    // Set when `work` returns or unwinds.
     let done = Done(Arc::new(AtomicBool::new(false)));
     let flag = Arc::clone(&done.0);
     rayon::spawn_broadcast(move |ctx| {
@@ -83,9 +84,7 @@ pub fn with_pool_awake<R: Send>(work: impl FnOnce() -> R + Send) -> R {
             }
         }
     });
-    let result = work();
-    drop(done);
-    result
+    work()
 }
 
 /// Whether a tensor takes the CPU backend's kernels: f32 on the CPU. Anything else (another
