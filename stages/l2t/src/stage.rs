@@ -46,12 +46,12 @@ impl Stage {
         match self {
             Stage::Prepare => 5,
             Stage::Bootstrap => 4,
-            Stage::Sample => 1,
+            Stage::Sample => 2,
             Stage::Segment => 2,
-            Stage::FisherReward => 7,
+            Stage::FisherReward => 8,
             Stage::CreditAssign => 2,
-            Stage::GrpoUpdate => 3,
-            Stage::Eval => 3,
+            Stage::GrpoUpdate => 4,
+            Stage::Eval => 4,
         }
     }
 

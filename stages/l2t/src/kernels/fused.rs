@@ -60,6 +60,14 @@ pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &
     Ok(&data[start..end])
 }
 
+/// [`contiguous_f32`] of a tensor's storage, which must be on the CPU.
+fn contiguous_f32_of<'a>(storage: &'a candle_core::Storage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    match storage {
+        candle_core::Storage::Cpu(cpu) => contiguous_f32(cpu, layout, op),
+        _ => candle_core::bail!("{op}: a CPU tensor expected"),
+    }
+}
+
 /// [`contiguous_f32`], writable (the in-place ops' destination).
 pub(crate) fn contiguous_f32_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout, op: &str) -> Result<&'a mut [f32]> {
     let CpuStorage::F32(data) = storage else { candle_core::bail!("{op}: f32 input expected") };
@@ -265,15 +273,90 @@ impl Rope {
             for (p, v) in head.chunks_mut(d).enumerate() {
                 let at = (b * t + p) * half;
                 let (cos, sin) = (&self.cos[at..at + half], &self.sin[at..at + half]);
-                let (x1, x2) = v.split_at_mut(half);
-                for i in 0..half {
-                    let (a, c) = (x1[i], x2[i]);
-                    x1[i] = a * cos[i] - sign * c * sin[i];
-                    x2[i] = sign * a * sin[i] + c * cos[i];
-                }
+                rotate_pairs(v, cos, sin, sign);
             }
         });
     }
+}
+
+/// Rotates the pairs (x1[i], x2[i]) of one head's halves by the angle whose cosines and sines
+/// are given (`sign` -1 rotates back): y1 = x1 cos - sign * x2 sin, y2 = sign * x1 sin + x2 cos.
+fn rotate_pairs(head: &mut [f32], cos: &[f32], sin: &[f32], sign: f32) {
+    let (x1, x2) = head.split_at_mut(head.len() / 2);
+    for i in 0..x1.len() {
+        let (a, c) = (x1[i], x2[i]);
+        x1[i] = a * cos[i] - sign * c * sin[i];
+        x2[i] = sign * a * sin[i] + c * cos[i];
+    }
+}
+
+/// A stacked projection's output `qkv` (b, t, heads + 2 kv, d) split into queries (b, heads, t, d)
+/// and keys and values (b, kv, t, d), the queries and keys rotated as [`rope`] rotates them (the
+/// same bits) while they are copied out: one pass over the rows instead of a copy per part and a
+/// rotation of its own per rotated part. `cos`, `sin`: the tables (positions, d / 2), indexed by
+/// `positions` (b, t). Gradient-free.
+pub fn split_heads_rotated(
+    qkv: &Tensor,
+    (heads, kv): (usize, usize),
+    positions: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, t, parts, d) = qkv.dims4()?;
+    let (n_pos, half) = cos.dims2()?;
+    if parts != heads + 2 * kv || sin.dims() != [n_pos, half] || 2 * half != d || positions.dims() != [b, t] {
+        candle_core::bail!(
+            "split-heads-rotated: {:?} for {heads} + 2 x {kv} heads, tables {:?} / {:?}, positions {:?}",
+            qkv.dims(),
+            cos.dims(),
+            sin.dims(),
+            positions.dims()
+        );
+    }
+    let positions: Vec<u32> = positions.flatten_all()?.to_vec1()?;
+    if let Some(p) = positions.iter().find(|&&p| p as usize >= n_pos) {
+        candle_core::bail!("split-heads-rotated: position {p} past the rotary tables' {n_pos}");
+    }
+    let (qkv, cos, sin) = (qkv.contiguous()?, cos.contiguous()?, sin.contiguous()?);
+    let (y_guard, y_layout) = qkv.storage_and_layout();
+    let (c_guard, c_layout) = cos.storage_and_layout();
+    let (s_guard, s_layout) = sin.storage_and_layout();
+    let (y, cos, sin) = (
+        contiguous_f32_of(&y_guard, y_layout, "split-heads-rotated")?,
+        contiguous_f32_of(&c_guard, c_layout, "split-heads-rotated")?,
+        contiguous_f32_of(&s_guard, s_layout, "split-heads-rotated")?,
+    );
+    let mut outs = [heads, kv, kv].map(|n| vec![0f32; b * n * t * d]);
+    let [q, k, v] = &mut outs;
+    // Task: one (sequence, head) of one part, its t rows; `first`: the part's first head in qkv.
+    fn tasks(
+        out: &mut [f32],
+        len: usize,
+        n: usize,
+        first: usize,
+        rotate: bool,
+    ) -> impl IndexedParallelIterator<Item = (&mut [f32], usize, usize, bool)> {
+        out.par_chunks_mut(len.max(1)).enumerate().map(move |(bh, rows)| (rows, bh / n.max(1), first + bh % n.max(1), rotate))
+    }
+    let len = t * d;
+    tasks(q, len, heads, 0, true)
+        .chain(tasks(k, len, kv, heads, true))
+        .chain(tasks(v, len, kv, heads + kv, false))
+        .with_min_len(task_rows(len))
+        .for_each(|(rows, seq, head, rotate)| {
+            for (p, row) in rows.chunks_mut(d).enumerate() {
+                let at = ((seq * t + p) * parts + head) * d;
+                row.copy_from_slice(&y[at..at + d]);
+                if rotate {
+                    let at = positions[seq * t + p] as usize * half;
+                    rotate_pairs(row, &cos[at..at + half], &sin[at..at + half], 1.0);
+                }
+            }
+        });
+    drop((y_guard, c_guard, s_guard));
+    let dev = qkv.device();
+    let [q, k, v] = outs;
+    Ok((Tensor::from_vec(q, (b, heads, t, d), dev)?, Tensor::from_vec(k, (b, kv, t, d), dev)?, Tensor::from_vec(v, (b, kv, t, d), dev)?))
 }
 
 impl CustomOp1 for Rope {
@@ -440,5 +523,28 @@ mod tests {
             let want: f64 = (0..rows).map(|r| f64::from(dy[r * width + j] * x[r * width + j] * inv[r])).sum();
             assert!((f64::from(dw1[j]) - want).abs() < 1e-4 * want.abs().max(1.0), "dw[{j}] = {} != {want}", dw1[j]);
         }
+    }
+
+    /// The one-pass split and rotation gives the bits of the split by views and [`rope`] over
+    /// tables gathered at the positions; a position past the tables is an error.
+    #[test]
+    fn split_heads_rotated_is_the_split_then_rope() {
+        let dev = Device::Cpu;
+        let (b, t, heads, kv, d, n_pos) = (2, 7, 4, 2, 8, 20);
+        let qkv = Tensor::randn(0f32, 1.0, (b, t, heads + 2 * kv, d), &dev).unwrap();
+        let (cos, sin) = (Tensor::randn(0f32, 1.0, (n_pos, d / 2), &dev).unwrap(), Tensor::randn(0f32, 1.0, (n_pos, d / 2), &dev).unwrap());
+        let pos: Vec<u32> = (0..b * t).map(|i| ((i * 7) % n_pos) as u32).collect();
+        let positions = Tensor::from_vec(pos.clone(), (b, t), &dev).unwrap();
+        let (q, k, v) = split_heads_rotated(&qkv, (heads, kv), &positions, &cos, &sin).unwrap();
+        let part = |from: usize, n: usize| qkv.narrow(2, from, n).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        let flat = Tensor::from_vec(pos, b * t, &dev).unwrap();
+        let table = |x: &Tensor| x.index_select(&flat, 0).unwrap().reshape((b, t, d / 2)).unwrap();
+        let bits = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&q), bits(&rope(&part(0, heads), &table(&cos), &table(&sin)).unwrap()));
+        assert_eq!(bits(&k), bits(&rope(&part(heads, kv), &table(&cos), &table(&sin)).unwrap()));
+        assert_eq!(bits(&v), bits(&part(heads + kv, kv)));
+        assert_eq!(q.dims(), [b, heads, t, d]);
+        let far = Tensor::from_vec(vec![n_pos as u32; b * t], (b, t), &dev).unwrap();
+        assert!(split_heads_rotated(&qkv, (heads, kv), &far, &cos, &sin).is_err());
     }
 }

@@ -26,6 +26,15 @@ impl<'a> View<'a> {
         Self { data, rows, cols, rs, cs: 1 }
     }
 
+    pub fn n_rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Its first `n` rows (all of them when it has fewer).
+    pub fn first_rows(self, n: usize) -> Self {
+        Self { rows: self.rows.min(n), ..self }
+    }
+
     pub fn t(self) -> Self {
         Self { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, ..self }
     }

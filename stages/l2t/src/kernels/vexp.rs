@@ -20,37 +20,47 @@ pub fn log_sum_exp(row: &[f32]) -> f32 {
 /// Writes exp((row[i] - shift) * scale) into `out` (when given; at least as long as `row`) and
 /// returns their sum.
 pub fn exp_scaled(row: &[f32], shift: f32, scale: f32, out: Option<&mut [f32]>) -> f32 {
-    // The vector path writes `row.len()` values through a raw pointer.
     if let Some(out) = &out {
         assert!(out.len() >= row.len(), "exp_scaled: {} outputs for {} values", out.len(), row.len());
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked just above); `out` holds `row.len()` values (asserted).
-        return unsafe { exp_scaled_avx512(row, shift, scale, out) };
-    }
-    match out {
-        Some(out) => row
-            .iter()
-            .zip(out.iter_mut())
-            .map(|(&l, o)| {
-                *o = ((l - shift) * scale).exp();
-                *o
-            })
-            .sum(),
-        None => row.iter().map(|&l| ((l - shift) * scale).exp()).sum(),
-    }
+    let out = out.map_or(std::ptr::null_mut(), |o| o.as_mut_ptr());
+    // SAFETY: `row.len()` values are read from `row` and, when `out` is not null, written to
+    // `out`, which holds at least as many (asserted above) and, a unique borrow, overlaps nothing.
+    unsafe { exp_scaled_raw(row.as_ptr(), row.len(), shift, scale, out) }
 }
 
-/// Softmax of a row, in place.
+/// Softmax of a row, in place: the exponentials of [`exp_scaled`] over the row itself, no
+/// buffer of their own.
 pub fn softmax_in_place(row: &mut [f32]) {
     let m = max(row);
-    let mut exps = vec![0f32; row.len()];
-    let sum = exp_scaled(row, m, 1.0, Some(&mut exps));
+    let at = row.as_mut_ptr();
+    // SAFETY: reads and writes the row's own `row.len()` values, each read before it is written.
+    let sum = unsafe { exp_scaled_raw(at, row.len(), m, 1.0, at) };
     let inv = 1.0 / sum;
-    for (r, e) in row.iter_mut().zip(&exps) {
-        *r = e * inv;
+    row.iter_mut().for_each(|r| *r *= inv);
+}
+
+/// The sum of exp((x[i] - shift) * scale) over `n` values at `x`, each written to `out[i]` when
+/// `out` is not null (value `i` is read before `out[i]` is written, so `out` may be `x`).
+///
+/// # Safety
+/// `x` is valid for `n` reads and a non-null `out` for `n` writes; `out` either is `x` or
+/// overlaps nothing else in use.
+unsafe fn exp_scaled_raw(x: *const f32, n: usize, shift: f32, scale: f32, out: *mut f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked just above); the pointers as this function's.
+        return unsafe { exp_scaled_avx512(x, n, shift, scale, out) };
     }
+    let mut sum = 0f32;
+    for i in 0..n {
+        let e = ((*x.add(i) - shift) * scale).exp();
+        if !out.is_null() {
+            *out.add(i) = e;
+        }
+        sum += e;
+    }
+    sum
 }
 
 /// gate <- silu(gate) * up = gate / (1 + exp(-gate)) * up.
@@ -87,23 +97,22 @@ unsafe fn swiglu_avx512(gate: &mut [f32], up: &[f32]) {
 }
 
 /// # Safety
-/// The CPU has AVX-512F, and `out`, when given, holds at least `row.len()` values.
+/// The CPU has AVX-512F; the pointers as [`exp_scaled_raw`]'s.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn exp_scaled_avx512(row: &[f32], shift: f32, scale: f32, mut out: Option<&mut [f32]>) -> f32 {
+unsafe fn exp_scaled_avx512(x: *const f32, n: usize, shift: f32, scale: f32, out: *mut f32) -> f32 {
     use std::arch::x86_64::*;
     let (s, c) = (_mm512_set1_ps(shift), _mm512_set1_ps(scale));
     let mut acc = _mm512_setzero_ps();
-    let n = row.len();
     let mut i = 0;
     while i < n {
         let lanes = (n - i).min(16);
         let mask: u16 = if lanes == 16 { u16::MAX } else { (1u16 << lanes) - 1 };
-        let x = _mm512_maskz_loadu_ps(mask, row.as_ptr().add(i));
-        let e = exp_avx512(_mm512_mul_ps(_mm512_sub_ps(x, s), c));
+        let v = _mm512_maskz_loadu_ps(mask, x.add(i));
+        let e = exp_avx512(_mm512_mul_ps(_mm512_sub_ps(v, s), c));
         let e = _mm512_maskz_mov_ps(mask, e);
-        if let Some(out) = out.as_deref_mut() {
-            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), mask, e);
+        if !out.is_null() {
+            _mm512_mask_storeu_ps(out.add(i), mask, e);
         }
         acc = _mm512_add_ps(acc, e);
         i += 16;

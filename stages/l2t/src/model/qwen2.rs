@@ -8,6 +8,7 @@
 //! Every forward takes explicit per-row positions and an additive attention mask, so one batch can
 //! hold prompts of different lengths (left padding) and decode from a KV cache.
 
+pub use crate::kernels::attention::MASKED;
 use crate::kernels::{self, attention, fused, packed::PackedLinear};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
@@ -623,6 +624,22 @@ impl Attention {
         Ok((heads(&self.q_proj, nh)?, heads(&self.k_proj, nkv)?, heads(&self.v_proj, nkv)?))
     }
 
+    /// Queries and keys, normed (when the model norms them) and rotated, and values, each
+    /// (b, heads, t, head_dim). A packed projection without norms is split and rotated in one pass.
+    fn rotated_heads(&self, x: &Tensor, positions: &Tensor, rotary: &RotaryEmbedding) -> Result<(Tensor, Tensor, Tensor)> {
+        if let Some(qkv) = self.qkv.as_ref().filter(|_| self.qk_norm.is_none() && gradient_free(&[x])) {
+            let (b, t, _) = x.dims3()?;
+            let y = qkv.forward(x)?.reshape((b, t, self.num_heads + 2 * self.num_kv_heads, self.head_dim))?;
+            return fused::split_heads_rotated(&y, (self.num_heads, self.num_kv_heads), positions, &rotary.cos, &rotary.sin);
+        }
+        let (mut q, mut k, v) = self.project_heads(x)?;
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            q = q_norm.forward(&q)?;
+            k = k_norm.forward(&k)?;
+        }
+        Ok((rotary.apply(&q, positions)?, rotary.apply(&k, positions)?, v))
+    }
+
     /// `residual + attention(x)`. x: (b, t, hidden); mask: (b, 1, t, t_kv) additive; cache: this
     /// layer's past keys/values.
     fn forward_residual(
@@ -635,13 +652,7 @@ impl Attention {
         cache: Option<LayerSlot>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let (mut q, mut k, v) = self.project_heads(x)?;
-        if let Some((q_norm, k_norm)) = &self.qk_norm {
-            q = q_norm.forward(&q)?;
-            k = k_norm.forward(&k)?;
-        }
-        let q = rotary.apply(&q, positions)?;
-        let k = rotary.apply(&k, positions)?;
+        let (q, k, v) = self.rotated_heads(x, positions, rotary)?;
         let (k, v) = match cache {
             Some((slot, reserve)) => LayerCache::append(slot, &k, &v, reserve)?,
             None => (k, v),
@@ -757,9 +768,6 @@ pub struct Model {
     rotary: RotaryEmbedding,
     pub cfg: Config,
 }
-
-/// Additive mask value: large enough to zero a probability, finite so that no row is all -inf.
-pub const MASKED: f32 = -1e9;
 
 impl Model {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
