@@ -19,8 +19,6 @@ const ROWS: usize = 6;
 const STEPS: usize = 128;
 /// Rows per parallel task, so a task's activations stay in cache while its panels stream by.
 const ROW_CHUNK: usize = 16 * ROWS;
-/// Values of an elementwise pass handed to one parallel task at least.
-const MIN_TASK_VALUES: usize = 1 << 14;
 /// Panel bytes a task may touch, about one core's L2 cache.
 const TASK_PANEL_BYTES: usize = 1 << 20;
 
@@ -207,53 +205,79 @@ impl PackedLinear {
             }
             return;
         }
-        let n_panels = n.div_ceil(PANEL);
-        let row_chunks = rows.div_ceil(ROW_CHUNK);
-        // Enough tasks to keep every thread busy when the rows are few (decoding), each touching
-        // at most about an L2 cache of panels.
-        let wanted_groups = (4 * rayon::current_num_threads()).div_ceil(row_chunks);
-        let fit = (TASK_PANEL_BYTES / (k * PANEL * 4)).max(1);
-        let per_group = n_panels.div_ceil(wanted_groups).clamp(1, fit);
-        let groups = n_panels.div_ceil(per_group);
         let out = OutPtr(y);
         let kernel = Kernel::detect();
-        (0..row_chunks * groups).into_par_iter().for_each(|task| {
-            let (chunk, group) = (task / groups, task % groups);
-            let row_range = chunk * ROW_CHUNK..((chunk + 1) * ROW_CHUNK).min(rows);
-            for p in group * per_group..((group + 1) * per_group).min(n_panels) {
-                let panel = &self.panels[p * k * PANEL..(p + 1) * k * PANEL];
-                let bias = self.bias.as_ref().map(|b| &b[p * PANEL..(p + 1) * PANEL]);
-                let cols = PANEL.min(n - p * PANEL);
-                // Every row block takes the same slice of the panel in turn, so the panel streams
-                // from memory once, at an even pace, and is reused from L1 by the other blocks;
-                // the next slice is prefetched meanwhile, a share per block.
-                for steps in (0..k).step_by(STEPS).map(|i| i..(i + STEPS).min(k)) {
-                    let next = if steps.end < k { &panel[steps.end * PANEL..(steps.end + STEPS).min(k) * PANEL] } else { &[] };
-                    let blocks = row_range.len().div_ceil(ROWS);
-                    let share = next.len().div_ceil(blocks);
-                    for b in 0..blocks {
-                        let r = row_range.start + b * ROWS;
-                        let prefetch = &next[(b * share).min(next.len())..((b + 1) * share).min(next.len())];
-                        let block = Block {
-                            rows: ROWS.min(row_range.end - r),
-                            x: &x[r * k..],
-                            k,
-                            panel,
-                            bias,
-                            residual: residual.map(|res| &res[r * n + p * PANEL..]),
-                            // SAFETY: tasks write disjoint (row, column) blocks of `y`, which
-                            // outlives the parallel loop.
-                            y: unsafe { out.at(r * n + p * PANEL) },
-                            y_stride: n,
-                            cols,
-                        };
-                        // SAFETY: the block's rows and columns lie inside `x`, `panel` and `y`.
-                        unsafe { kernel.run(&block, steps.clone(), prefetch) };
-                    }
-                }
+        for_each_task(rows, n.div_ceil(PANEL), k, |row_range, panels| {
+            for p in panels {
+                let at = row_range.start * n + p * PANEL;
+                // SAFETY: tasks write disjoint (row, column) blocks of `y`, which outlives the
+                // parallel loop; the panel's columns of the task's rows lie inside it (lengths
+                // checked above), as do the residual's.
+                unsafe { self.run_panel(kernel, x, row_range.clone(), p, residual.map(|res| &res[at..]), (out.at(at), n)) };
             }
         });
     }
+
+    /// Panel `p` times the rows `rows` of `x`, into `y` (the first row's output of the panel's
+    /// first column; rows `y_stride` apart), plus `residual` (laid out as `y`) when given.
+    ///
+    /// # Safety
+    /// `y` (and `residual`) hold `rows.len()` rows `y_stride` apart of the panel's columns, and
+    /// no other thread touches them meanwhile.
+    unsafe fn run_panel(
+        &self,
+        kernel: Kernel,
+        x: &[f32],
+        rows: std::ops::Range<usize>,
+        p: usize,
+        residual: Option<&[f32]>,
+        (y, y_stride): (*mut f32, usize),
+    ) {
+        let k = self.n_in;
+        let panel = &self.panels[p * k * PANEL..(p + 1) * k * PANEL];
+        let bias = self.bias.as_ref().map(|b| &b[p * PANEL..(p + 1) * PANEL]);
+        let cols = PANEL.min(self.n_out - p * PANEL);
+        let blocks = rows.len().div_ceil(ROWS);
+        // Every row block takes the same slice of the panel in turn, so the panel streams from
+        // memory once, at an even pace, and is reused from L1 by the other blocks; the next slice
+        // is prefetched meanwhile, a share per block.
+        for steps in (0..k).step_by(STEPS).map(|i| i..(i + STEPS).min(k)) {
+            let next = if steps.end < k { &panel[steps.end * PANEL..(steps.end + STEPS).min(k) * PANEL] } else { &[] };
+            let share = next.len().div_ceil(blocks);
+            for b in 0..blocks {
+                let r = rows.start + b * ROWS;
+                let prefetch = &next[(b * share).min(next.len())..((b + 1) * share).min(next.len())];
+                let block = Block {
+                    rows: ROWS.min(rows.end - r),
+                    x: &x[r * k..],
+                    k,
+                    panel,
+                    bias,
+                    residual: residual.map(|res| &res[b * ROWS * y_stride..]),
+                    y: y.add(b * ROWS * y_stride),
+                    y_stride,
+                    cols,
+                };
+                // SAFETY: the block's rows and columns lie inside `x`, `panel` and `y`.
+                kernel.run(&block, steps.clone(), prefetch);
+            }
+        }
+    }
+}
+
+/// Runs `task(rows, panels)` over a grid of row chunks and panel groups on the pool: enough tasks
+/// to keep every thread busy when the rows are few (decoding), each touching at most about an L2
+/// cache of panels (`k` inputs each).
+fn for_each_task(rows: usize, n_panels: usize, k: usize, task: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>) + Sync) {
+    let row_chunks = rows.div_ceil(ROW_CHUNK);
+    let wanted_groups = (4 * rayon::current_num_threads()).div_ceil(row_chunks.max(1));
+    let fit = (TASK_PANEL_BYTES / (k * PANEL * 4).max(1)).max(1);
+    let per_group = n_panels.div_ceil(wanted_groups).clamp(1, fit);
+    let groups = n_panels.div_ceil(per_group);
+    (0..row_chunks * groups).into_par_iter().for_each(|t| {
+        let (chunk, group) = (t / groups, t % groups);
+        task(chunk * ROW_CHUNK..((chunk + 1) * ROW_CHUNK).min(rows), group * per_group..((group + 1) * per_group).min(n_panels))
+    });
 }
 
 /// `sum a_i b_i` in f64, over eight lanes (so the sum vectorises).
@@ -494,33 +518,86 @@ impl CustomOp1 for &PackedLinear {
     }
 }
 
-/// silu(gate) * up of a stacked gate/up product (.., 2 n): each row's gate then its up, side by
-/// side; the bits of the fused swiglu over the two halves.
-struct SwiGluHalves;
+/// An MLP's gated activation `silu(x G^T) * (x U^T)` with `G` and `U` packed side by side, each
+/// padded to whole panels: a task computes a gate panel and the up panel of the same columns for
+/// its rows into a scratch block and stores only their product, so the two projections' (rows,
+/// 2 x width) outputs are never written out and read back. Each value has the bits of the two
+/// products followed by [`vexp::swiglu_in_place`].
+#[derive(Debug)]
+pub struct PackedSwiGlu {
+    /// Gate's panels, then up's: `G` and `U` stacked, each padded with zero rows to whole panels.
+    both: PackedLinear,
+    width: usize,
+}
 
-impl CustomOp1 for SwiGluHalves {
+impl PackedSwiGlu {
+    /// Packs `gate` and `up` (width, in), f32, without biases.
+    pub fn new(gate: &Tensor, up: &Tensor) -> Result<Self> {
+        let (width, n_in) = gate.dims2()?;
+        if up.dims() != [width, n_in] {
+            candle_core::bail!("gated projections of one shape expected: gate {:?}, up {:?}", gate.dims(), up.dims());
+        }
+        let pad = width.next_multiple_of(PANEL) - width;
+        let padded = |w: &Tensor| -> Result<Tensor> {
+            if pad == 0 {
+                return Ok(w.clone());
+            }
+            Tensor::cat(&[w, &Tensor::zeros((pad, n_in), w.dtype(), w.device())?], 0)
+        };
+        Ok(Self { both: PackedLinear::stacked(&[(&padded(gate)?, None), (&padded(up)?, None)])?, width })
+    }
+
+    /// The activations (rows, width) for x (rows, in), row-major.
+    pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let (k, n) = (self.both.n_in, self.width);
+        assert_eq!(x.len(), rows * k, "packed swiglu: input length");
+        let mut y = vec![0f32; rows * n];
+        if y.is_empty() {
+            return y;
+        }
+        let half_panels = n.div_ceil(PANEL);
+        let (out, kernel) = (OutPtr(y.as_mut_ptr()), Kernel::detect());
+        for_each_task(rows, half_panels, k, |row_range, panels| {
+            // Each row of the scratch: the gate panel's outputs, then the up panel's.
+            let mut scratch = vec![0f32; row_range.len() * 2 * PANEL];
+            for p in panels {
+                let cols = PANEL.min(n - p * PANEL);
+                for (part, panel) in [(0, p), (PANEL, half_panels + p)] {
+                    // SAFETY: the scratch holds the task's rows, 2 * PANEL apart, of which the
+                    // panel's PANEL columns start at `part`; only this task uses it.
+                    unsafe { self.both.run_panel(kernel, x, row_range.clone(), panel, None, (scratch.as_mut_ptr().add(part), 2 * PANEL)) };
+                }
+                for (i, row) in scratch.chunks_mut(2 * PANEL).enumerate() {
+                    let (gate, up) = row.split_at_mut(PANEL);
+                    vexp::swiglu_in_place(&mut gate[..cols], &up[..cols]);
+                    // SAFETY: row `row_range.start + i`, columns `p * PANEL ..+ cols` of `y`, inside
+                    // it; tasks write disjoint (row, column) blocks, and `y` outlives the loop.
+                    unsafe { std::ptr::copy_nonoverlapping(gate.as_ptr(), out.at((row_range.start + i) * n + p * PANEL), cols) };
+                }
+            }
+        });
+        y
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(self)
+    }
+}
+
+impl CustomOp1 for PackedSwiGlu {
     fn name(&self) -> &'static str {
-        "swiglu-halves"
+        "packed-swiglu"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = super::fused::contiguous_f32(storage, layout, self.name())?;
-        let Some((&width, lead)) = layout.dims().split_last() else { candle_core::bail!("swiglu-halves: a scalar input") };
-        if width % 2 != 0 {
-            candle_core::bail!("swiglu-halves: an odd width {width}");
+        let x = super::fused::contiguous_f32(storage, layout, self.name())?;
+        let Some((&n_in, lead)) = layout.dims().split_last() else { candle_core::bail!("packed-swiglu: a scalar input") };
+        if n_in != self.both.n_in {
+            candle_core::bail!("packed-swiglu: input width {n_in}, weights expect {}", self.both.n_in);
         }
-        let n = width / 2;
-        let mut out = vec![0f32; y.len() / 2];
-        let rows = (MIN_TASK_VALUES / width.max(1)).max(1);
-        out.par_chunks_mut((rows * n).max(1)).zip(y.par_chunks((rows * width).max(1))).for_each(|(out, y)| {
-            for (out, y) in out.chunks_mut(n.max(1)).zip(y.chunks(width.max(1))) {
-                let (gate, up) = y.split_at(n);
-                out.copy_from_slice(gate);
-                vexp::swiglu_in_place(out, up);
-            }
-        });
-        let shape: Vec<usize> = lead.iter().copied().chain([n]).collect();
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
+        let y = self.matmul(x, lead.iter().product());
+        let shape: Vec<usize> = lead.iter().copied().chain([self.width]).collect();
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
     }
 }
 
@@ -563,10 +640,6 @@ impl PackedLinear {
 
     /// silu(gate) * up of a stacked gate/up projection ([`Self::stacked`] of gate then up), over
     /// the last dimension of an f32 CPU tensor (no gradient).
-    pub fn forward_swiglu(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward(x)?.apply_op1_no_bwd(&SwiGluHalves)
-    }
-
     /// `residual + x W^T + b`, the sum stored as the product finishes (no gradient).
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         x.contiguous()?.apply_op2_no_bwd(&residual.contiguous()?, &WithResidual(self))
@@ -605,8 +678,7 @@ mod tests {
     }
 
     /// Projections stacked into one product give each part's columns with the bits of its own
-    /// product (parts that straddle panels, a bias on one part only), and silu(gate) * up of a
-    /// stacked gate/up the bits of the fused swiglu over the two products.
+    /// product (parts that straddle panels, a bias on one part only).
     #[test]
     fn stacked_projections_give_each_parts_bits() {
         let x = tensor(9, 40, 0.0);
@@ -616,12 +688,23 @@ mod tests {
         let alone: Vec<Tensor> = parts.iter().map(|&(w, b)| PackedLinear::new(w, b).unwrap().forward(&x).unwrap()).collect();
         let stacked = PackedLinear::stacked(&parts).unwrap().forward(&x).unwrap();
         assert_eq!(bits(&stacked), bits(&Tensor::cat(&alone, 1).unwrap()));
-        let (gate, up) = (tensor(50, 40, 5.0), tensor(50, 40, 6.0));
-        let product = |w: &Tensor| PackedLinear::new(w, None).unwrap().forward(&x).unwrap();
-        let want = super::super::fused::swiglu(&product(&gate), &product(&up)).unwrap();
-        let got = PackedLinear::stacked(&[(&gate, None), (&up, None)]).unwrap().forward_swiglu(&x).unwrap();
-        assert_eq!(bits(&got), bits(&want));
         assert!(PackedLinear::stacked(&[(&a, None), (&tensor(3, 8, 0.0), None)]).is_err(), "two input widths");
+    }
+
+    /// The gated product gives the bits of the fused swiglu over the two products: widths ending
+    /// inside a panel and on one, several row chunks, several passes over the inputs, no inputs.
+    #[test]
+    fn gated_product_is_swiglu_of_the_two_products() {
+        for (rows, n_in, width) in [(9, 40, 50), (ROW_CHUNK + 5, 300, 128), (1, 8, 64), (3, 0, 20)] {
+            let x = tensor(rows, n_in, 0.0);
+            let (gate, up) = (tensor(width, n_in, 5.0), tensor(width, n_in, 6.0));
+            let product = |w: &Tensor| PackedLinear::new(w, None).unwrap().forward(&x).unwrap();
+            let want = super::super::fused::swiglu(&product(&gate), &product(&up)).unwrap();
+            let got = PackedSwiGlu::new(&gate, &up).unwrap().forward(&x).unwrap();
+            assert_eq!(got.dims(), [rows, width]);
+            assert_eq!(bits(&got), bits(&want), "{rows} x {n_in} -> {width}");
+        }
+        assert!(PackedSwiGlu::new(&tensor(4, 8, 0.0), &tensor(5, 8, 0.0)).is_err(), "two widths");
     }
 
     /// The residual added as the outputs are stored gives the bits of `residual + x W^T + b`

@@ -9,7 +9,10 @@
 //! hold prompts of different lengths (left padding) and decode from a KV cache.
 
 pub use crate::kernels::attention::MASKED;
-use crate::kernels::{self, attention, fused, packed::PackedLinear};
+use crate::kernels::{
+    self, attention, fused,
+    packed::{PackedLinear, PackedSwiGlu},
+};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, VarBuilder};
 use rayon::prelude::*;
@@ -253,6 +256,8 @@ impl Proj {
 enum Packing<'a> {
     One(&'a mut Proj),
     Stacked(&'a mut Option<Arc<PackedLinear>>, Vec<&'a Proj>),
+    /// An MLP's gate and up projections, as the gated product of [`PackedSwiGlu`].
+    Gated(&'a mut Option<Arc<PackedSwiGlu>>, [&'a Proj; 2]),
 }
 
 impl Packing<'_> {
@@ -260,6 +265,7 @@ impl Packing<'_> {
         match self {
             Packing::One(proj) => proj.packable(),
             Packing::Stacked(_, parts) => parts.iter().all(|proj| proj.packable()),
+            Packing::Gated(_, parts) => parts.iter().all(|proj| proj.packable() && proj.bias.is_none()),
         }
     }
 
@@ -269,6 +275,10 @@ impl Packing<'_> {
             Packing::Stacked(slot, parts) => {
                 let parts: Vec<(&Tensor, Option<&Tensor>)> = parts.iter().map(|p| (&p.weight, p.bias.as_ref())).collect();
                 *slot = Some(Arc::new(PackedLinear::stacked(&parts)?));
+                Ok(())
+            }
+            Packing::Gated(slot, [gate, up]) => {
+                *slot = Some(Arc::new(PackedSwiGlu::new(&gate.weight, &up.weight)?));
                 Ok(())
             }
         }
@@ -454,8 +464,8 @@ struct Mlp {
     gate_proj: Proj,
     up_proj: Proj,
     down_proj: Proj,
-    /// Gate and up packed as one product for inference ([`Model::pack_for_inference`]).
-    gate_up: Option<Arc<PackedLinear>>,
+    /// Gate and up packed as one gated product for inference ([`Model::pack_for_inference`]).
+    gate_up: Option<Arc<PackedSwiGlu>>,
 }
 
 impl Mlp {
@@ -477,7 +487,7 @@ impl Mlp {
     /// `residual + mlp(x)`.
     fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let hidden = match self.gate_up.as_ref().filter(|_| gradient_free(&[x])) {
-            Some(gate_up) => gate_up.forward_swiglu(x)?,
+            Some(gate_up) => gate_up.forward(x)?,
             None => swiglu(self.gate_proj.forward(x)?, self.up_proj.forward(x)?)?,
         };
         self.down_proj.forward_residual(&hidden, residual)
@@ -896,7 +906,7 @@ impl Model {
             let Attention { q_proj, k_proj, v_proj, o_proj, qkv, .. } = &mut layer.self_attn;
             jobs.extend([Packing::Stacked(qkv, vec![q_proj, k_proj, v_proj]), Packing::One(o_proj)]);
             let Mlp { gate_proj, up_proj, down_proj, gate_up } = &mut layer.mlp;
-            jobs.extend([Packing::Stacked(gate_up, vec![gate_proj, up_proj]), Packing::One(down_proj)]);
+            jobs.extend([Packing::Gated(gate_up, [gate_proj, up_proj]), Packing::One(down_proj)]);
         }
         jobs.retain(|job| job.packable());
         // Every projection at once: one matrix has too few panels to keep the cores busy.
