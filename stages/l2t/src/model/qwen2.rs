@@ -8,9 +8,10 @@
 //! Every forward takes explicit per-row positions and an additive attention mask, so one batch can
 //! hold prompts of different lengths (left padding) and decode from a KV cache.
 
-pub use crate::kernels::attention::MASKED;
 use crate::kernels::{
-    self, attention, fused,
+    self,
+    attention::{self, MASKED},
+    fused,
     packed::{PackedLinear, PackedSwiGlu},
 };
 use candle_core::{DType, Device, Module, Result, Tensor, D};

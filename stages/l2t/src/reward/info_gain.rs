@@ -8,7 +8,7 @@
 
 use super::prefill::{Prefill, SharedPrompts};
 use crate::config::JMode;
-use crate::model::qwen2::MASKED;
+use crate::kernels::attention::MASKED;
 use crate::model::Model;
 use anyhow::{bail, Result};
 use candle_core::Tensor;

@@ -12,7 +12,8 @@
 //! token `s` is predicted at column `P - 1 + s`. (`L` stops short of the shortest prompt, so that
 //! every prompt has a rest.)
 
-use crate::model::qwen2::{causal_mask, MASKED};
+use crate::kernels::attention::MASKED;
+use crate::model::qwen2::causal_mask;
 use crate::model::{KvCache, Model};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
