@@ -551,12 +551,14 @@ impl PackedSwiGlu {
     pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let (k, n) = (self.both.n_in, self.width);
         assert_eq!(x.len(), rows * k, "packed swiglu: input length");
-        let mut y = vec![0f32; rows * n];
-        if y.is_empty() {
+        let len = rows * n;
+        // Not zero-filled first: every value is written below before the vector is read.
+        let mut y: Vec<f32> = Vec::with_capacity(len);
+        if len == 0 {
             return y;
         }
         let half_panels = n.div_ceil(PANEL);
-        let (out, kernel) = (OutPtr(y.as_mut_ptr()), Kernel::detect());
+        let (out, kernel) = (OutPtr(y.spare_capacity_mut().as_mut_ptr().cast::<f32>()), Kernel::detect());
         for_each_task(rows, half_panels, k, |row_range, panels| {
             // Each row of the scratch: the gate panel's outputs, then the up panel's.
             let mut scratch = vec![0f32; row_range.len() * 2 * PANEL];
@@ -567,15 +569,18 @@ impl PackedSwiGlu {
                     // panel's PANEL columns start at `part`; only this task uses it.
                     unsafe { self.both.run_panel(kernel, x, row_range.clone(), panel, None, (scratch.as_mut_ptr().add(part), 2 * PANEL)) };
                 }
-                for (i, row) in scratch.chunks_mut(2 * PANEL).enumerate() {
-                    let (gate, up) = row.split_at_mut(PANEL);
-                    vexp::swiglu_in_place(&mut gate[..cols], &up[..cols]);
-                    // SAFETY: row `row_range.start + i`, columns `p * PANEL ..+ cols` of `y`, inside
-                    // it; tasks write disjoint (row, column) blocks, and `y` outlives the loop.
-                    unsafe { std::ptr::copy_nonoverlapping(gate.as_ptr(), out.at((row_range.start + i) * n + p * PANEL), cols) };
+                for (i, row) in scratch.chunks(2 * PANEL).enumerate() {
+                    let (gate, up) = row.split_at(PANEL);
+                    // SAFETY: `cols` values of the scratch row's gate and up halves are read; the
+                    // writes go to row `row_range.start + i`, columns `p * PANEL ..+ cols` of `y`,
+                    // inside it, a block no other task writes; `y` outlives the loop.
+                    unsafe { vexp::swiglu_raw(gate.as_ptr(), up.as_ptr(), cols, out.at((row_range.start + i) * n + p * PANEL)) };
                 }
             }
         });
+        // SAFETY: the tasks cover every (row, panel) pair, and each wrote its rows' `cols` values
+        // of the panel's columns: all `len` values.
+        unsafe { y.set_len(len) };
         y
     }
 

@@ -65,33 +65,47 @@ unsafe fn exp_scaled_raw(x: *const f32, n: usize, shift: f32, scale: f32, out: *
 
 /// gate <- silu(gate) * up = gate / (1 + exp(-gate)) * up.
 pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
+    let n = gate.len().min(up.len());
+    let at = gate.as_mut_ptr();
+    // SAFETY: `n` values read from `gate` and `up` (both at least that long) and written back to
+    // `gate`, each read before it is written; `up`, a shared borrow, cannot overlap `gate`.
+    unsafe { swiglu_raw(at, up.as_ptr(), n, at) }
+}
+
+/// out[i] = silu(gate[i]) * up[i] for `n` values (gate[i] and up[i] are read before out[i] is
+/// written, so `out` may be `gate`).
+///
+/// # Safety
+/// `gate` and `up` are valid for `n` reads and `out` for `n` writes; `out` either is `gate` or
+/// overlaps nothing else in use.
+pub unsafe fn swiglu_raw(gate: *const f32, up: *const f32, n: usize, out: *mut f32) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked just above).
-        return unsafe { swiglu_avx512(gate, up) };
+        // SAFETY: the CPU has AVX-512F (checked just above); the pointers as this function's.
+        return unsafe { swiglu_avx512(gate, up, n, out) };
     }
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+    for i in 0..n {
+        let g = *gate.add(i);
+        *out.add(i) = g / (1.0 + (-g).exp()) * *up.add(i);
     }
 }
 
 /// # Safety
-/// The CPU has AVX-512F.
+/// The CPU has AVX-512F; the pointers as [`swiglu_raw`]'s.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn swiglu_avx512(gate: &mut [f32], up: &[f32]) {
+unsafe fn swiglu_avx512(gate: *const f32, up: *const f32, n: usize, out: *mut f32) {
     use std::arch::x86_64::*;
-    let n = gate.len().min(up.len());
     let one = _mm512_set1_ps(1.0);
     let mut i = 0;
     while i < n {
         let lanes = (n - i).min(16);
         let mask: u16 = if lanes == 16 { u16::MAX } else { (1u16 << lanes) - 1 };
-        let g = _mm512_maskz_loadu_ps(mask, gate.as_ptr().add(i));
-        let u = _mm512_maskz_loadu_ps(mask, up.as_ptr().add(i));
+        let g = _mm512_maskz_loadu_ps(mask, gate.add(i));
+        let u = _mm512_maskz_loadu_ps(mask, up.add(i));
         let e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), g));
         let y = _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), u);
-        _mm512_mask_storeu_ps(gate.as_mut_ptr().add(i), mask, y);
+        _mm512_mask_storeu_ps(out.add(i), mask, y);
         i += 16;
     }
 }
