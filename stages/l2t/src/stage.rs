@@ -48,7 +48,7 @@ impl Stage {
             Stage::Bootstrap => 4,
             Stage::Sample => 2,
             Stage::Segment => 2,
-            Stage::FisherReward => 8,
+            Stage::FisherReward => 9,
             Stage::CreditAssign => 2,
             Stage::GrpoUpdate => 4,
             Stage::Eval => 4,

@@ -506,14 +506,21 @@ struct LayerCache {
 
 impl LayerCache {
     /// Writes `k_new`, `v_new` (b, kv_heads, t, head_dim) after the filled positions, growing the
-    /// buffers when they are full, and returns views of all filled positions.
+    /// buffers when they are full, and returns views of all filled positions of those `b` rows.
+    /// `b` may be fewer than the cache's rows: the first `b` rows take the new positions, and the
+    /// others keep zeros there (a pass over the rows whose sequences go on; the mask must keep
+    /// every query from those zeros).
     fn append(slot: &mut Option<Self>, k_new: &Tensor, v_new: &Tensor, reserve: usize) -> Result<(Tensor, Tensor)> {
-        let t = k_new.dim(2)?;
+        let (rows, t) = (k_new.dim(0)?, k_new.dim(2)?);
         let len = slot.as_ref().map_or(0, |c| c.len);
         let capacity = slot.as_ref().map_or(0, |c| c.k.dim(2).unwrap_or(0));
+        if let Some(cache_rows) = slot.as_ref().map(|c| c.k.dim(0)).transpose()?.filter(|&b| rows > b) {
+            candle_core::bail!("kv cache: {rows} rows appended to a cache of {cache_rows}");
+        }
         if len + t > capacity {
             // Allocate once for the whole expected length (`reserve`), or exactly what is needed.
-            let (b, heads, _, d) = k_new.dims4()?;
+            let (_, heads, _, d) = k_new.dims4()?;
+            let b = slot.as_ref().map_or(Ok(rows), |c| c.k.dim(0))?;
             let cap = reserve.max(len + t);
             let k = Tensor::zeros((b, heads, cap, d), k_new.dtype(), k_new.device())?;
             let v = Tensor::zeros((b, heads, cap, d), v_new.dtype(), v_new.device())?;
@@ -524,10 +531,12 @@ impl LayerCache {
             *slot = Some(Self { k, v, len });
         }
         let cache = slot.as_mut().expect("allocated above");
-        cache.k.slice_set(&k_new.contiguous()?, 2, len)?;
-        cache.v.slice_set(&v_new.contiguous()?, 2, len)?;
+        // A row prefix of a buffer is itself contiguous: written in place like the whole.
+        let (k, v) = (cache.k.narrow(0, 0, rows)?, cache.v.narrow(0, 0, rows)?);
+        k.slice_set(&k_new.contiguous()?, 2, len)?;
+        v.slice_set(&v_new.contiguous()?, 2, len)?;
         cache.len = len + t;
-        Ok((cache.k.narrow(2, 0, cache.len)?, cache.v.narrow(2, 0, cache.len)?))
+        Ok((k.narrow(2, 0, cache.len)?, v.narrow(2, 0, cache.len)?))
     }
 }
 

@@ -252,7 +252,7 @@ impl Sharded for FisherJob<'_> {
                     .collect();
                 let prefill = layout.prefill(&policy.model, pad, capture, continuation_room(&requests))?;
                 j.extend(j_values(&policy.model, &layout, &prefill, pad, &requests, cfg.reward.j_mode, CONTINUATION_CACHE_BYTES)?);
-                let Prefill { cache, mid } = prefill;
+                let Prefill { cache, mid, .. } = prefill;
                 drop(cache);
                 j_seconds += started.elapsed().as_secs_f64();
 

@@ -132,7 +132,7 @@ pub fn j_values(
                 keys[l..=l + m].iter_mut().for_each(|k| *k = 0.0);
             }
         }
-        let select = Tensor::from_vec(batch.iter().map(|&(r, _)| r as u32).collect::<Vec<_>>(), n, &dev)?;
+        let select = Tensor::from_vec(batch.iter().map(|&(r, _)| prefill.cache_row(r)).collect::<Vec<_>>(), n, &dev)?;
         let mut row_cache = prefill.cache.select_rows(&select)?;
         logp.extend(
             model
@@ -201,12 +201,14 @@ mod tests {
         let model = build_model(&cfg, &init_weights(&cfg, 5, &dev).unwrap(), &dev).unwrap();
         // The two prompts share their first two tokens: the pass computes them once.
         let (p1, p2) = (vec![3u32, 4, 5], vec![3u32, 4, 9, 10, 11]);
-        let (z1, z2) = (vec![20u32, 21, 22, 23, 24, 25], vec![30u32, 31]);
+        // Responses of 21 and 10 tokens: the pass runs a chunk of columns over every row, then
+        // one over the two rows of 21 only.
+        let (z1, z2): (Vec<u32>, Vec<u32>) = ((0..21).map(|i| 20 + i % 9).collect(), (0..10).map(|i| 30 + i % 4).collect());
         let requests = vec![
-            JRequest { ends: vec![2, 5, 6], continuation: vec![40, 41, 50, 51, 52], answer_len: 3 },
-            JRequest { ends: vec![1, 2], continuation: vec![40, 60], answer_len: 1 },
-            JRequest { ends: vec![0, 2], continuation: vec![41, 61, 62], answer_len: 2 },
-            JRequest { ends: vec![2, 3], continuation: vec![40, 41, 50, 51, 52], answer_len: 3 },
+            JRequest { ends: vec![2, 5, 6, 15, 21], continuation: vec![40, 41, 50, 51, 52], answer_len: 3 },
+            JRequest { ends: vec![1, 2, 10], continuation: vec![40, 60], answer_len: 1 },
+            JRequest { ends: vec![0, 2, 9], continuation: vec![41, 61, 62], answer_len: 2 },
+            JRequest { ends: vec![2, 3, 18], continuation: vec![40, 41, 50, 51, 52], answer_len: 3 },
         ];
         // The third and fourth rollouts share the first's prompt: one prompt row for all three.
         // Questions asked twice (the third's J(0) and J(1); the fourth's J(0) and J(1), which are

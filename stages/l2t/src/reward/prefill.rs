@@ -37,8 +37,47 @@ pub struct SharedPrompts<'a> {
 /// What [`SharedPrompts::prefill`] leaves: the cache of every rollout's `P + R` columns, and the
 /// residual (rows, `P + R`, hidden) entering the captured layer's MLP, when asked for.
 pub struct Prefill {
+    /// The rollouts' keys and values, row [`Prefill::cache_row`] of the cache for each rollout
+    /// (the cache holds them longest response first); a rollout's columns past its response hold
+    /// zeros, which its mask hides.
     pub cache: KvCache,
+    /// Each rollout's row in `cache`.
+    cache_rows: Vec<u32>,
+    /// In the layout's row order.
     pub mid: Option<Tensor>,
+}
+
+impl Prefill {
+    /// The row of `cache` that holds rollout `row`.
+    pub fn cache_row(&self, row: usize) -> u32 {
+        self.cache_rows[row]
+    }
+}
+
+/// Response columns a chunk of [`SharedPrompts::prefill`] spans at least, unless it is the
+/// last: a chunk costs a pass through every layer, and the rows that end inside one compute its
+/// remaining columns as padding.
+const MIN_CHUNK_COLUMNS: usize = 8;
+
+/// The response prefill's chunks for responses of `lens` tokens sorted longest first: column
+/// ranges covering `0..lens[0]`, each with the number of rows still going at its start (a prefix
+/// of the sorted rows). A chunk ends where a response ends, once it spans
+/// [`MIN_CHUNK_COLUMNS`], so that rows that have ended are left out of the next chunk.
+fn response_chunks(lens: &[usize]) -> Vec<(std::ops::Range<usize>, usize)> {
+    let Some(&longest) = lens.first() else { return Vec::new() };
+    let active = |from: usize| lens.iter().filter(|&&len| len > from).count();
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    for &end in lens.iter().rev() {
+        if end >= start + MIN_CHUNK_COLUMNS && end < longest {
+            chunks.push((start..end, active(start)));
+            start = end;
+        }
+    }
+    if start < longest {
+        chunks.push((start..longest, active(start)));
+    }
+    chunks
 }
 
 impl<'a> SharedPrompts<'a> {
@@ -202,7 +241,8 @@ impl<'a> SharedPrompts<'a> {
     /// Runs `model` over the layout into a cache with room for `extra` more columns, capturing
     /// the residual entering layer `capture`'s MLP when asked: the prompts' common prefix first
     /// (one row), then the rest of each distinct prompt after a copy of it, their cache rows then
-    /// copied to their rollouts, then every response at once.
+    /// copied to their rollouts, then the responses in chunks of columns, each over the rows
+    /// whose responses reach it ([`response_chunks`]).
     pub fn prefill(&self, model: &Model, pad_id: u32, capture: Option<usize>, extra: usize) -> Result<Prefill> {
         let dev = model.device();
         let (l, p, t) = (self.common, self.prompt_cols, self.columns());
@@ -237,23 +277,57 @@ impl<'a> SharedPrompts<'a> {
             (_, rest) => rest,
         };
         let rows = Tensor::from_vec(self.prompt_of.iter().map(|&i| i as u32).collect::<Vec<_>>(), self.rows(), &dev)?;
-        let mut cache = prompt_cache.select_rows(&rows)?;
-        let mut mid = prompt_mid.map(|m| m.index_select(&rows, 0)).transpose()?;
-        if self.response_cols > 0 {
-            let all = self.tokens(pad_id, &dev)?;
-            let response_mid = model.prefill(
-                &all.narrow(1, p, self.response_cols)?,
-                &self.positions(&dev)?.narrow(1, p, self.response_cols)?,
-                &self.mask_rows(p..t, &dev)?,
+        let prompt_mid = prompt_mid.map(|m| m.index_select(&rows, 0)).transpose()?;
+        // The responses longest first, so that the rows still going at any column are a prefix
+        // of the cache's rows: each chunk of columns runs over those rows only, and no pass is
+        // spent on the padding of responses that have ended (EOS leaves responses of many
+        // lengths).
+        let mut order: Vec<usize> = (0..self.rows()).collect();
+        order.sort_by_key(|&row| std::cmp::Reverse(self.response_len(row)));
+        let mut cache_rows = vec![0u32; self.rows()];
+        for (at, &row) in order.iter().enumerate() {
+            cache_rows[row] = at as u32;
+        }
+        let by_length = Tensor::from_vec(order.iter().map(|&row| self.prompt_of[row] as u32).collect::<Vec<_>>(), order.len(), &dev)?;
+        let mut cache = prompt_cache.select_rows(&by_length)?;
+        let lens: Vec<usize> = order.iter().map(|&row| self.response_len(row)).collect();
+        let mut response_mids = Vec::new();
+        for (columns, active) in response_chunks(&lens) {
+            let rows = &order[..active];
+            let (n, keys) = (columns.len(), p + columns.end);
+            let (mut tokens, mut positions, mut mask) = (Vec::new(), Vec::new(), Vec::with_capacity(active * n * keys));
+            for &row in rows {
+                let (pad, len, response) = (self.pad_of(self.prompt_len(row)), self.response_len(row), self.responses[row]);
+                tokens.extend(columns.clone().map(|c| response.get(c).copied().unwrap_or(pad_id)));
+                positions.extend(columns.clone().map(|c| self.position(self.prompt_len(row), p + c)));
+                mask.extend(columns.clone().flat_map(|c| (0..keys).map(move |k| self.mask_value(pad, len, p + c, k))));
+            }
+            let chunk_mid = model.prefill(
+                &Tensor::from_vec(tokens, (active, n), &dev)?,
+                &Tensor::from_vec(positions, (active, n), &dev)?,
+                &Tensor::from_vec(mask, (active, 1, n, keys), &dev)?,
                 &mut cache,
                 capture,
             )?;
-            mid = match (mid, response_mid) {
-                (Some(prompt), Some(response)) => Some(Tensor::cat(&[prompt, response], 1)?),
-                _ => None,
-            };
+            if let Some(m) = chunk_mid {
+                // The rows that have ended get zeros (no target is scored there).
+                let (_, _, hidden) = m.dims3()?;
+                let rest = Tensor::zeros((self.rows() - active, n, hidden), m.dtype(), m.device())?;
+                response_mids.push(Tensor::cat(&[m, rest], 0)?);
+            }
         }
-        Ok(Prefill { cache, mid })
+        let mid = match prompt_mid {
+            Some(prompt) if response_mids.is_empty() => Some(prompt),
+            Some(prompt) => {
+                let back = Tensor::from_vec(cache_rows.clone(), self.rows(), &dev)?;
+                Some(Tensor::cat(&[prompt, Tensor::cat(&response_mids, 1)?.index_select(&back, 0)?], 1)?)
+            }
+            None => None,
+        };
+        if cache.len() != t {
+            bail!("prefill: {} cached columns for a layout of {t}", cache.len());
+        }
+        Ok(Prefill { cache, cache_rows, mid })
     }
 }
 
@@ -314,8 +388,22 @@ mod tests {
         assert_eq!(SharedPrompts::new(&[(&p1, &z1), (&p1, &z2)]).unwrap().common, 0);
     }
 
+    /// Chunks end where responses end, once they span the minimum; the rows still going at a
+    /// chunk's start are counted.
+    #[test]
+    fn response_chunks_by_hand() {
+        assert_eq!(MIN_CHUNK_COLUMNS, 8, "the cases below assume chunks of at least 8 columns");
+        // Ends at 2 (too soon), 10, 10, 13 (too soon after 10), 20 (the longest).
+        assert_eq!(response_chunks(&[20, 13, 10, 10, 2]), vec![(0..10, 5), (10..20, 2)]);
+        assert_eq!(response_chunks(&[64, 64, 64]), vec![(0..64, 3)]);
+        assert_eq!(response_chunks(&[30, 9, 0]), vec![(0..9, 2), (9..30, 1)]);
+        assert_eq!(response_chunks(&[5, 1]), vec![(0..5, 2)]);
+        assert!(response_chunks(&[0, 0]).is_empty() && response_chunks(&[]).is_empty());
+    }
+
     /// The shared pass leaves the cache and the captured residual that one pass over each whole
-    /// rollout gives, with and without a common prefix.
+    /// rollout gives, with and without a common prefix, and with responses long enough to run in
+    /// chunks over fewer rows.
     #[test]
     fn sharing_prompts_changes_no_value() {
         let cfg = crate::model::test_config(32, 48, 2, 4, 2);
@@ -323,7 +411,9 @@ mod tests {
         let model = build_model(&cfg, &init_weights(&cfg, 3, &dev).unwrap(), &dev).unwrap();
         let [p1, p2, z1, z2, z3] = seqs();
         let (q1, q2) = (vec![3u32, 4, 5, 6], vec![3u32, 4, 8]);
-        let chunks: [[(&[u32], &[u32]); 3]; 2] = [[(&p1, &z1), (&p2, &z2), (&p1, &z3)], [(&q1, &z1), (&q2, &z2), (&q1, &z3)]];
+        let (long, middle): (Vec<u32>, Vec<u32>) = ((0..21).map(|i| 10 + i % 17).collect(), (0..11).map(|i| 12 + i).collect());
+        let chunks: [[(&[u32], &[u32]); 3]; 3] =
+            [[(&p1, &z1), (&p2, &z2), (&p1, &z3)], [(&q1, &z1), (&q2, &z2), (&q1, &z3)], [(&p1, &middle), (&p2, &z2), (&p1, &long)]];
         for seqs in chunks {
             let layout = SharedPrompts::new(&seqs).unwrap();
             let shared = layout.prefill(&model, 0, Some(1), 0).unwrap();
