@@ -75,16 +75,58 @@ pub fn with_pool_awake<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     let flag = Arc::clone(&done.0);
     rayon::spawn_broadcast(move |ctx| {
         // The owner never spins: it would bury `work`, which sets the flag, under the loop.
-        if ctx.index() == owner {
-            return;
-        }
-        while !flag.load(Ordering::Acquire) {
-            if rayon::yield_now() != Some(rayon::Yield::Executed) {
-                std::hint::spin_loop();
-            }
+        if ctx.index() != owner {
+            spin_until(&flag);
         }
     });
     work()
+}
+
+/// How long a spinning worker goes without finding a job before it gives up and lets rayon put
+/// it to sleep (for the rest of its `work`): far above the serial gaps of a decode step (a
+/// SmolLM2 step at batch 1 is ~18 ms whole), short enough that a spinner that should not be
+/// spinning (below) costs one stall.
+const SPIN_IDLE_LIMIT: std::time::Duration = std::time::Duration::from_millis(50);
+
+thread_local! {
+    /// Set while this thread runs [`spin_until`].
+    static SPINNING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A spinner's loop: take the pool's jobs until `done` is set, or until no job came for
+/// [`SPIN_IDLE_LIMIT`]. A spinner can be started by a thread waiting inside a job (rayon runs
+/// whatever is queued while it waits on a join), for instance a job of `work` itself that it took
+/// while spinning for an earlier `work`; spinning there until its own `work` returns would never
+/// end, since `work` waits for the job buried under the loop. So a spinner started on a thread
+/// that is already spinning returns at once, and any other spinner gives up when the pool has
+/// had nothing for it for a while.
+fn spin_until(done: &std::sync::atomic::AtomicBool) {
+    use std::sync::atomic::Ordering;
+    if SPINNING.with(|s| s.replace(true)) {
+        return;
+    }
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            SPINNING.with(|s| s.set(false));
+        }
+    }
+    let _reset = Reset;
+    let mut last_job = std::time::Instant::now();
+    let mut idle_spins = 0u32;
+    while !done.load(Ordering::Acquire) {
+        if rayon::yield_now() == Some(rayon::Yield::Executed) {
+            idle_spins = 0;
+            last_job = std::time::Instant::now();
+            continue;
+        }
+        std::hint::spin_loop();
+        idle_spins += 1;
+        // The clock read only every 64 idle spins.
+        if idle_spins.is_multiple_of(64) && last_job.elapsed() > SPIN_IDLE_LIMIT {
+            return;
+        }
+    }
 }
 
 /// Whether a tensor takes the CPU backend's kernels: f32 on the CPU. Anything else (another
@@ -111,4 +153,49 @@ pub fn generic<T>(f: impl FnOnce() -> T) -> T {
     }
     let _restore = Restore(GENERIC.with(|g| g.replace(true)));
     f()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+    use std::sync::atomic::AtomicBool;
+
+    /// A spinner whose `work` never ends gives up once the pool has had nothing for it; one
+    /// started on a thread that is already spinning returns at once and leaves the outer one
+    /// spinning.
+    #[test]
+    fn a_spinner_gives_up_when_idle_and_never_nests() {
+        let never = AtomicBool::new(false);
+        let started = std::time::Instant::now();
+        spin_until(&never);
+        assert!(started.elapsed() >= SPIN_IDLE_LIMIT);
+        assert!(!SPINNING.with(|s| s.get()));
+        SPINNING.with(|s| s.set(true));
+        spin_until(&never);
+        assert!(SPINNING.with(|s| s.get()), "the nested spinner reset its outer one's mark");
+        SPINNING.with(|s| s.set(false));
+        spin_until(&AtomicBool::new(true));
+    }
+
+    /// Batch after batch of nested parallel work under [`with_pool_awake`], as the sampler runs
+    /// its batches: a worker still spinning for one batch takes jobs of the next, and a spinner
+    /// for the next can start while it waits inside one of them. It all ends.
+    #[test]
+    fn batches_of_nested_parallel_work_under_a_kept_awake_pool_end() {
+        let total: f64 = on_pool(|| {
+            (0..3000)
+                .map(|batch| {
+                    with_pool_awake(|| {
+                        (0..8)
+                            .into_par_iter()
+                            .map(|i| (0..16).into_par_iter().map(|j| f64::from(batch * i * j % 7)).sum::<f64>())
+                            .sum::<f64>()
+                    })
+                })
+                .sum()
+        });
+        let want: f64 = (0..3000).map(|b| (0..8).flat_map(|i| (0..16).map(move |j| f64::from(b * i * j % 7))).sum::<f64>()).sum();
+        assert_eq!(total, want);
+    }
 }
