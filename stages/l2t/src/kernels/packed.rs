@@ -643,8 +643,6 @@ impl PackedLinear {
         x.contiguous()?.apply_op1_no_bwd(&self)
     }
 
-    /// silu(gate) * up of a stacked gate/up projection ([`Self::stacked`] of gate then up), over
-    /// the last dimension of an f32 CPU tensor (no gradient).
     /// `residual + x W^T + b`, the sum stored as the product finishes (no gradient).
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         x.contiguous()?.apply_op2_no_bwd(&residual.contiguous()?, &WithResidual(self))

@@ -514,13 +514,14 @@ impl LayerCache {
         let (rows, t) = (k_new.dim(0)?, k_new.dim(2)?);
         let len = slot.as_ref().map_or(0, |c| c.len);
         let capacity = slot.as_ref().map_or(0, |c| c.k.dim(2).unwrap_or(0));
-        if let Some(cache_rows) = slot.as_ref().map(|c| c.k.dim(0)).transpose()?.filter(|&b| rows > b) {
-            candle_core::bail!("kv cache: {rows} rows appended to a cache of {cache_rows}");
+        let cache_rows = slot.as_ref().map(|c| c.k.dim(0)).transpose()?;
+        if let Some(b) = cache_rows.filter(|&b| rows > b) {
+            candle_core::bail!("kv cache: {rows} rows appended to a cache of {b}");
         }
         if len + t > capacity {
             // Allocate once for the whole expected length (`reserve`), or exactly what is needed.
             let (_, heads, _, d) = k_new.dims4()?;
-            let b = slot.as_ref().map_or(Ok(rows), |c| c.k.dim(0))?;
+            let b = cache_rows.unwrap_or(rows);
             let cap = reserve.max(len + t);
             let k = Tensor::zeros((b, heads, cap, d), k_new.dtype(), k_new.device())?;
             let v = Tensor::zeros((b, heads, cap, d), v_new.dtype(), v_new.device())?;

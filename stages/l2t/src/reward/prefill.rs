@@ -174,22 +174,23 @@ impl<'a> SharedPrompts<'a> {
         pos as u32
     }
 
-    /// Query columns `queries` of every row against key columns `0..queries.end`: (b, 1, q, k).
-    fn mask_rows(&self, queries: std::ops::Range<usize>, dev: &Device) -> Result<Tensor> {
-        let (b, keys) = (self.rows(), queries.end);
-        let mut mask = Vec::with_capacity(b * queries.len() * keys);
-        for row in 0..b {
+    /// Query columns `queries` of the rows `rows` against key columns `0..queries.end`:
+    /// (rows, 1, q, k).
+    fn mask_rows(&self, rows: &[usize], queries: std::ops::Range<usize>, dev: &Device) -> Result<Tensor> {
+        let keys = queries.end;
+        let mut mask = Vec::with_capacity(rows.len() * queries.len() * keys);
+        for &row in rows {
             let (pad, len) = (self.pad_of(self.prompt_len(row)), self.response_len(row));
             for q in queries.clone() {
                 mask.extend((0..keys).map(|k| self.mask_value(pad, len, q, k)));
             }
         }
-        Ok(Tensor::from_vec(mask, (b, 1, queries.len(), keys), dev)?)
+        Ok(Tensor::from_vec(mask, (rows.len(), 1, queries.len(), keys), dev)?)
     }
 
     /// The attention mask (b, 1, P + R, P + R) of the whole layout.
     pub fn mask(&self, dev: &Device) -> Result<Tensor> {
-        self.mask_rows(0..self.columns(), dev)
+        self.mask_rows(&(0..self.rows()).collect::<Vec<_>>(), 0..self.columns(), dev)
     }
 
     /// Rotary positions (b, P + R).
@@ -294,18 +295,17 @@ impl<'a> SharedPrompts<'a> {
         let mut response_mids = Vec::new();
         for (columns, active) in response_chunks(&lens) {
             let rows = &order[..active];
-            let (n, keys) = (columns.len(), p + columns.end);
-            let (mut tokens, mut positions, mut mask) = (Vec::new(), Vec::new(), Vec::with_capacity(active * n * keys));
+            let n = columns.len();
+            let (mut tokens, mut positions) = (Vec::with_capacity(active * n), Vec::with_capacity(active * n));
             for &row in rows {
-                let (pad, len, response) = (self.pad_of(self.prompt_len(row)), self.response_len(row), self.responses[row]);
+                let response = self.responses[row];
                 tokens.extend(columns.clone().map(|c| response.get(c).copied().unwrap_or(pad_id)));
                 positions.extend(columns.clone().map(|c| self.position(self.prompt_len(row), p + c)));
-                mask.extend(columns.clone().flat_map(|c| (0..keys).map(move |k| self.mask_value(pad, len, p + c, k))));
             }
             let chunk_mid = model.prefill(
                 &Tensor::from_vec(tokens, (active, n), &dev)?,
                 &Tensor::from_vec(positions, (active, n), &dev)?,
-                &Tensor::from_vec(mask, (active, 1, n, keys), &dev)?,
+                &self.mask_rows(rows, p + columns.start..p + columns.end, &dev)?,
                 &mut cache,
                 capture,
             )?;
